@@ -1,0 +1,661 @@
+//! The YAML configuration file: what to watch, render and update.
+//!
+//! Everything is validated once, here, into typed values: durations, full-match regexes
+//! and selectors. A bad file is refused with its path, line and the reason, so the daemon
+//! never starts half-configured. Runtime knobs (log format, listen address overrides) are
+//! CLI flags instead; secrets are always read from files named here, never inlined.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub http: Http,
+    /// Full resync period: the safety net behind event-driven updates.
+    #[serde(default = "default_resync", with = "humantime_serde")]
+    pub resync: Duration,
+    #[serde(default)]
+    pub targets: Vec<Target>,
+    #[serde(default)]
+    pub hooks: Vec<Hook>,
+    #[serde(default)]
+    pub registries: Vec<Registry>,
+    #[serde(default)]
+    pub jobs: Jobs,
+}
+
+fn default_resync() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest accepted webhook body; GitHub caps payloads at 25 MB, the ones we act on are small.
+    #[serde(default = "default_max_body")]
+    pub max_body: usize,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: default_listen(),
+            max_body: default_max_body(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub name: String,
+    /// `builtin:NAME` or a path to a Tera file.
+    pub template: String,
+    pub output: PathBuf,
+    /// The network whose task IPs the built-in templates route to.
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub debounce: Debounce,
+    #[serde(default)]
+    pub check: Option<Action>,
+    #[serde(default)]
+    pub notify: Vec<Action>,
+}
+
+impl Target {
+    pub fn builtin(&self) -> Option<&str> {
+        self.template.strip_prefix("builtin:")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Debounce {
+    #[serde(default = "default_debounce_min", with = "humantime_serde")]
+    pub min: Duration,
+    #[serde(default = "default_debounce_max", with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce {
+            min: default_debounce_min(),
+            max: default_debounce_max(),
+        }
+    }
+}
+
+fn default_debounce_min() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_debounce_max() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// Which containers an action reaches: those of a Swarm service, one container by name,
+/// or every container carrying a label (`key=value` or just `key`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub container: Option<String>,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+impl Selector {
+    fn is_valid(&self) -> bool {
+        [&self.service, &self.container, &self.label]
+            .iter()
+            .filter(|s| s.is_some())
+            .count()
+            == 1
+    }
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.service, &self.container, &self.label) {
+            (Some(s), _, _) => write!(f, "service {s}"),
+            (_, Some(c), _) => write!(f, "container {c}"),
+            (_, _, Some(l)) => write!(f, "label {l}"),
+            _ => write!(f, "nothing"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub container: Option<String>,
+    #[serde(default)]
+    pub label: Option<String>,
+    pub command: Vec<String>,
+}
+
+impl ExecSpec {
+    pub fn on(&self) -> Selector {
+        Selector {
+            service: self.service.clone(),
+            container: self.container.clone(),
+            label: self.label.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SignalSpec {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub container: Option<String>,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default = "default_signal")]
+    pub signal: String,
+}
+
+impl SignalSpec {
+    pub fn on(&self) -> Selector {
+        Selector {
+            service: self.service.clone(),
+            container: self.container.clone(),
+            label: self.label.clone(),
+        }
+    }
+}
+
+fn default_signal() -> String {
+    "HUP".into()
+}
+
+/// A check or notify step. Exactly one key per list entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Action {
+    /// Run a command inside the selected container(s); non-zero exit fails the step.
+    Exec(ExecSpec),
+    /// Send a signal to the selected container(s).
+    Signal(SignalSpec),
+    /// Force-update a Swarm service, or restart the selected container(s).
+    Restart(Selector),
+    /// Run a local command (argv, no shell).
+    Command(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    pub name: String,
+    pub kind: HookKind,
+    /// Docker Hub and generic hooks: the shared token (`?token=` or `X-Drover-Token`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// GitHub and generic hooks: the HMAC-SHA256 key.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// GitHub event names to act on; empty means all (ping is always answered, never acted on).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Full-match rules on payload facts (`repository`, `tag`, `ref`, `image`, ...).
+    #[serde(default)]
+    pub allow: BTreeMap<String, FullMatch>,
+    /// Source networks allowed to call this hook; empty means any.
+    #[serde(default)]
+    pub cidrs: Vec<Cidr>,
+    /// Coalescing window per repo:tag.
+    #[serde(default = "default_quiet", with = "humantime_serde")]
+    pub quiet: Duration,
+    /// Requests per second allowed on this hook (token bucket, burst of the same size).
+    #[serde(default = "default_rate")]
+    pub rate: u32,
+    pub action: HookAction,
+}
+
+fn default_quiet() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_rate() -> u32 {
+    50
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HookKind {
+    Dockerhub,
+    Github,
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum HookAction {
+    /// Roll every service running the pushed repo:tag to its new digest.
+    UpdateServices,
+    /// Force-update one named service.
+    RestartService(String),
+    /// Run a local command with payload facts as `DROVER_*` environment variables.
+    Command(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// Registry host as it appears in image names (`127.0.0.1:5000`, `docker.io`).
+    pub address: String,
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jobs {
+    /// Pending jobs beyond this answer 503.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Finished jobs kept for `GET /jobs`.
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// Journal outside Swarm (inside Swarm, pending jobs live in Swarm config objects).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Give up following an update after this long.
+    #[serde(default = "default_update_timeout", with = "humantime_serde")]
+    pub update_timeout: Duration,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs {
+            queue: default_queue(),
+            history: default_history(),
+            state_file: None,
+            update_timeout: default_update_timeout(),
+        }
+    }
+}
+
+fn default_queue() -> usize {
+    64
+}
+fn default_history() -> usize {
+    100
+}
+fn default_update_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A regex that must match the whole value: `latest` does not accept `latest-foo`
+/// (webhook-proxy's `re.match` did).
+#[derive(Debug, Clone)]
+pub struct FullMatch(pub Regex);
+
+impl FullMatch {
+    pub fn is_match(&self, value: &str) -> bool {
+        self.0.is_match(value)
+    }
+}
+
+impl<'de> Deserialize<'de> for FullMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Regex::new(&format!("^(?:{raw})$"))
+            .map(FullMatch)
+            .map_err(|e| serde::de::Error::custom(format!("invalid regex {raw:?}: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        match (self.addr, ip) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom(format!("invalid CIDR {raw:?}"));
+        let (addr, prefix) = raw.split_once('/').unwrap_or((raw.as_str(), ""));
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix.parse::<u8>().map_err(|_| bad())?
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            Error::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                reason: e.to_string(),
+            }
+        })?;
+        config.validate().map_err(|reason| {
+            // Semantic errors point at the line of the offending name when we can find it.
+            match find_line(text, &reason.1) {
+                Some(line) => Error::Parse {
+                    path: path.to_owned(),
+                    line,
+                    column: 1,
+                    reason: reason.0,
+                },
+                None => Error::Invalid {
+                    path: path.to_owned(),
+                    reason: reason.0,
+                },
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Returns (reason, text to locate) for the first problem found.
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let mut names = std::collections::HashSet::new();
+        for t in &self.targets {
+            let at = format!("name: {}", t.name);
+            if !valid_name(&t.name) {
+                return Err((format!("target name {:?} must be [A-Za-z0-9_-]+", t.name), at));
+            }
+            if !names.insert(t.name.clone()) {
+                return Err((format!("target {:?} is defined twice", t.name), at));
+            }
+            if t.debounce.min > t.debounce.max {
+                return Err((
+                    format!("target {}: debounce min is larger than max", t.name),
+                    at,
+                ));
+            }
+            if let Some(name) = t.builtin() {
+                if !crate::render::BUILTIN.iter().any(|(n, _)| *n == name) {
+                    return Err((
+                        format!("target {}: unknown built-in template {name:?}", t.name),
+                        format!("builtin:{name}"),
+                    ));
+                }
+            }
+            for a in t.check.iter().chain(&t.notify) {
+                a.validate().map_err(|r| (format!("target {}: {r}", t.name), at.clone()))?;
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for h in &self.hooks {
+            let at = format!("name: {}", h.name);
+            if !valid_name(&h.name) {
+                return Err((format!("hook name {:?} must be [A-Za-z0-9_-]+", h.name), at));
+            }
+            if !names.insert(h.name.clone()) {
+                return Err((format!("hook {:?} is defined twice", h.name), at));
+            }
+            let need = match h.kind {
+                HookKind::Dockerhub if h.token_file.is_none() => Some("token_file"),
+                HookKind::Github if h.secret_file.is_none() => Some("secret_file"),
+                HookKind::Generic if h.secret_file.is_none() && h.token_file.is_none() => {
+                    Some("secret_file or token_file")
+                }
+                _ => None,
+            };
+            if let Some(field) = need {
+                return Err((format!("hook {}: {field} is required", h.name), at));
+            }
+            if h.rate == 0 {
+                return Err((format!("hook {}: rate must be at least 1", h.name), at));
+            }
+            if let HookAction::Command(argv) = &h.action {
+                if argv.is_empty() {
+                    return Err((format!("hook {}: command is empty", h.name), at));
+                }
+            }
+        }
+        if self.jobs.queue == 0 {
+            return Err(("jobs.queue must be at least 1".into(), "queue:".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Action {
+    fn validate(&self) -> std::result::Result<(), String> {
+        let (on, argv) = match self {
+            Action::Exec(e) => (Some(e.on()), Some(&e.command)),
+            Action::Signal(s) => (Some(s.on()), None),
+            Action::Restart(on) => (Some(on.clone()), None),
+            Action::Command(argv) => (None, Some(argv)),
+        };
+        if let Some(on) = on {
+            if !on.is_valid() {
+                return Err("name exactly one of service, container or label".into());
+            }
+        }
+        if argv.is_some_and(|a| a.is_empty()) {
+            return Err("command is empty".into());
+        }
+        if let Action::Signal(s) = self {
+            if crate::apply::signal_number(&s.signal).is_none() {
+                return Err(format!("unknown signal {:?}", s.signal));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Reads a secret file, trimming the trailing newline editors and `docker secret create` leave.
+pub fn read_secret(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(Path::new("drover.yml"), text)
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = parse(
+            r#"
+http: { listen: 0.0.0.0:9090 }
+targets:
+  - name: nginx
+    template: builtin:nginx
+    output: /etc/nginx/conf.d/drover.conf
+    network: web
+    debounce: { min: 250ms, max: 2s }
+    check:
+      exec: { service: nginx, command: ["nginx", "-t"] }
+    notify:
+      - signal: { service: nginx, signal: HUP }
+      - restart: { service: ddclient }
+      - command: ["true"]
+hooks:
+  - name: dockerhub
+    kind: dockerhub
+    token_file: /run/secrets/hub-token
+    allow: { repository: "^owner/.+$", tag: "^(latest|stable)$" }
+    quiet: 10s
+    action: update-services
+  - name: github
+    kind: github
+    secret_file: /run/secrets/github
+    events: [push]
+    allow: { ref: "^refs/heads/main$" }
+    action: { command: ["/usr/local/bin/deploy-stack.sh"] }
+  - name: ci
+    kind: generic
+    secret_file: /run/secrets/ci
+    action: update-services
+  - name: dd
+    kind: generic
+    token_file: /x
+    action: { restart-service: ddclient }
+"#,
+        )
+        .expect("valid");
+        let t = &c.targets[0];
+        assert_eq!(t.debounce.min, Duration::from_millis(250));
+        assert!(matches!(t.check, Some(Action::Exec(ref e)) if e.service.as_deref() == Some("nginx")));
+        assert_eq!(t.notify.len(), 3);
+        assert_eq!(c.hooks[0].action, HookAction::UpdateServices);
+        assert_eq!(
+            c.hooks[1].action,
+            HookAction::Command(vec!["/usr/local/bin/deploy-stack.sh".into()])
+        );
+        assert_eq!(c.hooks[3].action, HookAction::RestartService("ddclient".into()));
+        assert!(c.hooks[0].allow["tag"].is_match("latest"));
+        assert!(!c.hooks[0].allow["tag"].is_match("latest-foo"));
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_line() {
+        let err = parse("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n    colour: red\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("drover.yml:5:"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn bad_regex_is_refused_with_its_line() {
+        let err = parse("hooks:\n  - name: a\n    kind: generic\n    token_file: /t\n    allow: { tag: \"(\" }\n    action: update-services\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("drover.yml:5:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_target_points_at_the_second_definition_line() {
+        let err = parse("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n  - name: b\n    template: builtin:nope\n    output: /y\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown built-in template"), "{err}");
+        assert!(err.starts_with("drover.yml:6:"), "{err}");
+    }
+
+    #[test]
+    fn selector_must_name_exactly_one_thing() {
+        let err = parse("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n    notify:\n      - signal: { service: a, container: b }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn github_hook_without_secret_is_refused() {
+        let err = parse("hooks:\n  - name: gh\n    kind: github\n    action: update-services\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secret_file is required"), "{err}");
+    }
+
+    #[test]
+    fn cidr_matching_respects_the_prefix() {
+        let c: Cidr = serde_yaml_ng::from_str("10.1.0.0/16").expect("cidr");
+        assert!(c.contains("10.1.200.3".parse().expect("ip")));
+        assert!(!c.contains("10.2.0.1".parse().expect("ip")));
+        let all: Cidr = serde_yaml_ng::from_str("0.0.0.0/0").expect("cidr");
+        assert!(all.contains("192.168.1.1".parse().expect("ip")));
+    }
+}

@@ -1,0 +1,15 @@
+//! drover keeps a Docker Swarm cluster configured by itself.
+//!
+//! Data flows one way (see DESIGN.md): `watch` turns Engine events into change signals,
+//! `state` fetches one [`state::Snapshot`], `render` turns it into bytes through Tera,
+//! `apply` stages, checks, commits and notifies. Webhooks enter through `http`/`hooks`,
+//! become `jobs`, and `update` rolls services to new digests. `metrics` holds the one
+//! Prometheus registry.
+
+pub mod apply;
+pub mod config;
+pub mod docker;
+pub mod metrics;
+pub mod render;
+pub mod state;
+pub mod status;

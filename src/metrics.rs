@@ -1,0 +1,179 @@
+//! Every Prometheus metric drover exports, in one registry.
+//!
+//! Labels are bounded: target, hook and outcome names come from the config file or from
+//! fixed sets, never from request data or task ids. Durations are histograms.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub build_info: IntGaugeVec,
+    pub role: IntGaugeVec,
+    pub events: IntCounterVec,
+    pub stream_reconnects: IntCounter,
+    pub resyncs: IntCounter,
+    pub engine_calls: IntCounterVec,
+    pub snapshots: IntCounter,
+    pub event_apply_lag: Histogram,
+    pub render_duration: HistogramVec,
+    pub renders: IntCounterVec,
+    pub checks: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub last_apply: IntGaugeVec,
+    pub content_hash: IntGaugeVec,
+    pub skipped_services: IntGaugeVec,
+    pub webhook_requests: IntCounterVec,
+    pub signature_failures: IntCounterVec,
+    pub jobs: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub update_duration: HistogramVec,
+    pub rollbacks: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const UPDATE_BUCKETS: &[f64] = &[1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .expect("static metric definition");
+    r.register(Box::new(m.clone())).expect("metric registered once");
+    m
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let m = IntCounter::new(name, help).expect("static metric definition");
+            r.register(Box::new(m.clone())).expect("metric registered once");
+            m
+        };
+        let stream_reconnects = counter(
+            "drover_stream_reconnects_total",
+            "Times the Engine event stream was reopened after it ended",
+        );
+        let resyncs = counter("drover_resyncs_total", "Full resyncs (periodic, after reconnect or on start)");
+        let snapshots = counter("drover_snapshots_total", "Snapshots fetched from the engine");
+        let rollbacks = counter("drover_rollbacks_total", "Service updates that Swarm rolled back");
+        let queue_depth = IntGauge::new("drover_job_queue_depth", "Jobs queued or running")
+            .expect("static metric definition");
+        r.register(Box::new(queue_depth.clone())).expect("metric registered once");
+        let event_apply_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "drover_event_apply_lag_seconds",
+                "Time from the first Engine event of a batch to the config being applied",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition");
+        r.register(Box::new(event_apply_lag.clone())).expect("metric registered once");
+        Metrics {
+            build_info: gauge_vec(&r, "drover_build_info", "Build information", &["version"]),
+            role: gauge_vec(&r, "drover_role", "1 for this instance's current role", &["role"]),
+            events: counter_vec(&r, "drover_events_total", "Engine events received by type", &["type"]),
+            engine_calls: counter_vec(
+                &r,
+                "drover_engine_calls_total",
+                "Engine API calls made to build snapshots, by call",
+                &["call"],
+            ),
+            render_duration: histogram_vec(
+                &r,
+                "drover_render_duration_seconds",
+                "Template render time by target",
+                &["target"],
+                LATENCY_BUCKETS,
+            ),
+            renders: counter_vec(&r, "drover_renders_total", "Renders by target and outcome", &["target", "outcome"]),
+            checks: counter_vec(&r, "drover_checks_total", "Config checks by target and outcome", &["target", "outcome"]),
+            reloads: counter_vec(&r, "drover_reloads_total", "Notify steps by target and outcome", &["target", "outcome"]),
+            last_apply: gauge_vec(
+                &r,
+                "drover_last_apply_timestamp_seconds",
+                "Unix time of the last successful apply by target",
+                &["target"],
+            ),
+            content_hash: gauge_vec(
+                &r,
+                "drover_config_hash",
+                "First 48 bits of the SHA-256 of the applied config by target",
+                &["target"],
+            ),
+            skipped_services: gauge_vec(
+                &r,
+                "drover_skipped_services",
+                "Services left out of the last render for bad labels, by target",
+                &["target"],
+            ),
+            webhook_requests: counter_vec(
+                &r,
+                "drover_webhook_requests_total",
+                "Webhook requests by hook and outcome",
+                &["hook", "outcome"],
+            ),
+            signature_failures: counter_vec(
+                &r,
+                "drover_webhook_signature_failures_total",
+                "Webhook requests with a wrong or missing signature or token",
+                &["hook"],
+            ),
+            jobs: counter_vec(&r, "drover_jobs_total", "Finished jobs by outcome", &["outcome"]),
+            update_duration: histogram_vec(
+                &r,
+                "drover_update_duration_seconds",
+                "Service update time from request to final UpdateStatus, by outcome",
+                &["outcome"],
+                UPDATE_BUCKETS,
+            ),
+            stream_reconnects,
+            resyncs,
+            snapshots,
+            event_apply_lag,
+            queue_depth,
+            rollbacks,
+            registry: r,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The process-wide metrics; created on first use.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let m = Metrics::new();
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    })
+}

@@ -1,0 +1,2 @@
+//! Placeholder: templates land here.
+pub const BUILTIN: &[(&str, &str)] = &[("nginx", "")];

@@ -1,0 +1,95 @@
+//! What this instance is doing right now, for `/readyz` and the status page.
+//!
+//! Written by the render loop and the cluster role check, read by HTTP handlers; it holds
+//! only small summaries, never a snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub output: String,
+    /// Unix seconds of the last render attempt.
+    pub last_render: Option<u64>,
+    /// Unix seconds of the last successful apply (written, checked, notified).
+    pub last_apply: Option<u64>,
+    /// SHA-256 (hex) of the config currently in place.
+    pub hash: Option<String>,
+    /// `passed`, `failed: ...`, `unchanged` or `none`.
+    pub check: String,
+    pub error: Option<String>,
+    pub skipped: Vec<SkippedService>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SkippedService {
+    pub service: String,
+    pub label: String,
+    pub value: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub version: &'static str,
+    /// `leader`, `manager`, `worker` or `standalone`.
+    pub role: String,
+    pub node: String,
+    pub engine: String,
+    pub ready: bool,
+    pub peers: Vec<String>,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Default)]
+pub struct Board {
+    inner: RwLock<Summary>,
+    targets: RwLock<BTreeMap<String, TargetStatus>>,
+}
+
+impl Board {
+    pub fn new() -> Board {
+        Board {
+            inner: RwLock::new(Summary {
+                version: env!("CARGO_PKG_VERSION"),
+                role: "starting".into(),
+                ..Summary::default()
+            }),
+            targets: RwLock::default(),
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        let mut s = self.inner.read().map(|s| s.clone()).unwrap_or_default();
+        s.targets = self
+            .targets
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        s
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.read().map(|s| s.ready).unwrap_or(false)
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Summary)) {
+        if let Ok(mut s) = self.inner.write() {
+            f(&mut s);
+        }
+    }
+
+    pub fn update_target(&self, name: &str, f: impl FnOnce(&mut TargetStatus)) {
+        if let Ok(mut t) = self.targets.write() {
+            let entry = t.entry(name.to_owned()).or_insert_with(|| TargetStatus {
+                name: name.to_owned(),
+                check: "none".into(),
+                ..TargetStatus::default()
+            });
+            f(entry);
+        }
+    }
+}
