@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod render;
 pub mod state;
 pub mod status;
+pub mod status_page;

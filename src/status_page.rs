@@ -1,0 +1,469 @@
+//! The human status page: one server-rendered HTML document for `GET /`.
+//!
+//! It shows what this instance is (role, peers, node, engine, readiness, version), every
+//! target (output path, last render and apply, hash, check result, error, skipped
+//! services) and the recent jobs with per-service outcomes. Invariants: the template is
+//! compiled once and embedded in the binary; autoescaping is on, so label values, checker
+//! output and job messages (all of which can carry hostile text) are always escaped;
+//! rendering never panics and never fails the request — a template error yields a plain
+//! fallback page. Job objects come from another module as JSON and are read tolerantly:
+//! any missing or oddly-typed field becomes an empty value. No JavaScript; the markup
+//! keeps stable ids, classes and `data-*` attributes for browser tests.
+
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::status::{SkippedService, Summary};
+
+/// The template name ends in `.html` so Tera's autoescaping applies to it.
+const TEMPLATE_NAME: &str = "status.html";
+
+fn tera() -> Option<&'static tera::Tera> {
+    static TERA: OnceLock<Option<tera::Tera>> = OnceLock::new();
+    TERA.get_or_init(|| {
+        let mut t = tera::Tera::default();
+        t.autoescape_on(vec![".html"]);
+        // Tera's default escaper also turns `/` into `&#x2F;`; paths and image names read
+        // better verbatim, and `/` is harmless in text and in quoted attributes.
+        t.set_escape_fn(escape);
+        match t.add_raw_template(TEMPLATE_NAME, include_str!("../templates/status.html.tera")) {
+            Ok(()) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "status page template does not compile");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+/// Renders the status page for `summary` and the job list `jobs` (a JSON array of job
+/// objects; anything else shows as no jobs).
+pub fn render(summary: &Summary, jobs: &Value) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    render_at(summary, jobs, now)
+}
+
+/// [`render`] with a fixed clock, for tests.
+pub fn render_at(summary: &Summary, jobs: &Value, now: u64) -> String {
+    let page = Page::new(summary, jobs, now);
+    let rendered = tera().and_then(|t| {
+        let ctx = tera::Context::from_serialize(&page).ok()?;
+        t.render(TEMPLATE_NAME, &ctx)
+            .map_err(|e| tracing::error!(error = %e, "status page render failed"))
+            .ok()
+    });
+    rendered.unwrap_or_else(|| fallback(&page))
+}
+
+#[derive(Serialize)]
+struct Page<'a> {
+    version: &'a str,
+    role: &'a str,
+    node: &'a str,
+    engine: &'a str,
+    ready: bool,
+    peers: &'a [String],
+    now: String,
+    targets: Vec<TargetView<'a>>,
+    jobs: Vec<JobView>,
+}
+
+#[derive(Serialize)]
+struct TargetView<'a> {
+    name: &'a str,
+    output: &'a str,
+    last_render: String,
+    last_apply: String,
+    hash: Option<&'a str>,
+    hash_short: Option<&'a str>,
+    check: &'a str,
+    /// `ok`, `bad` or `neutral`: drives the badge colour and `data-check`.
+    check_class: &'static str,
+    check_word: &'a str,
+    error: Option<&'a str>,
+    skipped: &'a [SkippedService],
+}
+
+#[derive(Serialize)]
+struct JobView {
+    id: String,
+    hook: String,
+    state: String,
+    state_class: &'static str,
+    created: String,
+    /// What the job is for, when the job says (`image`, `repository:tag`, ...).
+    subject: String,
+    error: String,
+    services: Vec<JobServiceView>,
+}
+
+#[derive(Serialize)]
+struct JobServiceView {
+    service: String,
+    from: String,
+    from_short: String,
+    to: String,
+    to_short: String,
+    outcome: String,
+    outcome_class: &'static str,
+    message: String,
+}
+
+impl<'a> Page<'a> {
+    fn new(s: &'a Summary, jobs: &Value, now: u64) -> Page<'a> {
+        Page {
+            version: s.version,
+            role: &s.role,
+            node: &s.node,
+            engine: &s.engine,
+            ready: s.ready,
+            peers: &s.peers,
+            now: format_time(Some(now), now),
+            targets: s
+                .targets
+                .iter()
+                .map(|t| {
+                    let (check_class, check_word) = check_class(&t.check);
+                    TargetView {
+                        name: &t.name,
+                        output: &t.output,
+                        last_render: format_time(t.last_render, now),
+                        last_apply: format_time(t.last_apply, now),
+                        hash: t.hash.as_deref(),
+                        hash_short: t.hash.as_deref().map(|h| h.get(..12).unwrap_or(h)),
+                        check: &t.check,
+                        check_class,
+                        check_word,
+                        error: t.error.as_deref().filter(|e| !e.is_empty()),
+                        skipped: &t.skipped,
+                    }
+                })
+                .collect(),
+            jobs: job_list(jobs).iter().map(|j| JobView::new(j, now)).collect(),
+        }
+    }
+}
+
+/// Accepts a bare array or an object wrapping one under `jobs`.
+fn job_list(jobs: &Value) -> &[Value] {
+    match jobs {
+        Value::Array(a) => a,
+        Value::Object(o) => o.get("jobs").and_then(Value::as_array).map_or(&[], |a| a),
+        _ => &[],
+    }
+}
+
+impl JobView {
+    fn new(j: &Value, now: u64) -> JobView {
+        let state = text(j, "state");
+        let state = if state.is_empty() { "unknown".to_owned() } else { state };
+        let created = j
+            .get("created")
+            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)));
+        let subject = ["image", "target", "repository"]
+            .iter()
+            .map(|k| text(j, k))
+            .find(|s| !s.is_empty())
+            .map(|s| match text(j, "tag") {
+                t if !t.is_empty() && !s.contains(':') => format!("{s}:{t}"),
+                _ => s,
+            })
+            .unwrap_or_default();
+        let error = ["error", "message"]
+            .iter()
+            .map(|k| text(j, k))
+            .find(|s| !s.is_empty())
+            .unwrap_or_default();
+        let services = j
+            .get("services")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(JobServiceView::new).collect())
+            .unwrap_or_default();
+        JobView {
+            id: text(j, "id"),
+            hook: text(j, "hook"),
+            state_class: outcome_class(&state),
+            state,
+            created: format_time(created, now),
+            subject,
+            error,
+            services,
+        }
+    }
+}
+
+impl JobServiceView {
+    fn new(s: &Value) -> JobServiceView {
+        let (from, to) = (text(s, "from"), text(s, "to"));
+        let outcome = text(s, "outcome");
+        JobServiceView {
+            service: text(s, "service"),
+            from_short: short_image(&from),
+            to_short: short_image(&to),
+            from,
+            to,
+            outcome_class: outcome_class(&outcome),
+            outcome,
+            message: text(s, "message"),
+        }
+    }
+}
+
+/// A field as display text: strings as they are, numbers and booleans printed, anything
+/// else (missing, null, objects) empty.
+fn text(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `passed`/`unchanged` are good, `failed...` is bad, `none` and anything else neutral.
+fn check_class(check: &str) -> (&'static str, &str) {
+    let word = check.split(':').next().unwrap_or(check).trim();
+    let word = if word.is_empty() { "none" } else { word };
+    let class = match word {
+        "passed" | "unchanged" => "ok",
+        "failed" => "bad",
+        _ => "neutral",
+    };
+    (class, word)
+}
+
+fn outcome_class(outcome: &str) -> &'static str {
+    match outcome {
+        "completed" | "updated" | "unchanged" | "up-to-date" | "current" => "ok",
+        "failed" | "rolled_back" | "rollback_completed" | "paused" | "error" | "timeout" => "bad",
+        "skipped" | "superseded" => "neutral",
+        "queued" | "running" | "updating" => "warn",
+        _ => "neutral",
+    }
+}
+
+/// `repo:tag@sha256:0123456789abcdef...` → `repo:tag@sha256:0123456789ab` (the full value
+/// stays in the cell's title).
+fn short_image(image: &str) -> String {
+    match image.split_once("@sha256:") {
+        Some((name, digest)) => format!("{name}@sha256:{}", digest.get(..12).unwrap_or(digest)),
+        None => image.to_owned(),
+    }
+}
+
+/// `2024-05-01 12:00:00 UTC (3m ago)`, or `never`.
+fn format_time(secs: Option<u64>, now: u64) -> String {
+    let Some(secs) = secs.filter(|s| *s > 0) else {
+        return "never".into();
+    };
+    let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let stamp = format!(
+        "{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    if secs == now {
+        return stamp;
+    }
+    match now.checked_sub(secs) {
+        Some(ago) => format!("{stamp} ({} ago)", human_duration(ago)),
+        None => stamp,
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        3600..=86_399 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's
+/// algorithm); avoids a date crate for one line of the page.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Minimal page used only if the embedded template cannot render; still escaped.
+fn fallback(page: &Page<'_>) -> String {
+    let mut out = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>drover</title></head><body>",
+    );
+    out.push_str(&format!(
+        "<p>drover {} · role {} · {}</p><ul id=\"targets\">",
+        escape(page.version),
+        escape(page.role),
+        if page.ready { "ready" } else { "not ready" }
+    ));
+    for t in &page.targets {
+        out.push_str(&format!(
+            "<li class=\"target\" data-name=\"{0}\">{0}: {1}</li>",
+            escape(t.name),
+            escape(t.check)
+        ));
+    }
+    out.push_str("</ul></body></html>");
+    out
+}
+
+/// HTML-escapes text for element content and double- or single-quoted attributes.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::TargetStatus;
+    use serde_json::json;
+
+    const NOW: u64 = 1_714_564_800; // 2024-05-01 12:00:00 UTC
+
+    fn summary() -> Summary {
+        Summary {
+            version: "0.1.0",
+            role: "leader".into(),
+            node: "pine64-1".into(),
+            engine: "unix:///var/run/docker.sock (29.0.1)".into(),
+            ready: true,
+            peers: vec!["rock64 (manager)".into(), "pine64-2 (worker)".into()],
+            targets: vec![TargetStatus {
+                name: "nginx".into(),
+                output: "/etc/nginx/conf.d/drover.conf".into(),
+                last_render: Some(NOW - 5),
+                last_apply: Some(NOW - 125),
+                hash: Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into()),
+                check: "passed".into(),
+                error: None,
+                skipped: vec![SkippedService {
+                    service: "blog".into(),
+                    label: "routing-max-body".into(),
+                    value: "10 GB".into(),
+                    reason: "not a size".into(),
+                }],
+            }],
+        }
+    }
+
+    fn jobs() -> Value {
+        json!([{
+            "id": "j-42",
+            "hook": "dockerhub",
+            "state": "rolled_back",
+            "created": NOW - 60,
+            "services": [{
+                "service": "web_api",
+                "from": "owner/api:latest@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "to": "owner/api:latest@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+                "outcome": "rollback_completed",
+                "message": "task failed: exit 1"
+            }]
+        }])
+    }
+
+    #[test]
+    fn renders_summary_targets_skipped_services_and_jobs() {
+        let html = render_at(&summary(), &jobs(), NOW);
+        assert!(html.contains("<meta name=\"viewport\""), "{html}");
+        assert!(html.contains("id=\"targets\""));
+        assert!(html.contains("class=\"target card\" id=\"target-nginx\" data-name=\"nginx\" data-check=\"ok\""));
+        assert!(html.contains("/etc/nginx/conf.d/drover.conf"));
+        assert!(html.contains(">0123456789ab<"), "short hash shown");
+        assert!(html.contains("2024-05-01 11:59:55 UTC (5s ago)"), "{html}");
+        assert!(html.contains("2024-05-01 11:57:55 UTC (2m ago)"), "{html}");
+        assert!(html.contains("data-service=\"blog\" data-label=\"routing-max-body\""));
+        assert!(html.contains("10 GB") && html.contains("not a size"));
+        assert!(html.contains("id=\"jobs\""));
+        assert!(html.contains("class=\"job card\" id=\"job-j-42\" data-id=\"j-42\" data-state=\"rolled_back\""));
+        assert!(html.contains("data-service=\"web_api\" data-outcome=\"rollback_completed\""));
+        assert!(html.contains("owner/api:latest@sha256:bbbbbbbbbbbb<"), "{html}");
+        assert!(html.contains("task failed: exit 1"));
+        assert!(html.contains("data-role=\"leader\"") && html.contains("rock64 (manager)"));
+        assert!(html.contains("data-ready=\"true\""));
+        assert!(!html.contains("<script"), "no javascript");
+    }
+
+    #[test]
+    fn label_values_and_job_messages_are_escaped() {
+        let mut s = summary();
+        s.targets[0].skipped[0].value = "<script>alert(1)</script>".into();
+        s.targets[0].error = Some("nginx: [emerg] \"<b>\" & co".into());
+        let jobs = json!([{"id": "x", "state": "failed",
+            "services": [{"service": "a", "message": "<script>alert(2)</script>"}]}]);
+        let html = render_at(&s, &jobs, NOW);
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(2)"), "{html}");
+        assert!(html.contains("&lt;b&gt;"), "{html}");
+    }
+
+    #[test]
+    fn jobs_with_missing_or_odd_fields_still_render() {
+        let jobs = json!([{}, {"id": 7, "state": null, "services": "nope"}, "junk",
+            {"id": "w", "state": "queued", "created": 1.5e9, "image": "owner/app", "tag": "latest"}]);
+        let html = render_at(&Summary::default(), &jobs, NOW);
+        assert!(html.contains("data-state=\"unknown\""), "{html}");
+        assert!(html.contains("data-id=\"7\""), "{html}");
+        assert!(html.contains("data-state=\"queued\""), "{html}");
+        assert!(html.contains("owner/app:latest"), "{html}");
+        assert!(html.contains("No targets yet."));
+    }
+
+    #[test]
+    fn a_non_array_job_list_shows_no_jobs() {
+        let html = render_at(&summary(), &json!({"error": "unavailable"}), NOW);
+        assert!(html.contains("No jobs yet."));
+        let html = render_at(&summary(), &json!({"jobs": [{"id": "a", "state": "completed"}]}), NOW);
+        assert!(html.contains("data-state=\"completed\""));
+    }
+
+    #[test]
+    fn failed_check_is_marked_bad() {
+        let mut s = summary();
+        s.targets[0].check = "failed: nginx: [emerg] unknown directive".into();
+        let html = render_at(&s, &Value::Null, NOW);
+        assert!(html.contains("data-check=\"bad\""), "{html}");
+        assert!(html.contains("class=\"badge bad\">failed<"), "{html}");
+    }
+
+    #[test]
+    fn dates_convert_to_utc_calendar_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_844), (2024, 5, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(format_time(None, NOW), "never");
+        assert_eq!(format_time(Some(NOW + 10), NOW), "2024-05-01 12:00:10 UTC");
+        assert_eq!(human_duration(90_000), "1d1h");
+    }
+}
