@@ -1,2 +1,0 @@
-//! Placeholder: templates land here.
-pub const BUILTIN: &[(&str, &str)] = &[("nginx", "")];

@@ -1,0 +1,369 @@
+//! Validation of the service labels the built-in templates read.
+//!
+//! Label values end up inside nginx directives and YAML, so each one is checked against a
+//! strict, positive grammar (what is allowed, never what is forbidden). Nothing that can end
+//! a directive or open a block (`;`, `{`, `}`, quotes, whitespace, newlines, `$`) passes any
+//! rule that is inserted unquoted; the one quoted value (the realm) refuses quotes,
+//! backslashes, `$` and those same characters.
+
+use crate::state::Service;
+use crate::status::SkippedService;
+
+pub const HOST: &str = "routing-host";
+pub const CONTEXT: &str = "routing-context";
+pub const INTERNAL_CONTEXT: &str = "routing-internal-context";
+pub const PORT: &str = "routing-port";
+pub const MAX_BODY: &str = "routing-max-body";
+pub const AUTH: &str = "routing-auth";
+pub const AUTH_REALM: &str = "routing-auth-realm";
+pub const ON_HTTPS: &str = "routing-on-https";
+pub const TLS: &str = "routing-tls";
+pub const NETWORK: &str = "routing-network";
+pub const PROMETHEUS_JOB: &str = "prometheus-job";
+pub const PROMETHEUS_PORT: &str = "prometheus-port";
+
+type Rule = fn(&str) -> Result<(), String>;
+
+/// Every validated label with its rule, in the order they are checked.
+const RULES: &[(&str, Rule)] = &[
+    (HOST, check_hosts),
+    (CONTEXT, check_path),
+    (INTERNAL_CONTEXT, check_path),
+    (PORT, check_port),
+    (MAX_BODY, check_size),
+    (AUTH, check_auth_file),
+    (AUTH_REALM, check_realm),
+    (ON_HTTPS, check_bool),
+    (TLS, check_bool),
+    (NETWORK, check_network),
+    (PROMETHEUS_JOB, check_job),
+    (PROMETHEUS_PORT, check_port),
+];
+
+/// Checks every label drover interprets; the first bad one names the label, the value and why.
+pub fn validate_service(service: &Service) -> Result<(), SkippedService> {
+    for (label, rule) in RULES {
+        if let Some(value) = service.labels.get(*label) {
+            rule(value).map_err(|reason| SkippedService {
+                service: service.name.clone(),
+                label: (*label).to_owned(),
+                value: value.clone(),
+                reason,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The host names of a `routing-host` value (already validated): split on commas, spaces
+/// around commas dropped, lowercased.
+pub fn hosts(value: &str) -> impl Iterator<Item = String> + '_ {
+    value
+        .split(',')
+        .map(|h| h.trim_matches(' ').to_ascii_lowercase())
+}
+
+/// A validated `routing-context` value as an nginx location: always starting with `/`.
+pub fn location(value: &str) -> String {
+    if value.starts_with('/') {
+        value.to_owned()
+    } else {
+        format!("/{value}")
+    }
+}
+
+/// A validated boolean label.
+pub fn truthy(value: &str) -> bool {
+    matches!(value.to_ascii_lowercase().as_str(), "true" | "yes" | "1")
+}
+
+fn check_hosts(value: &str) -> Result<(), String> {
+    for host in value.split(',') {
+        // Spaces next to commas are a common way to write lists; anything else is refused.
+        let host = host.trim_matches(' ');
+        check_host(host)?;
+    }
+    Ok(())
+}
+
+fn check_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("empty host name".into());
+    }
+    if host.len() > 253 {
+        return Err("host name longer than 253 characters".into());
+    }
+    for part in host.split('.') {
+        let ok = !part.is_empty()
+            && part.len() <= 63
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !part.starts_with('-')
+            && !part.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "not a valid host name: {host:?} (letters, digits and inner hyphens, dot-separated)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_path(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 512 {
+        return Err("path must be 1 to 512 characters".into());
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._~/-".contains(&b))
+    {
+        return Err("path may only contain letters, digits and . _ ~ / -".into());
+    }
+    if value.split('/').any(|s| s == "..") {
+        return Err("path must not contain a .. segment".into());
+    }
+    Ok(())
+}
+
+fn check_port(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 5
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && value.parse::<u16>().is_ok_and(|p| p >= 1);
+    if ok {
+        Ok(())
+    } else {
+        Err("port must be a number from 1 to 65535".into())
+    }
+}
+
+fn check_size(value: &str) -> Result<(), String> {
+    let digits = value
+        .strip_suffix(['k', 'K', 'm', 'M', 'g', 'G'])
+        .unwrap_or(value);
+    if !digits.is_empty() && digits.len() <= 12 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err("size must be digits with an optional k, m or g suffix (like 10m or 0)".into())
+    }
+}
+
+fn check_auth_file(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 255
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        && !value.starts_with('/')
+        && !value.split('/').any(|s| s == ".." || s.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            "auth file must be a relative path under /etc/nginx/auth of letters, digits and . _ - / (no .. or empty segments)"
+                .into(),
+        )
+    }
+}
+
+fn check_realm(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && !b"\"'\\;{}$".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            "realm must be 1 to 128 printable ASCII characters without quotes, backslash, $ ; { }"
+                .into(),
+        )
+    }
+}
+
+fn check_bool(value: &str) -> Result<(), String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "false" | "yes" | "no" | "1" | "0" => Ok(()),
+        _ => Err("must be true, false, yes, no, 1 or 0".into()),
+    }
+}
+
+fn check_network(value: &str) -> Result<(), String> {
+    let ok = value.len() <= 128
+        && value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("network name must be letters, digits and _ . - starting with a letter or digit".into())
+    }
+}
+
+fn check_job(value: &str) -> Result<(), String> {
+    let ok = value.len() <= 128
+        && value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err("job name must match [a-zA-Z_][a-zA-Z0-9_-]*".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(label: &str, value: &str) -> Service {
+        Service {
+            name: "svc".into(),
+            labels: [(label.to_owned(), value.to_owned())].into_iter().collect(),
+            ..Service::default()
+        }
+    }
+
+    fn verdict(label: &str, value: &str) -> Result<(), SkippedService> {
+        validate_service(&service(label, value))
+    }
+
+    #[test]
+    fn valid_label_values_are_accepted() {
+        let table = [
+            (HOST, "example.com"),
+            (HOST, "a.example.com,b.example.com"),
+            (HOST, "a.example.com, B.Example.com"),
+            (HOST, "localhost"),
+            (HOST, "xn--bcher-kva.example"),
+            (CONTEXT, "/"),
+            (CONTEXT, "/api/v1"),
+            (CONTEXT, "api"),
+            (CONTEXT, "/~user/a.b_c-d"),
+            (INTERNAL_CONTEXT, "/metrics"),
+            (PORT, "1"),
+            (PORT, "8080"),
+            (PORT, "65535"),
+            (PROMETHEUS_PORT, "9100"),
+            (MAX_BODY, "0"),
+            (MAX_BODY, "10m"),
+            (MAX_BODY, "512k"),
+            (MAX_BODY, "1G"),
+            (MAX_BODY, "1048576"),
+            (AUTH, "users.htpasswd"),
+            (AUTH, "team/admins"),
+            (AUTH_REALM, "Restricted area (admins only)"),
+            (ON_HTTPS, "true"),
+            (ON_HTTPS, "No"),
+            (TLS, "0"),
+            (TLS, "yes"),
+            (NETWORK, "web_net-1.x"),
+            (PROMETHEUS_JOB, "my_app-1"),
+            (PROMETHEUS_JOB, "_private"),
+        ];
+        for (label, value) in table {
+            assert_eq!(verdict(label, value), Ok(()), "{label}={value:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_and_injecting_label_values_are_refused_naming_the_label() {
+        let table = [
+            (HOST, "example.com; include /etc/passwd"),
+            (HOST, "x}\nserver{"),
+            (HOST, "example.com\n"),
+            (HOST, "exa mple.com"),
+            (HOST, "\"example.com\""),
+            (HOST, "$host"),
+            (HOST, ""),
+            (HOST, "a.com,"),
+            (HOST, "-a.com"),
+            (HOST, "a..com"),
+            (HOST, "*.example.com"),
+            (HOST, "under_score.com"),
+            (CONTEXT, "/a;return 200"),
+            (CONTEXT, "/a {"),
+            (CONTEXT, "/a}"),
+            (CONTEXT, "/../etc"),
+            (CONTEXT, ".."),
+            (CONTEXT, "/a b"),
+            (CONTEXT, "/$uri"),
+            (CONTEXT, "/a\nb"),
+            (CONTEXT, "~ .*"),
+            (CONTEXT, ""),
+            (INTERNAL_CONTEXT, "/x;allow all"),
+            (PORT, "0"),
+            (PORT, "65536"),
+            (PORT, "+80"),
+            (PORT, "80;"),
+            (PORT, "http"),
+            (PORT, ""),
+            (PROMETHEUS_PORT, "9100 "),
+            (MAX_BODY, "10mb"),
+            (MAX_BODY, "10m;"),
+            (MAX_BODY, "m"),
+            (MAX_BODY, "-1"),
+            (MAX_BODY, "1 0m"),
+            (AUTH, "/etc/passwd"),
+            (AUTH, "../secrets"),
+            (AUTH, "a//b"),
+            (AUTH, "users; deny all"),
+            (AUTH, "users\""),
+            (AUTH_REALM, "realm\"; allow all; \""),
+            (AUTH_REALM, "a\\"),
+            (AUTH_REALM, "x}\nserver{"),
+            (AUTH_REALM, "a;b"),
+            (AUTH_REALM, "$remote_addr"),
+            (AUTH_REALM, "tab\there"),
+            (AUTH_REALM, ""),
+            (AUTH_REALM, "caf\u{e9}"),
+            (ON_HTTPS, "maybe"),
+            (ON_HTTPS, "true;"),
+            (TLS, ""),
+            (NETWORK, "web;"),
+            (NETWORK, "-web"),
+            (NETWORK, "a b"),
+            (PROMETHEUS_JOB, "1job"),
+            (PROMETHEUS_JOB, "job:x"),
+            (PROMETHEUS_JOB, "job\n- targets"),
+            (PROMETHEUS_JOB, ""),
+        ];
+        for (label, value) in table {
+            let skipped = verdict(label, value).expect_err(&format!("{label}={value:?} accepted"));
+            assert_eq!(skipped.service, "svc");
+            assert_eq!(skipped.label, label);
+            assert_eq!(skipped.value, value);
+            assert!(!skipped.reason.is_empty());
+            assert!(
+                skipped.reason.starts_with(|c: char| c.is_ascii_lowercase()),
+                "reasons start lowercase: {}",
+                skipped.reason
+            );
+        }
+    }
+
+    #[test]
+    fn unrelated_labels_are_not_validated() {
+        assert_eq!(verdict("com.example.anything", "a;b{c}\n$"), Ok(()));
+    }
+
+    #[test]
+    fn hosts_are_split_trimmed_and_lowercased() {
+        let h: Vec<String> = hosts("A.example.com, b.example.com").collect();
+        assert_eq!(h, ["a.example.com", "b.example.com"]);
+    }
+
+    #[test]
+    fn contexts_always_start_with_a_slash() {
+        assert_eq!(location("api"), "/api");
+        assert_eq!(location("/api"), "/api");
+    }
+}

@@ -1,0 +1,274 @@
+//! Render: a pure function from a [`Snapshot`] and one compiled Tera template to bytes.
+//!
+//! Invariants: the same snapshot renders the same bytes (every collection arrives sorted and
+//! everything computed here is ordered); a service with an invalid label value is left out
+//! and reported in [`Rendered::skipped`], never rendered; a template error is an [`Error`],
+//! never a panic; nothing here logs or touches files after [`Template::load`].
+//!
+//! # Template context
+//!
+//! | name | content |
+//! |---|---|
+//! | `target` | `{name, network}` of the target being rendered (`network` may be null) |
+//! | `swarm`, `node_id` | whether the engine is a Swarm manager; the local node id |
+//! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
+//! | `services[].tasks[]` | `id, service_id, slot, node_id, state, desired_state, container_id, ips` (map network → address)`, message, error`, plus `live` (state and desired state are `running`) and `ip` (address on the service's `network`, or null) |
+//! | `containers`, `nodes`, `networks`, `own` | as in the snapshot (`own` may be null) |
+//! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, locations: [{path, upstream, internal, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path |
+//! | `upstreams` | `[{name, servers: ["IP:PORT", ...]}]`, one per (host, context); `servers` is empty when no task is live |
+//! | `prometheus_jobs` | `[{name, targets: ["IP:PORT", ...]}]`, one per `prometheus-job` value plus `nodes` (every node address on :9100), sorted by name |
+//!
+//! A service's routing network is the target's `network` when set, else its
+//! `routing-network` label, else its first network that is not the ingress network.
+//!
+//! # Filters
+//!
+//! | filter | arguments | meaning |
+//! |---|---|---|
+//! | `running` | | tasks whose `state` and `desired_state` are both `running` (the ones that should get traffic) |
+//! | `with_state` | `state` | tasks whose current `state` equals `state` |
+//! | `task_ip` | `network` | a task's address on that network (`""` if none); on a list of tasks, the list of addresses of those that have one |
+//! | `with_label` | `name`, `value`? | services/containers/nodes carrying label `name` (with exactly `value` when given) |
+//! | `label` | `name`, `default`? | an item's label value, else `default` (else `""`); handy because label names contain `-` |
+//! | `group_by_label` | `name` | `[{name: value, items: [...]}]` sorted by label value; items without the label are left out |
+//!
+//! Example: `{{ service.tasks | running | task_ip(network="web") | join(sep=",") }}`.
+//! Tera's own filters are there too, except those behind its optional features (`date`,
+//! `filesizeformat`, `urlencode`, `slugify`, ...). Auto-escaping is off: output is config,
+//! not HTML. A user template is a single file (no `include`/`extends`).
+//!
+//! # Labels
+//!
+//! | label | rule | default | used by |
+//! |---|---|---|---|
+//! | `routing-host` | comma-separated DNS names (letters, digits, inner `-`, dot-separated; spaces next to commas ignored) | not routed | nginx, certbot, ddclient |
+//! | `routing-context` | `[A-Za-z0-9._~/-]+`, no `..` segment; `/` is prepended if missing | `/` | nginx |
+//! | `routing-internal-context` | same as `routing-context` | none | nginx: extra location, private networks only |
+//! | `routing-port` | 1–65535 | 80 | nginx (and prometheus fallback) |
+//! | `routing-max-body` | digits with optional `k`/`m`/`g` | nginx's | nginx `client_max_body_size` |
+//! | `routing-auth` | relative path of `[A-Za-z0-9._/-]`, no `..` or empty segment | none | nginx `auth_basic_user_file /etc/nginx/auth/VALUE` |
+//! | `routing-auth-realm` | 1–128 printable ASCII, no `"` `'` `\` `$` `;` `{` `}` | `Restricted` | nginx `auth_basic` |
+//! | `routing-on-https` | `true/false/yes/no/1/0` (any case) | false | nginx `proxy_pass https://` |
+//! | `routing-tls` | same booleans | true | nginx: `false` serves the host on port 80 only; certbot leaves it out |
+//! | `routing-network` | `[A-Za-z0-9][A-Za-z0-9_.-]*` | first non-ingress network | routing network |
+//! | `prometheus-job` | `[a-zA-Z_][a-zA-Z0-9_-]*` | not scraped | prometheus |
+//! | `prometheus-port` | 1–65535 | `routing-port`, else 80 | prometheus |
+//!
+//! Services sharing a host and context share one location and upstream when their location
+//! settings (`routing-on-https`, `routing-auth`, realm, max body) agree; otherwise the later
+//! one (by name) is skipped, as is a service whose internal context collides with another
+//! location. A host gets TLS unless every service on it sets `routing-tls=false`.
+
+mod filters;
+mod labels;
+mod model;
+
+use std::path::Path;
+
+use crate::config::Target;
+use crate::state::Snapshot;
+use crate::status::SkippedService;
+
+pub use labels::validate_service;
+
+/// (name, source) of every built-in template.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("nginx", include_str!("../../templates/nginx.conf.tera")),
+    (
+        "prometheus",
+        include_str!("../../templates/prometheus.yml.tera"),
+    ),
+    ("certbot", include_str!("../../templates/certbot.tera")),
+    (
+        "ddclient",
+        include_str!("../../templates/ddclient.conf.tera"),
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown built-in template {0:?}")]
+    UnknownBuiltin(String),
+    #[error("cannot read template {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The template does not compile; `line` is 0 when Tera did not say.
+    #[error("{path}:{line}: invalid template: {reason}")]
+    Syntax {
+        path: String,
+        line: usize,
+        reason: String,
+        #[source]
+        source: tera::Error,
+    },
+    #[error("cannot build the template context: {0}")]
+    Context(#[source] tera::Error),
+    #[error("template {path} failed to render: {reason}")]
+    Render {
+        path: String,
+        reason: String,
+        #[source]
+        source: tera::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One compiled template (its own Tera instance) for one target.
+pub struct Template {
+    tera: tera::Tera,
+    /// `builtin:NAME` or the file path: the Tera template name and what errors call it.
+    name: String,
+    target: String,
+    network: Option<String>,
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Template")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .field("network", &self.network)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The output of one render.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    /// Services left out because of an invalid or clashing label value, sorted by name.
+    pub skipped: Vec<SkippedService>,
+}
+
+impl Template {
+    /// Compiles `target.template` (`builtin:NAME` or a file path).
+    pub fn load(target: &Target) -> Result<Template> {
+        let (name, source) = match target.builtin() {
+            Some(builtin) => {
+                let (_, source) = BUILTIN
+                    .iter()
+                    .find(|(n, _)| *n == builtin)
+                    .ok_or_else(|| Error::UnknownBuiltin(builtin.to_owned()))?;
+                (target.template.clone(), (*source).to_owned())
+            }
+            None => {
+                let source =
+                    std::fs::read_to_string(Path::new(&target.template)).map_err(|source| {
+                        Error::Read {
+                            path: target.template.clone(),
+                            source,
+                        }
+                    })?;
+                (target.template.clone(), source)
+            }
+        };
+        Template::compile(&name, &source, &target.name, target.network.as_deref())
+    }
+
+    /// Compiles template text directly; `name` is what errors call it.
+    pub fn compile(
+        name: &str,
+        source: &str,
+        target: &str,
+        network: Option<&str>,
+    ) -> Result<Template> {
+        let mut tera = tera::Tera::default();
+        tera.autoescape_on(Vec::new());
+        filters::register(&mut tera);
+        tera.add_raw_template(name, source)
+            .map_err(|source| syntax_error(name, source))?;
+        Ok(Template {
+            tera,
+            name: name.to_owned(),
+            target: target.to_owned(),
+            network: network.map(str::to_owned),
+        })
+    }
+
+    /// Pure: same snapshot → same bytes. Services with invalid label values are left out
+    /// and reported.
+    pub fn render(&self, snapshot: &Snapshot) -> Result<Rendered> {
+        let (root, mut skipped) = model::build(snapshot, &self.target, self.network.as_deref());
+        let context = tera::Context::from_serialize(&root).map_err(Error::Context)?;
+        let text = self
+            .tera
+            .render(&self.name, &context)
+            .map_err(|source| Error::Render {
+                path: self.name.clone(),
+                reason: chain(&source),
+                source,
+            })?;
+        skipped.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(Rendered { text, skipped })
+    }
+
+    /// `builtin:NAME` or the template's file path.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Every message of an error and its causes, joined: Tera puts the useful part in causes.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        parts.push(e.to_string());
+        cur = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Pulls the line and the "expected ..." part out of Tera's (pest's) parse error text.
+fn syntax_error(path: &str, source: tera::Error) -> Error {
+    let text = chain(&source);
+    let line = text
+        .split("--> ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let reason = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("= "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_owned());
+    Error::Syntax {
+        path: path.to_owned(),
+        line,
+        reason,
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_template_compiles() {
+        for (name, source) in BUILTIN {
+            Template::compile(name, source, "t", None).expect(name);
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_and_line() {
+        let err = Template::compile("my.tera", "line one\n{% for x in %}\n", "t", None)
+            .expect_err("broken");
+        let msg = err.to_string();
+        assert!(msg.starts_with("my.tera:2: invalid template"), "{msg}");
+    }
+
+    #[test]
+    fn an_undefined_variable_is_an_error_not_a_panic() {
+        let t = Template::compile("u.tera", "{{ nope.missing }}", "t", None).expect("compiles");
+        let err = t.render(&Snapshot::default()).expect_err("undefined");
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}

@@ -1,0 +1,485 @@
+//! The Tera context: the snapshot reshaped for templates, plus routing data computed in Rust.
+//!
+//! Grouping services by host and context, picking each service's network and listing the
+//! live task addresses is done here once per render, in plain Rust, so the built-in
+//! templates are straight loops (fast, and nothing clever to get wrong in Tera). Everything
+//! is built from already-sorted snapshot collections or `BTreeMap`s, so it is deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::labels::{self, validate_service};
+use crate::state::{Container, Network, Node, Own, Port, Service, Snapshot, Task};
+use crate::status::SkippedService;
+
+/// Default `routing-port`.
+pub const DEFAULT_PORT: u16 = 80;
+/// Default `routing-auth-realm`.
+pub const DEFAULT_REALM: &str = "Restricted";
+/// Port the `nodes` Prometheus job scrapes (node-exporter).
+pub const NODE_EXPORTER_PORT: u16 = 9100;
+
+#[derive(Serialize)]
+pub struct Root<'a> {
+    pub swarm: bool,
+    pub node_id: &'a str,
+    pub target: TargetView<'a>,
+    pub services: Vec<ServiceView<'a>>,
+    pub containers: &'a [Container],
+    pub nodes: &'a [Node],
+    pub networks: &'a [Network],
+    pub own: Option<&'a Own>,
+    pub hosts: Vec<HostView>,
+    pub upstreams: Vec<UpstreamView>,
+    pub prometheus_jobs: Vec<JobView>,
+}
+
+#[derive(Serialize)]
+pub struct TargetView<'a> {
+    pub name: &'a str,
+    pub network: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceView<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub image: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub mode: &'a str,
+    pub replicas: Option<u64>,
+    pub networks: &'a [String],
+    pub ports: &'a [Port],
+    pub update_state: Option<&'a str>,
+    /// The network this service is routed on (see the module docs of `render`).
+    pub network: Option<&'a str>,
+    /// Addresses of live tasks on `network`, in task order.
+    pub ips: Vec<&'a str>,
+    pub tasks: Vec<TaskView<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct TaskView<'a> {
+    pub id: &'a str,
+    pub service_id: &'a str,
+    pub slot: Option<i64>,
+    pub node_id: &'a str,
+    pub state: &'a str,
+    pub desired_state: &'a str,
+    pub container_id: Option<&'a str>,
+    pub ips: &'a BTreeMap<String, String>,
+    pub message: &'a str,
+    pub error: Option<&'a str>,
+    /// Running and desired running.
+    pub live: bool,
+    /// The address on the service's routing network, if any.
+    pub ip: Option<&'a str>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct HostView {
+    pub name: String,
+    /// False only when every service on the host sets `routing-tls=false`.
+    pub tls: bool,
+    pub locations: Vec<LocationView>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct LocationView {
+    pub path: String,
+    pub upstream: String,
+    /// A `routing-internal-context` location: private networks only.
+    pub internal: bool,
+    #[serde(flatten)]
+    pub options: Options,
+    /// Services routed here, by name.
+    pub services: Vec<String>,
+}
+
+/// Per-location settings; services sharing a (host, context) must agree on them.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub https: bool,
+    pub auth: Option<String>,
+    pub auth_realm: String,
+    pub max_body: Option<String>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct UpstreamView {
+    pub name: String,
+    /// `IP:PORT` of each live task; empty means nothing is up (templates emit a `down` server).
+    pub servers: Vec<String>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct JobView {
+    pub name: String,
+    pub targets: Vec<String>,
+}
+
+/// Builds the context for one render; services failing validation are left out and returned.
+pub fn build<'a>(
+    snapshot: &'a Snapshot,
+    target_name: &'a str,
+    target_network: Option<&'a str>,
+) -> (Root<'a>, Vec<SkippedService>) {
+    let mut skipped = Vec::new();
+    let ingress: BTreeSet<&str> = snapshot
+        .networks
+        .iter()
+        .filter(|n| n.ingress)
+        .map(|n| n.name.as_str())
+        .collect();
+
+    let mut services = Vec::with_capacity(snapshot.services.len());
+    for service in &snapshot.services {
+        match validate_service(service) {
+            Ok(()) => services.push(service_view(service, target_network, &ingress)),
+            Err(s) => skipped.push(s),
+        }
+    }
+
+    let (hosts, upstreams) = routes(&services, &mut skipped);
+    let routed: BTreeSet<&str> = skipped.iter().map(|s| s.service.as_str()).collect();
+    services.retain(|s| !routed.contains(s.name));
+    let prometheus_jobs = jobs(&services, &snapshot.nodes);
+
+    let root = Root {
+        swarm: snapshot.swarm,
+        node_id: &snapshot.node_id,
+        target: TargetView {
+            name: target_name,
+            network: target_network,
+        },
+        services,
+        containers: &snapshot.containers,
+        nodes: &snapshot.nodes,
+        networks: &snapshot.networks,
+        own: snapshot.own.as_ref(),
+        hosts,
+        upstreams,
+        prometheus_jobs,
+    };
+    (root, skipped)
+}
+
+fn service_view<'a>(
+    service: &'a Service,
+    target_network: Option<&'a str>,
+    ingress: &BTreeSet<&str>,
+) -> ServiceView<'a> {
+    let network = target_network
+        .or_else(|| service.labels.get(labels::NETWORK).map(String::as_str))
+        .or_else(|| {
+            service
+                .networks
+                .iter()
+                .map(String::as_str)
+                .find(|n| *n != "ingress" && !ingress.contains(n))
+        });
+    let tasks: Vec<TaskView<'a>> = service
+        .tasks
+        .iter()
+        .map(|t| task_view(t, network))
+        .collect();
+    let ips = tasks
+        .iter()
+        .filter(|t| t.live)
+        .filter_map(|t| t.ip)
+        .collect();
+    ServiceView {
+        id: &service.id,
+        name: &service.name,
+        image: &service.image,
+        labels: &service.labels,
+        mode: &service.mode,
+        replicas: service.replicas,
+        networks: &service.networks,
+        ports: &service.ports,
+        update_state: service.update_state.as_deref(),
+        network,
+        ips,
+        tasks,
+    }
+}
+
+fn task_view<'a>(task: &'a Task, network: Option<&str>) -> TaskView<'a> {
+    TaskView {
+        id: &task.id,
+        service_id: &task.service_id,
+        slot: task.slot,
+        node_id: &task.node_id,
+        state: &task.state,
+        desired_state: &task.desired_state,
+        container_id: task.container_id.as_deref(),
+        ips: &task.ips,
+        message: &task.message,
+        error: task.error.as_deref(),
+        live: task.is_live(),
+        ip: network.and_then(|n| task.ips.get(n)).map(String::as_str),
+    }
+}
+
+fn address(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+fn label<'a>(service: &'a ServiceView<'_>, name: &str) -> Option<&'a str> {
+    service.labels.get(name).map(String::as_str)
+}
+
+fn port_label(service: &ServiceView<'_>, name: &str) -> Option<u16> {
+    label(service, name).and_then(|p| p.parse().ok())
+}
+
+#[derive(Default)]
+struct HostAcc {
+    tls: bool,
+    locations: BTreeMap<String, LocationView>,
+}
+
+/// Groups routed services into hosts, locations and upstreams.
+///
+/// Services are taken in name order. Services sharing a (host, context) share the location
+/// and its upstream when their location settings agree; a service whose location would clash
+/// (different settings, or an internal context colliding with another location) is skipped
+/// as a whole, so a host never gets half of a service.
+fn routes(
+    services: &[ServiceView<'_>],
+    skipped: &mut Vec<SkippedService>,
+) -> (Vec<HostView>, Vec<UpstreamView>) {
+    let mut hosts: BTreeMap<String, HostAcc> = BTreeMap::new();
+    let mut servers: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+
+    for service in services {
+        let Some(host_label) = label(service, labels::HOST) else {
+            continue;
+        };
+        let context = labels::location(label(service, labels::CONTEXT).unwrap_or("/"));
+        let internal = label(service, labels::INTERNAL_CONTEXT).map(labels::location);
+        let options = Options {
+            https: label(service, labels::ON_HTTPS).is_some_and(labels::truthy),
+            auth: label(service, labels::AUTH).map(str::to_owned),
+            auth_realm: label(service, labels::AUTH_REALM)
+                .unwrap_or(DEFAULT_REALM)
+                .to_owned(),
+            max_body: label(service, labels::MAX_BODY).map(str::to_owned),
+        };
+        let tls = !label(service, labels::TLS).is_some_and(|v| !labels::truthy(v));
+        let names: BTreeSet<String> = labels::hosts(host_label).collect();
+
+        if let Some(clash) = find_clash(&hosts, &names, &context, internal.as_deref(), &options) {
+            skipped.push(SkippedService {
+                service: service.name.to_owned(),
+                label: clash.0.to_owned(),
+                value: label(service, clash.0).unwrap_or_default().to_owned(),
+                reason: clash.1,
+            });
+            continue;
+        }
+
+        let port = port_label(service, labels::PORT).unwrap_or(DEFAULT_PORT);
+        for host in names {
+            let acc = hosts.entry(host.clone()).or_default();
+            acc.tls |= tls;
+            let mut paths = vec![(context.clone(), false)];
+            if let Some(internal) = &internal {
+                paths.push((internal.clone(), true));
+            }
+            for (path, is_internal) in paths {
+                let loc = acc
+                    .locations
+                    .entry(path.clone())
+                    .or_insert_with(|| LocationView {
+                        path,
+                        upstream: String::new(),
+                        internal: is_internal,
+                        options: options.clone(),
+                        services: Vec::new(),
+                    });
+                loc.services.push(service.name.to_owned());
+            }
+            servers
+                .entry((host, context.clone()))
+                .or_default()
+                .extend(service.ips.iter().map(|ip| address(ip, port)));
+        }
+    }
+
+    // Upstream names: host + context squeezed to [a-z0-9_], made unique in sorted order.
+    let mut names: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut taken = BTreeSet::new();
+    let mut upstreams = Vec::with_capacity(servers.len());
+    for ((host, context), list) in servers {
+        let base = sanitize(&format!("{host}{context}"));
+        let mut name = base.clone();
+        let mut n = 1;
+        while !taken.insert(name.clone()) {
+            n += 1;
+            name = format!("{base}_{n}");
+        }
+        names.insert((host, context), name.clone());
+        upstreams.push(UpstreamView {
+            name,
+            servers: list,
+        });
+    }
+
+    let hosts = hosts
+        .into_iter()
+        .map(|(name, acc)| {
+            let locations = acc
+                .locations
+                .into_values()
+                .map(|mut loc| {
+                    // Internal locations proxy to the upstream of their service's main context.
+                    let context = if loc.internal {
+                        main_context_of(services, &loc.services[0])
+                    } else {
+                        loc.path.clone()
+                    };
+                    if let Some(upstream) = names.get(&(name.clone(), context)) {
+                        loc.upstream.clone_from(upstream);
+                    }
+                    loc
+                })
+                .collect();
+            HostView {
+                name,
+                tls: acc.tls,
+                locations,
+            }
+        })
+        .collect();
+    (hosts, upstreams)
+}
+
+fn main_context_of(services: &[ServiceView<'_>], name: &str) -> String {
+    services
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| labels::location(label(s, labels::CONTEXT).unwrap_or("/")))
+        .unwrap_or_else(|| "/".to_owned())
+}
+
+/// The label and reason that keep a service out, if its locations clash with those routed.
+fn find_clash(
+    hosts: &BTreeMap<String, HostAcc>,
+    names: &BTreeSet<String>,
+    context: &str,
+    internal: Option<&str>,
+    options: &Options,
+) -> Option<(&'static str, String)> {
+    if internal == Some(context) {
+        return Some((
+            labels::INTERNAL_CONTEXT,
+            "internal context equals routing-context".into(),
+        ));
+    }
+    for host in names {
+        let Some(acc) = hosts.get(host) else { continue };
+        if let Some(loc) = acc.locations.get(context) {
+            let owner = &loc.services[0];
+            if loc.internal {
+                return Some((
+                    labels::CONTEXT,
+                    format!("{host}{context} is an internal location of service {owner}"),
+                ));
+            }
+            if loc.options != *options {
+                return Some((
+                    labels::CONTEXT,
+                    format!(
+                        "{host}{context} is routed by service {owner} with different settings (https, auth, realm or max body)"
+                    ),
+                ));
+            }
+        }
+        if let Some(internal) = internal {
+            if let Some(loc) = acc.locations.get(internal) {
+                return Some((
+                    labels::INTERNAL_CONTEXT,
+                    format!(
+                        "{host}{internal} is already routed by service {}",
+                        loc.services[0]
+                    ),
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn sanitize(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        let c = c.to_ascii_lowercase();
+        out.push(if c.is_ascii_alphanumeric() { c } else { '_' });
+    }
+    let trimmed = out.trim_end_matches('_');
+    if trimmed.is_empty() {
+        "upstream".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// One job per distinct `prometheus-job`, targets from live tasks; plus `nodes`.
+fn jobs(services: &[ServiceView<'_>], nodes: &[Node]) -> Vec<JobView> {
+    let mut jobs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for service in services {
+        let Some(job) = label(service, labels::PROMETHEUS_JOB) else {
+            continue;
+        };
+        // Exporters like prometheus_flask_exporter serve /metrics on the app's own port.
+        let port = port_label(service, labels::PROMETHEUS_PORT)
+            .or_else(|| port_label(service, labels::PORT))
+            .unwrap_or(DEFAULT_PORT);
+        jobs.entry(job)
+            .or_default()
+            .extend(service.ips.iter().map(|ip| address(ip, port)));
+    }
+    let mut out: Vec<JobView> = jobs
+        .into_iter()
+        .map(|(name, targets)| JobView {
+            name: name.to_owned(),
+            targets,
+        })
+        .collect();
+    if !out.iter().any(|j| j.name == "nodes") {
+        out.push(JobView {
+            name: "nodes".to_owned(),
+            targets: nodes
+                .iter()
+                .filter(|n| !n.address.is_empty())
+                .map(|n| address(&n.address, NODE_EXPORTER_PORT))
+                .collect(),
+        });
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_names_are_squeezed_to_safe_characters() {
+        assert_eq!(sanitize("Example.com/"), "example_com");
+        assert_eq!(sanitize("example.com/api/v1"), "example_com_api_v1");
+        assert_eq!(sanitize("/"), "upstream");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed() {
+        assert_eq!(address("fd00::1", 80), "[fd00::1]:80");
+        assert_eq!(address("10.0.0.1", 80), "10.0.0.1:80");
+    }
+}
