@@ -1,4 +1,391 @@
-//! Placeholder.
+//! Carries a rendered config into place: diff → stage → check → commit or restore → notify.
+//!
+//! Invariants: unchanged content is never written and never notified; a file that failed
+//! its check is never left in place (the last good content is restored, or the file is
+//! removed if there was none) and nothing is notified; writes are atomic (temp file in
+//! the same directory, fsync, rename) except on a single-file bind mount, where rename
+//! fails and the content is rewritten in place. This module and `update` are the only
+//! code that changes anything outside the process.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Action, Selector, Target};
+use crate::docker::Engine;
+use crate::state::Snapshot;
+
+/// How long a check or notify command may run.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Checker output kept for logs and the status page.
+const OUTPUT_LIMIT: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no running container matches {0}")]
+    NoContainer(Selector),
+    #[error("engine: {0}")]
+    Engine(#[from] bollard::errors::Error),
+    #[error("command {argv:?}: {reason}")]
+    Command { argv: Vec<String>, reason: String },
+    #[error("exited with {code}: {output}")]
+    Failed { code: i64, output: String },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Same bytes as the file in place: nothing written, nothing notified.
+    Unchanged,
+    /// Written, checked and every notify step succeeded.
+    Applied,
+    /// Written and checked, but a notify step failed (the file stays: it passed its check).
+    NotifyFailed(String),
+    /// The check rejected the file; the previous content is back in place.
+    CheckFailed(String),
+    /// The check could not run (e.g. the proxy container is not up); previous content restored.
+    CheckUnavailable(String),
+    /// This exact content already failed its check; not tried again until it changes.
+    KnownBad,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Unchanged => "unchanged",
+            Outcome::Applied => "applied",
+            Outcome::NotifyFailed(_) => "notify_failed",
+            Outcome::CheckFailed(_) => "check_failed",
+            Outcome::CheckUnavailable(_) => "check_unavailable",
+            Outcome::KnownBad => "known_bad",
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// One target's file and the memory of what is in it.
+pub struct Applier {
+    target: Target,
+    /// What the output file holds now, as far as we know (read once at start).
+    current: Option<Vec<u8>>,
+    /// Hash of content whose check failed, so polls do not re-run a failing check.
+    known_bad: Option<String>,
+}
+
+impl Applier {
+    pub fn new(target: Target) -> Applier {
+        let current = std::fs::read(&target.output).ok();
+        Applier {
+            target,
+            current,
+            known_bad: None,
+        }
+    }
+
+    pub fn current_hash(&self) -> Option<String> {
+        self.current.as_deref().map(sha256_hex)
+    }
+
+    pub async fn apply(
+        &mut self,
+        content: &[u8],
+        engine: Option<&Engine>,
+        snapshot: &Snapshot,
+    ) -> Result<Outcome, Error> {
+        if self.current.as_deref() == Some(content) {
+            return Ok(Outcome::Unchanged);
+        }
+        let hash = sha256_hex(content);
+        if self.known_bad.as_deref() == Some(hash.as_str()) {
+            return Ok(Outcome::KnownBad);
+        }
+        let path = self.target.output.clone();
+        write_file(&path, content)?;
+        if let Some(check) = &self.target.check {
+            let result = run_action(check, engine, snapshot).await;
+            if let Err(e) = result {
+                self.restore()?;
+                return Ok(match e {
+                    Error::Failed { .. } => {
+                        self.known_bad = Some(hash);
+                        Outcome::CheckFailed(e.to_string())
+                    }
+                    other => Outcome::CheckUnavailable(other.to_string()),
+                });
+            }
+        }
+        self.current = Some(content.to_vec());
+        self.known_bad = None;
+        let mut failures = Vec::new();
+        for step in &self.target.notify {
+            if let Err(e) = run_action(step, engine, snapshot).await {
+                failures.push(e.to_string());
+            }
+        }
+        if failures.is_empty() {
+            Ok(Outcome::Applied)
+        } else {
+            Ok(Outcome::NotifyFailed(failures.join("; ")))
+        }
+    }
+
+    fn restore(&self) -> Result<(), Error> {
+        match &self.current {
+            Some(previous) => write_file(&self.target.output, previous),
+            None => match std::fs::remove_file(&self.target.output) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(Error::Write {
+                    path: self.target.output.clone(),
+                    source,
+                }),
+            },
+        }
+    }
+}
+
+/// Atomic replace: temp + fsync + rename; in place when rename cannot replace the file
+/// (a single file bind-mounted into a container is busy as a mount point).
+pub fn write_file(path: &Path, content: &[u8]) -> Result<(), Error> {
+    let err = |source| Error::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.drover-{}", std::process::id()));
+    let staged = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        // Keep the mode of the file we replace, so a reader with other rights keeps reading.
+        if let Ok(meta) = std::fs::metadata(path) {
+            let _ = std::fs::set_permissions(&tmp, meta.permissions());
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    match staged {
+        Ok(()) => {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            // EBUSY (bind-mounted file) or EXDEV: fall back to rewriting in place.
+            if matches!(e.raw_os_error(), Some(16) | Some(18)) {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(err)?;
+                f.write_all(content).map_err(err)?;
+                f.sync_all().map_err(err)
+            } else {
+                Err(err(e))
+            }
+        }
+    }
+}
+
+/// Ids of the local containers an action reaches.
+pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
+    snapshot
+        .containers
+        .iter()
+        .filter(|c| c.state == "running")
+        .filter(|c| match (&on.service, &on.container, &on.label) {
+            (Some(s), _, _) => {
+                c.service.as_deref() == Some(s.as_str())
+                    || c.labels.get("com.docker.compose.service") == Some(s)
+            }
+            (_, Some(name), _) => c.name == *name || c.id.starts_with(name.as_str()),
+            (_, _, Some(label)) => match label.split_once('=') {
+                Some((k, v)) => c.labels.get(k).is_some_and(|x| x == v),
+                None => c.labels.contains_key(label.as_str()),
+            },
+            _ => false,
+        })
+        .map(|c| c.id.clone())
+        .collect()
+}
+
+async fn run_action(action: &Action, engine: Option<&Engine>, snapshot: &Snapshot) -> Result<(), Error> {
+    match action {
+        Action::Command(argv) => run_local(argv).await,
+        Action::Exec(e) => {
+            let engine = engine.ok_or_else(|| Error::NoContainer(e.on()))?;
+            let ids = select_containers(&e.on(), snapshot);
+            if ids.is_empty() {
+                return Err(Error::NoContainer(e.on()));
+            }
+            for id in ids {
+                exec(engine, &id, &e.command).await?;
+            }
+            Ok(())
+        }
+        Action::Signal(s) => {
+            let engine = engine.ok_or_else(|| Error::NoContainer(s.on()))?;
+            let ids = select_containers(&s.on(), snapshot);
+            if ids.is_empty() {
+                return Err(Error::NoContainer(s.on()));
+            }
+            let signal = format!("SIG{}", s.signal.trim_start_matches("SIG"));
+            for id in ids {
+                engine
+                    .api
+                    .kill_container(
+                        &id,
+                        Some(bollard::query_parameters::KillContainerOptions {
+                            signal: signal.clone(),
+                        }),
+                    )
+                    .await?;
+            }
+            Ok(())
+        }
+        Action::Restart(on) => {
+            let engine = engine.ok_or_else(|| Error::NoContainer(on.clone()))?;
+            if let (Some(name), true) = (&on.service, snapshot.swarm) {
+                return force_update(engine, name).await;
+            }
+            let ids = select_containers(on, snapshot);
+            if ids.is_empty() {
+                return Err(Error::NoContainer(on.clone()));
+            }
+            for id in ids {
+                engine
+                    .api
+                    .restart_container(&id, None::<bollard::query_parameters::RestartContainerOptions>)
+                    .await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Restarts every task of a Swarm service the way `docker service update --force` does.
+pub async fn force_update(engine: &Engine, service: &str) -> Result<(), Error> {
+    let mut attempts = 0;
+    loop {
+        let current = engine
+            .api
+            .inspect_service(service, None::<bollard::query_parameters::InspectServiceOptions>)
+            .await?;
+        let version = current.version.and_then(|v| v.index).unwrap_or(0);
+        let mut spec = current.spec.unwrap_or_default();
+        let mut template = spec.task_template.take().unwrap_or_default();
+        template.force_update = Some(template.force_update.unwrap_or(0) + 1);
+        spec.task_template = Some(template);
+        let options = bollard::query_parameters::UpdateServiceOptions {
+            version: i32::try_from(version).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        match engine.api.update_service(service, spec, options, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if crate::docker::is_out_of_sequence(&e) && attempts < 5 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn exec(engine: &Engine, container: &str, argv: &[String]) -> Result<(), Error> {
+    let created = engine
+        .api
+        .create_exec(
+            container,
+            CreateExecOptions {
+                cmd: Some(argv.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let run = async {
+        let mut output = String::new();
+        if let StartExecResults::Attached { output: mut stream, .. } =
+            engine.api.start_exec(&created.id, None).await?
+        {
+            while let Some(chunk) = stream.next().await {
+                output.push_str(&chunk?.to_string());
+            }
+        }
+        Ok::<_, Error>(output)
+    };
+    let output = tokio::time::timeout(STEP_TIMEOUT, run)
+        .await
+        .map_err(|_| Error::Timeout(STEP_TIMEOUT))??;
+    let code = engine
+        .api
+        .inspect_exec(&created.id)
+        .await?
+        .exit_code
+        .unwrap_or(-1);
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::Failed {
+            code,
+            output: tail(&output),
+        })
+    }
+}
+
+async fn run_local(argv: &[String]) -> Result<(), Error> {
+    let err = |reason: String| Error::Command {
+        argv: argv.to_vec(),
+        reason,
+    };
+    let (program, args) = argv.split_first().ok_or_else(|| err("empty".into()))?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(STEP_TIMEOUT, child)
+        .await
+        .map_err(|_| Error::Timeout(STEP_TIMEOUT))?
+        .map_err(|e| err(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Err(Error::Failed {
+            code: i64::from(out.status.code().unwrap_or(-1)),
+            output: tail(&text),
+        })
+    }
+}
+
+fn tail(s: &str) -> String {
+    let s = s.trim();
+    if s.len() <= OUTPUT_LIMIT {
+        return s.to_owned();
+    }
+    let mut start = s.len() - OUTPUT_LIMIT;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &s[start..])
+}
+
 pub fn signal_number(name: &str) -> Option<i32> {
     let n = name.trim_start_matches("SIG");
     Some(match n {
@@ -12,4 +399,109 @@ pub fn signal_number(name: &str) -> Option<i32> {
         "WINCH" => 28,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(dir: &Path, check: Option<Action>) -> Target {
+        Target {
+            name: "t".into(),
+            template: "builtin:nginx".into(),
+            output: dir.join("out.conf"),
+            network: None,
+            debounce: Default::default(),
+            check,
+            notify: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn unchanged_content_is_not_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = Applier::new(target(dir.path(), None));
+        let snap = Snapshot::default();
+        assert_eq!(a.apply(b"one", None, &snap).await.expect("apply"), Outcome::Applied);
+        assert_eq!(a.apply(b"one", None, &snap).await.expect("apply"), Outcome::Unchanged);
+        assert_eq!(std::fs::read(dir.path().join("out.conf")).expect("read"), b"one");
+    }
+
+    #[tokio::test]
+    async fn failed_check_restores_the_last_good_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out.conf");
+        // The check passes only while the file says "good".
+        let check = Action::Command(vec![
+            "grep".into(),
+            "-q".into(),
+            "good".into(),
+            out.display().to_string(),
+        ]);
+        let mut a = Applier::new(target(dir.path(), Some(check)));
+        let snap = Snapshot::default();
+        assert_eq!(a.apply(b"good 1", None, &snap).await.expect("apply"), Outcome::Applied);
+        let outcome = a.apply(b"bad", None, &snap).await.expect("apply");
+        assert!(matches!(outcome, Outcome::CheckFailed(_)), "{outcome:?}");
+        assert_eq!(std::fs::read(&out).expect("read"), b"good 1");
+        assert_eq!(a.apply(b"bad", None, &snap).await.expect("apply"), Outcome::KnownBad);
+        assert_eq!(a.apply(b"good 2", None, &snap).await.expect("apply"), Outcome::Applied);
+    }
+
+    #[tokio::test]
+    async fn failed_first_check_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = Applier::new(target(dir.path(), Some(Action::Command(vec!["false".into()]))));
+        let outcome = a.apply(b"x", None, &Snapshot::default()).await.expect("apply");
+        assert!(matches!(outcome, Outcome::CheckFailed(_)));
+        assert!(!dir.path().join("out.conf").exists());
+    }
+
+    #[tokio::test]
+    async fn a_restart_starts_from_the_file_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("out.conf"), b"same").expect("write");
+        let mut a = Applier::new(target(dir.path(), Some(Action::Command(vec!["false".into()]))));
+        assert_eq!(a.apply(b"same", None, &Snapshot::default()).await.expect("apply"), Outcome::Unchanged);
+    }
+
+    #[test]
+    fn write_file_replaces_atomically_and_keeps_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("a.conf");
+        write_file(&out, b"1").expect("write");
+        write_file(&out, b"2").expect("write");
+        assert_eq!(std::fs::read(&out).expect("read"), b"2");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
+    }
+
+    #[test]
+    fn selectors_pick_running_containers_by_service_name_and_label() {
+        use crate::state::Container;
+        let c = |id: &str, name: &str, svc: Option<&str>, label: Option<(&str, &str)>| Container {
+            id: id.into(),
+            name: name.into(),
+            state: "running".into(),
+            service: svc.map(str::to_owned),
+            labels: label.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            ..Container::default()
+        };
+        let snap = Snapshot {
+            containers: vec![
+                c("a1", "nginx.1.x", Some("nginx"), None),
+                c("b2", "other", None, Some(("pygen.target", "proxy"))),
+            ],
+            ..Snapshot::default()
+        };
+        let sel = |s: Option<&str>, n: Option<&str>, l: Option<&str>| Selector {
+            service: s.map(str::to_owned),
+            container: n.map(str::to_owned),
+            label: l.map(str::to_owned),
+        };
+        assert_eq!(select_containers(&sel(Some("nginx"), None, None), &snap), vec!["a1"]);
+        assert_eq!(select_containers(&sel(None, Some("other"), None), &snap), vec!["b2"]);
+        assert_eq!(select_containers(&sel(None, None, Some("pygen.target=proxy")), &snap), vec!["b2"]);
+        assert_eq!(select_containers(&sel(None, None, Some("pygen.target")), &snap), vec!["b2"]);
+        assert!(select_containers(&sel(None, None, Some("pygen.target=x")), &snap).is_empty());
+    }
 }

@@ -222,7 +222,7 @@ fn default_signal() -> String {
 
 /// A check or notify step. Exactly one key per list entry.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[serde(try_from = "ActionRepr")]
 pub enum Action {
     /// Run a command inside the selected container(s); non-zero exit fails the step.
     Exec(ExecSpec),
@@ -232,6 +232,35 @@ pub enum Action {
     Restart(Selector),
     /// Run a local command (argv, no shell).
     Command(Vec<String>),
+}
+
+/// The YAML shape of [`Action`]: a one-key map (serde_yaml_ng only takes YAML tags for enums).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionRepr {
+    #[serde(default)]
+    exec: Option<ExecSpec>,
+    #[serde(default)]
+    signal: Option<SignalSpec>,
+    #[serde(default)]
+    restart: Option<Selector>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+}
+
+impl TryFrom<ActionRepr> for Action {
+    type Error = String;
+    fn try_from(r: ActionRepr) -> Result<Action, String> {
+        let mut found: Vec<Action> = Vec::new();
+        found.extend(r.exec.map(Action::Exec));
+        found.extend(r.signal.map(Action::Signal));
+        found.extend(r.restart.map(Action::Restart));
+        found.extend(r.command.map(Action::Command));
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            _ => Err("a step has exactly one of exec, signal, restart or command".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,7 +308,7 @@ pub enum HookKind {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(try_from = "HookActionRepr")]
 pub enum HookAction {
     /// Roll every service running the pushed repo:tag to its new digest.
     UpdateServices,
@@ -287,6 +316,45 @@ pub enum HookAction {
     RestartService(String),
     /// Run a local command with payload facts as `DROVER_*` environment variables.
     Command(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HookActionRepr {
+    Name(String),
+    Map(HookActionMap),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct HookActionMap {
+    #[serde(default)]
+    restart_service: Option<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+}
+
+impl TryFrom<HookActionRepr> for HookAction {
+    type Error = String;
+    fn try_from(r: HookActionRepr) -> Result<HookAction, String> {
+        match r {
+            HookActionRepr::Name(n) if n == "update-services" => Ok(HookAction::UpdateServices),
+            HookActionRepr::Name(n) => Err(format!(
+                "unknown action {n:?}: use update-services, {{restart-service: NAME}} or {{command: [argv]}}"
+            )),
+            HookActionRepr::Map(HookActionMap {
+                restart_service: Some(s),
+                command: None,
+            }) => Ok(HookAction::RestartService(s)),
+            HookActionRepr::Map(HookActionMap {
+                restart_service: None,
+                command: Some(c),
+            }) => Ok(HookAction::Command(c)),
+            HookActionRepr::Map(_) => {
+                Err("an action has exactly one of restart-service or command".into())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

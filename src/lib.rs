@@ -7,10 +7,14 @@
 //! Prometheus registry.
 
 pub mod apply;
+pub mod cli;
 pub mod config;
+pub mod debounce;
 pub mod docker;
 pub mod metrics;
+pub mod reconcile;
 pub mod render;
 pub mod state;
 pub mod status;
+pub mod watch;
 pub mod status_page;

@@ -161,3 +161,428 @@ impl Snapshot {
         self.containers.sort_by(|a, b| a.name.cmp(&b.name));
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listing {what}: {source}")]
+    List {
+        what: &'static str,
+        #[source]
+        source: crate::docker::Error,
+    },
+}
+
+impl Error {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::List { source, .. } => source.is_transient(),
+        }
+    }
+}
+
+fn list_err(what: &'static str) -> impl FnOnce(bollard::errors::Error) -> Error {
+    move |e| Error::List {
+        what,
+        source: e.into(),
+    }
+}
+
+fn text<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn labels(m: Option<std::collections::HashMap<String, String>>) -> BTreeMap<String, String> {
+    m.unwrap_or_default().into_iter().collect()
+}
+
+fn strip_prefix_len(addr: &str) -> String {
+    addr.split('/').next().unwrap_or(addr).to_owned()
+}
+
+/// The parts of a task bollard's model drops (`NetworksAttachments`), read as raw JSON.
+#[derive(Debug, Deserialize)]
+struct RawTask {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(rename = "ServiceID", default)]
+    service_id: String,
+    #[serde(rename = "Slot")]
+    slot: Option<i64>,
+    #[serde(rename = "NodeID", default)]
+    node_id: String,
+    #[serde(rename = "Status")]
+    status: Option<RawTaskStatus>,
+    #[serde(rename = "DesiredState", default)]
+    desired_state: String,
+    #[serde(rename = "NetworksAttachments", default)]
+    networks_attachments: Vec<RawAttachment>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawTaskStatus {
+    #[serde(rename = "State", default)]
+    state: String,
+    #[serde(rename = "Message", default)]
+    message: String,
+    #[serde(rename = "Err")]
+    err: Option<String>,
+    #[serde(rename = "ContainerStatus")]
+    container_status: Option<RawContainerStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawContainerStatus {
+    #[serde(rename = "ContainerID")]
+    container_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawAttachment {
+    #[serde(rename = "Network")]
+    network: Option<RawNetwork>,
+    #[serde(rename = "Addresses", default)]
+    addresses: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawNetwork {
+    #[serde(rename = "Spec")]
+    spec: Option<RawNetworkSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawNetworkSpec {
+    #[serde(rename = "Name", default)]
+    name: String,
+}
+
+impl From<RawTask> for Task {
+    fn from(t: RawTask) -> Task {
+        let status = t.status;
+        let ips = t
+            .networks_attachments
+            .into_iter()
+            .filter_map(|a| {
+                let name = a.network?.spec?.name;
+                let ip = a.addresses.first().map(|a| strip_prefix_len(a))?;
+                Some((name, ip))
+            })
+            .collect();
+        Task {
+            id: t.id,
+            service_id: t.service_id,
+            slot: t.slot,
+            node_id: t.node_id,
+            desired_state: t.desired_state,
+            state: status.as_ref().map(|s| s.state.clone()).unwrap_or_default(),
+            message: status.as_ref().map(|s| s.message.clone()).unwrap_or_default(),
+            error: status.as_ref().and_then(|s| s.err.clone()),
+            container_id: status
+                .and_then(|s| s.container_status)
+                .and_then(|c| c.container_id)
+                .filter(|c| !c.is_empty()),
+            ips,
+        }
+    }
+}
+
+/// Fetches a whole snapshot: `info`, then (on a manager) services, tasks, nodes and
+/// networks, and local containers — six calls however large the cluster is.
+pub async fn fetch(engine: &crate::docker::Engine) -> Result<Snapshot, Error> {
+    use bollard::query_parameters::{
+        ListContainersOptions, ListNetworksOptions, ListNodesOptions, ListServicesOptions,
+    };
+    let m = crate::metrics::get();
+    let count = |call: &str| m.engine_calls.with_label_values(&[call]).inc();
+    let api = &engine.api;
+
+    count("info");
+    let info = api.info().await.map_err(list_err("info"))?;
+    let swarm_info = info.swarm.unwrap_or_default();
+    let manager = swarm_info.control_available.unwrap_or(false)
+        && swarm_info
+            .local_node_state
+            .as_ref()
+            .is_some_and(|s| s.to_string() == "active");
+    let mut snap = Snapshot {
+        swarm: manager,
+        node_id: text(swarm_info.node_id),
+        ..Snapshot::default()
+    };
+
+    count("networks");
+    let networks = api
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .map_err(list_err("networks"))?;
+    snap.networks = networks
+        .into_iter()
+        .map(|n| Network {
+            id: text(n.id),
+            name: text(n.name),
+            driver: text(n.driver),
+            scope: text(n.scope),
+            ingress: n.ingress.unwrap_or(false),
+        })
+        .collect();
+
+    if manager {
+        count("services");
+        let services = api
+            .list_services(None::<ListServicesOptions>)
+            .await
+            .map_err(list_err("services"))?;
+        count("tasks");
+        let filters = r#"{"desired-state":["running"]}"#;
+        let tasks: Vec<RawTask> = engine
+            .get_json(&format!("/tasks?filters={}", percent_encode(filters)))
+            .await
+            .map_err(|source| Error::List {
+                what: "tasks",
+                source,
+            })?;
+        count("nodes");
+        let nodes = api
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(list_err("nodes"))?;
+
+        let net_name = |id: &str| {
+            snap.networks
+                .iter()
+                .find(|n| n.id == id || n.name == id)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| id.to_owned())
+        };
+        let mut by_service: std::collections::HashMap<String, Vec<Task>> =
+            std::collections::HashMap::new();
+        for t in tasks {
+            let t = Task::from(t);
+            by_service.entry(t.service_id.clone()).or_default().push(t);
+        }
+        snap.services = services
+            .into_iter()
+            .map(|s| {
+                let id = text(s.id);
+                let spec = s.spec.unwrap_or_default();
+                let mode = spec.mode.unwrap_or_default();
+                let (mode, replicas) = if let Some(r) = mode.replicated {
+                    ("replicated", r.replicas.map(|n| n.max(0) as u64))
+                } else if mode.global.is_some() {
+                    ("global", None)
+                } else if mode.replicated_job.is_some() {
+                    ("replicated-job", None)
+                } else {
+                    ("global-job", None)
+                };
+                let template = spec.task_template.unwrap_or_default();
+                let networks = template
+                    .networks
+                    .or(spec.networks)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|n| n.target)
+                    .map(|t| net_name(&t))
+                    .collect();
+                let ports = s
+                    .endpoint
+                    .and_then(|e| e.ports)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| Port {
+                        protocol: text(p.protocol),
+                        target: p.target_port.unwrap_or(0).clamp(0, 65535) as u16,
+                        published: p.published_port.map(|n| n.clamp(0, 65535) as u16),
+                        mode: text(p.publish_mode),
+                    })
+                    .collect();
+                Service {
+                    tasks: by_service.remove(&id).unwrap_or_default(),
+                    id,
+                    name: text(spec.name),
+                    image: text(template.container_spec.and_then(|c| c.image)),
+                    labels: labels(spec.labels),
+                    mode: mode.into(),
+                    replicas,
+                    networks,
+                    ports,
+                    update_state: s
+                        .update_status
+                        .and_then(|u| u.state)
+                        .map(|st| st.to_string())
+                        .filter(|st| !st.is_empty()),
+                }
+            })
+            .collect();
+        snap.nodes = nodes
+            .into_iter()
+            .map(|n| {
+                let spec = n.spec.unwrap_or_default();
+                let desc = n.description.unwrap_or_default();
+                let status = n.status.unwrap_or_default();
+                let platform = desc.platform.unwrap_or_default();
+                Node {
+                    id: text(n.id),
+                    hostname: text(desc.hostname),
+                    role: text(spec.role),
+                    leader: n.manager_status.and_then(|m| m.leader).unwrap_or(false),
+                    address: text(status.addr),
+                    availability: text(spec.availability),
+                    state: text(status.state),
+                    labels: labels(spec.labels),
+                    platform: format!("{}/{}", text(platform.os), text(platform.architecture)),
+                }
+            })
+            .collect();
+    }
+
+    count("containers");
+    let containers = api
+        .list_containers(None::<ListContainersOptions>)
+        .await
+        .map_err(list_err("containers"))?;
+    snap.containers = containers
+        .into_iter()
+        .map(|c| {
+            let labels = labels(c.labels);
+            Container {
+                id: text(c.id),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+                image: text(c.image),
+                state: text(c.state),
+                health: c
+                    .health
+                    .and_then(|h| h.status)
+                    .map(|s| s.to_string())
+                    .filter(|s| s != "none")
+                    .unwrap_or_default(),
+                ips: c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(name, e)| {
+                        e.ip_address.filter(|ip| !ip.is_empty()).map(|ip| (name, ip))
+                    })
+                    .collect(),
+                service: labels.get("com.docker.swarm.service.name").cloned(),
+                labels,
+            }
+        })
+        .collect();
+    snap.own = own_container(&snap.containers);
+    snap.sort();
+    m.snapshots.inc();
+    Ok(snap)
+}
+
+/// drover's own container: Docker sets the hostname to the short container id unless the
+/// operator overrides it, so match on that.
+fn own_container(containers: &[Container]) -> Option<Own> {
+    let host = std::fs::read_to_string("/etc/hostname").ok()?;
+    let host = host.trim();
+    if host.len() < 12 {
+        return None;
+    }
+    containers
+        .iter()
+        .find(|c| c.id.starts_with(host))
+        .map(|c| Own {
+            container_id: c.id.clone(),
+            service: c.service.clone(),
+        })
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: &str, desired: &str) -> Task {
+        Task {
+            state: state.into(),
+            desired_state: desired.into(),
+            ..Task::default()
+        }
+    }
+
+    fn service(replicas: u64, tasks: Vec<Task>) -> Service {
+        Service {
+            name: "web".into(),
+            mode: "replicated".into(),
+            replicas: Some(replicas),
+            tasks,
+            ..Service::default()
+        }
+    }
+
+    #[test]
+    fn a_starting_task_means_the_snapshot_is_converging() {
+        let snap = Snapshot {
+            services: vec![service(2, vec![task("running", "running"), task("starting", "running")])],
+            ..Snapshot::default()
+        };
+        assert!(snap.is_converging());
+    }
+
+    #[test]
+    fn fewer_tasks_than_replicas_means_converging() {
+        let snap = Snapshot {
+            services: vec![service(3, vec![task("running", "running")])],
+            ..Snapshot::default()
+        };
+        assert!(snap.is_converging());
+    }
+
+    #[test]
+    fn all_running_is_steady() {
+        let snap = Snapshot {
+            services: vec![service(2, vec![task("running", "running"), task("running", "running")])],
+            ..Snapshot::default()
+        };
+        assert!(!snap.is_converging());
+    }
+
+    #[test]
+    fn a_failed_task_is_not_transitional() {
+        assert!(!task("failed", "running").is_transitional());
+        assert!(!task("running", "shutdown").is_live());
+    }
+
+    #[test]
+    fn raw_task_json_yields_ips_per_network_name() {
+        let raw: RawTask = serde_json::from_str(
+            r#"{"ID":"t1","ServiceID":"s1","Slot":1,"NodeID":"n1","DesiredState":"running",
+                "Status":{"State":"running","Message":"started","ContainerStatus":{"ContainerID":"c1"}},
+                "NetworksAttachments":[{"Network":{"ID":"x","Spec":{"Name":"web"}},"Addresses":["10.0.1.5/24"]}]}"#,
+        )
+        .expect("task json");
+        let t = Task::from(raw);
+        assert_eq!(t.ips.get("web").map(String::as_str), Some("10.0.1.5"));
+        assert_eq!(t.container_id.as_deref(), Some("c1"));
+        assert!(t.is_live());
+    }
+
+    #[test]
+    fn raw_task_with_missing_fields_does_not_panic() {
+        let raw: RawTask = serde_json::from_str("{}").expect("empty task json");
+        let t = Task::from(raw);
+        assert!(t.ips.is_empty());
+        assert!(!t.is_live());
+    }
+}

@@ -1,0 +1,357 @@
+//! The render loop: change hints in, checked configs out.
+//!
+//! One snapshot is fetched per wake-up and shared by every target that is due, so the
+//! number of Engine calls is constant per batch. A target is due when its debounce window
+//! closes, on a resync (start, stream reconnect, periodic), or on a convergence re-check:
+//! Swarm emits no task events, so while any task is on its way to `running` the loop
+//! polls with a short backoff until the cluster is steady. A template or apply error of
+//! one target is logged, counted and shown on the status page; it never affects other
+//! targets and never stops the loop.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::apply::{Applier, Outcome};
+use crate::config::Target;
+use crate::debounce::{Batch, Debouncer};
+use crate::docker::Engine;
+use crate::render::Template;
+use crate::state::Snapshot;
+use crate::status::{Board, SkippedService};
+use crate::watch::Hint;
+
+/// First and largest delay of the convergence re-check.
+const CONVERGE_FIRST: Duration = Duration::from_millis(100);
+const CONVERGE_MAX: Duration = Duration::from_millis(500);
+/// A task stuck in `pending` (no node fits) should not keep us polling fast forever.
+const CONVERGE_SLOW_AFTER: Duration = Duration::from_secs(60);
+const CONVERGE_SLOW: Duration = Duration::from_secs(5);
+/// Retry delay after the engine failed to answer a snapshot.
+const FETCH_RETRY: Duration = Duration::from_secs(1);
+
+struct TargetState {
+    config: Target,
+    template: Result<Template, String>,
+    applier: Applier,
+    debounce: Debouncer,
+    last_skipped: Vec<SkippedService>,
+}
+
+pub struct Reconciler {
+    engine: Engine,
+    targets: Vec<TargetState>,
+    board: Arc<Board>,
+    resync: Duration,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Reconciler {
+    /// Compiles every target's template. A template that does not compile disables only
+    /// its own target (reported on the status page); the others run.
+    pub fn new(engine: Engine, targets: &[Target], board: Arc<Board>, resync: Duration) -> Reconciler {
+        let targets = targets
+            .iter()
+            .map(|t| {
+                let template = Template::load(t).map_err(|e| e.to_string());
+                if let Err(e) = &template {
+                    warn!(target = %t.name, error = %e, "template does not compile; target disabled");
+                }
+                let applier = Applier::new(t.clone());
+                board.update_target(&t.name, |s| {
+                    s.output = t.output.display().to_string();
+                    s.hash = applier.current_hash();
+                    s.error = template.as_ref().err().cloned();
+                });
+                TargetState {
+                    config: t.clone(),
+                    template,
+                    applier,
+                    debounce: Debouncer::new(t.debounce),
+                    last_skipped: Vec::new(),
+                }
+            })
+            .collect();
+        Reconciler {
+            engine,
+            targets,
+            board,
+            resync,
+        }
+    }
+
+    pub async fn run(mut self, mut hints: mpsc::Receiver<Hint>, shutdown: CancellationToken) {
+        let mut full_pass = true;
+        let mut next_resync = Instant::now() + self.resync;
+        let mut converge: Option<(Instant, Duration)> = None;
+        let mut converging_since: Option<Instant> = None;
+        loop {
+            if !full_pass {
+                let wake = self
+                    .targets
+                    .iter()
+                    .filter_map(|t| t.debounce.deadline())
+                    .chain(converge.map(|c| c.0))
+                    .chain(std::iter::once(next_resync))
+                    .min()
+                    .unwrap_or(next_resync);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    hint = hints.recv() => match hint {
+                        Some(Hint::Changed(at)) => {
+                            for t in &mut self.targets {
+                                t.debounce.hint(at);
+                            }
+                        }
+                        Some(Hint::Resync) => full_pass = true,
+                        // The watcher only stops at shutdown.
+                        None => return,
+                    },
+                    _ = sleep_until(wake) => {}
+                }
+            }
+            let now = Instant::now();
+            if now >= next_resync {
+                full_pass = true;
+            }
+            let converge_due = converge.is_some_and(|c| c.0 <= now);
+            let batches: Vec<Option<Batch>> = self
+                .targets
+                .iter_mut()
+                .map(|t| t.debounce.take_due(now))
+                .collect();
+            let any_batch = batches.iter().any(Option::is_some);
+            if !(full_pass || converge_due || any_batch) {
+                continue;
+            }
+            if full_pass {
+                crate::metrics::get().resyncs.inc();
+                next_resync = now + self.resync;
+            }
+            let snapshot = match crate::state::fetch(&self.engine).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot fetch cluster state; retrying");
+                    // Keep the work: re-arm the batches and try again shortly.
+                    for (t, b) in self.targets.iter_mut().zip(&batches) {
+                        if let Some(b) = b {
+                            t.debounce.hint(b.first);
+                        }
+                    }
+                    converge = Some((Instant::now() + FETCH_RETRY, CONVERGE_MAX));
+                    continue;
+                }
+            };
+            let everyone = full_pass || converge_due;
+            for (t, batch) in self.targets.iter_mut().zip(batches) {
+                if everyone || batch.is_some() {
+                    let span = info_span!("reconcile", target = %t.config.name);
+                    pass(t, &snapshot, &self.engine, &self.board, batch)
+                        .instrument(span)
+                        .await;
+                }
+            }
+            full_pass = false;
+            self.publish(&snapshot);
+            converge = if snapshot.is_converging() {
+                let since = *converging_since.get_or_insert(now);
+                let step = match converge {
+                    _ if since.elapsed() >= CONVERGE_SLOW_AFTER => CONVERGE_SLOW,
+                    Some((_, step)) if converge_due => (step * 2).min(CONVERGE_MAX),
+                    Some((_, step)) => step,
+                    None => CONVERGE_FIRST,
+                };
+                Some((Instant::now() + step, step))
+            } else {
+                converging_since = None;
+                None
+            };
+        }
+    }
+
+    fn publish(&self, snapshot: &Snapshot) {
+        let role = role(snapshot);
+        let m = crate::metrics::get();
+        for r in ["leader", "manager", "worker", "standalone"] {
+            m.role.with_label_values(&[r]).set(i64::from(r == role));
+        }
+        let peers = peers(snapshot);
+        let node = snapshot
+            .nodes
+            .iter()
+            .find(|n| n.id == snapshot.node_id)
+            .map(|n| n.hostname.clone())
+            .unwrap_or_default();
+        let engine = self.engine.host().to_owned();
+        self.board.update(|s| {
+            s.role = role.to_owned();
+            s.peers = peers;
+            s.node = node;
+            s.engine = engine;
+            s.ready = true;
+        });
+    }
+}
+
+/// This instance's role, from Swarm itself: the Raft leader's instance leads.
+pub fn role(snapshot: &Snapshot) -> &'static str {
+    if snapshot.swarm {
+        let leader = snapshot
+            .nodes
+            .iter()
+            .any(|n| n.id == snapshot.node_id && n.leader);
+        if leader { "leader" } else { "manager" }
+    } else if snapshot.node_id.is_empty() {
+        "standalone"
+    } else {
+        "worker"
+    }
+}
+
+/// Hostnames of the nodes running drover's own service (when it runs as one).
+fn peers(snapshot: &Snapshot) -> Vec<String> {
+    let Some(service) = snapshot.own.as_ref().and_then(|o| o.service.as_deref()) else {
+        return Vec::new();
+    };
+    let mut peers: Vec<String> = snapshot
+        .service(service)
+        .map(|s| {
+            s.tasks
+                .iter()
+                .filter(|t| t.is_live())
+                .filter_map(|t| snapshot.nodes.iter().find(|n| n.id == t.node_id))
+                .map(|n| n.hostname.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    peers.sort();
+    peers.dedup();
+    peers
+}
+
+async fn pass(
+    t: &mut TargetState,
+    snapshot: &Snapshot,
+    engine: &Engine,
+    board: &Board,
+    batch: Option<Batch>,
+) {
+    let m = crate::metrics::get();
+    let name = t.config.name.clone();
+    let count = |outcome: &str| m.renders.with_label_values(&[name.as_str(), outcome]).inc();
+    let template = match &t.template {
+        Ok(template) => template,
+        Err(_) => {
+            count("template_error");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let rendered = template.render(snapshot);
+    m.render_duration
+        .with_label_values(&[name.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    let rendered = match rendered {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "render failed; keeping the current file");
+            count("render_error");
+            board.update_target(&name, |s| {
+                s.last_render = Some(unix_now());
+                s.error = Some(e.to_string());
+            });
+            return;
+        }
+    };
+    if rendered.skipped != t.last_skipped {
+        for s in &rendered.skipped {
+            warn!(service = %s.service, label = %s.label, value = %s.value, reason = %s.reason,
+                "service skipped: invalid label value");
+        }
+        t.last_skipped = rendered.skipped.clone();
+    }
+    m.skipped_services
+        .with_label_values(&[name.as_str()])
+        .set(rendered.skipped.len() as i64);
+    let outcome = t
+        .applier
+        .apply(rendered.text.as_bytes(), Some(engine), snapshot)
+        .await;
+    let has_check = t.config.check.is_some();
+    let has_notify = !t.config.notify.is_empty();
+    let mut error = None;
+    let mut check_text = None;
+    match &outcome {
+        Ok(o) => {
+            count(o.label());
+            match o {
+                Outcome::Unchanged | Outcome::KnownBad => {}
+                Outcome::Applied | Outcome::NotifyFailed(_) => {
+                    if has_check {
+                        m.checks.with_label_values(&[name.as_str(), "passed"]).inc();
+                        check_text = Some("passed".to_owned());
+                    }
+                    let hash = t.applier.current_hash().unwrap_or_default();
+                    m.last_apply.with_label_values(&[name.as_str()]).set(unix_now() as i64);
+                    m.content_hash
+                        .with_label_values(&[name.as_str()])
+                        .set(i64::from_str_radix(hash.get(..12).unwrap_or("0"), 16).unwrap_or(0));
+                    if let Some(b) = batch {
+                        m.event_apply_lag.observe(b.first.elapsed().as_secs_f64());
+                    }
+                    if has_notify {
+                        let ok = matches!(o, Outcome::Applied);
+                        m.reloads
+                            .with_label_values(&[name.as_str(), if ok { "ok" } else { "failed" }])
+                            .inc();
+                    }
+                    if let Outcome::NotifyFailed(why) = o {
+                        warn!(reason = %why, "config applied but a notify step failed");
+                        error = Some(format!("notify failed: {why}"));
+                    } else {
+                        info!(hash = %hash.get(..12).unwrap_or(""), "config applied");
+                    }
+                }
+                Outcome::CheckFailed(output) => {
+                    m.checks.with_label_values(&[name.as_str(), "failed"]).inc();
+                    warn!(output = %output, "check failed; previous config restored, not notified");
+                    check_text = Some(format!("failed: {output}"));
+                }
+                Outcome::CheckUnavailable(why) => {
+                    m.checks.with_label_values(&[name.as_str(), "unavailable"]).inc();
+                    warn!(reason = %why, "check could not run; previous config restored");
+                    check_text = Some(format!("unavailable: {why}"));
+                }
+            }
+        }
+        Err(e) => {
+            count("write_error");
+            warn!(error = %e, "cannot write config");
+            error = Some(e.to_string());
+        }
+    }
+    let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
+    let hash = t.applier.current_hash();
+    board.update_target(&name, |s| {
+        s.last_render = Some(unix_now());
+        if applied {
+            s.last_apply = Some(unix_now());
+        }
+        s.hash = hash;
+        if let Some(c) = check_text {
+            s.check = c;
+        }
+        s.error = error;
+        s.skipped = rendered.skipped;
+    });
+}
