@@ -1,0 +1,913 @@
+//! Jobs: what a verified webhook asked for, from acceptance to its outcome.
+//!
+//! Invariants: a job is recorded in the journal (a Swarm config object per pending job
+//! inside Swarm, a JSON state file outside) before its id is handed out, and removed from
+//! it once finished, so a restart re-queues what was accepted but not done. The number of
+//! jobs queued or running is bounded (`jobs.queue`); beyond it submission fails and the
+//! caller answers 503. Requests with the same coalescing key (the normalised `repo:tag`
+//! of an update, the service of a restart) that arrive while a job for that key is still
+//! in its quiet window join that job and get *its* id back, so every coalesced request
+//! reports the one outcome. The window slides with each request but never past three
+//! times `quiet` after the first. Finished jobs stay in memory for `jobs.history` entries.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config;
+use crate::docker::{self, Docker};
+use crate::metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("job queue is full")]
+    QueueFull,
+    #[error("cannot record job: {0}")]
+    Journal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Jobs run at the same time (updates of different services proceed in parallel; one
+/// service is still updated by one job at a time, see `update::Slots`).
+const WORKERS: usize = 4;
+/// Label and name prefix of the Swarm config objects that journal pending jobs.
+pub const JOB_LABEL: &str = "drover.job";
+pub const JOB_CONFIG_PREFIX: &str = "drover-job-";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub String);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl JobId {
+    fn generate() -> JobId {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        JobId(format!("{nanos:x}-{n:x}"))
+    }
+
+    /// Ids travel in URLs and Swarm object names: only `[0-9a-z-]`.
+    pub fn is_valid(s: &str) -> bool {
+        !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    RolledBack,
+    Skipped,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::RolledBack => "rolled_back",
+            JobState::Skipped => "skipped",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// What the payload said, after verification. Passed to commands as `DROVER_*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    pub hook: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub r#ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Facts {
+    /// The value a rule named `name` is matched against.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        match name {
+            "event" => self.event.as_deref(),
+            "repository" => self.repository.as_deref(),
+            "tag" => self.tag.as_deref(),
+            "ref" => self.r#ref.as_deref(),
+            "image" => self.image.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub fn env(&self) -> [(&'static str, &str); 6] {
+        fn v(o: &Option<String>) -> &str {
+            o.as_deref().unwrap_or("")
+        }
+        [
+            ("DROVER_HOOK", self.hook.as_str()),
+            ("DROVER_REPOSITORY", v(&self.repository)),
+            ("DROVER_TAG", v(&self.tag)),
+            ("DROVER_REF", v(&self.r#ref)),
+            ("DROVER_IMAGE", v(&self.image)),
+            ("DROVER_EVENT", v(&self.event)),
+        ]
+    }
+}
+
+/// The work a job does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Work {
+    /// Roll every service running this (normalised) `registry/repo:tag`.
+    UpdateServices { image: String },
+    RestartService { service: String },
+    Command { argv: Vec<String> },
+}
+
+impl Work {
+    fn coalesce_key(&self) -> Option<String> {
+        match self {
+            Work::UpdateServices { image } => Some(format!("image {image}")),
+            Work::RestartService { service } => Some(format!("service {service}")),
+            Work::Command { .. } => None,
+        }
+    }
+}
+
+/// What happened to one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceResult {
+    pub service: String,
+    pub from_image: Option<String>,
+    pub to_image: Option<String>,
+    pub outcome: JobState,
+    pub message: String,
+}
+
+/// A job as `GET /jobs/{id}` shows it and the journal stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: JobId,
+    pub hook: String,
+    pub state: JobState,
+    #[serde(flatten)]
+    pub work: Work,
+    pub facts: Facts,
+    /// Webhook requests coalesced into this job (1 when alone).
+    pub requests: u32,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    #[serde(default)]
+    pub started_at: Option<u64>,
+    #[serde(default)]
+    pub finished_at: Option<u64>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub services: Vec<ServiceResult>,
+}
+
+/// A job's result, from the runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: JobState,
+    pub message: Option<String>,
+    pub services: Vec<ServiceResult>,
+}
+
+impl Outcome {
+    pub fn failed(message: String) -> Outcome {
+        Outcome {
+            state: JobState::Failed,
+            message: Some(message),
+            services: Vec::new(),
+        }
+    }
+
+    /// `rolled_back` if any service rolled back, `failed` if any failed, `skipped` if
+    /// nothing was done, else `completed`.
+    pub fn combine(services: Vec<ServiceResult>) -> Outcome {
+        let any = |s: JobState| services.iter().any(|r| r.outcome == s);
+        let state = if any(JobState::RolledBack) {
+            JobState::RolledBack
+        } else if any(JobState::Failed) || services.iter().any(|r| !r.outcome.is_final()) {
+            JobState::Failed
+        } else if services.iter().all(|r| r.outcome == JobState::Skipped) {
+            JobState::Skipped
+        } else {
+            JobState::Completed
+        };
+        Outcome {
+            state,
+            message: None,
+            services,
+        }
+    }
+}
+
+/// What a runner gets: the job's work plus its sequence number (higher is newer).
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub id: JobId,
+    pub hook: String,
+    pub seq: u64,
+    pub work: Work,
+    pub facts: Facts,
+}
+
+/// Carries out jobs; `update::Executor` against the engine, fakes in unit tests.
+pub trait Runner: Send + Sync + 'static {
+    fn run(&self, job: RunContext) -> BoxFuture<'_, Outcome>;
+}
+
+/// A verified request, ready to become a job.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub hook: String,
+    pub work: Work,
+    pub facts: Facts,
+    pub quiet: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: JobId,
+    /// Joined a job already waiting in its quiet window.
+    pub coalesced: bool,
+}
+
+/// Where pending jobs survive a restart.
+pub enum Journal {
+    /// Tests, or no place configured: nothing survives.
+    Memory,
+    /// Outside Swarm: one JSON file holding every pending job, rewritten atomically.
+    File {
+        path: PathBuf,
+        pending: tokio::sync::Mutex<BTreeMap<JobId, JobView>>,
+    },
+    /// Inside Swarm: one config object per pending job, replicated by Raft.
+    Swarm(Docker),
+}
+
+impl Journal {
+    pub fn file(path: PathBuf) -> Journal {
+        Journal::File {
+            path,
+            pending: tokio::sync::Mutex::default(),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Journal::Memory => "memory",
+            Journal::File { .. } => "file",
+            Journal::Swarm(_) => "swarm",
+        }
+    }
+
+    async fn load(&self) -> Result<Vec<JobView>> {
+        let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
+        match self {
+            Journal::Memory => Ok(Vec::new()),
+            Journal::File { path, pending } => {
+                let text = match tokio::fs::read(path).await {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(journal(&format!("{}: {e}", path.display()))),
+                };
+                let jobs: Vec<JobView> = serde_json::from_slice(&text)
+                    .map_err(|e| journal(&format!("{}: {e}", path.display())))?;
+                let mut p = pending.lock().await;
+                for j in &jobs {
+                    p.insert(j.id.clone(), j.clone());
+                }
+                Ok(jobs)
+            }
+            Journal::Swarm(api) => {
+                let filters = HashMap::from([("label".to_owned(), vec![format!("{JOB_LABEL}=1")])]);
+                let configs = api
+                    .list_configs(Some(bollard::query_parameters::ListConfigsOptions {
+                        filters: Some(filters),
+                    }))
+                    .await
+                    .map_err(|e| journal(&e))?;
+                let mut jobs = Vec::new();
+                for c in configs {
+                    let Some(data) = c.spec.and_then(|s| s.data) else { continue };
+                    let decoded = base64::engine::general_purpose::STANDARD.decode(data.trim());
+                    match decoded.ok().and_then(|d| serde_json::from_slice::<JobView>(&d).ok()) {
+                        Some(job) => jobs.push(job),
+                        None => warn!(config = ?c.id, "ignoring unreadable job journal entry"),
+                    }
+                }
+                Ok(jobs)
+            }
+        }
+    }
+
+    async fn put(&self, job: &JobView) -> Result<()> {
+        let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
+        match self {
+            Journal::Memory => Ok(()),
+            Journal::File { path, pending } => {
+                let mut p = pending.lock().await;
+                p.insert(job.id.clone(), job.clone());
+                write_file(path, &p).await.map_err(|e| journal(&e))
+            }
+            Journal::Swarm(api) => {
+                let data = serde_json::to_vec(job).map_err(|e| journal(&e))?;
+                let spec = bollard::models::ConfigSpec {
+                    name: Some(format!("{JOB_CONFIG_PREFIX}{}", job.id)),
+                    labels: Some(HashMap::from([(JOB_LABEL.to_owned(), "1".to_owned())])),
+                    data: Some(base64::engine::general_purpose::STANDARD.encode(data)),
+                    templating: None,
+                };
+                match api.create_config(spec).await {
+                    Ok(_) => Ok(()),
+                    // Already journalled (a job re-queued at start).
+                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {
+                        Ok(())
+                    }
+                    Err(e) => Err(journal(&e)),
+                }
+            }
+        }
+    }
+
+    async fn remove(&self, id: &JobId) -> Result<()> {
+        let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
+        match self {
+            Journal::Memory => Ok(()),
+            Journal::File { path, pending } => {
+                let mut p = pending.lock().await;
+                p.remove(id);
+                write_file(path, &p).await.map_err(|e| journal(&e))
+            }
+            Journal::Swarm(api) => match api.delete_config(&format!("{JOB_CONFIG_PREFIX}{id}")).await {
+                Ok(()) => Ok(()),
+                Err(e) if docker::is_not_found(&e) => Ok(()),
+                Err(e) => Err(journal(&e)),
+            },
+        }
+    }
+}
+
+async fn write_file(path: &std::path::Path, pending: &BTreeMap<JobId, JobView>) -> std::io::Result<()> {
+    let jobs: Vec<&JobView> = pending.values().collect();
+    let bytes = serde_json::to_vec_pretty(&jobs).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = tokio::fs::File::create(&tmp).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await?;
+    f.sync_all().await?;
+    drop(f);
+    tokio::fs::rename(&tmp, path).await
+}
+
+struct Entry {
+    view: JobView,
+    seq: u64,
+    first: Instant,
+    deadline: Instant,
+    key: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<JobId, Entry>,
+    finished: VecDeque<JobId>,
+    /// Coalescing key → the job still in its quiet window.
+    waiting: HashMap<String, JobId>,
+    active: usize,
+}
+
+/// The job table, queue and scheduler.
+pub struct Jobs {
+    inner: Mutex<Inner>,
+    limits: config::Jobs,
+    runner: Arc<dyn Runner>,
+    journal: Journal,
+    workers: Semaphore,
+    seq: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Jobs {
+    /// Loads pending jobs from the journal and queues them to run at once.
+    pub async fn start(
+        limits: config::Jobs,
+        runner: Arc<dyn Runner>,
+        journal: Journal,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Jobs>> {
+        let mut pending = journal.load().await?;
+        pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let jobs = Arc::new(Jobs {
+            inner: Mutex::default(),
+            limits,
+            runner,
+            journal,
+            workers: Semaphore::new(WORKERS),
+            seq: AtomicU64::new(1),
+            shutdown,
+        });
+        if !pending.is_empty() {
+            info!(jobs = pending.len(), journal = jobs.journal.name(), "re-queueing pending jobs");
+        }
+        for mut view in pending {
+            view.state = JobState::Queued;
+            view.started_at = None;
+            let id = view.id.clone();
+            let key = view.work.coalesce_key();
+            let now = Instant::now();
+            {
+                let mut inner = jobs.lock();
+                if let Some(k) = &key {
+                    inner.waiting.insert(k.clone(), id.clone());
+                }
+                inner.jobs.insert(
+                    id.clone(),
+                    Entry {
+                        view,
+                        seq: jobs.seq.fetch_add(1, Ordering::SeqCst),
+                        first: now,
+                        deadline: now,
+                        key,
+                    },
+                );
+                inner.active += 1;
+                metrics::get().queue_depth.set(inner.active as i64);
+            }
+            jobs.spawn(id);
+        }
+        Ok(jobs)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records and queues a job, or joins one waiting for the same key. The job is in
+    /// the journal when this returns `Ok`.
+    pub async fn submit(self: &Arc<Self>, req: Request) -> Result<Submitted> {
+        let key = req.work.coalesce_key();
+        let now = Instant::now();
+        let view = {
+            let mut inner = self.lock();
+            if let Some(id) = key.as_ref().and_then(|k| inner.waiting.get(k)).cloned() {
+                if let Some(e) = inner.jobs.get_mut(&id) {
+                    e.view.requests = e.view.requests.saturating_add(1);
+                    e.deadline = (now + req.quiet).min(e.first + req.quiet * 3);
+                    return Ok(Submitted { id, coalesced: true });
+                }
+            }
+            if inner.active >= self.limits.queue {
+                return Err(Error::QueueFull);
+            }
+            let view = JobView {
+                id: JobId::generate(),
+                hook: req.hook,
+                state: JobState::Queued,
+                work: req.work,
+                facts: req.facts,
+                requests: 1,
+                created_at: unix_ms(),
+                started_at: None,
+                finished_at: None,
+                message: None,
+                services: Vec::new(),
+            };
+            if let Some(k) = &key {
+                inner.waiting.insert(k.clone(), view.id.clone());
+            }
+            inner.jobs.insert(
+                view.id.clone(),
+                Entry {
+                    view: view.clone(),
+                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
+                    first: now,
+                    deadline: now + req.quiet,
+                    key,
+                },
+            );
+            inner.active += 1;
+            metrics::get().queue_depth.set(inner.active as i64);
+            view
+        };
+        if let Err(e) = self.journal.put(&view).await {
+            error!(job = %view.id, error = %e, "cannot record job");
+            // Requests that joined meanwhile see the failure on the job itself.
+            self.finish(&view.id, Outcome::failed(e.to_string()), false).await;
+            return Err(e);
+        }
+        let id = view.id.clone();
+        self.spawn(id.clone());
+        Ok(Submitted { id, coalesced: false })
+    }
+
+    fn spawn(self: &Arc<Self>, id: JobId) {
+        let jobs = self.clone();
+        let span = info_span!("job", job = %id);
+        tokio::spawn(
+            async move {
+                let shutdown = jobs.shutdown.clone();
+                tokio::select! {
+                    () = jobs.clone().drive(id) => {}
+                    // The job stays in the journal and runs again at the next start.
+                    () = shutdown.cancelled() => info!("job interrupted by shutdown"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Waits out the quiet window, then for a worker, then runs the job.
+    async fn drive(self: Arc<Self>, id: JobId) {
+        loop {
+            let deadline = match self.lock().jobs.get(&id) {
+                Some(e) => e.deadline,
+                None => return,
+            };
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+        let ctx = {
+            let mut inner = self.lock();
+            let Some(e) = inner.jobs.get(&id) else { return };
+            let key = e.key.clone();
+            let ctx = RunContext {
+                id: id.clone(),
+                hook: e.view.hook.clone(),
+                seq: e.seq,
+                work: e.view.work.clone(),
+                facts: e.view.facts.clone(),
+            };
+            if let Some(k) = key {
+                if inner.waiting.get(&k) == Some(&id) {
+                    inner.waiting.remove(&k);
+                }
+            }
+            ctx
+        };
+        let Ok(_permit) = self.workers.acquire().await else { return };
+        if let Some(e) = self.lock().jobs.get_mut(&id) {
+            e.view.state = JobState::Running;
+            e.view.started_at = Some(unix_ms());
+        }
+        info!(action = ?ctx.work, "job started");
+        let outcome = self.runner.run(ctx).await;
+        self.finish(&id, outcome, true).await;
+    }
+
+    async fn finish(&self, id: &JobId, outcome: Outcome, journalled: bool) {
+        let state = outcome.state;
+        {
+            let mut inner = self.lock();
+            let Some(e) = inner.jobs.get_mut(id) else { return };
+            if e.view.state.is_final() {
+                return;
+            }
+            e.view.state = outcome.state;
+            e.view.message = outcome.message;
+            e.view.services = outcome.services;
+            e.view.finished_at = Some(unix_ms());
+            if let Some(k) = e.key.clone() {
+                if inner.waiting.get(&k) == Some(id) {
+                    inner.waiting.remove(&k);
+                }
+            }
+            inner.active = inner.active.saturating_sub(1);
+            inner.finished.push_back(id.clone());
+            while inner.finished.len() > self.limits.history {
+                if let Some(old) = inner.finished.pop_front() {
+                    inner.jobs.remove(&old);
+                }
+            }
+            let m = metrics::get();
+            m.queue_depth.set(inner.active as i64);
+            m.jobs.with_label_values(&[state.as_str()]).inc();
+        }
+        info!(job = %id, outcome = state.as_str(), "job finished");
+        if journalled {
+            if let Err(e) = self.journal.remove(id).await {
+                warn!(job = %id, error = %e, "cannot remove finished job from the journal");
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<JobView> {
+        self.lock().jobs.get(&JobId(id.to_owned())).map(|e| e.view.clone())
+    }
+
+    /// Every known job, newest first.
+    pub fn list(&self) -> Vec<JobView> {
+        let inner = self.lock();
+        let mut all: Vec<(u64, JobView)> = inner.jobs.values().map(|e| (e.seq, e.view.clone())).collect();
+        all.sort_by(|a, b| b.0.cmp(&a.0));
+        all.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Jobs queued or running.
+    pub fn active(&self) -> usize {
+        self.lock().active
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Counts runs and answers with a fixed outcome after an optional delay.
+    pub(crate) struct FakeRunner {
+        pub runs: Mutex<Vec<RunContext>>,
+        pub outcome: Outcome,
+        pub delay: Duration,
+    }
+
+    impl FakeRunner {
+        pub(crate) fn new(state: JobState) -> Arc<FakeRunner> {
+            Arc::new(FakeRunner {
+                runs: Mutex::default(),
+                outcome: Outcome {
+                    state,
+                    message: None,
+                    services: Vec::new(),
+                },
+                delay: Duration::ZERO,
+            })
+        }
+        pub(crate) fn count(&self) -> usize {
+            self.runs.lock().map(|r| r.len()).unwrap_or(0)
+        }
+    }
+
+    impl Runner for FakeRunner {
+        fn run(&self, job: RunContext) -> BoxFuture<'_, Outcome> {
+            Box::pin(async move {
+                if let Ok(mut r) = self.runs.lock() {
+                    r.push(job);
+                }
+                tokio::time::sleep(self.delay).await;
+                self.outcome.clone()
+            })
+        }
+    }
+
+    fn update(image: &str) -> Request {
+        Request {
+            hook: "hub".into(),
+            work: Work::UpdateServices { image: image.into() },
+            facts: Facts::default(),
+            quiet: Duration::from_secs(10),
+        }
+    }
+
+    async fn jobs(runner: Arc<FakeRunner>, queue: usize) -> Arc<Jobs> {
+        let limits = config::Jobs {
+            queue,
+            history: 3,
+            ..config::Jobs::default()
+        };
+        Jobs::start(limits, runner, Journal::Memory, CancellationToken::new())
+            .await
+            .expect("start")
+    }
+
+    async fn settle(jobs: &Jobs, id: &JobId) -> JobView {
+        for _ in 0..1000 {
+            if let Some(j) = jobs.get(&id.0) {
+                if j.state.is_final() {
+                    return j;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} never finished");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_within_the_quiet_window_becomes_one_run() {
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = jobs(runner.clone(), 8).await;
+        let first = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        assert!(!first.coalesced);
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let s = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+            assert_eq!(s.id, first.id);
+            assert!(s.coalesced);
+        }
+        assert_eq!(jobs.get(&first.id.0).expect("job").state, JobState::Queued);
+        let done = settle(&jobs, &first.id).await;
+        assert_eq!(done.state, JobState::Completed);
+        assert_eq!(done.requests, 6);
+        assert_eq!(runner.count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn different_tags_are_not_coalesced() {
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = jobs(runner.clone(), 8).await;
+        let a = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let b = jobs.submit(update("docker.io/o/r:stable")).await.expect("submit");
+        assert_ne!(a.id, b.id);
+        settle(&jobs, &a.id).await;
+        settle(&jobs, &b.id).await;
+        assert_eq!(runner.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_cannot_postpone_the_run_forever() {
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = jobs(runner.clone(), 8).await;
+        let first = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if jobs.get(&first.id.0).expect("job").state != JobState::Queued {
+                break;
+            }
+            jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        }
+        assert!(started.elapsed() <= Duration::from_secs(35), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_after_the_run_started_gets_a_new_job() {
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = jobs(runner.clone(), 8).await;
+        let a = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        settle(&jobs, &a.id).await;
+        let b = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        assert_ne!(a.id, b.id);
+        settle(&jobs, &b.id).await;
+        assert_eq!(runner.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_new_jobs_but_still_coalesces() {
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = jobs(runner, 1).await;
+        let a = jobs.submit(update("docker.io/o/a:latest")).await.expect("submit");
+        assert!(matches!(jobs.submit(update("docker.io/o/b:latest")).await, Err(Error::QueueFull)));
+        let again = jobs.submit(update("docker.io/o/a:latest")).await.expect("coalesces");
+        assert_eq!(again.id, a.id);
+        settle(&jobs, &a.id).await;
+        jobs.submit(update("docker.io/o/b:latest")).await.expect("room again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn job_moves_from_queued_through_running_to_its_outcome() {
+        let runner = Arc::new(FakeRunner {
+            runs: Mutex::default(),
+            outcome: Outcome {
+                state: JobState::RolledBack,
+                message: Some("rolled back".into()),
+                services: Vec::new(),
+            },
+            delay: Duration::from_secs(30),
+        });
+        let jobs = jobs(runner, 8).await;
+        let a = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        assert_eq!(jobs.get(&a.id.0).expect("job").state, JobState::Queued);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let running = jobs.get(&a.id.0).expect("job");
+        assert_eq!(running.state, JobState::Running);
+        assert!(running.started_at.is_some());
+        assert_eq!(jobs.active(), 1);
+        let done = settle(&jobs, &a.id).await;
+        assert_eq!(done.state, JobState::RolledBack);
+        assert_eq!(done.message.as_deref(), Some("rolled back"));
+        assert_eq!(jobs.active(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_keeps_only_the_newest_finished_jobs() {
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = jobs(runner, 8).await;
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let s = jobs.submit(update(&format!("docker.io/o/r{i}:latest"))).await.expect("submit");
+            settle(&jobs, &s.id).await;
+            ids.push(s.id);
+        }
+        let listed: Vec<JobId> = jobs.list().into_iter().map(|j| j.id).collect();
+        assert_eq!(listed, vec![ids[4].clone(), ids[3].clone(), ids[2].clone()]);
+    }
+
+    #[tokio::test]
+    async fn file_journal_requeues_pending_jobs_on_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jobs.json");
+        let pending = JobView {
+            id: JobId::generate(),
+            hook: "hub".into(),
+            state: JobState::Running,
+            work: Work::UpdateServices {
+                image: "docker.io/o/r:latest".into(),
+            },
+            facts: Facts::default(),
+            requests: 2,
+            created_at: 1,
+            started_at: Some(2),
+            finished_at: None,
+            message: None,
+            services: Vec::new(),
+        };
+        Journal::file(path.clone()).put(&pending).await.expect("put");
+        let runner = FakeRunner::new(JobState::Skipped);
+        let jobs = Jobs::start(config::Jobs::default(), runner.clone(), Journal::file(path.clone()), CancellationToken::new())
+            .await
+            .expect("start");
+        let done = settle(&jobs, &pending.id).await;
+        assert_eq!(done.state, JobState::Skipped);
+        assert_eq!(runner.count(), 1);
+        let left: Vec<JobView> = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        assert!(left.is_empty(), "finished job still journalled: {left:?}");
+    }
+
+    #[test]
+    fn job_json_has_the_documented_shape() {
+        let view = JobView {
+            id: JobId("abc-1".into()),
+            hook: "hub".into(),
+            state: JobState::RolledBack,
+            work: Work::UpdateServices { image: "docker.io/o/r:latest".into() },
+            facts: Facts { hook: "hub".into(), tag: Some("latest".into()), ..Facts::default() },
+            requests: 5,
+            created_at: 1,
+            started_at: Some(2),
+            finished_at: Some(3),
+            message: None,
+            services: vec![ServiceResult {
+                service: "web".into(),
+                from_image: Some("o/r:latest@sha256:1".into()),
+                to_image: Some("o/r:latest@sha256:2".into()),
+                outcome: JobState::RolledBack,
+                message: "update rolled back".into(),
+            }],
+        };
+        let v = serde_json::to_value(&view).expect("json");
+        assert_eq!(v["state"], "rolled_back");
+        assert_eq!(v["action"], "update-services");
+        assert_eq!(v["image"], "docker.io/o/r:latest");
+        assert_eq!(v["services"][0]["outcome"], "rolled_back");
+        let back: JobView = serde_json::from_value(v).expect("round trip");
+        assert_eq!(back, view);
+    }
+
+    #[test]
+    fn overall_state_follows_the_services() {
+        let r = |o| ServiceResult {
+            service: "s".into(),
+            from_image: None,
+            to_image: None,
+            outcome: o,
+            message: String::new(),
+        };
+        use JobState::*;
+        assert_eq!(Outcome::combine(vec![r(Completed), r(Skipped)]).state, Completed);
+        assert_eq!(Outcome::combine(vec![r(Skipped), r(Skipped)]).state, Skipped);
+        assert_eq!(Outcome::combine(vec![r(Completed), r(Failed)]).state, Failed);
+        assert_eq!(Outcome::combine(vec![r(Failed), r(RolledBack)]).state, RolledBack);
+        assert_eq!(Outcome::combine(vec![]).state, Skipped);
+    }
+}
