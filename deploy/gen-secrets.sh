@@ -1,0 +1,20 @@
+#!/bin/sh
+# Creates the webhook secrets stack.yml mounts, once: random 32-byte hex tokens in
+# deploy/secrets/ (or the directory given as $1 / $DROVER_SECRETS_DIR). Existing files are
+# kept. The files hold secrets: never commit them (deploy/secrets/.gitignore).
+#
+#   deploy/gen-secrets.sh                 # then: docker stack deploy -c stack.yml home
+#   deploy/gen-secrets.sh /tmp/s && DROVER_SECRETS_DIR=/tmp/s docker stack deploy ...
+#
+# Give the same values to Docker Hub (as ?token=... in the webhook URL), to GitHub (the
+# webhook's secret) and to your CI (the key it signs with).
+set -eu
+dir="${1:-${DROVER_SECRETS_DIR:-$(dirname "$0")/secrets}}"
+mkdir -p "$dir"
+umask 077
+for name in dockerhub-token github-secret ci-secret; do
+    if [ ! -s "$dir/$name" ]; then
+        od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dir/$name"
+        echo "created $dir/$name"
+    fi
+done
