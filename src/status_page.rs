@@ -164,18 +164,14 @@ impl JobView {
     fn new(j: &Value, now: u64) -> JobView {
         let state = text(j, "state");
         let state = if state.is_empty() { "unknown".to_owned() } else { state };
-        let created = j
-            .get("created")
-            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)));
-        let subject = ["image", "target", "repository"]
-            .iter()
-            .map(|k| text(j, k))
-            .find(|s| !s.is_empty())
-            .map(|s| match text(j, "tag") {
-                t if !t.is_empty() && !s.contains(':') => format!("{s}:{t}"),
-                _ => s,
-            })
-            .unwrap_or_default();
+        // `created` in seconds, or `created_at` in milliseconds (the jobs module's shape).
+        let created = number(j, "created")
+            .map(|n| n as u64)
+            .or_else(|| number(j, "created_at").map(|ms| (ms / 1000.0) as u64));
+        let mut subject = subject(j);
+        if let Some(n) = number(j, "requests").filter(|n| *n > 1.0) {
+            subject.push_str(&format!(" ({} requests coalesced)", n as u64));
+        }
         let error = ["error", "message"]
             .iter()
             .map(|k| text(j, k))
@@ -192,16 +188,50 @@ impl JobView {
             state_class: outcome_class(&state),
             state,
             created: format_time(created, now),
-            subject,
+            subject: subject.trim().to_owned(),
             error,
             services,
         }
     }
 }
 
+/// What a job is about: the image it rolls out, the service it restarts, the command it
+/// runs, else what the payload said (repository, tag, ref).
+fn subject(j: &Value) -> String {
+    let image = text(j, "image");
+    if !image.is_empty() {
+        return image;
+    }
+    let service = text(j, "service");
+    if !service.is_empty() {
+        return format!("restart {service}");
+    }
+    if let Some(argv) = j.get("argv").and_then(Value::as_array) {
+        let words: Vec<String> = argv.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+        if !words.is_empty() {
+            return format!("run {}", words.join(" "));
+        }
+    }
+    let facts = j.get("facts").unwrap_or(j);
+    let repository = text(facts, "repository");
+    let tag = text(facts, "tag");
+    let git_ref = text(facts, "ref");
+    match (repository.is_empty(), tag.is_empty()) {
+        (false, false) => format!("{repository}:{tag}"),
+        (false, true) if !git_ref.is_empty() => format!("{repository} {git_ref}"),
+        (false, true) => repository,
+        _ => git_ref,
+    }
+}
+
+fn number(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64).filter(|n| n.is_finite() && *n >= 0.0)
+}
+
 impl JobServiceView {
     fn new(s: &Value) -> JobServiceView {
-        let (from, to) = (text(s, "from"), text(s, "to"));
+        let pick = |a: &str, b: &str| Some(text(s, a)).filter(|t| !t.is_empty()).unwrap_or_else(|| text(s, b));
+        let (from, to) = (pick("from", "from_image"), pick("to", "to_image"));
         let outcome = text(s, "outcome");
         JobServiceView {
             service: text(s, "service"),
@@ -431,13 +461,27 @@ mod tests {
     #[test]
     fn jobs_with_missing_or_odd_fields_still_render() {
         let jobs = json!([{}, {"id": 7, "state": null, "services": "nope"}, "junk",
-            {"id": "w", "state": "queued", "created": 1.5e9, "image": "owner/app", "tag": "latest"}]);
+            {"id": "w", "state": "queued", "created": 1.5e9, "facts": {"repository": "owner/app", "tag": "latest"}}]);
         let html = render_at(&Summary::default(), &jobs, NOW);
         assert!(html.contains("data-state=\"unknown\""), "{html}");
         assert!(html.contains("data-id=\"7\""), "{html}");
         assert!(html.contains("data-state=\"queued\""), "{html}");
         assert!(html.contains("owner/app:latest"), "{html}");
         assert!(html.contains("No targets yet."));
+    }
+
+    #[test]
+    fn the_jobs_module_shape_renders_too() {
+        let jobs = json!([{"id": "0007", "hook": "hub", "state": "completed", "action": "update-services",
+            "image": "docker.io/owner/app:latest", "facts": {"hook": "hub", "repository": "owner/app", "tag": "latest"},
+            "requests": 5, "created_at": (NOW - 30) * 1000,
+            "services": [{"service": "home_app", "from_image": "owner/app:latest@sha256:aaaa",
+                "to_image": "owner/app:latest@sha256:bbbb", "outcome": "completed", "message": "updated"}]}]);
+        let html = render_at(&summary(), &jobs, NOW);
+        assert!(html.contains("docker.io/owner/app:latest (5 requests coalesced)"), "{html}");
+        assert!(html.contains("(30s ago)"), "{html}");
+        assert!(html.contains("title=\"owner/app:latest@sha256:bbbb\""), "{html}");
+        assert!(html.contains("data-outcome=\"completed\""), "{html}");
     }
 
     #[test]
