@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{self, HookAction, HookKind};
 use crate::docker::Engine;
-use crate::jobs::{self, Facts, Journal, Jobs, Request, Runner, Submitted, Work};
+use crate::jobs::{self, Facts, Jobs, Journal, Request, Runner, Submitted, Work};
 use crate::metrics;
 use crate::status::Board;
 use crate::update::{self, ImageRef};
@@ -43,7 +43,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("hook {hook}: the secret file {path} is empty")]
-    EmptySecret { hook: String, path: std::path::PathBuf },
+    EmptySecret {
+        hook: String,
+        path: std::path::PathBuf,
+    },
     #[error(transparent)]
     Update(#[from] update::Error),
     #[error(transparent)]
@@ -252,13 +255,17 @@ impl Hook {
     }
 
     fn token_matches(&self, presented: &[u8]) -> bool {
-        let Some(want) = &self.token else { return false };
+        let Some(want) = &self.token else {
+            return false;
+        };
         let got: [u8; 32] = Sha256::digest(presented).into();
         bool::from(got.ct_eq(want))
     }
 
     fn signature_matches(&self, header: Option<&str>, body: &[u8]) -> bool {
-        let Some(secret) = &self.secret else { return false };
+        let Some(secret) = &self.secret else {
+            return false;
+        };
         verify_signature(secret, header, body)
     }
 
@@ -277,7 +284,10 @@ impl Hook {
                     return self.signature_matches(Some(sig), body);
                 }
                 let bearer = header("authorization")
-                    .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+                    .and_then(|a| {
+                        a.strip_prefix("Bearer ")
+                            .or_else(|| a.strip_prefix("bearer "))
+                    })
                     .map(|t| t.trim().to_owned());
                 bearer
                     .or_else(|| header(TOKEN_HEADER).map(str::to_owned))
@@ -293,8 +303,12 @@ pub fn verify_signature(secret: &[u8], header: Option<&str>, body: &[u8]) -> boo
     let Some(hex_sig) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
         return false;
     };
-    let Ok(sig) = hex::decode(hex_sig) else { return false };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return false };
+    let Ok(sig) = hex::decode(hex_sig) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
     mac.update(body);
     mac.verify_slice(&sig).is_ok()
 }
@@ -311,7 +325,10 @@ fn query_token(query: Option<&str>) -> Option<String> {
     let uri: axum::http::Uri = format!("/?{q}").parse().ok()?;
     let axum::extract::Query(pairs) =
         axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()?;
-    pairs.into_iter().find(|(k, _)| k == "token").map(|(_, v)| v)
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
 }
 
 #[derive(Deserialize)]
@@ -355,22 +372,23 @@ fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result
     };
     match kind {
         HookKind::Dockerhub => {
-            let p: HubPayload =
-                serde_json::from_slice(body).map_err(|_| Reject::BadRequest("invalid docker hub payload"))?;
+            let p: HubPayload = serde_json::from_slice(body)
+                .map_err(|_| Reject::BadRequest("invalid docker hub payload"))?;
             f.image = Some(format!("{}:{}", p.repository.repo_name, p.push_data.tag));
             f.repository = Some(p.repository.repo_name);
             f.tag = Some(p.push_data.tag);
         }
         HookKind::Github => {
-            let p: GithubPayload =
-                serde_json::from_slice(body).map_err(|_| Reject::BadRequest("invalid github payload"))?;
+            let p: GithubPayload = serde_json::from_slice(body)
+                .map_err(|_| Reject::BadRequest("invalid github payload"))?;
             f.r#ref = p.r#ref;
             f.repository = p.repository.and_then(|r| r.full_name);
         }
         HookKind::Generic => {
-            let p: GenericPayload =
-                serde_json::from_slice(body).map_err(|_| Reject::BadRequest("invalid json payload"))?;
-            let parsed = ImageRef::parse(&p.image).map_err(|_| Reject::BadRequest("invalid image reference"))?;
+            let p: GenericPayload = serde_json::from_slice(body)
+                .map_err(|_| Reject::BadRequest("invalid json payload"))?;
+            let parsed = ImageRef::parse(&p.image)
+                .map_err(|_| Reject::BadRequest("invalid image reference"))?;
             let name = p.image.split_once('@').map_or(p.image.as_str(), |(n, _)| n);
             let last_slash = name.rfind('/').map_or(0, |i| i + 1);
             let repo = match name[last_slash..].rfind(':') {
@@ -409,7 +427,9 @@ impl Service {
                 match &config.jobs.state_file {
                     Some(p) => Journal::file(p.clone()),
                     None => {
-                        warn!("no swarm and no jobs.state_file: accepted jobs do not survive a restart");
+                        warn!(
+                            "no swarm and no jobs.state_file: accepted jobs do not survive a restart"
+                        );
                         Journal::Memory
                     }
                 }
@@ -417,7 +437,11 @@ impl Service {
         };
         let runner = Arc::new(update::Executor::new(engine, config)?);
         let service = Service::new(config, runner, journal, shutdown).await?;
-        Ok(crate::http::AppState::new(service, board, config.http.clone()))
+        Ok(crate::http::AppState::new(
+            service,
+            board,
+            config.http.clone(),
+        ))
     }
 
     /// The intake with any runner and journal (tests, or a daemon without an engine).
@@ -484,7 +508,8 @@ impl Service {
         body: Body,
     ) -> Result<Accepted, Reject> {
         let cfg = &hook.cfg;
-        if !cfg.cidrs.is_empty() && !peer.is_some_and(|ip| cfg.cidrs.iter().any(|c| c.contains(ip))) {
+        if !cfg.cidrs.is_empty() && !peer.is_some_and(|ip| cfg.cidrs.iter().any(|c| c.contains(ip)))
+        {
             return Err(Reject::Forbidden);
         }
         if !hook.bucket.lock().map(|mut b| b.take()).unwrap_or(false) {
@@ -503,11 +528,13 @@ impl Service {
         let mut event = None;
         let mut delivery = None;
         if cfg.kind == HookKind::Github {
-            let ev = header(GITHUB_EVENT_HEADER).ok_or(Reject::BadRequest("missing X-GitHub-Event"))?;
+            let ev =
+                header(GITHUB_EVENT_HEADER).ok_or(Reject::BadRequest("missing X-GitHub-Event"))?;
             if ev == "ping" {
                 return Ok(Accepted::Ping);
             }
-            let id = header(GITHUB_DELIVERY_HEADER).ok_or(Reject::BadRequest("missing X-GitHub-Delivery"))?;
+            let id = header(GITHUB_DELIVERY_HEADER)
+                .ok_or(Reject::BadRequest("missing X-GitHub-Delivery"))?;
             if id.is_empty() || id.len() > 100 {
                 return Err(Reject::BadRequest("invalid X-GitHub-Delivery"));
             }
@@ -532,7 +559,12 @@ impl Service {
         result
     }
 
-    async fn decide(&self, hook: &Hook, event: Option<&str>, body: &Bytes) -> Result<Accepted, Reject> {
+    async fn decide(
+        &self,
+        hook: &Hook,
+        event: Option<&str>,
+        body: &Bytes,
+    ) -> Result<Accepted, Reject> {
         let cfg = &hook.cfg;
         if let Some(ev) = event {
             if !cfg.events.is_empty() && !cfg.events.iter().any(|e| e == ev) {
@@ -548,7 +580,8 @@ impl Service {
         let work = match &cfg.action {
             HookAction::UpdateServices => {
                 let image = facts.image.as_deref().ok_or(Reject::NoImage)?;
-                let image = ImageRef::parse(image).map_err(|_| Reject::BadRequest("invalid image reference"))?;
+                let image = ImageRef::parse(image)
+                    .map_err(|_| Reject::BadRequest("invalid image reference"))?;
                 Work::UpdateServices { image: image.key() }
             }
             HookAction::RestartService(service) => Work::RestartService {
@@ -590,7 +623,11 @@ mod tests {
 
     #[test]
     fn githubs_published_vector_verifies() {
-        assert!(verify_signature(GITHUB_SECRET, Some(GITHUB_SIGNATURE), GITHUB_BODY));
+        assert!(verify_signature(
+            GITHUB_SECRET,
+            Some(GITHUB_SIGNATURE),
+            GITHUB_BODY
+        ));
         assert_eq!(sign(GITHUB_SECRET, GITHUB_BODY), GITHUB_SIGNATURE);
     }
 
@@ -608,10 +645,21 @@ mod tests {
             Some("757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"),
         ];
         for c in cases {
-            assert!(!verify_signature(GITHUB_SECRET, c, GITHUB_BODY), "{c:?} accepted");
+            assert!(
+                !verify_signature(GITHUB_SECRET, c, GITHUB_BODY),
+                "{c:?} accepted"
+            );
         }
-        assert!(!verify_signature(b"other", Some(GITHUB_SIGNATURE), GITHUB_BODY));
-        assert!(!verify_signature(GITHUB_SECRET, Some(GITHUB_SIGNATURE), b"Hello, World?"));
+        assert!(!verify_signature(
+            b"other",
+            Some(GITHUB_SIGNATURE),
+            GITHUB_BODY
+        ));
+        assert!(!verify_signature(
+            GITHUB_SECRET,
+            Some(GITHUB_SIGNATURE),
+            b"Hello, World?"
+        ));
     }
 
     #[test]
@@ -633,10 +681,22 @@ mod tests {
 
     #[test]
     fn generic_payload_splits_the_image() {
-        let f = facts(HookKind::Generic, "ci", None, br#"{"image":"127.0.0.1:5000/x/y:v2"}"#).expect("facts");
+        let f = facts(
+            HookKind::Generic,
+            "ci",
+            None,
+            br#"{"image":"127.0.0.1:5000/x/y:v2"}"#,
+        )
+        .expect("facts");
         assert_eq!(f.repository.as_deref(), Some("127.0.0.1:5000/x/y"));
         assert_eq!(f.tag.as_deref(), Some("v2"));
-        let f = facts(HookKind::Generic, "ci", None, br#"{"image":"127.0.0.1:5000/x"}"#).expect("facts");
+        let f = facts(
+            HookKind::Generic,
+            "ci",
+            None,
+            br#"{"image":"127.0.0.1:5000/x"}"#,
+        )
+        .expect("facts");
         assert_eq!(f.repository.as_deref(), Some("127.0.0.1:5000/x"));
         assert_eq!(f.tag.as_deref(), Some("latest"));
         assert!(facts(HookKind::Generic, "ci", None, br#"{"image":"{{7*7}}"}"#).is_err());

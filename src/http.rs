@@ -68,15 +68,25 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/", get(index))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .with_state(state)
 }
 
 /// Binds `listen` and serves until `shutdown`, then drains.
-pub async fn serve(listen: SocketAddr, state: AppState, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    listen: SocketAddr,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| Error::Bind { addr: listen, source })?;
+        .map_err(|source| Error::Bind {
+            addr: listen,
+            source,
+        })?;
     serve_listener(listener, state, shutdown).await
 }
 
@@ -154,7 +164,10 @@ async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Respo
 
 async fn metrics_text() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         metrics::get().encode(),
     )
         .into_response()
@@ -169,13 +182,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn index(State(state): State<AppState>) -> Html<String> {
-    Html(status_page(&state.board.summary(), &state.hooks.jobs().list()))
+    Html(status_page(
+        &state.board.summary(),
+        &state.hooks.jobs().list(),
+    ))
 }
 
 /// A plain status page until the styled one is wired in.
 pub fn status_page(summary: &Summary, jobs: &[JobView]) -> String {
     let e = escape;
-    let mut out = String::from("<!doctype html><meta charset=utf-8><title>drover</title><h1>drover</h1>\n");
+    let mut out =
+        String::from("<!doctype html><meta charset=utf-8><title>drover</title><h1>drover</h1>\n");
     out.push_str(&format!(
         "<p>version {} &middot; role {} &middot; node {} &middot; engine {} &middot; ready {}</p>\n",
         e(summary.version),
@@ -299,9 +316,14 @@ hooks:
         );
         let config = config::Config::parse(FsPath::new("test.yml"), &yaml).expect("config");
         let runner = FakeRunner::new(JobState::Completed);
-        let service = hooks::Service::new(&config, runner.clone(), Journal::Memory, CancellationToken::new())
-            .await
-            .expect("service");
+        let service = hooks::Service::new(
+            &config,
+            runner.clone(),
+            Journal::Memory,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("service");
         let state = AppState::new(service, Arc::new(Board::new()), config.http.clone());
         let app = router(state).layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
         Fixture {
@@ -315,10 +337,18 @@ hooks:
         let res = app.clone().oneshot(req).await.expect("infallible");
         let status = res.status();
         let bytes = res.into_body().collect().await.expect("body").to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
     }
 
-    fn github(event: &str, delivery: &str, body: &str, signature: Option<String>) -> axum::http::Request<Body> {
+    fn github(
+        event: &str,
+        delivery: &str,
+        body: &str,
+        signature: Option<String>,
+    ) -> axum::http::Request<Body> {
         let mut b = axum::http::Request::post("/hooks/github")
             .header("x-github-event", event)
             .header("x-github-delivery", delivery)
@@ -335,7 +365,8 @@ hooks:
             .expect("request")
     }
 
-    const HUB_BODY: &str = r#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"owner/app"}}"#;
+    const HUB_BODY: &str =
+        r#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"owner/app"}}"#;
     const PUSH_BODY: &str = r#"{"ref":"refs/heads/main","repository":{"full_name":"owner/app"}}"#;
 
     #[tokio::test]
@@ -347,7 +378,9 @@ hooks:
         let id = body["job"].as_str().expect("job id").to_owned();
         let (status, job) = send(
             &f.app,
-            axum::http::Request::get(format!("/jobs/{id}")).body(Body::empty()).expect("req"),
+            axum::http::Request::get(format!("/jobs/{id}"))
+                .body(Body::empty())
+                .expect("req"),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
@@ -365,7 +398,13 @@ hooks:
         assert_eq!(status, StatusCode::OK);
         assert_eq!(answer["status"], "pong");
         assert_eq!(f.runner.count(), 0);
-        let (_, jobs) = send(&f.app, axum::http::Request::get("/jobs").body(Body::empty()).expect("req")).await;
+        let (_, jobs) = send(
+            &f.app,
+            axum::http::Request::get("/jobs")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
         assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0));
     }
 
@@ -378,7 +417,11 @@ hooks:
         let (status, _) = send(&f.app, github("push", "d-3", PUSH_BODY, Some(wrong))).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         // Unverified ping is refused too: verification comes first.
-        let (status, _) = send(&f.app, github("ping", "d-4", "{}", Some("sha256=00".into()))).await;
+        let (status, _) = send(
+            &f.app,
+            github("ping", "d-4", "{}", Some("sha256=00".into())),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         // An unsigned body that is not even JSON is 401, not 400.
         let (status, _) = send(&f.app, github("push", "d-5", "not json", None)).await;
@@ -389,7 +432,11 @@ hooks:
     async fn replayed_github_delivery_creates_no_second_job() {
         let f = fixture("").await;
         let sig = hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
-        let (status, _) = send(&f.app, github("push", "d-same", PUSH_BODY, Some(sig.clone()))).await;
+        let (status, _) = send(
+            &f.app,
+            github("push", "d-same", PUSH_BODY, Some(sig.clone())),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED);
         let (status, body) = send(&f.app, github("push", "d-same", PUSH_BODY, Some(sig))).await;
         assert_eq!(status, StatusCode::OK);
@@ -465,7 +512,10 @@ hooks:
         let f = fixture("").await;
         let body = r#"{"image":"127.0.0.1:5000/x/y:latest"}"#;
         let req = axum::http::Request::post("/hooks/ci")
-            .header("x-drover-signature", hooks::sign(SECRET.as_bytes(), body.as_bytes()))
+            .header(
+                "x-drover-signature",
+                hooks::sign(SECRET.as_bytes(), body.as_bytes()),
+            )
             .body(Body::from(body))
             .expect("req");
         assert_eq!(send(&f.app, req).await.0, StatusCode::ACCEPTED);
@@ -479,7 +529,11 @@ hooks:
             .header("authorization", format!("Bearer {TOKEN}"))
             .body(Body::from(body))
             .expect("req");
-        assert_eq!(send(&f.app, req).await.0, StatusCode::UNAUTHORIZED, "a bad signature is not rescued by a token");
+        assert_eq!(
+            send(&f.app, req).await.0,
+            StatusCode::UNAUTHORIZED,
+            "a bad signature is not rescued by a token"
+        );
         let req = axum::http::Request::post("/hooks/ci")
             .header("authorization", format!("Bearer {TOKEN}"))
             .body(Body::from(r#"{"image":"{{ config }}"}"#))
@@ -490,7 +544,9 @@ hooks:
     #[tokio::test]
     async fn unknown_hook_is_404() {
         let f = fixture("").await;
-        let req = axum::http::Request::post("/hooks/nope").body(Body::from("{}")).expect("req");
+        let req = axum::http::Request::post("/hooks/nope")
+            .body(Body::from("{}"))
+            .expect("req");
         assert_eq!(send(&f.app, req).await.0, StatusCode::NOT_FOUND);
     }
 
@@ -505,7 +561,14 @@ hooks:
                 .expect("req");
             statuses.push(send(&f.app, req).await.0);
         }
-        assert_eq!(statuses, [StatusCode::ACCEPTED, StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS]);
+        assert_eq!(
+            statuses,
+            [
+                StatusCode::ACCEPTED,
+                StatusCode::ACCEPTED,
+                StatusCode::TOO_MANY_REQUESTS
+            ]
+        );
     }
 
     #[tokio::test]
@@ -539,21 +602,39 @@ hooks:
                 .expect("req")
         };
         assert_eq!(send(&f.app, req("owner/a")).await.0, StatusCode::ACCEPTED);
-        assert_eq!(send(&f.app, req("owner/b")).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            send(&f.app, req("owner/b")).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[tokio::test]
     async fn health_ready_metrics_and_status_page_answer() {
         let f = fixture("").await;
-        let get = |p: &str| axum::http::Request::get(p).body(Body::empty()).expect("req");
+        let get = |p: &str| {
+            axum::http::Request::get(p)
+                .body(Body::empty())
+                .expect("req")
+        };
         let res = f.app.clone().oneshot(get("/healthz")).await.expect("res");
         assert_eq!(res.status(), StatusCode::OK);
         let res = f.app.clone().oneshot(get("/readyz")).await.expect("res");
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let _ = send(&f.app, hub("?token=bad", HUB_BODY)).await;
         let res = f.app.clone().oneshot(get("/metrics")).await.expect("res");
-        let text = String::from_utf8(res.into_body().collect().await.expect("b").to_bytes().to_vec()).expect("utf8");
-        assert!(text.contains("drover_webhook_signature_failures_total{hook=\"hub\"}"), "{text}");
+        let text = String::from_utf8(
+            res.into_body()
+                .collect()
+                .await
+                .expect("b")
+                .to_bytes()
+                .to_vec(),
+        )
+        .expect("utf8");
+        assert!(
+            text.contains("drover_webhook_signature_failures_total{hook=\"hub\"}"),
+            "{text}"
+        );
         let res = f.app.clone().oneshot(get("/")).await.expect("res");
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(send(&f.app, get("/jobs/zz")).await.0, StatusCode::NOT_FOUND);

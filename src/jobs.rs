@@ -149,9 +149,15 @@ impl Facts {
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum Work {
     /// Roll every service running this (normalised) `registry/repo:tag`.
-    UpdateServices { image: String },
-    RestartService { service: String },
-    Command { argv: Vec<String> },
+    UpdateServices {
+        image: String,
+    },
+    RestartService {
+        service: String,
+    },
+    Command {
+        argv: Vec<String>,
+    },
 }
 
 impl Work {
@@ -323,9 +329,14 @@ impl Journal {
                     .map_err(|e| journal(&e))?;
                 let mut jobs = Vec::new();
                 for c in configs {
-                    let Some(data) = c.spec.and_then(|s| s.data) else { continue };
+                    let Some(data) = c.spec.and_then(|s| s.data) else {
+                        continue;
+                    };
                     let decoded = base64::engine::general_purpose::STANDARD.decode(data.trim());
-                    match decoded.ok().and_then(|d| serde_json::from_slice::<JobView>(&d).ok()) {
+                    match decoded
+                        .ok()
+                        .and_then(|d| serde_json::from_slice::<JobView>(&d).ok())
+                    {
                         Some(job) => jobs.push(job),
                         None => warn!(config = ?c.id, "ignoring unreadable job journal entry"),
                     }
@@ -355,9 +366,10 @@ impl Journal {
                 match api.create_config(spec).await {
                     Ok(_) => Ok(()),
                     // Already journalled (a job re-queued at start).
-                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {
-                        Ok(())
-                    }
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 409,
+                        ..
+                    }) => Ok(()),
                     Err(e) => Err(journal(&e)),
                 }
             }
@@ -373,16 +385,21 @@ impl Journal {
                 p.remove(id);
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm(api) => match api.delete_config(&format!("{JOB_CONFIG_PREFIX}{id}")).await {
-                Ok(()) => Ok(()),
-                Err(e) if docker::is_not_found(&e) => Ok(()),
-                Err(e) => Err(journal(&e)),
-            },
+            Journal::Swarm(api) => {
+                match api.delete_config(&format!("{JOB_CONFIG_PREFIX}{id}")).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if docker::is_not_found(&e) => Ok(()),
+                    Err(e) => Err(journal(&e)),
+                }
+            }
         }
     }
 }
 
-async fn write_file(path: &std::path::Path, pending: &BTreeMap<JobId, JobView>) -> std::io::Result<()> {
+async fn write_file(
+    path: &std::path::Path,
+    pending: &BTreeMap<JobId, JobView>,
+) -> std::io::Result<()> {
     let jobs: Vec<&JobView> = pending.values().collect();
     let bytes = serde_json::to_vec_pretty(&jobs).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
@@ -448,7 +465,11 @@ impl Jobs {
             shutdown,
         });
         if !pending.is_empty() {
-            info!(jobs = pending.len(), journal = jobs.journal.name(), "re-queueing pending jobs");
+            info!(
+                jobs = pending.len(),
+                journal = jobs.journal.name(),
+                "re-queueing pending jobs"
+            );
         }
         for mut view in pending {
             view.state = JobState::Queued;
@@ -494,7 +515,10 @@ impl Jobs {
                 if let Some(e) = inner.jobs.get_mut(&id) {
                     e.view.requests = e.view.requests.saturating_add(1);
                     e.deadline = (now + req.quiet).min(e.first + req.quiet * 3);
-                    return Ok(Submitted { id, coalesced: true });
+                    return Ok(Submitted {
+                        id,
+                        coalesced: true,
+                    });
                 }
             }
             if inner.active >= self.limits.queue {
@@ -522,7 +546,8 @@ impl Jobs {
                     view: view.clone(),
                     seq: self.seq.fetch_add(1, Ordering::SeqCst),
                     first: now,
-                    deadline: now + req.quiet,
+                    // Only coalescable work waits for company.
+                    deadline: if key.is_some() { now + req.quiet } else { now },
                     key,
                 },
             );
@@ -533,12 +558,16 @@ impl Jobs {
         if let Err(e) = self.journal.put(&view).await {
             error!(job = %view.id, error = %e, "cannot record job");
             // Requests that joined meanwhile see the failure on the job itself.
-            self.finish(&view.id, Outcome::failed(e.to_string()), false).await;
+            self.finish(&view.id, Outcome::failed(e.to_string()), false)
+                .await;
             return Err(e);
         }
         let id = view.id.clone();
         self.spawn(id.clone());
-        Ok(Submitted { id, coalesced: false })
+        Ok(Submitted {
+            id,
+            coalesced: false,
+        })
     }
 
     fn spawn(self: &Arc<Self>, id: JobId) {
@@ -587,7 +616,9 @@ impl Jobs {
             }
             ctx
         };
-        let Ok(_permit) = self.workers.acquire().await else { return };
+        let Ok(_permit) = self.workers.acquire().await else {
+            return;
+        };
         if let Some(e) = self.lock().jobs.get_mut(&id) {
             e.view.state = JobState::Running;
             e.view.started_at = Some(unix_ms());
@@ -601,7 +632,9 @@ impl Jobs {
         let state = outcome.state;
         {
             let mut inner = self.lock();
-            let Some(e) = inner.jobs.get_mut(id) else { return };
+            let Some(e) = inner.jobs.get_mut(id) else {
+                return;
+            };
             if e.view.state.is_final() {
                 return;
             }
@@ -634,14 +667,21 @@ impl Jobs {
     }
 
     pub fn get(&self, id: &str) -> Option<JobView> {
-        self.lock().jobs.get(&JobId(id.to_owned())).map(|e| e.view.clone())
+        self.lock()
+            .jobs
+            .get(&JobId(id.to_owned()))
+            .map(|e| e.view.clone())
     }
 
     /// Every known job, newest first.
     pub fn list(&self) -> Vec<JobView> {
         let inner = self.lock();
-        let mut all: Vec<(u64, JobView)> = inner.jobs.values().map(|e| (e.seq, e.view.clone())).collect();
-        all.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut all: Vec<(u64, JobView)> = inner
+            .jobs
+            .values()
+            .map(|e| (e.seq, e.view.clone()))
+            .collect();
+        all.sort_by_key(|e| std::cmp::Reverse(e.0));
         all.into_iter().map(|(_, v)| v).collect()
     }
 
@@ -694,7 +734,9 @@ pub(crate) mod tests {
     fn update(image: &str) -> Request {
         Request {
             hook: "hub".into(),
-            work: Work::UpdateServices { image: image.into() },
+            work: Work::UpdateServices {
+                image: image.into(),
+            },
             facts: Facts::default(),
             quiet: Duration::from_secs(10),
         }
@@ -727,11 +769,17 @@ pub(crate) mod tests {
     async fn a_burst_within_the_quiet_window_becomes_one_run() {
         let runner = FakeRunner::new(JobState::Completed);
         let jobs = jobs(runner.clone(), 8).await;
-        let first = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let first = jobs
+            .submit(update("docker.io/o/r:latest"))
+            .await
+            .expect("submit");
         assert!(!first.coalesced);
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(400)).await;
-            let s = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+            let s = jobs
+                .submit(update("docker.io/o/r:latest"))
+                .await
+                .expect("submit");
             assert_eq!(s.id, first.id);
             assert!(s.coalesced);
         }
@@ -746,8 +794,14 @@ pub(crate) mod tests {
     async fn different_tags_are_not_coalesced() {
         let runner = FakeRunner::new(JobState::Completed);
         let jobs = jobs(runner.clone(), 8).await;
-        let a = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
-        let b = jobs.submit(update("docker.io/o/r:stable")).await.expect("submit");
+        let a = jobs
+            .submit(update("docker.io/o/r:latest"))
+            .await
+            .expect("submit");
+        let b = jobs
+            .submit(update("docker.io/o/r:stable"))
+            .await
+            .expect("submit");
         assert_ne!(a.id, b.id);
         settle(&jobs, &a.id).await;
         settle(&jobs, &b.id).await;
@@ -758,25 +812,40 @@ pub(crate) mod tests {
     async fn a_steady_stream_cannot_postpone_the_run_forever() {
         let runner = FakeRunner::new(JobState::Completed);
         let jobs = jobs(runner.clone(), 8).await;
-        let first = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let first = jobs
+            .submit(update("docker.io/o/r:latest"))
+            .await
+            .expect("submit");
         let started = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             if jobs.get(&first.id.0).expect("job").state != JobState::Queued {
                 break;
             }
-            jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+            jobs.submit(update("docker.io/o/r:latest"))
+                .await
+                .expect("submit");
         }
-        assert!(started.elapsed() <= Duration::from_secs(35), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() <= Duration::from_secs(35),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_after_the_run_started_gets_a_new_job() {
         let runner = FakeRunner::new(JobState::Completed);
         let jobs = jobs(runner.clone(), 8).await;
-        let a = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let a = jobs
+            .submit(update("docker.io/o/r:latest"))
+            .await
+            .expect("submit");
         settle(&jobs, &a.id).await;
-        let b = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let b = jobs
+            .submit(update("docker.io/o/r:latest"))
+            .await
+            .expect("submit");
         assert_ne!(a.id, b.id);
         settle(&jobs, &b.id).await;
         assert_eq!(runner.count(), 2);
@@ -786,12 +855,23 @@ pub(crate) mod tests {
     async fn a_full_queue_refuses_new_jobs_but_still_coalesces() {
         let runner = FakeRunner::new(JobState::Completed);
         let jobs = jobs(runner, 1).await;
-        let a = jobs.submit(update("docker.io/o/a:latest")).await.expect("submit");
-        assert!(matches!(jobs.submit(update("docker.io/o/b:latest")).await, Err(Error::QueueFull)));
-        let again = jobs.submit(update("docker.io/o/a:latest")).await.expect("coalesces");
+        let a = jobs
+            .submit(update("docker.io/o/a:latest"))
+            .await
+            .expect("submit");
+        assert!(matches!(
+            jobs.submit(update("docker.io/o/b:latest")).await,
+            Err(Error::QueueFull)
+        ));
+        let again = jobs
+            .submit(update("docker.io/o/a:latest"))
+            .await
+            .expect("coalesces");
         assert_eq!(again.id, a.id);
         settle(&jobs, &a.id).await;
-        jobs.submit(update("docker.io/o/b:latest")).await.expect("room again");
+        jobs.submit(update("docker.io/o/b:latest"))
+            .await
+            .expect("room again");
     }
 
     #[tokio::test(start_paused = true)]
@@ -806,7 +886,10 @@ pub(crate) mod tests {
             delay: Duration::from_secs(30),
         });
         let jobs = jobs(runner, 8).await;
-        let a = jobs.submit(update("docker.io/o/r:latest")).await.expect("submit");
+        let a = jobs
+            .submit(update("docker.io/o/r:latest"))
+            .await
+            .expect("submit");
         assert_eq!(jobs.get(&a.id.0).expect("job").state, JobState::Queued);
         tokio::time::sleep(Duration::from_secs(11)).await;
         let running = jobs.get(&a.id.0).expect("job");
@@ -825,7 +908,10 @@ pub(crate) mod tests {
         let jobs = jobs(runner, 8).await;
         let mut ids = Vec::new();
         for i in 0..5 {
-            let s = jobs.submit(update(&format!("docker.io/o/r{i}:latest"))).await.expect("submit");
+            let s = jobs
+                .submit(update(&format!("docker.io/o/r{i}:latest")))
+                .await
+                .expect("submit");
             settle(&jobs, &s.id).await;
             ids.push(s.id);
         }
@@ -852,15 +938,24 @@ pub(crate) mod tests {
             message: None,
             services: Vec::new(),
         };
-        Journal::file(path.clone()).put(&pending).await.expect("put");
-        let runner = FakeRunner::new(JobState::Skipped);
-        let jobs = Jobs::start(config::Jobs::default(), runner.clone(), Journal::file(path.clone()), CancellationToken::new())
+        Journal::file(path.clone())
+            .put(&pending)
             .await
-            .expect("start");
+            .expect("put");
+        let runner = FakeRunner::new(JobState::Skipped);
+        let jobs = Jobs::start(
+            config::Jobs::default(),
+            runner.clone(),
+            Journal::file(path.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
         let done = settle(&jobs, &pending.id).await;
         assert_eq!(done.state, JobState::Skipped);
         assert_eq!(runner.count(), 1);
-        let left: Vec<JobView> = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        let left: Vec<JobView> =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
         assert!(left.is_empty(), "finished job still journalled: {left:?}");
     }
 
@@ -870,8 +965,14 @@ pub(crate) mod tests {
             id: JobId("abc-1".into()),
             hook: "hub".into(),
             state: JobState::RolledBack,
-            work: Work::UpdateServices { image: "docker.io/o/r:latest".into() },
-            facts: Facts { hook: "hub".into(), tag: Some("latest".into()), ..Facts::default() },
+            work: Work::UpdateServices {
+                image: "docker.io/o/r:latest".into(),
+            },
+            facts: Facts {
+                hook: "hub".into(),
+                tag: Some("latest".into()),
+                ..Facts::default()
+            },
             requests: 5,
             created_at: 1,
             started_at: Some(2),
@@ -904,10 +1005,22 @@ pub(crate) mod tests {
             message: String::new(),
         };
         use JobState::*;
-        assert_eq!(Outcome::combine(vec![r(Completed), r(Skipped)]).state, Completed);
-        assert_eq!(Outcome::combine(vec![r(Skipped), r(Skipped)]).state, Skipped);
-        assert_eq!(Outcome::combine(vec![r(Completed), r(Failed)]).state, Failed);
-        assert_eq!(Outcome::combine(vec![r(Failed), r(RolledBack)]).state, RolledBack);
+        assert_eq!(
+            Outcome::combine(vec![r(Completed), r(Skipped)]).state,
+            Completed
+        );
+        assert_eq!(
+            Outcome::combine(vec![r(Skipped), r(Skipped)]).state,
+            Skipped
+        );
+        assert_eq!(
+            Outcome::combine(vec![r(Completed), r(Failed)]).state,
+            Failed
+        );
+        assert_eq!(
+            Outcome::combine(vec![r(Failed), r(RolledBack)]).state,
+            RolledBack
+        );
         assert_eq!(Outcome::combine(vec![]).state, Skipped);
     }
 }

@@ -130,7 +130,9 @@ impl ImageRef {
 /// Docker Hub answers to several host names.
 pub fn normalise_registry(host: &str) -> String {
     match host {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".into(),
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
         h => h.to_owned(),
     }
 }
@@ -180,10 +182,11 @@ impl Executor {
     pub fn new(engine: Engine, config: &config::Config) -> Result<Executor, Error> {
         let mut registries = Vec::new();
         for r in &config.registries {
-            let password = config::read_secret(&r.password_file).map_err(|source| Error::Secret {
-                address: r.address.clone(),
-                source,
-            })?;
+            let password =
+                config::read_secret(&r.password_file).map_err(|source| Error::Secret {
+                    address: r.address.clone(),
+                    source,
+                })?;
             registries.push((
                 normalise_registry(&r.address),
                 DockerCredentials {
@@ -221,7 +224,9 @@ impl Executor {
         let mut results = Vec::new();
         let mut matching = Vec::new();
         for s in services {
-            let (Some(id), Some(spec)) = (s.id, s.spec) else { continue };
+            let (Some(id), Some(spec)) = (s.id, s.spec) else {
+                continue;
+            };
             let name = spec.name.clone().unwrap_or_else(|| id.clone());
             let Some(current) = spec
                 .task_template
@@ -290,7 +295,9 @@ impl Executor {
         let Some(id) = svc.id else {
             return Outcome::failed(format!("service {service} has no id"));
         };
-        let result = self.update_one(&id, service, Change::Force, None, seq).await;
+        let result = self
+            .update_one(&id, service, Change::Force, None, seq)
+            .await;
         Outcome::combine(vec![result])
     }
 
@@ -326,7 +333,10 @@ impl Executor {
                     return result;
                 }
             };
-            let version = svc.version.and_then(|v| v.index).and_then(|v| i32::try_from(v).ok());
+            let version = svc
+                .version
+                .and_then(|v| v.index)
+                .and_then(|v| i32::try_from(v).ok());
             let (Some(version), Some(mut spec)) = (version, svc.spec) else {
                 result.message = "service has no spec or version".into();
                 return result;
@@ -342,7 +352,8 @@ impl Executor {
             result.from_image = Some(current.clone());
             match change {
                 Change::Pin(digest) => {
-                    if ImageRef::parse(&current).is_ok_and(|r| r.digest.as_deref() == Some(digest)) {
+                    if ImageRef::parse(&current).is_ok_and(|r| r.digest.as_deref() == Some(digest))
+                    {
                         result.to_image = Some(current);
                         result.outcome = JobState::Skipped;
                         result.message = "already runs this digest".into();
@@ -407,14 +418,20 @@ impl Executor {
             if Instant::now() >= deadline {
                 return (
                     JobState::Failed,
-                    format!("update did not finish within {}", humantime::format_duration(self.timeout)),
+                    format!(
+                        "update did not finish within {}",
+                        humantime::format_duration(self.timeout)
+                    ),
                 );
             }
             tokio::time::sleep(POLL).await;
             let svc = match self.engine.api.inspect_service(id, None).await {
                 Ok(s) => s,
                 Err(e) if docker::is_not_found(&e) => {
-                    return (JobState::Failed, "service was removed during the update".into());
+                    return (
+                        JobState::Failed,
+                        "service was removed during the update".into(),
+                    );
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot inspect service, retrying");
@@ -459,7 +476,10 @@ impl Runner for Executor {
                 Work::UpdateServices { image } => self.update_services(image, job.seq).await,
                 Work::RestartService { service } => self.restart_service(service, job.seq).await,
                 Work::Command { argv } => {
-                    let Some(_guard) = self.slots.acquire(&format!("command:{}", job.hook), job.seq).await
+                    let Some(_guard) = self
+                        .slots
+                        .acquire(&format!("command:{}", job.hook), job.seq)
+                        .await
                     else {
                         return Outcome {
                             state: JobState::Skipped,
@@ -510,7 +530,10 @@ pub async fn run_command(argv: &[String], facts: &Facts, timeout: Duration) -> O
     for (name, bytes) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
         if !bytes.is_empty() {
             let tail = &bytes[bytes.len().saturating_sub(OUTPUT_TAIL)..];
-            message.push_str(&format!("; {name}: {}", String::from_utf8_lossy(tail).trim_end()));
+            message.push_str(&format!(
+                "; {name}: {}",
+                String::from_utf8_lossy(tail).trim_end()
+            ));
         }
     }
     Outcome {
@@ -563,14 +586,28 @@ mod tests {
 
     #[test]
     fn hostile_or_broken_references_are_refused() {
-        for bad in ["", "a b", "x:{{7*7}}", "/x", "x/", "x:", "x@", "x@sha256:1@2", "x//y", "$(id)"] {
+        for bad in [
+            "",
+            "a b",
+            "x:{{7*7}}",
+            "/x",
+            "x/",
+            "x:",
+            "x@",
+            "x@sha256:1@2",
+            "x//y",
+            "$(id)",
+        ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn digest_is_stripped_as_spelled() {
-        assert_eq!(without_digest("127.0.0.1:5000/x:latest@sha256:1"), "127.0.0.1:5000/x:latest");
+        assert_eq!(
+            without_digest("127.0.0.1:5000/x:latest@sha256:1"),
+            "127.0.0.1:5000/x:latest"
+        );
         assert_eq!(without_digest("x"), "x");
     }
 
@@ -585,7 +622,10 @@ mod tests {
         let newer = tokio::spawn(async move { s3.acquire("svc", 3).await.is_some() });
         tokio::task::yield_now().await;
         drop(first);
-        assert!(!older.await.expect("join"), "older waiting job must be superseded");
+        assert!(
+            !older.await.expect("join"),
+            "older waiting job must be superseded"
+        );
         assert!(newer.await.expect("join"), "newest job runs");
     }
 
