@@ -1,0 +1,1053 @@
+//! Shared harness for end-to-end tests against the real Docker Engine in Swarm mode.
+//!
+//! Use it from a test file with `mod support;` and `use support::*;`. Everything talks to
+//! the real engine through the `docker` CLI (setup and teardown only; the code under test
+//! uses the Engine API itself), to a real nginx and a real registry that `scripts/test`
+//! starts on 127.0.0.1:5000 and fills with test images built from local files.
+//!
+//! Invariants every test relies on:
+//! - e2e tests return early (and say so) unless `DROVER_E2E=1` (see [`e2e_enabled`] and
+//!   [`require_e2e!`]); `scripts/test` sets it with the image names below;
+//! - every engine object a test creates has a [`unique`] name and is owned by a [`Resource`]
+//!   guard that removes it on drop, panicking or not; declare networks *before* the
+//!   services that use them so they are dropped after them (locals drop in reverse order);
+//! - nothing here uses the routing mesh: ports are published with `mode=host`, and traffic
+//!   goes to task IPs on overlay networks (ip_vs is missing on these machines).
+//!
+//! Environment (all optional, defaults match `scripts/test`): `DROVER_BIN`,
+//! `DROVER_TEST_BUSYBOX_IMAGE`, `DROVER_TEST_NGINX_IMAGE`, `DROVER_TEST_IMAGE`,
+//! `DROVER_TEST_SHOW_LOGS=1` (print drover's log on drop even when the test passed).
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use anyhow::{Context, Result, anyhow, bail, ensure};
+
+// ---------------------------------------------------------------------------------------
+// Gate and names
+// ---------------------------------------------------------------------------------------
+
+/// True when end-to-end tests should run (`DROVER_E2E=1`). Otherwise prints why the
+/// calling test is skipped, so a plain `cargo test` passes without an engine.
+pub fn e2e_enabled() -> bool {
+    if std::env::var("DROVER_E2E").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!(
+        "skipping end-to-end test: set DROVER_E2E=1 (scripts/test sets up Swarm, the registry \
+         and the images, then sets it)"
+    );
+    false
+}
+
+/// `require_e2e!();` as the first line of an e2e test: returns early unless [`e2e_enabled`].
+/// Works in tests returning `()` and in tests returning `Result<()>`.
+#[macro_export]
+macro_rules! require_e2e {
+    () => {
+        if !$crate::support::e2e_enabled() {
+            return $crate::support::Skipped::skipped();
+        }
+    };
+}
+
+/// What a skipped test returns: `()` or `Ok(())` (used by [`require_e2e!`]).
+pub trait Skipped {
+    fn skipped() -> Self;
+}
+
+impl Skipped for () {
+    fn skipped() -> Self {}
+}
+
+impl<E> Skipped for std::result::Result<(), E> {
+    fn skipped() -> Self {
+        Ok(())
+    }
+}
+
+/// A name no other test (in this or a concurrent test process) uses:
+/// `PREFIX-<pid><time>-<counter>`, lowercase, valid for services, networks and configs.
+/// Keep prefixes short (≤ 30 chars); Swarm limits names to 63.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        & 0xfff;
+    format!(
+        "{}-{:x}{:03x}-{n}",
+        prefix.to_lowercase(),
+        std::process::id(),
+        t
+    )
+}
+
+/// The busybox test image (backend: `httpd` on :80 answering the task's hostname).
+pub fn busybox_image() -> String {
+    env_or(
+        "DROVER_TEST_BUSYBOX_IMAGE",
+        "127.0.0.1:5000/drover-test/busybox:latest",
+    )
+}
+
+/// The nginx test image (`/etc/nginx/conf.d/*.conf` included; :8080 answers health).
+pub fn nginx_image() -> String {
+    env_or(
+        "DROVER_TEST_NGINX_IMAGE",
+        "127.0.0.1:5000/drover-test/nginx:latest",
+    )
+}
+
+/// drover's own image, built from the host's release binary (docker/runtime-local.Dockerfile).
+pub fn drover_image() -> String {
+    env_or("DROVER_TEST_IMAGE", "127.0.0.1:5000/drover/drover:test")
+}
+
+/// The drover binary: `$DROVER_BIN`, else `target/release/drover`, else `target/debug/drover`.
+pub fn drover_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("DROVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let release = root.join("target/release/drover");
+    if release.exists() {
+        release
+    } else {
+        root.join("target/debug/drover")
+    }
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// The docker CLI
+// ---------------------------------------------------------------------------------------
+
+/// Runs `docker ARGS...` and returns its trimmed stdout; a non-zero exit is an error
+/// carrying the arguments and stderr.
+pub fn docker(args: &[&str]) -> Result<String> {
+    docker_with_stdin(args, None)
+}
+
+/// Like [`docker`], writing `input` to the command's stdin (e.g. `docker config create N -`).
+pub fn docker_with_stdin(args: &[&str], input: Option<&[u8]>) -> Result<String> {
+    let mut cmd = Command::new("docker");
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd.spawn().context("cannot run the docker CLI")?;
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().context("docker stdin")?;
+        stdin.write_all(input)?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "docker {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Cleanup guards
+// ---------------------------------------------------------------------------------------
+
+/// What a [`Resource`] removes on drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Service,
+    Network,
+    Config,
+    Secret,
+    Container,
+}
+
+/// An engine object owned by a test, removed when dropped (also on panic). Removal errors
+/// are printed, never panicked on. Networks are retried for up to 30 s because Swarm
+/// detaches the tasks of a just-removed service asynchronously.
+#[derive(Debug)]
+pub struct Resource {
+    kind: Kind,
+    name: String,
+    keep: bool,
+}
+
+impl Resource {
+    /// Takes ownership of an existing object: it is removed on drop.
+    pub fn adopt(kind: Kind, name: impl Into<String>) -> Resource {
+        Resource {
+            kind,
+            name: name.into(),
+            keep: false,
+        }
+    }
+
+    /// The object's name (as given to `docker ... create`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Leaves the object in place after the test (for debugging by hand).
+    pub fn keep(mut self) -> Self {
+        self.keep = true;
+        self
+    }
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl AsRef<str> for Resource {
+    fn as_ref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Resource {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let name = self.name.as_str();
+        let result = match self.kind {
+            Kind::Service => docker(&["service", "rm", name]).map(drop),
+            Kind::Config => docker(&["config", "rm", name]).map(drop),
+            Kind::Secret => docker(&["secret", "rm", name]).map(drop),
+            Kind::Container => docker(&["rm", "-f", "-v", name]).map(drop),
+            Kind::Network => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match docker(&["network", "rm", name]) {
+                        Ok(_) => break Ok(()),
+                        Err(e) if e.to_string().contains("not found") => break Ok(()),
+                        Err(e) if Instant::now() > deadline => break Err(e),
+                        Err(_) => std::thread::sleep(Duration::from_millis(500)),
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            if !e.to_string().contains("not found") {
+                eprintln!("cleanup of {:?} {name} failed: {e:#}", self.kind);
+            }
+        }
+    }
+}
+
+/// A temporary directory removed on drop. World-readable (0755) so containers running as
+/// another user can read it when bind-mounted.
+pub fn temp_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("drover-{prefix}-"))
+        .tempdir()?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
+/// Creates an attachable overlay network. Create it before the services using it.
+pub fn create_overlay_network(name: &str) -> Result<Resource> {
+    docker(&[
+        "network",
+        "create",
+        "--driver",
+        "overlay",
+        "--attachable",
+        name,
+    ])?;
+    Ok(Resource::adopt(Kind::Network, name))
+}
+
+/// Creates a Swarm config object holding `data`.
+pub fn create_config(name: &str, data: &[u8]) -> Result<Resource> {
+    docker_with_stdin(&["config", "create", name, "-"], Some(data))?;
+    Ok(Resource::adopt(Kind::Config, name))
+}
+
+/// Creates a Swarm secret holding `data`.
+pub fn create_secret(name: &str, data: &[u8]) -> Result<Resource> {
+    docker_with_stdin(&["secret", "create", name, "-"], Some(data))?;
+    Ok(Resource::adopt(Kind::Secret, name))
+}
+
+// ---------------------------------------------------------------------------------------
+// Services
+// ---------------------------------------------------------------------------------------
+
+/// Builder for `docker service create --detach`. Defaults: 1 replica, stop grace period
+/// 2 s (busybox httpd as PID 1 ignores SIGTERM), the image's own command.
+///
+/// ```ignore
+/// let svc = ServiceBuilder::new(&unique("be"), &busybox_image())
+///     .replicas(2).network(net.name()).label("routing-host", "a.test").create()?;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ServiceBuilder {
+    name: String,
+    image: String,
+    flags: Vec<String>,
+    args: Vec<String>,
+}
+
+impl ServiceBuilder {
+    pub fn new(name: &str, image: &str) -> Self {
+        ServiceBuilder {
+            name: name.into(),
+            image: image.into(),
+            flags: vec!["--stop-grace-period".into(), "2s".into()],
+            args: vec![],
+        }
+    }
+
+    /// A busybox backend answering its task's hostname on port 80.
+    pub fn backend(name: &str) -> Self {
+        Self::new(name, &busybox_image())
+    }
+
+    fn flag(mut self, flag: &str, value: impl Into<String>) -> Self {
+        self.flags.push(flag.into());
+        self.flags.push(value.into());
+        self
+    }
+
+    /// Number of replicas (replicated mode).
+    pub fn replicas(self, n: u32) -> Self {
+        self.flag("--replicas", n.to_string())
+    }
+
+    /// Global mode instead of replicated.
+    pub fn global(self) -> Self {
+        self.flag("--mode", "global")
+    }
+
+    /// A service label (`--label k=v`), what drover routes by.
+    pub fn label(self, key: &str, value: &str) -> Self {
+        self.flag("--label", format!("{key}={value}"))
+    }
+
+    /// A container label (`--container-label k=v`).
+    pub fn container_label(self, key: &str, value: &str) -> Self {
+        self.flag("--container-label", format!("{key}={value}"))
+    }
+
+    /// Attaches the service to a network.
+    pub fn network(self, network: &str) -> Self {
+        self.flag("--network", network)
+    }
+
+    /// Publishes `target` on the host's `published` port in host mode (no routing mesh).
+    pub fn publish_host(self, target: u16, published: u16) -> Self {
+        self.flag(
+            "--publish",
+            format!("mode=host,target={target},published={published}"),
+        )
+    }
+
+    /// Bind-mounts a host path (must exist on the node) into the containers.
+    pub fn mount_bind(self, src: &Path, dst: &str) -> Self {
+        self.flag(
+            "--mount",
+            format!("type=bind,src={},dst={dst}", src.display()),
+        )
+    }
+
+    /// Read-only bind mount.
+    pub fn mount_bind_ro(self, src: &Path, dst: &str) -> Self {
+        self.flag(
+            "--mount",
+            format!("type=bind,src={},dst={dst},readonly", src.display()),
+        )
+    }
+
+    /// An environment variable.
+    pub fn env(self, key: &str, value: &str) -> Self {
+        self.flag("--env", format!("{key}={value}"))
+    }
+
+    /// A Swarm config mounted at `target` (`--config source=..,target=..`).
+    pub fn config(self, source: &str, target: &str) -> Self {
+        self.flag("--config", format!("source={source},target={target}"))
+    }
+
+    /// A Swarm secret mounted at `/run/secrets/NAME`.
+    pub fn secret(self, source: &str) -> Self {
+        self.flag("--secret", source)
+    }
+
+    /// Replaces the image's command: `args(["sleep", "3600"])`.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Update config: `--update-parallelism`, `--update-delay`, `--update-failure-action`
+    /// (`pause`, `continue`, `rollback`), `--update-monitor`, `--update-order`.
+    pub fn update_config(
+        self,
+        parallelism: u32,
+        delay: &str,
+        failure_action: &str,
+        monitor: &str,
+    ) -> Self {
+        self.flag("--update-parallelism", parallelism.to_string())
+            .flag("--update-delay", delay)
+            .flag("--update-failure-action", failure_action)
+            .flag("--update-monitor", monitor)
+    }
+
+    /// Rollback config: `--rollback-parallelism`, `--rollback-delay`, `--rollback-monitor`.
+    pub fn rollback_config(self, parallelism: u32, delay: &str, monitor: &str) -> Self {
+        self.flag("--rollback-parallelism", parallelism.to_string())
+            .flag("--rollback-delay", delay)
+            .flag("--rollback-monitor", monitor)
+    }
+
+    /// Any other `docker service create` flag with its value (`raw("--update-order", "start-first")`).
+    pub fn raw(self, flag: &str, value: &str) -> Self {
+        self.flag(flag, value)
+    }
+
+    /// A health check command run by the engine (`--health-cmd`), every second.
+    pub fn health_cmd(self, cmd: &str) -> Self {
+        self.flag("--health-cmd", cmd)
+            .flag("--health-interval", "1s")
+            .flag("--health-retries", "2")
+    }
+
+    /// The full argument list `docker service create` will get.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec!["service".into(), "create".into(), "--detach".into()];
+        v.extend(["--name".to_string(), self.name.clone()]);
+        v.extend(self.flags.iter().cloned());
+        v.push(self.image.clone());
+        v.extend(self.args.iter().cloned());
+        v
+    }
+
+    /// Creates the service (detached: returns before tasks run; see [`wait_running`]).
+    pub fn create(self) -> Result<Resource> {
+        let args = self.to_args();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&refs)?;
+        Ok(Resource::adopt(Kind::Service, self.name))
+    }
+}
+
+/// Scales a replicated service (detached; pair with [`wait_running`]).
+pub fn scale(service: &str, replicas: u32) -> Result<()> {
+    docker(&[
+        "service",
+        "scale",
+        "--detach",
+        &format!("{service}={replicas}"),
+    ])?;
+    Ok(())
+}
+
+/// Polls `check` every `poll` until it returns true (→ true) or `timeout` passes (→ false).
+/// `check` runs at least once, and once more at the deadline.
+pub fn wait_until(timeout: Duration, poll: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(poll.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// [`wait_until`] as an error naming `what` and the timeout, for use with `?`.
+pub fn wait_for(what: &str, timeout: Duration, check: impl FnMut() -> bool) -> Result<()> {
+    if wait_until(timeout, Duration::from_millis(200), check) {
+        Ok(())
+    } else {
+        bail!("timed out after {timeout:?} waiting for {what}")
+    }
+}
+
+/// One task of a service as Swarm reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub id: String,
+    /// `Status.State`: new, pending, ..., starting, running, complete, failed, shutdown...
+    pub state: String,
+    pub desired_state: String,
+    /// Container id, when the task has one.
+    pub container: Option<String>,
+    /// (network name, IP without prefix length) for each attached network.
+    pub addresses: Vec<(String, String)>,
+}
+
+/// The tasks of `service` whose desired state is running (`docker service ps` +
+/// `docker inspect`), in any state.
+pub fn tasks(service: &str) -> Result<Vec<TaskInfo>> {
+    // A task can disappear between the two calls; try again then.
+    let mut last = None;
+    for _ in 0..3 {
+        match tasks_once(service) {
+            Ok(t) => return Ok(t),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no attempt")))
+}
+
+fn tasks_once(service: &str) -> Result<Vec<TaskInfo>> {
+    let ids = docker(&[
+        "service",
+        "ps",
+        "--no-trunc",
+        "-q",
+        "--filter",
+        "desired-state=running",
+        service,
+    ])?;
+    let mut args = vec!["inspect", "--type", "task"];
+    args.extend(ids.lines().map(str::trim).filter(|l| !l.is_empty()));
+    if args.len() == 3 {
+        return Ok(vec![]);
+    }
+    let json: serde_json::Value = serde_json::from_str(&docker(&args)?)?;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let mut out = vec![];
+    for t in json.as_array().into_iter().flatten() {
+        let mut addresses = vec![];
+        for att in t["NetworksAttachments"].as_array().into_iter().flatten() {
+            let net = s(&att["Network"]["Spec"]["Name"]);
+            for a in att["Addresses"].as_array().into_iter().flatten() {
+                let ip = a
+                    .as_str()
+                    .unwrap_or_default()
+                    .split('/')
+                    .next()
+                    .unwrap_or_default();
+                addresses.push((net.clone(), ip.to_string()));
+            }
+        }
+        let container = t["Status"]["ContainerStatus"]["ContainerID"]
+            .as_str()
+            .map(str::to_string);
+        out.push(TaskInfo {
+            id: s(&t["ID"]),
+            state: s(&t["Status"]["State"]),
+            desired_state: s(&t["DesiredState"]),
+            container: container.filter(|c| !c.is_empty()),
+            addresses,
+        });
+    }
+    Ok(out)
+}
+
+/// Sorted IPs on `network` (name) of the tasks of `service` whose state is `running`:
+/// exactly what drover must render for that service.
+pub fn running_task_ips(service: &str, network: &str) -> Result<Vec<String>> {
+    let mut ips: Vec<String> = tasks(service)?
+        .into_iter()
+        .filter(|t| t.state == "running")
+        .flat_map(|t| {
+            t.addresses
+                .into_iter()
+                .filter(|(n, _)| n == network)
+                .map(|(_, ip)| ip)
+        })
+        .collect();
+    ips.sort();
+    Ok(ips)
+}
+
+/// Waits until `service` has exactly `n` tasks in state `running` and no other task that is
+/// meant to run (so a scale or update has converged).
+pub fn wait_running(service: &str, n: usize, timeout: Duration) -> Result<()> {
+    wait_for(
+        &format!("{service} to have {n} running tasks"),
+        timeout,
+        || {
+            tasks(service)
+                .map(|ts| ts.len() == n && ts.iter().all(|t| t.state == "running"))
+                .unwrap_or(false)
+        },
+    )
+}
+
+/// The id of one running container of `service` on this node.
+pub fn service_container(service: &str) -> Result<String> {
+    let out = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.swarm.service.name={service}"),
+    ])?;
+    out.lines()
+        .next()
+        .map(str::to_string)
+        .with_context(|| format!("no running container of {service}"))
+}
+
+/// The logs of every task of `service` (`docker service logs --raw`), for diagnostics.
+pub fn service_logs(service: &str) -> String {
+    docker(&["service", "logs", "--raw", service]).unwrap_or_else(|e| format!("{e:#}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Network helpers
+// ---------------------------------------------------------------------------------------
+
+/// A TCP port that was free on 127.0.0.1 a moment ago and that no other caller in this
+/// process has been given.
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<BTreeSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        if given.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// An HTTP response: status and body (lossy UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `GET url` (http only) with a 5 s timeout. Errors are `io::Error`s so callers can tell
+/// `ConnectionRefused` (nothing listening: e.g. nginx down) from a slow or bad answer.
+pub fn http_get(url: &str) -> std::io::Result<Response> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "only http:// URLs")
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    http_request("GET", authority, authority, path, None)
+}
+
+/// `GET path` sent to `addr` (`host:port`) with `Host: host`: how tests reach a virtual
+/// host behind nginx without DNS.
+pub fn http_get_host(addr: &str, host: &str, path: &str) -> std::io::Result<Response> {
+    http_request("GET", addr, host, path, None)
+}
+
+/// `POST path` to `addr` with a body and extra headers (`("Content-Type", "...")`).
+pub fn http_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    http_request("POST", addr, addr, path, Some((headers, body)))
+}
+
+/// A minimal HTTP/1.0 client (one request per connection, body read to EOF).
+pub fn http_request(
+    method: &str,
+    addr: &str,
+    host: &str,
+    path: &str,
+    body: Option<(&[(&str, &str)], &[u8])>,
+) -> std::io::Result<Response> {
+    let timeout = Duration::from_secs(5);
+    let sock = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+    let mut stream = TcpStream::connect_timeout(&sock, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some((headers, data)) = body {
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", data.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    if let Some((_, data)) = body {
+        bytes.extend_from_slice(data);
+    }
+    stream.write_all(&bytes)?;
+    let mut raw = vec![];
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad response: {head:?}"),
+            )
+        })?;
+    Ok(Response {
+        status,
+        body: body.to_string(),
+    })
+}
+
+/// The sum of the Prometheus samples of `name` whose labels include every `labels` pair
+/// (in any order), or `None` when no sample matches. E.g.
+/// `metric_value(&text, "drover_renders_total", &[("target", "nginx"), ("outcome", "applied")])`.
+pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once('}') {
+                Some((set, value)) => (set, value),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        let pairs = metric_labels(set);
+        if labels
+            .iter()
+            .all(|(k, v)| pairs.iter().any(|(pk, pv)| pk == k && pv == v))
+        {
+            if let Ok(v) = value.trim().parse::<f64>() {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    found
+}
+
+/// The label pairs of a sample: `a="x",b="y"` → [("a","x"),("b","y")] (no escapes handled).
+pub fn metric_labels(set: &str) -> Vec<(String, String)> {
+    set.split("\",")
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            Some((
+                k.trim_matches(',').trim().to_string(),
+                v.trim_matches('"').to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Every sample of `name`: (labels, value).
+pub fn metric_samples(metrics: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|r| {
+            let (set, value) = r.split_once('}')?;
+            Some((metric_labels(set), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// nginx
+// ---------------------------------------------------------------------------------------
+
+/// A one-replica nginx Swarm service from the test image, with a host temp dir
+/// bind-mounted onto `/etc/nginx/conf.d` and ports published in host mode.
+pub struct NginxService {
+    /// `http://127.0.0.1:PORT`: nginx's port 80.
+    pub url: String,
+    /// `127.0.0.1:PORT`: nginx's port 80 as an address (for [`http_get_host`]).
+    pub addr: String,
+    /// `127.0.0.1:PORT`: nginx's own health server (port 8080 in the container).
+    pub health_addr: String,
+    /// The conf.d directory on the host; drover's nginx target writes here.
+    pub conf_dir: PathBuf,
+    // Drop order: the service before the directory it mounts.
+    pub service: Resource,
+    _dir: tempfile::TempDir,
+}
+
+impl NginxService {
+    /// The service name (for `check`/`notify` selectors in drover's config).
+    pub fn name(&self) -> &str {
+        self.service.name()
+    }
+
+    /// `GET path` with `Host: host` through nginx.
+    pub fn get(&self, host: &str, path: &str) -> std::io::Result<Response> {
+        http_get_host(&self.addr, host, path)
+    }
+
+    /// The path of a file in conf.d.
+    pub fn conf(&self, file: &str) -> PathBuf {
+        self.conf_dir.join(file)
+    }
+
+    /// nginx's log (stderr: error log at notice level, reloads included).
+    pub fn logs(&self) -> String {
+        service_logs(self.name())
+    }
+}
+
+/// Starts an nginx service attached to `network` (and `extra_networks`) and waits (≤ 60 s)
+/// until its health port answers. `seed` files are written into conf.d before start.
+pub fn nginx_service(network: &str, seed: &[(&str, &str)]) -> Result<NginxService> {
+    let dir = temp_dir("nginx-conf")?;
+    for (file, content) in seed {
+        std::fs::write(dir.path().join(file), content)?;
+    }
+    let (port, health) = (free_port(), free_port());
+    let service = ServiceBuilder::new(&unique("nginx"), &nginx_image())
+        .network(network)
+        .publish_host(80, port)
+        .publish_host(8080, health)
+        .mount_bind(dir.path(), "/etc/nginx/conf.d")
+        .create()?;
+    let health_addr = format!("127.0.0.1:{health}");
+    let up = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        http_get_host(&health_addr, "health", "/")
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    });
+    if !up {
+        bail!(
+            "nginx service {} did not come up: {}",
+            service.name(),
+            service_logs(service.name())
+        );
+    }
+    Ok(NginxService {
+        url: format!("http://127.0.0.1:{port}"),
+        addr: format!("127.0.0.1:{port}"),
+        health_addr,
+        conf_dir: dir.path().to_path_buf(),
+        service,
+        _dir: dir,
+    })
+}
+
+/// The upstream server IPs in nginx config text: every `server IP:PORT ...;` line that is
+/// not marked `down` (the placeholder of an upstream without running tasks). Sorted.
+pub fn upstream_ips(conf: &str) -> Vec<String> {
+    let mut ips: Vec<String> = conf
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("server "))
+        .filter(|rest| {
+            !rest
+                .split(|c: char| c.is_whitespace() || c == ';')
+                .any(|w| w == "down")
+        })
+        .filter_map(|rest| {
+            let hostport = rest.split(|c: char| c.is_whitespace() || c == ';').next()?;
+            let (ip, port) = hostport.rsplit_once(':')?;
+            (ip.parse::<std::net::Ipv4Addr>().is_ok() && port.parse::<u16>().is_ok())
+                .then(|| ip.to_string())
+        })
+        .collect();
+    ips.sort();
+    ips
+}
+
+// ---------------------------------------------------------------------------------------
+// drover itself
+// ---------------------------------------------------------------------------------------
+
+/// A `drover run --config FILE` process on the host. Its stdout and stderr go to a log
+/// file; on drop the process is killed and, if the test is failing (panicking) or
+/// `DROVER_TEST_SHOW_LOGS=1`, the log is printed to stderr.
+pub struct DroverProcess {
+    child: Child,
+    /// Directory holding `drover.yml` and `drover.log` (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// `127.0.0.1:PORT` of drover's HTTP server, when the caller told [`DroverProcess::start`].
+    pub http: Option<String>,
+}
+
+impl DroverProcess {
+    /// Writes `config` (YAML) to a temp dir and starts `drover run --config` on it.
+    /// `http` is drover's listen address from that config (used by the helpers below).
+    pub fn start(config: &str, http: Option<&str>) -> Result<DroverProcess> {
+        Self::start_with_args(config, http, &[])
+    }
+
+    /// Like [`DroverProcess::start`], with extra CLI arguments after `run --config FILE`.
+    pub fn start_with_args(
+        config: &str,
+        http: Option<&str>,
+        extra: &[&str],
+    ) -> Result<DroverProcess> {
+        let dir = temp_dir("drover")?;
+        let config_path = dir.path().join("drover.yml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("drover.log"))?;
+        let bin = drover_bin();
+        let child = Command::new(&bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
+            )
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(DroverProcess {
+            child,
+            dir,
+            http: http.map(str::to_string),
+        })
+    }
+
+    /// Everything drover logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("drover.log")).unwrap_or_default()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `GET path` on drover's HTTP server.
+    pub fn get(&self, path: &str) -> std::io::Result<Response> {
+        let addr = self
+            .http
+            .as_deref()
+            .ok_or_else(|| std::io::Error::other("no http address given"))?;
+        http_get_host(addr, addr, path)
+    }
+
+    /// The `/metrics` text (empty on error).
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").map(|r| r.body).unwrap_or_default()
+    }
+
+    /// Waits until `GET path` answers 200, failing early (with the log) if drover exits.
+    pub fn wait_http_ok(&mut self, path: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "drover exited ({status}) before {path} answered 200; log:\n{}",
+                    self.logs()
+                );
+            }
+            if self.get(path).map(|r| r.status == 200).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{path} did not answer 200 within {timeout:?}; log:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `/readyz` answers 200 (drover has synced and applied once).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_http_ok("/readyz", timeout)
+    }
+}
+
+impl Drop for DroverProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var("DROVER_TEST_SHOW_LOGS").as_deref() == Ok("1")
+        {
+            eprintln!(
+                "----- drover log ({}) -----\n{}----- end of drover log -----",
+                self.dir.path().display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+/// A background loop that GETs `host` through nginx every `every` and records failures to
+/// connect (refused, reset or aborted = nginx was down or a reload failed; timeouts and
+/// 5xx answers do not count). Stop it with
+/// [`Prober::finish`], which returns (requests made, connection failures with detail).
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Prober {
+    pub fn start(addr: &str, host: &str, every: Duration) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (addr, host, flag) = (addr.to_string(), host.to_string(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let (mut n, mut failures) = (0u64, vec![]);
+            while !flag.load(Ordering::Relaxed) {
+                n += 1;
+                // Only failures to connect count: a slow or 5xx answer is nginx working.
+                if let Err(e) = http_get_host(&addr, &host, "/") {
+                    use std::io::ErrorKind::*;
+                    if matches!(
+                        e.kind(),
+                        ConnectionRefused | ConnectionReset | ConnectionAborted
+                    ) {
+                        failures.push(format!("request {n}: {e}"));
+                    }
+                }
+                std::thread::sleep(every);
+            }
+            (n, failures)
+        });
+        Prober {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
