@@ -42,7 +42,10 @@ fn nginx_target(nginx: &NginxService, network: &str) -> String {
 }
 
 fn config(http: &str, targets: &[String]) -> String {
-    format!("http: {{ listen: {http} }}\nresync: 10s\ntargets:{}", targets.concat())
+    format!(
+        "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
+        targets.concat()
+    )
 }
 
 /// A backend routed by the builtin nginx template on plain http (no certificates here).
@@ -67,10 +70,17 @@ fn running_hostnames(service: &str) -> Result<BTreeSet<String>> {
 
 /// Waits until `rounds × n` requests through nginx are answered by exactly the set of
 /// running tasks of `service` (every task answers, no stale one does).
-fn wait_all_tasks_answer(nginx: &NginxService, host: &str, service: &str, timeout: Duration) -> Result<()> {
+fn wait_all_tasks_answer(
+    nginx: &NginxService,
+    host: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<()> {
     let mut last = (BTreeSet::new(), BTreeSet::new());
     let ok = wait_until(timeout, Duration::from_millis(250), || {
-        let Ok(want) = running_hostnames(service) else { return false };
+        let Ok(want) = running_hostnames(service) else {
+            return false;
+        };
         let mut seen = BTreeSet::new();
         for _ in 0..(3 * want.len().max(1)) {
             if let Ok(r) = nginx.get(host, "/") {
@@ -83,7 +93,12 @@ fn wait_all_tasks_answer(nginx: &NginxService, host: &str, service: &str, timeou
         last = (want, seen);
         done
     });
-    ensure!(ok, "within {timeout:?}, nginx answered from {:?}, running tasks are {:?}", last.1, last.0);
+    ensure!(
+        ok,
+        "within {timeout:?}, nginx answered from {:?}, running tasks are {:?}",
+        last.1,
+        last.0
+    );
     Ok(())
 }
 
@@ -91,7 +106,9 @@ fn wait_all_tasks_answer(nginx: &NginxService, host: &str, service: &str, timeou
 fn wait_file_matches(path: &std::path::Path, service: &str, network: &str, n: usize) -> Result<()> {
     let mut last = (vec![], vec![]);
     let ok = wait_until(BOUND, Duration::from_millis(100), || {
-        let Ok(want) = running_task_ips(service, network) else { return false };
+        let Ok(want) = running_task_ips(service, network) else {
+            return false;
+        };
         let got = upstream_ips(&std::fs::read_to_string(path).unwrap_or_default());
         let done = want.len() == n && got == want;
         last = (want, got);
@@ -113,20 +130,29 @@ fn test_images_route_through_nginx_to_every_task_without_drover() -> Result<()> 
     require_e2e!();
     let net = create_overlay_network(&unique("core-h-net"))?;
     let nginx = nginx_service(net.name(), &[])?;
-    let be = ServiceBuilder::backend(&unique("core-h-be")).replicas(3).network(net.name()).create()?;
+    let be = ServiceBuilder::backend(&unique("core-h-be"))
+        .replicas(3)
+        .network(net.name())
+        .create()?;
     wait_running(be.name(), 3, SWARM)?;
     let ips = running_task_ips(be.name(), net.name())?;
     assert_eq!(ips.len(), 3, "three task IPs on {net}");
     let servers: String = ips.iter().map(|ip| format!("server {ip}:80;")).collect();
     std::fs::write(
         nginx.conf("static.conf"),
-        format!("upstream be {{ {servers} }}\nserver {{ listen 80; server_name be.test; location / {{ proxy_pass http://be; }} }}\n"),
+        format!(
+            "upstream be {{ {servers} }}\nserver {{ listen 80; server_name be.test; location / {{ proxy_pass http://be; }} }}\n"
+        ),
     )?;
     let container = service_container(nginx.name())?;
     docker(&["exec", &container, "nginx", "-t"])?;
     docker(&["kill", "--signal", "HUP", &container])?;
     wait_all_tasks_answer(&nginx, "be.test", be.name(), BOUND)?;
-    assert_eq!(nginx.get("unknown.test", "/")?.status, 404, "unknown hosts get the fallback server");
+    assert_eq!(
+        nginx.get("unknown.test", "/")?.status,
+        404,
+        "unknown hosts get the fallback server"
+    );
     Ok(())
 }
 
@@ -141,7 +167,10 @@ fn every_running_task_answers_through_nginx_while_scaling_2_5_1_0_3() -> Result<
     wait_running(be.name(), 2, SWARM)?;
 
     let http = format!("127.0.0.1:{}", free_port());
-    let mut drover = DroverProcess::start(&config(&http, &[nginx_target(&nginx, net.name())]), Some(&http))?;
+    let mut drover = DroverProcess::start(
+        &config(&http, &[nginx_target(&nginx, net.name())]),
+        Some(&http),
+    )?;
     drover.wait_http_ok("/healthz", BOUND)?;
     drover.wait_ready(BOUND)?;
 
@@ -150,16 +179,21 @@ fn every_running_task_answers_through_nginx_while_scaling_2_5_1_0_3() -> Result<
     for n in [2u32, 5, 1, 0, 3] {
         scale(be.name(), n)?;
         wait_running(be.name(), n as usize, SWARM)?;
-        wait_file_matches(&output, be.name(), net.name(), n as usize).with_context(|| format!("at {n} replicas"))?;
+        wait_file_matches(&output, be.name(), net.name(), n as usize)
+            .with_context(|| format!("at {n} replicas"))?;
         if n > 0 {
-            wait_all_tasks_answer(&nginx, &host, be.name(), BOUND).with_context(|| format!("at {n} replicas"))?;
+            wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)
+                .with_context(|| format!("at {n} replicas"))?;
         } else {
             let mut last = None;
             let answered = wait_until(BOUND, Duration::from_millis(200), || {
                 last = Some(nginx.get(&host, "/").map(|r| r.status));
                 matches!(last, Some(Ok(502 | 503)))
             });
-            ensure!(answered, "at 0 replicas nginx must answer 502/503 for {host}, got {last:?}");
+            ensure!(
+                answered,
+                "at 0 replicas nginx must answer 502/503 for {host}, got {last:?}"
+            );
         }
         assert!(drover.is_running(), "drover exited at {n} replicas");
     }
@@ -172,8 +206,15 @@ fn every_running_task_answers_through_nginx_while_scaling_2_5_1_0_3() -> Result<
         nginx.logs()
     );
     let metrics = drover.metrics();
-    let applied = metric_value(&metrics, "drover_renders_total", &[("target", "nginx"), ("outcome", "applied")]);
-    assert!(applied.unwrap_or(0.0) >= 5.0, "at least one applied render per step, metrics:\n{metrics}");
+    let applied = metric_value(
+        &metrics,
+        "drover_renders_total",
+        &[("target", "nginx"), ("outcome", "applied")],
+    );
+    assert!(
+        applied.unwrap_or(0.0) >= 5.0,
+        "at least one applied render per step, metrics:\n{metrics}"
+    );
     Ok(())
 }
 
@@ -202,28 +243,43 @@ fn a_broken_template_on_another_target_does_not_stop_the_nginx_target() -> Resul
         broken_out.display()
     );
     let http = format!("127.0.0.1:{}", free_port());
-    let mut drover =
-        DroverProcess::start(&config(&http, &[broken, nginx_target(&nginx, net.name())]), Some(&http))?;
+    let mut drover = DroverProcess::start(
+        &config(&http, &[broken, nginx_target(&nginx, net.name())]),
+        Some(&http),
+    )?;
     drover.wait_http_ok("/healthz", BOUND)?;
 
-    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND).context("the nginx target renders despite the broken one")?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)
+        .context("the nginx target renders despite the broken one")?;
     // And keeps following changes.
     scale(be.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
     wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2)?;
     wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)?;
 
-    assert!(drover.is_running(), "a template error must never stop the daemon");
+    assert!(
+        drover.is_running(),
+        "a template error must never stop the daemon"
+    );
     assert_eq!(drover.get("/healthz")?.status, 200);
-    assert!(!broken_out.exists(), "the broken target must not write its output");
+    assert!(
+        !broken_out.exists(),
+        "the broken target must not write its output"
+    );
     let metrics = drover.metrics();
     let errors: f64 = metric_samples(&metrics, "drover_renders_total")
         .iter()
         .filter(|(l, _)| l.iter().any(|(k, v)| k == "target" && v == "broken"))
-        .filter(|(l, _)| !l.iter().any(|(k, v)| k == "outcome" && (v == "applied" || v == "unchanged")))
+        .filter(|(l, _)| {
+            !l.iter()
+                .any(|(k, v)| k == "outcome" && (v == "applied" || v == "unchanged"))
+        })
         .map(|(_, v)| v)
         .sum();
-    assert!(errors >= 1.0, "the template error is counted for target broken, metrics:\n{metrics}");
+    assert!(
+        errors >= 1.0,
+        "the template error is counted for target broken, metrics:\n{metrics}"
+    );
     Ok(())
 }
 
@@ -280,39 +336,64 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
     let http = format!("127.0.0.1:{}", free_port());
     let mut drover = DroverProcess::start(&config(&http, &targets), Some(&http))?;
     drover.wait_http_ok("/healthz", BOUND)?;
-    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND).context("the nginx target is unaffected")?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)
+        .context("the nginx target is unaffected")?;
 
     // Both failing targets have had their check run and refused.
     let mut metrics = String::new();
     let refused = wait_until(BOUND, Duration::from_millis(200), || {
         metrics = drover.metrics();
         ["invalid-nginx", "refused"].iter().all(|t| {
-            metric_samples(&metrics, "drover_checks_total").iter().any(|(l, v)| {
-                *v >= 1.0
-                    && l.iter().any(|(k, val)| k == "target" && val == t)
-                    && l.iter().any(|(k, val)| k == "outcome" && val != "ok" && val != "passed" && val != "success")
-            })
+            metric_samples(&metrics, "drover_checks_total")
+                .iter()
+                .any(|(l, v)| {
+                    *v >= 1.0
+                        && l.iter().any(|(k, val)| k == "target" && val == t)
+                        && l.iter().any(|(k, val)| k == "outcome" && val == "failed")
+                })
         })
     });
-    assert!(refused, "failed checks are counted per target, metrics:\n{metrics}");
+    assert!(
+        refused,
+        "failed checks are counted per target, metrics:\n{metrics}"
+    );
 
     // A change makes drover try again; still refused, still the previous files.
     scale(be.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
     wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2)?;
 
-    assert_eq!(std::fs::read_to_string(guarded.conf("drover.conf"))?, previous, "last-known-good restored");
-    assert_eq!(std::fs::read_to_string(&refused_out)?, "previous content\n", "last-known-good restored");
+    assert_eq!(
+        std::fs::read_to_string(guarded.conf("drover.conf"))?,
+        previous,
+        "last-known-good restored"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&refused_out)?,
+        "previous content\n",
+        "last-known-good restored"
+    );
     let r = guarded.get("previous.test", "/")?;
-    assert_eq!((r.status, r.body.as_str()), (200, "previous\n"), "the guarded nginx still serves its old config");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "previous\n"),
+        "the guarded nginx still serves its old config"
+    );
     let staged: Vec<_> = std::fs::read_dir(&guarded.conf_dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".conf") && n != "drover.conf")
         .collect();
-    assert!(staged.is_empty(), "no staged file left in conf.d: {staged:?}");
+    assert!(
+        staged.is_empty(),
+        "no staged file left in conf.d: {staged:?}"
+    );
     assert!(drover.is_running());
     let (requests, failures) = prober.finish();
-    assert!(failures.is_empty(), "guarded nginx refused {} of {requests} connections: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "guarded nginx refused {} of {requests} connections: {failures:?}",
+        failures.len()
+    );
     Ok(())
 }

@@ -15,8 +15,9 @@
 //!   goes to task IPs on overlay networks (ip_vs is missing on these machines).
 //!
 //! Environment (all optional, defaults match `scripts/test`): `DROVER_BIN`,
-//! `DROVER_TEST_BUSYBOX_IMAGE`, `DROVER_TEST_NGINX_IMAGE`, `DROVER_TEST_IMAGE`,
-//! `DROVER_TEST_SHOW_LOGS=1` (print drover's log on drop even when the test passed).
+//! `DROVER_TEST_BUSYBOX_IMAGE`, `DROVER_TEST_NGINX_IMAGE`, `DROVER_TEST_IMAGE`.
+//! Logs of drover and nginx are printed on drop and captured by the test harness, so they
+//! show up exactly for failing tests.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -671,13 +672,16 @@ pub fn http_post(
     http_request("POST", addr, addr, path, Some((headers, body)))
 }
 
+/// Extra request headers: `&[("Content-Type", "application/json")]`.
+pub type Headers<'a> = &'a [(&'a str, &'a str)];
+
 /// A minimal HTTP/1.0 client (one request per connection, body read to EOF).
 pub fn http_request(
     method: &str,
     addr: &str,
     host: &str,
     path: &str,
-    body: Option<(&[(&str, &str)], &[u8])>,
+    body: Option<(Headers, &[u8])>,
 ) -> std::io::Result<Response> {
     let timeout = Duration::from_secs(5);
     let sock = addr
@@ -817,6 +821,17 @@ impl NginxService {
     }
 }
 
+impl Drop for NginxService {
+    /// Prints nginx's log (captured by the test harness: shown for failing tests only).
+    fn drop(&mut self) {
+        eprintln!(
+            "----- nginx log ({}) -----\n{}\n----- end of nginx log -----",
+            self.name(),
+            self.logs()
+        );
+    }
+}
+
 /// Starts an nginx service attached to `network` (and `extra_networks`) and waits (≤ 60 s)
 /// until its health port answers. `seed` files are written into conf.d before start.
 pub fn nginx_service(network: &str, seed: &[(&str, &str)]) -> Result<NginxService> {
@@ -882,8 +897,9 @@ pub fn upstream_ips(conf: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 
 /// A `drover run --config FILE` process on the host. Its stdout and stderr go to a log
-/// file; on drop the process is killed and, if the test is failing (panicking) or
-/// `DROVER_TEST_SHOW_LOGS=1`, the log is printed to stderr.
+/// file; on drop the process is killed and the log is printed with `eprintln!`, which the
+/// test harness captures and shows only for a failing test (whether it panicked or
+/// returned `Err`), or always with `--nocapture`.
 pub struct DroverProcess {
     child: Child,
     /// Directory holding `drover.yml` and `drover.log` (removed on drop).
