@@ -165,8 +165,14 @@ pub fn write_file(path: &Path, content: &[u8]) -> Result<(), Error> {
         path: path.to_owned(),
         source,
     };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.drover-{}", std::process::id()));
     let staged = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -225,7 +231,11 @@ pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
         .collect()
 }
 
-async fn run_action(action: &Action, engine: Option<&Engine>, snapshot: &Snapshot) -> Result<(), Error> {
+async fn run_action(
+    action: &Action,
+    engine: Option<&Engine>,
+    snapshot: &Snapshot,
+) -> Result<(), Error> {
     match action {
         Action::Command(argv) => run_local(argv).await,
         Action::Exec(e) => {
@@ -271,7 +281,10 @@ async fn run_action(action: &Action, engine: Option<&Engine>, snapshot: &Snapsho
             for id in ids {
                 engine
                     .api
-                    .restart_container(&id, None::<bollard::query_parameters::RestartContainerOptions>)
+                    .restart_container(
+                        &id,
+                        None::<bollard::query_parameters::RestartContainerOptions>,
+                    )
                     .await?;
             }
             Ok(())
@@ -285,7 +298,10 @@ pub async fn force_update(engine: &Engine, service: &str) -> Result<(), Error> {
     loop {
         let current = engine
             .api
-            .inspect_service(service, None::<bollard::query_parameters::InspectServiceOptions>)
+            .inspect_service(
+                service,
+                None::<bollard::query_parameters::InspectServiceOptions>,
+            )
             .await?;
         let version = current.version.and_then(|v| v.index).unwrap_or(0);
         let mut spec = current.spec.unwrap_or_default();
@@ -296,7 +312,11 @@ pub async fn force_update(engine: &Engine, service: &str) -> Result<(), Error> {
             version: i32::try_from(version).unwrap_or(i32::MAX),
             ..Default::default()
         };
-        match engine.api.update_service(service, spec, options, None).await {
+        match engine
+            .api
+            .update_service(service, spec, options, None)
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) if crate::docker::is_out_of_sequence(&e) && attempts < 5 => attempts += 1,
             Err(e) => return Err(e.into()),
@@ -319,8 +339,9 @@ async fn exec(engine: &Engine, container: &str, argv: &[String]) -> Result<(), E
         .await?;
     let run = async {
         let mut output = String::new();
-        if let StartExecResults::Attached { output: mut stream, .. } =
-            engine.api.start_exec(&created.id, None).await?
+        if let StartExecResults::Attached {
+            output: mut stream, ..
+        } = engine.api.start_exec(&created.id, None).await?
         {
             while let Some(chunk) = stream.next().await {
                 output.push_str(&chunk?.to_string());
@@ -422,9 +443,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut a = Applier::new(target(dir.path(), None));
         let snap = Snapshot::default();
-        assert_eq!(a.apply(b"one", None, &snap).await.expect("apply"), Outcome::Applied);
-        assert_eq!(a.apply(b"one", None, &snap).await.expect("apply"), Outcome::Unchanged);
-        assert_eq!(std::fs::read(dir.path().join("out.conf")).expect("read"), b"one");
+        assert_eq!(
+            a.apply(b"one", None, &snap).await.expect("apply"),
+            Outcome::Applied
+        );
+        assert_eq!(
+            a.apply(b"one", None, &snap).await.expect("apply"),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("out.conf")).expect("read"),
+            b"one"
+        );
     }
 
     #[tokio::test]
@@ -440,19 +470,34 @@ mod tests {
         ]);
         let mut a = Applier::new(target(dir.path(), Some(check)));
         let snap = Snapshot::default();
-        assert_eq!(a.apply(b"good 1", None, &snap).await.expect("apply"), Outcome::Applied);
+        assert_eq!(
+            a.apply(b"good 1", None, &snap).await.expect("apply"),
+            Outcome::Applied
+        );
         let outcome = a.apply(b"bad", None, &snap).await.expect("apply");
         assert!(matches!(outcome, Outcome::CheckFailed(_)), "{outcome:?}");
         assert_eq!(std::fs::read(&out).expect("read"), b"good 1");
-        assert_eq!(a.apply(b"bad", None, &snap).await.expect("apply"), Outcome::KnownBad);
-        assert_eq!(a.apply(b"good 2", None, &snap).await.expect("apply"), Outcome::Applied);
+        assert_eq!(
+            a.apply(b"bad", None, &snap).await.expect("apply"),
+            Outcome::KnownBad
+        );
+        assert_eq!(
+            a.apply(b"good 2", None, &snap).await.expect("apply"),
+            Outcome::Applied
+        );
     }
 
     #[tokio::test]
     async fn failed_first_check_leaves_no_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut a = Applier::new(target(dir.path(), Some(Action::Command(vec!["false".into()]))));
-        let outcome = a.apply(b"x", None, &Snapshot::default()).await.expect("apply");
+        let mut a = Applier::new(target(
+            dir.path(),
+            Some(Action::Command(vec!["false".into()])),
+        ));
+        let outcome = a
+            .apply(b"x", None, &Snapshot::default())
+            .await
+            .expect("apply");
         assert!(matches!(outcome, Outcome::CheckFailed(_)));
         assert!(!dir.path().join("out.conf").exists());
     }
@@ -461,8 +506,16 @@ mod tests {
     async fn a_restart_starts_from_the_file_on_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("out.conf"), b"same").expect("write");
-        let mut a = Applier::new(target(dir.path(), Some(Action::Command(vec!["false".into()]))));
-        assert_eq!(a.apply(b"same", None, &Snapshot::default()).await.expect("apply"), Outcome::Unchanged);
+        let mut a = Applier::new(target(
+            dir.path(),
+            Some(Action::Command(vec!["false".into()])),
+        ));
+        assert_eq!(
+            a.apply(b"same", None, &Snapshot::default())
+                .await
+                .expect("apply"),
+            Outcome::Unchanged
+        );
     }
 
     #[test]
@@ -483,7 +536,10 @@ mod tests {
             name: name.into(),
             state: "running".into(),
             service: svc.map(str::to_owned),
-            labels: label.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            labels: label
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
             ..Container::default()
         };
         let snap = Snapshot {
@@ -498,10 +554,22 @@ mod tests {
             container: n.map(str::to_owned),
             label: l.map(str::to_owned),
         };
-        assert_eq!(select_containers(&sel(Some("nginx"), None, None), &snap), vec!["a1"]);
-        assert_eq!(select_containers(&sel(None, Some("other"), None), &snap), vec!["b2"]);
-        assert_eq!(select_containers(&sel(None, None, Some("pygen.target=proxy")), &snap), vec!["b2"]);
-        assert_eq!(select_containers(&sel(None, None, Some("pygen.target")), &snap), vec!["b2"]);
+        assert_eq!(
+            select_containers(&sel(Some("nginx"), None, None), &snap),
+            vec!["a1"]
+        );
+        assert_eq!(
+            select_containers(&sel(None, Some("other"), None), &snap),
+            vec!["b2"]
+        );
+        assert_eq!(
+            select_containers(&sel(None, None, Some("pygen.target=proxy")), &snap),
+            vec!["b2"]
+        );
+        assert_eq!(
+            select_containers(&sel(None, None, Some("pygen.target")), &snap),
+            vec!["b2"]
+        );
         assert!(select_containers(&sel(None, None, Some("pygen.target=x")), &snap).is_empty());
     }
 }

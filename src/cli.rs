@@ -7,10 +7,20 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{Action, Config, Debounce, ExecSpec, SignalSpec, Target};
 
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about = "Keeps a Docker Swarm cluster configured by itself")]
+#[command(
+    name = "drover",
+    version,
+    about = "Keeps a Docker Swarm cluster configured by itself"
+)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "DROVER_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DROVER_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -35,7 +45,11 @@ pub struct ConfigArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DefaultTarget {
     /// Where the built-in nginx target writes.
-    #[arg(long, env = "DROVER_NGINX_OUTPUT", default_value = "/etc/nginx/conf.d/drover.conf")]
+    #[arg(
+        long,
+        env = "DROVER_NGINX_OUTPUT",
+        default_value = "/etc/nginx/conf.d/drover.conf"
+    )]
     pub nginx_output: PathBuf,
     /// The Swarm service (or container name) of nginx: checked with `nginx -t`, reloaded with HUP.
     #[arg(long, env = "DROVER_NGINX_SERVICE", default_value = "nginx")]
@@ -64,7 +78,11 @@ pub enum Command {
     Check(ConfigArgs),
     /// Exit 0 when the local daemon answers /healthz (for the image's HEALTHCHECK).
     Healthcheck {
-        #[arg(long, env = "DROVER_HEALTH_URL", default_value = "http://127.0.0.1:9090/healthz")]
+        #[arg(
+            long,
+            env = "DROVER_HEALTH_URL",
+            default_value = "http://127.0.0.1:9090/healthz"
+        )]
         url: String,
     },
 }

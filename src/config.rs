@@ -435,11 +435,15 @@ impl Cidr {
         use std::net::IpAddr::*;
         match (self.addr, ip) {
             (V4(net), V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (V6(net), V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -477,7 +481,10 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str) -> Result<Config> {
         let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
             Error::Parse {
                 path: path.to_owned(),
                 line,
@@ -509,7 +516,10 @@ impl Config {
         for t in &self.targets {
             let at = format!("name: {}", t.name);
             if !valid_name(&t.name) {
-                return Err((format!("target name {:?} must be [A-Za-z0-9_-]+", t.name), at));
+                return Err((
+                    format!("target name {:?} must be [A-Za-z0-9_-]+", t.name),
+                    at,
+                ));
             }
             if !names.insert(t.name.clone()) {
                 return Err((format!("target {:?} is defined twice", t.name), at));
@@ -529,7 +539,8 @@ impl Config {
                 }
             }
             for a in t.check.iter().chain(&t.notify) {
-                a.validate().map_err(|r| (format!("target {}: {r}", t.name), at.clone()))?;
+                a.validate()
+                    .map_err(|r| (format!("target {}: {r}", t.name), at.clone()))?;
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -664,23 +675,30 @@ hooks:
         .expect("valid");
         let t = &c.targets[0];
         assert_eq!(t.debounce.min, Duration::from_millis(250));
-        assert!(matches!(t.check, Some(Action::Exec(ref e)) if e.service.as_deref() == Some("nginx")));
+        assert!(
+            matches!(t.check, Some(Action::Exec(ref e)) if e.service.as_deref() == Some("nginx"))
+        );
         assert_eq!(t.notify.len(), 3);
         assert_eq!(c.hooks[0].action, HookAction::UpdateServices);
         assert_eq!(
             c.hooks[1].action,
             HookAction::Command(vec!["/usr/local/bin/deploy-stack.sh".into()])
         );
-        assert_eq!(c.hooks[3].action, HookAction::RestartService("ddclient".into()));
+        assert_eq!(
+            c.hooks[3].action,
+            HookAction::RestartService("ddclient".into())
+        );
         assert!(c.hooks[0].allow["tag"].is_match("latest"));
         assert!(!c.hooks[0].allow["tag"].is_match("latest-foo"));
     }
 
     #[test]
     fn unknown_field_is_refused_with_its_line() {
-        let err = parse("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n    colour: red\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n    colour: red\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("drover.yml:5:"), "{err}");
         assert!(err.contains("colour"), "{err}");
     }

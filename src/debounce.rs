@@ -33,7 +33,12 @@ impl Debouncer {
     pub fn hint(&mut self, at: Instant) {
         match &mut self.pending {
             Some(b) => b.last = b.last.max(at),
-            None => self.pending = Some(Batch { first: at, last: at }),
+            None => {
+                self.pending = Some(Batch {
+                    first: at,
+                    last: at,
+                })
+            }
         }
     }
 

@@ -40,7 +40,10 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -65,8 +68,17 @@ async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let (hint_tx, hint_rx) = tokio::sync::mpsc::channel(1024);
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(drover::watch::run(engine.clone(), hint_tx, shutdown.clone()));
-    let reconciler = Reconciler::new(engine.clone(), &config.targets, board.clone(), config.resync);
+    tasks.spawn(drover::watch::run(
+        engine.clone(),
+        hint_tx,
+        shutdown.clone(),
+    ));
+    let reconciler = Reconciler::new(
+        engine.clone(),
+        &config.targets,
+        board.clone(),
+        config.resync,
+    );
     tasks.spawn(reconciler.run(hint_rx, shutdown.clone()));
     serve_http(&config, engine, board, shutdown.clone(), &mut tasks).await?;
 
@@ -78,12 +90,24 @@ async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_http(
-    _config: &Config,
-    _engine: Engine,
-    _board: Arc<Board>,
-    _shutdown: CancellationToken,
-    _tasks: &mut tokio::task::JoinSet<()>,
+    config: &Config,
+    engine: Engine,
+    board: Arc<Board>,
+    shutdown: CancellationToken,
+    tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
+    let state = drover::hooks::Service::start(config, engine, board, shutdown.clone())
+        .await
+        .context("starting the webhook intake")?;
+    // Bind before answering "started": a port clash is a start-up error, not a log line.
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+    tasks.spawn(async move {
+        if let Err(e) = drover::http::serve_listener(listener, state, shutdown).await {
+            error!(error = %e, "http server stopped");
+        }
+    });
     Ok(())
 }
 
@@ -110,7 +134,10 @@ async fn render_once(args: ConfigArgs, target: Option<String>) -> anyhow::Result
             .iter()
             .find(|t| &t.name == name)
             .with_context(|| format!("no target named {name:?}"))?,
-        None => config.targets.first().context("the config has no targets")?,
+        None => config
+            .targets
+            .first()
+            .context("the config has no targets")?,
     };
     let template = Template::load(target)?;
     let engine = Engine::connect().await?;
@@ -136,13 +163,21 @@ fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     for h in &config.hooks {
         for path in h.token_file.iter().chain(&h.secret_file) {
             if let Err(e) = drover::config::read_secret(path) {
-                eprintln!("drover: hook {}: cannot read {}: {e}", h.name, path.display());
+                eprintln!(
+                    "drover: hook {}: cannot read {}: {e}",
+                    h.name,
+                    path.display()
+                );
                 ok = false;
             }
         }
     }
     if ok {
-        println!("config ok: {} targets, {} hooks", config.targets.len(), config.hooks.len());
+        println!(
+            "config ok: {} targets, {} hooks",
+            config.targets.len(),
+            config.hooks.len()
+        );
         Ok(ExitCode::SUCCESS)
     } else {
         error!("config check failed");
@@ -154,7 +189,10 @@ fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
 fn healthcheck(url: &str) -> ExitCode {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let timeout = std::time::Duration::from_secs(3);
     let result = (|| -> std::io::Result<String> {
         let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?

@@ -42,13 +42,15 @@ const UPDATE_BUCKETS: &[f64] = &[1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 3
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let m = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(m.clone())).expect("metric registered once");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
     m
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(m.clone())).expect("metric registered once");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
     m
 }
 
@@ -59,9 +61,13 @@ fn histogram_vec(
     labels: &[&str],
     buckets: &[f64],
 ) -> HistogramVec {
-    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-        .expect("static metric definition");
-    r.register(Box::new(m.clone())).expect("metric registered once");
+    let m = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("static metric definition");
+    r.register(Box::new(m.clone()))
+        .expect("metric registered once");
     m
 }
 
@@ -70,19 +76,30 @@ impl Metrics {
         let r = Registry::new();
         let counter = |name: &str, help: &str| {
             let m = IntCounter::new(name, help).expect("static metric definition");
-            r.register(Box::new(m.clone())).expect("metric registered once");
+            r.register(Box::new(m.clone()))
+                .expect("metric registered once");
             m
         };
         let stream_reconnects = counter(
             "drover_stream_reconnects_total",
             "Times the Engine event stream was reopened after it ended",
         );
-        let resyncs = counter("drover_resyncs_total", "Full resyncs (periodic, after reconnect or on start)");
-        let snapshots = counter("drover_snapshots_total", "Snapshots fetched from the engine");
-        let rollbacks = counter("drover_rollbacks_total", "Service updates that Swarm rolled back");
+        let resyncs = counter(
+            "drover_resyncs_total",
+            "Full resyncs (periodic, after reconnect or on start)",
+        );
+        let snapshots = counter(
+            "drover_snapshots_total",
+            "Snapshots fetched from the engine",
+        );
+        let rollbacks = counter(
+            "drover_rollbacks_total",
+            "Service updates that Swarm rolled back",
+        );
         let queue_depth = IntGauge::new("drover_job_queue_depth", "Jobs queued or running")
             .expect("static metric definition");
-        r.register(Box::new(queue_depth.clone())).expect("metric registered once");
+        r.register(Box::new(queue_depth.clone()))
+            .expect("metric registered once");
         let event_apply_lag = Histogram::with_opts(
             HistogramOpts::new(
                 "drover_event_apply_lag_seconds",
@@ -91,11 +108,22 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("static metric definition");
-        r.register(Box::new(event_apply_lag.clone())).expect("metric registered once");
+        r.register(Box::new(event_apply_lag.clone()))
+            .expect("metric registered once");
         Metrics {
             build_info: gauge_vec(&r, "drover_build_info", "Build information", &["version"]),
-            role: gauge_vec(&r, "drover_role", "1 for this instance's current role", &["role"]),
-            events: counter_vec(&r, "drover_events_total", "Engine events received by type", &["type"]),
+            role: gauge_vec(
+                &r,
+                "drover_role",
+                "1 for this instance's current role",
+                &["role"],
+            ),
+            events: counter_vec(
+                &r,
+                "drover_events_total",
+                "Engine events received by type",
+                &["type"],
+            ),
             engine_calls: counter_vec(
                 &r,
                 "drover_engine_calls_total",
@@ -109,9 +137,24 @@ impl Metrics {
                 &["target"],
                 LATENCY_BUCKETS,
             ),
-            renders: counter_vec(&r, "drover_renders_total", "Renders by target and outcome", &["target", "outcome"]),
-            checks: counter_vec(&r, "drover_checks_total", "Config checks by target and outcome", &["target", "outcome"]),
-            reloads: counter_vec(&r, "drover_reloads_total", "Notify steps by target and outcome", &["target", "outcome"]),
+            renders: counter_vec(
+                &r,
+                "drover_renders_total",
+                "Renders by target and outcome",
+                &["target", "outcome"],
+            ),
+            checks: counter_vec(
+                &r,
+                "drover_checks_total",
+                "Config checks by target and outcome",
+                &["target", "outcome"],
+            ),
+            reloads: counter_vec(
+                &r,
+                "drover_reloads_total",
+                "Notify steps by target and outcome",
+                &["target", "outcome"],
+            ),
             last_apply: gauge_vec(
                 &r,
                 "drover_last_apply_timestamp_seconds",
@@ -142,7 +185,12 @@ impl Metrics {
                 "Webhook requests with a wrong or missing signature or token",
                 &["hook"],
             ),
-            jobs: counter_vec(&r, "drover_jobs_total", "Finished jobs by outcome", &["outcome"]),
+            jobs: counter_vec(
+                &r,
+                "drover_jobs_total",
+                "Finished jobs by outcome",
+                &["outcome"],
+            ),
             update_duration: histogram_vec(
                 &r,
                 "drover_update_duration_seconds",
@@ -173,7 +221,9 @@ pub fn get() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(|| {
         let m = Metrics::new();
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m
     })
 }

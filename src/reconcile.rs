@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::apply::{Applier, Outcome};
 use crate::config::Target;
@@ -59,7 +59,12 @@ fn unix_now() -> u64 {
 impl Reconciler {
     /// Compiles every target's template. A template that does not compile disables only
     /// its own target (reported on the status page); the others run.
-    pub fn new(engine: Engine, targets: &[Target], board: Arc<Board>, resync: Duration) -> Reconciler {
+    pub fn new(
+        engine: Engine,
+        targets: &[Target],
+        board: Arc<Board>,
+        resync: Duration,
+    ) -> Reconciler {
         let targets = targets
             .iter()
             .map(|t| {
@@ -302,7 +307,9 @@ async fn pass(
                         check_text = Some("passed".to_owned());
                     }
                     let hash = t.applier.current_hash().unwrap_or_default();
-                    m.last_apply.with_label_values(&[name.as_str()]).set(unix_now() as i64);
+                    m.last_apply
+                        .with_label_values(&[name.as_str()])
+                        .set(unix_now() as i64);
                     m.content_hash
                         .with_label_values(&[name.as_str()])
                         .set(i64::from_str_radix(hash.get(..12).unwrap_or("0"), 16).unwrap_or(0));
@@ -328,7 +335,9 @@ async fn pass(
                     check_text = Some(format!("failed: {output}"));
                 }
                 Outcome::CheckUnavailable(why) => {
-                    m.checks.with_label_values(&[name.as_str(), "unavailable"]).inc();
+                    m.checks
+                        .with_label_values(&[name.as_str(), "unavailable"])
+                        .inc();
                     warn!(reason = %why, "check could not run; previous config restored");
                     check_text = Some(format!("unavailable: {why}"));
                 }

@@ -136,7 +136,11 @@ impl Snapshot {
     /// task events, so this is what keeps the render loop polling until steady.
     pub fn is_converging(&self) -> bool {
         self.services.iter().any(|s| {
-            let wanted = s.tasks.iter().filter(|t| t.desired_state == "running").count();
+            let wanted = s
+                .tasks
+                .iter()
+                .filter(|t| t.desired_state == "running")
+                .count();
             s.tasks.iter().any(Task::is_transitional)
                 || (s.mode == "replicated" && s.replicas.is_some_and(|r| (wanted as u64) < r))
         })
@@ -150,13 +154,14 @@ impl Snapshot {
     pub fn sort(&mut self) {
         self.services.sort_by(|a, b| a.name.cmp(&b.name));
         for s in &mut self.services {
-            s.tasks.sort_by(|a, b| {
-                (a.slot, &a.node_id, &a.id).cmp(&(b.slot, &b.node_id, &b.id))
-            });
+            s.tasks
+                .sort_by(|a, b| (a.slot, &a.node_id, &a.id).cmp(&(b.slot, &b.node_id, &b.id)));
             s.networks.sort();
-            s.ports.sort_by(|a, b| (a.target, &a.protocol).cmp(&(b.target, &b.protocol)));
+            s.ports
+                .sort_by(|a, b| (a.target, &a.protocol).cmp(&(b.target, &b.protocol)));
         }
-        self.nodes.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+        self.nodes
+            .sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
         self.networks.sort_by(|a, b| a.name.cmp(&b.name));
         self.containers.sort_by(|a, b| a.name.cmp(&b.name));
     }
@@ -275,7 +280,10 @@ impl From<RawTask> for Task {
             node_id: t.node_id,
             desired_state: t.desired_state,
             state: status.as_ref().map(|s| s.state.clone()).unwrap_or_default(),
-            message: status.as_ref().map(|s| s.message.clone()).unwrap_or_default(),
+            message: status
+                .as_ref()
+                .map(|s| s.message.clone())
+                .unwrap_or_default(),
             error: status.as_ref().and_then(|s| s.err.clone()),
             container_id: status
                 .and_then(|s| s.container_status)
@@ -466,7 +474,9 @@ pub async fn fetch(engine: &crate::docker::Engine) -> Result<Snapshot, Error> {
                     .unwrap_or_default()
                     .into_iter()
                     .filter_map(|(name, e)| {
-                        e.ip_address.filter(|ip| !ip.is_empty()).map(|ip| (name, ip))
+                        e.ip_address
+                            .filter(|ip| !ip.is_empty())
+                            .map(|ip| (name, ip))
                     })
                     .collect(),
                 service: labels.get("com.docker.swarm.service.name").cloned(),
@@ -534,7 +544,10 @@ mod tests {
     #[test]
     fn a_starting_task_means_the_snapshot_is_converging() {
         let snap = Snapshot {
-            services: vec![service(2, vec![task("running", "running"), task("starting", "running")])],
+            services: vec![service(
+                2,
+                vec![task("running", "running"), task("starting", "running")],
+            )],
             ..Snapshot::default()
         };
         assert!(snap.is_converging());
@@ -552,7 +565,10 @@ mod tests {
     #[test]
     fn all_running_is_steady() {
         let snap = Snapshot {
-            services: vec![service(2, vec![task("running", "running"), task("running", "running")])],
+            services: vec![service(
+                2,
+                vec![task("running", "running"), task("running", "running")],
+            )],
             ..Snapshot::default()
         };
         assert!(!snap.is_converging());

@@ -28,8 +28,20 @@ pub enum Hint {
 /// Container actions that cannot change what a template sees. Our own `nginx -t` execs
 /// and reload signals would otherwise wake the loop after every apply.
 const IGNORED_CONTAINER_ACTIONS: &[&str] = &[
-    "exec_create", "exec_start", "exec_die", "exec_detach", "kill", "attach", "detach",
-    "resize", "top", "archive-path", "extract-to-dir", "export", "commit", "copy",
+    "exec_create",
+    "exec_start",
+    "exec_die",
+    "exec_detach",
+    "kill",
+    "attach",
+    "detach",
+    "resize",
+    "top",
+    "archive-path",
+    "extract-to-dir",
+    "export",
+    "commit",
+    "copy",
 ];
 
 pub fn is_relevant(typ: &str, action: &str) -> bool {
@@ -134,7 +146,10 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
         }
         metrics.stream_reconnects.inc();
         let delay = backoff.delay();
-        info!(delay_ms = delay.as_millis() as u64, "reconnecting to the event stream");
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting to the event stream"
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
