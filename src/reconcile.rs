@@ -27,7 +27,7 @@ use crate::watch::Hint;
 
 /// First and largest delay of the convergence re-check.
 const CONVERGE_FIRST: Duration = Duration::from_millis(100);
-const CONVERGE_MAX: Duration = Duration::from_millis(500);
+const CONVERGE_MAX: Duration = Duration::from_millis(250);
 /// A task stuck in `pending` (no node fits) should not keep us polling fast forever.
 const CONVERGE_SLOW_AFTER: Duration = Duration::from_secs(60);
 const CONVERGE_SLOW: Duration = Duration::from_secs(5);
