@@ -66,8 +66,17 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port/ho
 [ "$code" = 422 ] || { echo "probe answered $code, expected 422 (verified, rule refused)" >&2; exit 1; }
 
 echo "drover $("$bin" --version 2>/dev/null | cut -d' ' -f2) on $(nproc) cores; wrk -t$threads -c$connections -d$duration"
+# drover's own CPU time (user + system, in clock ticks) around the run: CPU per request is a
+# figure other load on the machine disturbs far less than requests/s and p99.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+before=$(cpu_ticks)
 BODY_FILE="$work/body.json" SIGNATURE="$signature" HOOK_PATH=/hooks/github \
-  wrk -t"$threads" -c"$connections" -d"$duration" -s "$ROOT/bench/webhook.lua" "http://127.0.0.1:$port"
+  wrk -t"$threads" -c"$connections" -d"$duration" -s "$ROOT/bench/webhook.lua" "http://127.0.0.1:$port" | tee "$work/wrk.out"
+after=$(cpu_ticks)
+requests=$(awk '/^requests:/ {print $2}' "$work/wrk.out")
+hz=$(getconf CLK_TCK)
+awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {
+  printf "drover CPU: %.2f s for %d requests = %.1f us per verified request\n", t / hz, n, t / hz / n * 1e6 }'
 
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
 echo "drover RSS after the run: $((rss / 1024)) MB"
