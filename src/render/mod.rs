@@ -102,16 +102,16 @@ pub enum Error {
         line: usize,
         reason: String,
         #[source]
-        source: tera::Error,
+        source: Box<tera::Error>,
     },
     #[error("cannot build the template context: {0}")]
-    Context(#[source] tera::Error),
+    Context(#[source] Box<tera::Error>),
     #[error("template {path} failed to render: {reason}")]
     Render {
         path: String,
         reason: String,
         #[source]
-        source: tera::Error,
+        source: Box<tera::Error>,
     },
 }
 
@@ -124,6 +124,7 @@ pub struct Template {
     name: String,
     target: String,
     network: Option<String>,
+    uses: model::Uses,
 }
 
 impl std::fmt::Debug for Template {
@@ -186,21 +187,24 @@ impl Template {
             name: name.to_owned(),
             target: target.to_owned(),
             network: network.map(str::to_owned),
+            uses: model::Uses::scan(source),
         })
     }
 
     /// Pure: same snapshot → same bytes. Services with invalid label values are left out
     /// and reported.
     pub fn render(&self, snapshot: &Snapshot) -> Result<Rendered> {
-        let (root, mut skipped) = model::build(snapshot, &self.target, self.network.as_deref());
-        let context = tera::Context::from_serialize(&root).map_err(Error::Context)?;
+        let (root, mut skipped) =
+            model::build(snapshot, &self.target, self.network.as_deref(), self.uses);
+        let context =
+            tera::Context::from_serialize(&root).map_err(|e| Error::Context(Box::new(e)))?;
         let text = self
             .tera
             .render(&self.name, &context)
             .map_err(|source| Error::Render {
                 path: self.name.clone(),
                 reason: chain(&source),
-                source,
+                source: Box::new(source),
             })?;
         skipped.sort_by(|a, b| a.service.cmp(&b.service));
         Ok(Rendered { text, skipped })
@@ -242,7 +246,7 @@ fn syntax_error(path: &str, source: tera::Error) -> Error {
         path: path.to_owned(),
         line,
         reason,
-        source,
+        source: Box::new(source),
     }
 }
 

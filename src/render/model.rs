@@ -20,19 +20,56 @@ pub const DEFAULT_REALM: &str = "Restricted";
 /// Port the `nodes` Prometheus job scrapes (node-exporter).
 pub const NODE_EXPORTER_PORT: u16 = 9100;
 
+/// The top-level variables a template mentions. Serializing the whole snapshot into Tera
+/// values costs far more than rendering, so only what the source names is handed over (a
+/// mention in a comment merely costs time; `__tera_context` asks for everything).
+#[derive(Debug, Clone, Copy)]
+pub struct Uses {
+    services: bool,
+    containers: bool,
+    nodes: bool,
+    networks: bool,
+    hosts: bool,
+    upstreams: bool,
+    prometheus_jobs: bool,
+}
+
+impl Uses {
+    pub fn scan(source: &str) -> Uses {
+        let all = source.contains("__tera_context");
+        let has = |name: &str| all || source.contains(name);
+        Uses {
+            services: has("services"),
+            containers: has("containers"),
+            nodes: has("nodes"),
+            networks: has("networks"),
+            hosts: has("hosts"),
+            upstreams: has("upstreams"),
+            prometheus_jobs: has("prometheus_jobs"),
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub struct Root<'a> {
     pub swarm: bool,
     pub node_id: &'a str,
     pub target: TargetView<'a>,
-    pub services: Vec<ServiceView<'a>>,
-    pub containers: &'a [Container],
-    pub nodes: &'a [Node],
-    pub networks: &'a [Network],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<ServiceView<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers: Option<&'a [Container]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<&'a [Node]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub networks: Option<&'a [Network]>,
     pub own: Option<&'a Own>,
-    pub hosts: Vec<HostView>,
-    pub upstreams: Vec<UpstreamView>,
-    pub prometheus_jobs: Vec<JobView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<HostView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<Vec<UpstreamView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prometheus_jobs: Option<Vec<JobView>>,
 }
 
 #[derive(Serialize)]
@@ -91,19 +128,32 @@ pub struct LocationView {
     pub upstream: String,
     /// A `routing-internal-context` location: private networks only.
     pub internal: bool,
-    #[serde(flatten)]
-    pub options: Options,
+    pub https: bool,
+    pub auth: Option<String>,
+    pub auth_realm: String,
+    pub max_body: Option<String>,
     /// Services routed here, by name.
     pub services: Vec<String>,
 }
 
 /// Per-location settings; services sharing a (host, context) must agree on them.
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
-pub struct Options {
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Options {
     pub https: bool,
     pub auth: Option<String>,
     pub auth_realm: String,
     pub max_body: Option<String>,
+}
+
+impl LocationView {
+    fn options(&self) -> Options {
+        Options {
+            https: self.https,
+            auth: self.auth.clone(),
+            auth_realm: self.auth_realm.clone(),
+            max_body: self.max_body.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -124,6 +174,7 @@ pub fn build<'a>(
     snapshot: &'a Snapshot,
     target_name: &'a str,
     target_network: Option<&'a str>,
+    uses: Uses,
 ) -> (Root<'a>, Vec<SkippedService>) {
     let mut skipped = Vec::new();
     let ingress: BTreeSet<&str> = snapshot
@@ -153,14 +204,14 @@ pub fn build<'a>(
             name: target_name,
             network: target_network,
         },
-        services,
-        containers: &snapshot.containers,
-        nodes: &snapshot.nodes,
-        networks: &snapshot.networks,
+        services: uses.services.then_some(services),
+        containers: uses.containers.then_some(&snapshot.containers[..]),
+        nodes: uses.nodes.then_some(&snapshot.nodes[..]),
+        networks: uses.networks.then_some(&snapshot.networks[..]),
         own: snapshot.own.as_ref(),
-        hosts,
-        upstreams,
-        prometheus_jobs,
+        hosts: uses.hosts.then_some(hosts),
+        upstreams: uses.upstreams.then_some(upstreams),
+        prometheus_jobs: uses.prometheus_jobs.then_some(prometheus_jobs),
     };
     (root, skipped)
 }
@@ -271,7 +322,7 @@ fn routes(
                 .to_owned(),
             max_body: label(service, labels::MAX_BODY).map(str::to_owned),
         };
-        let tls = !label(service, labels::TLS).is_some_and(|v| !labels::truthy(v));
+        let tls = label(service, labels::TLS).is_none_or(labels::truthy);
         let names: BTreeSet<String> = labels::hosts(host_label).collect();
 
         if let Some(clash) = find_clash(&hosts, &names, &context, internal.as_deref(), &options) {
@@ -300,7 +351,10 @@ fn routes(
                         path,
                         upstream: String::new(),
                         internal: is_internal,
-                        options: options.clone(),
+                        https: options.https,
+                        auth: options.auth.clone(),
+                        auth_realm: options.auth_realm.clone(),
+                        max_body: options.max_body.clone(),
                         services: Vec::new(),
                     });
                 loc.services.push(service.name.to_owned());
@@ -392,7 +446,7 @@ fn find_clash(
                     format!("{host}{context} is an internal location of service {owner}"),
                 ));
             }
-            if loc.options != *options {
+            if loc.options() != *options {
                 return Some((
                     labels::CONTEXT,
                     format!(
