@@ -403,6 +403,24 @@ fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result
     Ok(f)
 }
 
+/// Whether the local node is the Swarm Raft leader (roles come from Swarm, not from us).
+async fn is_swarm_leader(engine: &Engine) -> bool {
+    let Ok(info) = engine.api.info().await else {
+        return false;
+    };
+    let Some(node_id) = info.swarm.and_then(|s| s.node_id) else {
+        return false;
+    };
+    engine
+        .api
+        .inspect_node(&node_id)
+        .await
+        .ok()
+        .and_then(|n| n.manager_status)
+        .and_then(|m| m.leader)
+        .unwrap_or(false)
+}
+
 /// The webhook intake: configured hooks and the job table behind them.
 pub struct Service {
     hooks: HashMap<String, Hook>,
@@ -421,7 +439,13 @@ impl Service {
         shutdown: CancellationToken,
     ) -> Result<crate::http::AppState> {
         let journal = match engine.api.inspect_swarm().await {
-            Ok(_) => Journal::Swarm(engine.api.clone()),
+            Ok(_) => {
+                let leader = is_swarm_leader(&engine).await;
+                if !leader {
+                    info!("not the swarm leader: pending jobs are left to the leader's instance");
+                }
+                Journal::Swarm(engine.api.clone(), leader)
+            }
             Err(e) => {
                 debug!(error = %e, "not a swarm manager");
                 match &config.jobs.state_file {

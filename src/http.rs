@@ -23,9 +23,9 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config;
 use crate::hooks::{self, Accepted};
-use crate::jobs::{JobId, JobView};
+use crate::jobs::JobId;
 use crate::metrics;
-use crate::status::{Board, Summary};
+use crate::status::Board;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -182,70 +182,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn index(State(state): State<AppState>) -> Html<String> {
-    Html(status_page(
-        &state.board.summary(),
-        &state.hooks.jobs().list(),
-    ))
+    let jobs = serde_json::to_value(state.hooks.jobs().list()).unwrap_or_default();
+    Html(crate::status_page::render(&state.board.summary(), &jobs))
 }
 
-/// A plain status page until the styled one is wired in.
-pub fn status_page(summary: &Summary, jobs: &[JobView]) -> String {
-    let e = escape;
-    let mut out =
-        String::from("<!doctype html><meta charset=utf-8><title>drover</title><h1>drover</h1>\n");
-    out.push_str(&format!(
-        "<p>version {} &middot; role {} &middot; node {} &middot; engine {} &middot; ready {}</p>\n",
-        e(summary.version),
-        e(&summary.role),
-        e(&summary.node),
-        e(&summary.engine),
-        summary.ready
-    ));
-    out.push_str("<h2>Targets</h2><table><tr><th>name<th>output<th>check<th>error</tr>\n");
-    for t in &summary.targets {
-        out.push_str(&format!(
-            "<tr><td>{}<td>{}<td>{}<td>{}</tr>\n",
-            e(&t.name),
-            e(&t.output),
-            e(&t.check),
-            e(t.error.as_deref().unwrap_or(""))
-        ));
-    }
-    out.push_str("</table><h2>Jobs</h2><table><tr><th>id<th>hook<th>state<th>requests<th>services<th>message</tr>\n");
-    for j in jobs {
-        let services: Vec<String> = j
-            .services
-            .iter()
-            .map(|s| format!("{}: {}", s.service, s.outcome.as_str()))
-            .collect();
-        out.push_str(&format!(
-            "<tr><td>{}<td>{}<td>{}<td>{}<td>{}<td>{}</tr>\n",
-            e(&j.id.0),
-            e(&j.hook),
-            j.state.as_str(),
-            j.requests,
-            e(&services.join(", ")),
-            e(j.message.as_deref().unwrap_or(""))
-        ));
-    }
-    out.push_str("</table>\n");
-    out
-}
-
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {
@@ -640,10 +580,4 @@ hooks:
         assert_eq!(send(&f.app, get("/jobs/zz")).await.0, StatusCode::NOT_FOUND);
     }
 
-    #[test]
-    fn status_page_escapes_job_data() {
-        let page = status_page(&Summary::default(), &[]);
-        assert!(page.contains("<h2>Jobs</h2>"));
-        assert_eq!(escape("<script>&\"'"), "&lt;script&gt;&amp;&quot;&#39;");
-    }
 }

@@ -281,8 +281,10 @@ pub enum Journal {
         path: PathBuf,
         pending: tokio::sync::Mutex<BTreeMap<JobId, JobView>>,
     },
-    /// Inside Swarm: one config object per pending job, replicated by Raft.
-    Swarm(Docker),
+    /// Inside Swarm: one config object per pending job, replicated by Raft. The flag says
+    /// whether this instance re-runs the pending jobs at start: only the Raft leader's
+    /// instance does, so a job journalled once runs once however many managers there are.
+    Swarm(Docker, bool),
 }
 
 impl Journal {
@@ -297,7 +299,7 @@ impl Journal {
         match self {
             Journal::Memory => "memory",
             Journal::File { .. } => "file",
-            Journal::Swarm(_) => "swarm",
+            Journal::Swarm(..) => "swarm",
         }
     }
 
@@ -319,7 +321,8 @@ impl Journal {
                 }
                 Ok(jobs)
             }
-            Journal::Swarm(api) => {
+            Journal::Swarm(_, false) => Ok(Vec::new()),
+            Journal::Swarm(api, true) => {
                 let filters = HashMap::from([("label".to_owned(), vec![format!("{JOB_LABEL}=1")])]);
                 let configs = api
                     .list_configs(Some(bollard::query_parameters::ListConfigsOptions {
@@ -355,7 +358,7 @@ impl Journal {
                 p.insert(job.id.clone(), job.clone());
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm(api) => {
+            Journal::Swarm(api, _) => {
                 let data = serde_json::to_vec(job).map_err(|e| journal(&e))?;
                 let spec = bollard::models::ConfigSpec {
                     name: Some(format!("{JOB_CONFIG_PREFIX}{}", job.id)),
@@ -385,7 +388,7 @@ impl Journal {
                 p.remove(id);
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm(api) => {
+            Journal::Swarm(api, _) => {
                 match api.delete_config(&format!("{JOB_CONFIG_PREFIX}{id}")).await {
                     Ok(()) => Ok(()),
                     Err(e) if docker::is_not_found(&e) => Ok(()),

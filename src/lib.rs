@@ -19,6 +19,6 @@ pub mod reconcile;
 pub mod render;
 pub mod state;
 pub mod status;
+pub mod status_page;
 pub mod update;
 pub mod watch;
-pub mod status_page;

@@ -146,7 +146,10 @@ impl<'a> Page<'a> {
                     }
                 })
                 .collect(),
-            jobs: job_list(jobs).iter().map(|j| JobView::new(j, now)).collect(),
+            jobs: job_list(jobs)
+                .iter()
+                .map(|j| JobView::new(j, now))
+                .collect(),
         }
     }
 }
@@ -163,7 +166,11 @@ fn job_list(jobs: &Value) -> &[Value] {
 impl JobView {
     fn new(j: &Value, now: u64) -> JobView {
         let state = text(j, "state");
-        let state = if state.is_empty() { "unknown".to_owned() } else { state };
+        let state = if state.is_empty() {
+            "unknown".to_owned()
+        } else {
+            state
+        };
         // `created` in seconds, or `created_at` in milliseconds (the jobs module's shape).
         let created = number(j, "created")
             .map(|n| n as u64)
@@ -207,7 +214,10 @@ fn subject(j: &Value) -> String {
         return format!("restart {service}");
     }
     if let Some(argv) = j.get("argv").and_then(Value::as_array) {
-        let words: Vec<String> = argv.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+        let words: Vec<String> = argv
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
         if !words.is_empty() {
             return format!("run {}", words.join(" "));
         }
@@ -225,12 +235,18 @@ fn subject(j: &Value) -> String {
 }
 
 fn number(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64).filter(|n| n.is_finite() && *n >= 0.0)
+    v.get(key)
+        .and_then(Value::as_f64)
+        .filter(|n| n.is_finite() && *n >= 0.0)
 }
 
 impl JobServiceView {
     fn new(s: &Value) -> JobServiceView {
-        let pick = |a: &str, b: &str| Some(text(s, a)).filter(|t| !t.is_empty()).unwrap_or_else(|| text(s, b));
+        let pick = |a: &str, b: &str| {
+            Some(text(s, a))
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| text(s, b))
+        };
         let (from, to) = (pick("from", "from_image"), pick("to", "to_image"));
         let outcome = text(s, "outcome");
         JobServiceView {
@@ -393,7 +409,9 @@ mod tests {
                 output: "/etc/nginx/conf.d/drover.conf".into(),
                 last_render: Some(NOW - 5),
                 last_apply: Some(NOW - 125),
-                hash: Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into()),
+                hash: Some(
+                    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+                ),
                 check: "passed".into(),
                 error: None,
                 skipped: vec![SkippedService {
@@ -427,7 +445,9 @@ mod tests {
         let html = render_at(&summary(), &jobs(), NOW);
         assert!(html.contains("<meta name=\"viewport\""), "{html}");
         assert!(html.contains("id=\"targets\""));
-        assert!(html.contains("class=\"target card\" id=\"target-nginx\" data-name=\"nginx\" data-check=\"ok\""));
+        assert!(html.contains(
+            "class=\"target card\" id=\"target-nginx\" data-name=\"nginx\" data-check=\"ok\""
+        ));
         assert!(html.contains("/etc/nginx/conf.d/drover.conf"));
         assert!(html.contains(">0123456789ab<"), "short hash shown");
         assert!(html.contains("2024-05-01 11:59:55 UTC (5s ago)"), "{html}");
@@ -435,9 +455,14 @@ mod tests {
         assert!(html.contains("data-service=\"blog\" data-label=\"routing-max-body\""));
         assert!(html.contains("10 GB") && html.contains("not a size"));
         assert!(html.contains("id=\"jobs\""));
-        assert!(html.contains("class=\"job card\" id=\"job-j-42\" data-id=\"j-42\" data-state=\"rolled_back\""));
+        assert!(html.contains(
+            "class=\"job card\" id=\"job-j-42\" data-id=\"j-42\" data-state=\"rolled_back\""
+        ));
         assert!(html.contains("data-service=\"web_api\" data-outcome=\"rollback_completed\""));
-        assert!(html.contains("owner/api:latest@sha256:bbbbbbbbbbbb<"), "{html}");
+        assert!(
+            html.contains("owner/api:latest@sha256:bbbbbbbbbbbb<"),
+            "{html}"
+        );
         assert!(html.contains("task failed: exit 1"));
         assert!(html.contains("data-role=\"leader\"") && html.contains("rock64 (manager)"));
         assert!(html.contains("data-ready=\"true\""));
@@ -453,7 +478,10 @@ mod tests {
             "services": [{"service": "a", "message": "<script>alert(2)</script>"}]}]);
         let html = render_at(&s, &jobs, NOW);
         assert!(!html.contains("<script>"), "{html}");
-        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{html}");
+        assert!(
+            html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{html}"
+        );
         assert!(html.contains("&lt;script&gt;alert(2)"), "{html}");
         assert!(html.contains("&lt;b&gt;"), "{html}");
     }
@@ -478,9 +506,15 @@ mod tests {
             "services": [{"service": "home_app", "from_image": "owner/app:latest@sha256:aaaa",
                 "to_image": "owner/app:latest@sha256:bbbb", "outcome": "completed", "message": "updated"}]}]);
         let html = render_at(&summary(), &jobs, NOW);
-        assert!(html.contains("docker.io/owner/app:latest (5 requests coalesced)"), "{html}");
+        assert!(
+            html.contains("docker.io/owner/app:latest (5 requests coalesced)"),
+            "{html}"
+        );
         assert!(html.contains("(30s ago)"), "{html}");
-        assert!(html.contains("title=\"owner/app:latest@sha256:bbbb\""), "{html}");
+        assert!(
+            html.contains("title=\"owner/app:latest@sha256:bbbb\""),
+            "{html}"
+        );
         assert!(html.contains("data-outcome=\"completed\""), "{html}");
     }
 
@@ -488,7 +522,11 @@ mod tests {
     fn a_non_array_job_list_shows_no_jobs() {
         let html = render_at(&summary(), &json!({"error": "unavailable"}), NOW);
         assert!(html.contains("No jobs yet."));
-        let html = render_at(&summary(), &json!({"jobs": [{"id": "a", "state": "completed"}]}), NOW);
+        let html = render_at(
+            &summary(),
+            &json!({"jobs": [{"id": "a", "state": "completed"}]}),
+            NOW,
+        );
         assert!(html.contains("data-state=\"completed\""));
     }
 
