@@ -44,7 +44,11 @@ impl Error {
     /// Worth retrying: the engine may be restarting or briefly overloaded.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Raw { .. } => true,
+            Error::Connect { source, .. } => !matches!(
+                source,
+                bollard::errors::Error::UnsupportedURISchemeError { .. }
+            ),
+            Error::Raw { .. } => true,
             Error::Status { status, .. } => *status >= 500,
             Error::Api(e) => is_transient_api(e),
             Error::Tls(_) => false,
@@ -101,6 +105,54 @@ impl Engine {
     /// Connects as the Docker CLI would (`DOCKER_HOST`, `DOCKER_TLS_VERIFY`,
     /// `DOCKER_CERT_PATH`) and negotiates the API version down to the engine's.
     pub async fn connect() -> Result<Engine, Error> {
+        let engine = Engine::from_env()?;
+        engine.negotiate().await?;
+        Ok(engine)
+    }
+
+    /// Like [`Engine::connect`], but waits for an engine that is not up yet (drover may
+    /// start before dockerd on boot): retries every second, then every 10 s, until
+    /// `shutdown`. Only a malformed `DOCKER_HOST` or TLS setup fails at once.
+    pub async fn connect_waiting(
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Engine>, Error> {
+        let mut attempt = 0u32;
+        loop {
+            let result = match Engine::from_env() {
+                Ok(engine) => engine.negotiate().await.map(|()| engine),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(engine) => return Ok(Some(engine)),
+                Err(e) if e.is_transient() => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "docker engine not reachable; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+            let delay = Duration::from_secs(if attempt < 10 { 1 } else { 10 });
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Asks the engine for its API version; every clone of this client then speaks it.
+    pub async fn negotiate(&self) -> Result<(), Error> {
+        self.api
+            .clone()
+            .negotiate_version()
+            .await
+            .map(drop)
+            .map_err(|source| Error::Connect {
+                host: self.display.clone(),
+                source,
+            })
+    }
+
+    /// A client for the engine the environment names; no request is made yet.
+    fn from_env() -> Result<Engine, Error> {
         let display = std::env::var("DOCKER_HOST").unwrap_or_else(|_| DEFAULT_HOST.into());
         let tls = std::env::var_os("DOCKER_TLS_VERIFY").is_some_and(|v| !v.is_empty())
             || display.starts_with("https://");
@@ -125,7 +177,6 @@ impl Engine {
         .map_err(connect_err)?;
         // The event stream is long-lived; the per-request timeout must not cut it.
         let api = api.with_timeout(Duration::from_secs(24 * 3600));
-        let api = api.negotiate_version().await.map_err(connect_err)?;
         let host = parse_host(&display, tls)?;
         Ok(Engine { api, host, display })
     }

@@ -90,6 +90,29 @@ pub async fn serve(
     serve_listener(listener, state, shutdown).await
 }
 
+/// Serves liveness and metrics while drover waits for the engine; `/readyz` answers 503.
+/// Returns, closing the listener, when `done` is cancelled.
+pub async fn serve_waiting(listener: TcpListener, done: CancellationToken) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the docker engine",
+                )
+            }),
+        )
+        .route("/metrics", get(metrics_text));
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(done.cancelled_owned())
+        .await
+    {
+        warn!(error = %e, "http server stopped");
+    }
+}
+
 /// Serves on a bound listener (tests bind port 0 and read the address first).
 pub async fn serve_listener(
     listener: TcpListener,
@@ -185,7 +208,6 @@ async fn index(State(state): State<AppState>) -> Html<String> {
     let jobs = serde_json::to_value(state.hooks.jobs().list()).unwrap_or_default();
     Html(crate::status_page::render(&state.board.summary(), &jobs))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -579,5 +601,4 @@ hooks:
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(send(&f.app, get("/jobs/zz")).await.0, StatusCode::NOT_FOUND);
     }
-
 }

@@ -61,10 +61,25 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
-    let engine = Engine::connect().await?;
-    info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
     let shutdown = CancellationToken::new();
     let board = Arc::new(Board::new());
+    let engine = {
+        // Until the engine answers, only liveness and metrics are served: /readyz says 503.
+        let listener = bind(&config).await?;
+        let waiting = CancellationToken::new();
+        let server = tokio::spawn(drover::http::serve_waiting(listener, waiting.clone()));
+        let engine = tokio::select! {
+            engine = Engine::connect_waiting(&shutdown) => engine?,
+            _ = wait_for_signal() => None,
+        };
+        waiting.cancel();
+        let _ = server.await;
+        match engine {
+            Some(engine) => engine,
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    };
+    info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
     let (hint_tx, hint_rx) = tokio::sync::mpsc::channel(1024);
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -99,16 +114,20 @@ async fn serve_http(
     let state = drover::hooks::Service::start(config, engine, board, shutdown.clone())
         .await
         .context("starting the webhook intake")?;
-    // Bind before answering "started": a port clash is a start-up error, not a log line.
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+    let listener = bind(config).await?;
     tasks.spawn(async move {
         if let Err(e) = drover::http::serve_listener(listener, state, shutdown).await {
             error!(error = %e, "http server stopped");
         }
     });
     Ok(())
+}
+
+/// A port clash is a start-up error, not a log line.
+async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http.listen))
 }
 
 async fn wait_for_signal() {

@@ -97,11 +97,13 @@ impl Reconciler {
 
     pub async fn run(mut self, mut hints: mpsc::Receiver<Hint>, shutdown: CancellationToken) {
         let mut full_pass = true;
+        // Only the very first pass skips waiting; a failed fetch waits for its retry time.
+        let mut immediate = true;
         let mut next_resync = Instant::now() + self.resync;
         let mut converge: Option<(Instant, Duration)> = None;
         let mut converging_since: Option<Instant> = None;
         loop {
-            if !full_pass {
+            if !std::mem::take(&mut immediate) {
                 let wake = self
                     .targets
                     .iter()
