@@ -196,8 +196,9 @@ impl Template {
     pub fn render(&self, snapshot: &Snapshot) -> Result<Rendered> {
         let (root, mut skipped) =
             model::build(snapshot, &self.target, self.network.as_deref(), self.uses);
-        let context =
-            tera::Context::from_serialize(&root).map_err(|e| Error::Context(Box::new(e)))?;
+        let context = root
+            .into_context()
+            .map_err(|e| Error::Context(Box::new(e.into())))?;
         let text = self
             .tera
             .render(&self.name, &context)

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::labels::{self, validate_service};
 use crate::state::{Container, Network, Node, Own, Port, Service, Snapshot, Task};
@@ -50,25 +51,17 @@ impl Uses {
     }
 }
 
-#[derive(Serialize)]
 pub struct Root<'a> {
     pub swarm: bool,
     pub node_id: &'a str,
     pub target: TargetView<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<ServiceView<'a>>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub containers: Option<&'a [Container]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub nodes: Option<&'a [Node]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub networks: Option<&'a [Network]>,
     pub own: Option<&'a Own>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub hosts: Option<Vec<HostView>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub upstreams: Option<Vec<UpstreamView>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub prometheus_jobs: Option<Vec<JobView>>,
 }
 
@@ -167,6 +160,107 @@ pub struct UpstreamView {
 pub struct JobView {
     pub name: String,
     pub targets: Vec<String>,
+}
+
+fn string(s: String) -> Value {
+    Value::String(s)
+}
+
+fn strings(list: Vec<String>) -> Value {
+    Value::Array(list.into_iter().map(Value::String).collect())
+}
+
+fn opt(s: Option<String>) -> Value {
+    s.map_or(Value::Null, Value::String)
+}
+
+// The routing views are moved into Tera values by hand rather than through
+// `serde_json::to_value`, which would copy every string once more: at 1,000 services that
+// copy is most of the render time.
+impl From<HostView> for Value {
+    fn from(h: HostView) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), string(h.name));
+        m.insert("tls".into(), Value::Bool(h.tls));
+        m.insert(
+            "locations".into(),
+            Value::Array(h.locations.into_iter().map(Value::from).collect()),
+        );
+        Value::Object(m)
+    }
+}
+
+impl From<LocationView> for Value {
+    fn from(l: LocationView) -> Value {
+        let mut m = Map::new();
+        m.insert("path".into(), string(l.path));
+        m.insert("upstream".into(), string(l.upstream));
+        m.insert("internal".into(), Value::Bool(l.internal));
+        m.insert("https".into(), Value::Bool(l.https));
+        m.insert("auth".into(), opt(l.auth));
+        m.insert("auth_realm".into(), string(l.auth_realm));
+        m.insert("max_body".into(), opt(l.max_body));
+        m.insert("services".into(), strings(l.services));
+        Value::Object(m)
+    }
+}
+
+impl From<UpstreamView> for Value {
+    fn from(u: UpstreamView) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), string(u.name));
+        m.insert("servers".into(), strings(u.servers));
+        Value::Object(m)
+    }
+}
+
+impl From<JobView> for Value {
+    fn from(j: JobView) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), string(j.name));
+        m.insert("targets".into(), strings(j.targets));
+        Value::Object(m)
+    }
+}
+
+fn list<T: Into<Value>>(items: Vec<T>) -> Value {
+    Value::Array(items.into_iter().map(Into::into).collect())
+}
+
+impl Root<'_> {
+    /// The Tera context: routing views moved in, snapshot parts serialized.
+    pub fn into_context(self) -> Result<tera::Context, serde_json::Error> {
+        let mut m = Map::new();
+        m.insert("swarm".into(), Value::Bool(self.swarm));
+        m.insert("node_id".into(), Value::String(self.node_id.to_owned()));
+        m.insert("target".into(), serde_json::to_value(&self.target)?);
+        m.insert("own".into(), serde_json::to_value(self.own)?);
+        if let Some(v) = &self.services {
+            m.insert("services".into(), serde_json::to_value(v)?);
+        }
+        if let Some(v) = self.containers {
+            m.insert("containers".into(), serde_json::to_value(v)?);
+        }
+        if let Some(v) = self.nodes {
+            m.insert("nodes".into(), serde_json::to_value(v)?);
+        }
+        if let Some(v) = self.networks {
+            m.insert("networks".into(), serde_json::to_value(v)?);
+        }
+        if let Some(v) = self.hosts {
+            m.insert("hosts".into(), list(v));
+        }
+        if let Some(v) = self.upstreams {
+            m.insert("upstreams".into(), list(v));
+        }
+        if let Some(v) = self.prometheus_jobs {
+            m.insert("prometheus_jobs".into(), list(v));
+        }
+        tera::Context::from_value(Value::Object(m)).map_err(|e| {
+            // Only fails for a non-object, which the map above never is.
+            serde_json::Error::io(std::io::Error::other(e.to_string()))
+        })
+    }
 }
 
 /// Builds the context for one render; services failing validation are left out and returned.
@@ -349,7 +443,9 @@ fn routes(
                     .entry(path.clone())
                     .or_insert_with(|| LocationView {
                         path,
-                        upstream: String::new(),
+                        // Until names are given out below: the context whose upstream
+                        // this location proxies to (internal ones use their main context).
+                        upstream: context.clone(),
                         internal: is_internal,
                         https: options.https,
                         auth: options.auth.clone(),
@@ -367,7 +463,7 @@ fn routes(
     }
 
     // Upstream names: host + context squeezed to [a-z0-9_], made unique in sorted order.
-    let mut names: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut names: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut taken = BTreeSet::new();
     let mut upstreams = Vec::with_capacity(servers.len());
     for ((host, context), list) in servers {
@@ -378,7 +474,7 @@ fn routes(
             n += 1;
             name = format!("{base}_{n}");
         }
-        names.insert((host, context), name.clone());
+        names.entry(host).or_default().insert(context, name.clone());
         upstreams.push(UpstreamView {
             name,
             servers: list,
@@ -388,19 +484,13 @@ fn routes(
     let hosts = hosts
         .into_iter()
         .map(|(name, acc)| {
+            let host_names = names.get(&name);
             let locations = acc
                 .locations
                 .into_values()
                 .map(|mut loc| {
-                    // Internal locations proxy to the upstream of their service's main context.
-                    let context = if loc.internal {
-                        main_context_of(services, &loc.services[0])
-                    } else {
-                        loc.path.clone()
-                    };
-                    if let Some(upstream) = names.get(&(name.clone(), context)) {
-                        loc.upstream.clone_from(upstream);
-                    }
+                    let upstream = host_names.and_then(|n| n.get(&loc.upstream));
+                    loc.upstream = upstream.cloned().unwrap_or_default();
                     loc
                 })
                 .collect();
@@ -412,14 +502,6 @@ fn routes(
         })
         .collect();
     (hosts, upstreams)
-}
-
-fn main_context_of(services: &[ServiceView<'_>], name: &str) -> String {
-    services
-        .iter()
-        .find(|s| s.name == name)
-        .map(|s| labels::location(label(s, labels::CONTEXT).unwrap_or("/")))
-        .unwrap_or_else(|| "/".to_owned())
 }
 
 /// The label and reason that keep a service out, if its locations clash with those routed.
