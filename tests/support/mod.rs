@@ -779,6 +779,137 @@ pub fn metric_samples(metrics: &str, name: &str) -> Vec<(Vec<(String, String)>, 
         .collect()
 }
 
+/// One sample of the Prometheus text format: name, full label set, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed Prometheus text exposition (`/metrics`), for exact lookups by metric name and
+/// label set. Unlike [`metric_value`] it handles escaped label values (`\"`, `\\`,
+/// `\n`), `+Inf`/`NaN` values and timestamps, and refuses malformed lines.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+}
+
+impl Metrics {
+    /// Parses the text; `# HELP` / `# TYPE` lines and blank lines are skipped.
+    pub fn parse(text: &str) -> Result<Metrics> {
+        let samples = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| parse_sample(l).with_context(|| format!("bad metrics line {l:?}")))
+            .collect::<Result<_>>()?;
+        Ok(Metrics { samples })
+    }
+
+    /// The value of the one sample named `name` whose label set is exactly `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+    }
+
+    /// The sum of the samples named `name` whose labels include every pair of `labels`
+    /// (`None` when none does): `sum("drover_events_total", &[])` counts every type.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .reduce(|a, b| a + b)
+    }
+
+    /// [`Metrics::sum`], 0 when no sample matches (a counter not yet incremented).
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.sum(name, labels).unwrap_or(0.0)
+    }
+}
+
+/// `GET /metrics` on `addr` (`host:port`), parsed.
+pub fn scrape_metrics(addr: &str) -> Result<Metrics> {
+    let r = http_get_host(addr, addr, "/metrics").with_context(|| format!("GET {addr}/metrics"))?;
+    ensure!(r.status == 200, "GET {addr}/metrics answered {}", r.status);
+    Metrics::parse(&r.body)
+}
+
+fn parse_sample(line: &str) -> Result<Sample> {
+    let name_end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    ensure!(!name.is_empty(), "no metric name");
+    let mut rest = &line[name_end..];
+    let mut labels = std::collections::BTreeMap::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        let mut chars = after.char_indices().peekable();
+        let end = loop {
+            while chars
+                .next_if(|(_, c)| *c == ',' || c.is_whitespace())
+                .is_some()
+            {}
+            let Some(&(start, c)) = chars.peek() else {
+                bail!("unterminated label set");
+            };
+            if c == '}' {
+                break start + 1;
+            }
+            let mut key = String::new();
+            while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=') {
+                key.push(c);
+            }
+            ensure!(chars.next().is_some(), "label {key} has no value");
+            ensure!(
+                matches!(chars.next(), Some((_, '"'))),
+                "label {key}: value not quoted"
+            );
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some((_, '"')) => break,
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c)) => value.push(c),
+                        None => bail!("label {key}: unterminated escape"),
+                    },
+                    Some((_, c)) => value.push(c),
+                    None => bail!("label {key}: unterminated value"),
+                }
+            }
+            labels.insert(key.trim().to_string(), value);
+        };
+        rest = &after[end..];
+    }
+    let value = rest.split_whitespace().next().context("no value")?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().with_context(|| format!("bad value {v:?}"))?,
+    };
+    Ok(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // nginx
 // ---------------------------------------------------------------------------------------
@@ -921,6 +1052,17 @@ impl DroverProcess {
         http: Option<&str>,
         extra: &[&str],
     ) -> Result<DroverProcess> {
+        Self::start_with_env(config, http, extra, &[])
+    }
+
+    /// Like [`DroverProcess::start_with_args`], with extra environment variables for the
+    /// process (e.g. `("DOCKER_HOST", "unix:///tmp/x.sock")`, `("DROVER_LOG", "debug")`).
+    pub fn start_with_env(
+        config: &str,
+        http: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<DroverProcess> {
         let dir = temp_dir("drover")?;
         let config_path = dir.path().join("drover.yml");
         std::fs::write(&config_path, config)?;
@@ -936,6 +1078,7 @@ impl DroverProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
             )
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -993,6 +1136,13 @@ impl DroverProcess {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The parsed `/metrics` of this process (see [`Metrics`]).
+    pub fn scrape(&self) -> Result<Metrics> {
+        let r = self.get("/metrics").context("GET /metrics")?;
+        ensure!(r.status == 200, "GET /metrics answered {}", r.status);
+        Metrics::parse(&r.body)
     }
 
     /// Waits until `/readyz` answers 200 (drover has synced and applied once).

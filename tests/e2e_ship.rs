@@ -1,0 +1,678 @@
+//! "Ship it": drover in the shape it is deployed in, and what an operator sees of it.
+//!
+//! - drover as a Swarm service from its own image (`drover:test`, FROM scratch), with the
+//!   engine socket bind-mounted and its config delivered as a Swarm config, routing a
+//!   backend through a real nginx service;
+//! - its Prometheus metrics moving as a scenario unfolds (scrape, act, scrape again);
+//! - `/readyz` staying 503 while the engine is unreachable and turning 200 after the first
+//!   sync once the engine appears behind a unix socket (a forwarder in this test process
+//!   to the real `/var/run/docker.sock`, not a mock);
+//! - the status page as headless Chromium renders it (DOM and a phone-width screenshot kept
+//!   under `artifacts/`).
+//!
+//! Run by `scripts/test` (`DROVER_E2E=1`); skipped otherwise. Every engine object has a
+//! unique name and is removed on drop.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// How long drover may take to make nginx match a converged Swarm (debounce max 1 s + a
+/// reload, with a wide margin for 2 shared cores).
+const BOUND: Duration = Duration::from_secs(15);
+/// How long Swarm itself may take to converge a scale or start a service.
+const SWARM: Duration = Duration::from_secs(60);
+
+/// A builtin nginx target writing `output`, checked and reloaded in the `nginx` service.
+fn nginx_target(output: &Path, network: &str, nginx: &str) -> String {
+    format!(
+        r#"
+  - name: nginx
+    template: builtin:nginx
+    output: {output}
+    network: {network}
+    debounce: {{ min: 100ms, max: 1s }}
+    check:
+      exec: {{ service: {nginx}, command: ["nginx", "-t"] }}
+    notify:
+      - signal: {{ service: {nginx}, signal: HUP }}
+"#,
+        output = output.display(),
+    )
+}
+
+/// A backend routed by the builtin nginx template on plain http.
+fn routed_backend(name: &str, host: &str, network: &str, replicas: u32) -> Result<Resource> {
+    ServiceBuilder::backend(name)
+        .replicas(replicas)
+        .network(network)
+        .label("routing-host", host)
+        .label("routing-port", "80")
+        .label("routing-tls", "false")
+        .create()
+}
+
+/// The hostnames (short container ids) of the running tasks of `service`.
+fn running_hostnames(service: &str) -> Result<BTreeSet<String>> {
+    Ok(tasks(service)?
+        .into_iter()
+        .filter(|t| t.state == "running")
+        .filter_map(|t| t.container.map(|c| c[..12.min(c.len())].to_string()))
+        .collect())
+}
+
+/// Waits until requests through nginx are answered by exactly the running tasks of
+/// `service` (every task answers, no stale one does).
+fn wait_all_tasks_answer(nginx: &NginxService, host: &str, service: &str) -> Result<()> {
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let ok = wait_until(BOUND, Duration::from_millis(250), || {
+        let Ok(want) = running_hostnames(service) else {
+            return false;
+        };
+        let mut seen = BTreeSet::new();
+        for _ in 0..(4 * want.len().max(1)) {
+            if let Ok(r) = nginx.get(host, "/") {
+                if r.status == 200 {
+                    seen.insert(r.body.trim().to_string());
+                }
+            }
+        }
+        let done = !want.is_empty() && seen == want;
+        last = (want, seen);
+        done
+    });
+    ensure!(
+        ok,
+        "within {BOUND:?}, nginx answered {host} from {:?}, running tasks are {:?}",
+        last.1,
+        last.0
+    );
+    Ok(())
+}
+
+/// Waits until the rendered file lists exactly the `n` running task IPs of `service`.
+fn wait_file_matches(path: &Path, service: &str, network: &str, n: usize) -> Result<()> {
+    let mut last = (vec![], vec![]);
+    let ok = wait_until(BOUND, Duration::from_millis(100), || {
+        let Ok(want) = running_task_ips(service, network) else {
+            return false;
+        };
+        let got = upstream_ips(&std::fs::read_to_string(path).unwrap_or_default());
+        let done = want.len() == n && got == want;
+        last = (want, got);
+        done
+    });
+    ensure!(
+        ok,
+        "{} did not list the running task IPs within {BOUND:?}: running {:?}, rendered {:?}",
+        path.display(),
+        last.0,
+        last.1
+    );
+    Ok(())
+}
+
+/// Prints a service's logs when dropped (captured: shown for failing tests only).
+struct LogsOnDrop(String);
+
+impl Drop for LogsOnDrop {
+    fn drop(&mut self) {
+        eprintln!(
+            "----- service log ({}) -----\n{}\n----- end of service log -----",
+            self.0,
+            service_logs(&self.0)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. drover inside Swarm
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn drover_as_a_swarm_service_routes_a_scaled_backend_through_nginx_and_reports_metrics()
+-> Result<()> {
+    require_e2e!();
+    let started = Instant::now();
+    let net = create_overlay_network(&unique("ship-a-net"))?;
+    let nginx = nginx_service(net.name(), &[])?;
+    let be_name = unique("ship-a-be");
+    let host = format!("{be_name}.test");
+    let be = routed_backend(&be_name, &host, net.name(), 1)?;
+
+    let yaml = format!(
+        "http: {{ listen: 0.0.0.0:9090 }}\nresync: 10s\ntargets:{}",
+        nginx_target(Path::new("/out/drover.conf"), net.name(), nginx.name())
+    );
+    let config = create_config(&unique("ship-a-cfg"), yaml.as_bytes())?;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let drover = ServiceBuilder::new(&unique("ship-a-drover"), &drover_image())
+        .mount_bind(Path::new("/var/run/docker.sock"), "/var/run/docker.sock")
+        .mount_bind(&nginx.conf_dir, "/out")
+        .config(config.name(), "/etc/drover/drover.yml")
+        .publish_host(9090, port)
+        .env("DROVER_LOG", "info,drover=debug")
+        .args(["run", "--config", "/etc/drover/drover.yml"])
+        .create()?;
+    let _logs = LogsOnDrop(drover.name().to_string());
+
+    wait_running(drover.name(), 1, SWARM)?;
+    wait_for("drover's /readyz through its published port", SWARM, || {
+        http_get_host(&addr, &addr, "/readyz")
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    })?;
+    // The image's HEALTHCHECK (`drover healthcheck`) runs inside the FROM-scratch image.
+    let container = service_container(drover.name())?;
+    wait_for("the drover container to be healthy", SWARM, || {
+        docker(&[
+            "inspect",
+            "--format",
+            "{{.State.Health.Status}}",
+            &container,
+        ])
+        .map(|s| s == "healthy")
+        .unwrap_or(false)
+    })?;
+
+    wait_running(be.name(), 1, SWARM)?;
+    let output = nginx.conf("drover.conf");
+    wait_file_matches(&output, be.name(), net.name(), 1)?;
+    wait_all_tasks_answer(&nginx, &host, be.name()).context("at 1 replica")?;
+
+    scale(be.name(), 3)?;
+    wait_running(be.name(), 3, SWARM)?;
+    wait_file_matches(&output, be.name(), net.name(), 3)?;
+    wait_all_tasks_answer(&nginx, &host, be.name()).context("at 3 replicas")?;
+
+    let mut last = Metrics::default();
+    let counted = wait_until(BOUND, Duration::from_millis(250), || {
+        if let Ok(m) = scrape_metrics(&addr) {
+            last = m;
+        }
+        last.count(
+            "drover_renders_total",
+            &[("target", "nginx"), ("outcome", "applied")],
+        ) >= 2.0
+            && last.count("drover_events_total", &[("type", "service")]) >= 1.0
+    });
+    let m = &last;
+    ensure!(
+        counted,
+        "drover's metrics did not count two applied renders and service events: {:?}",
+        m.samples
+    );
+    assert!(
+        m.count("drover_engine_calls_total", &[]) > 0.0,
+        "engine calls are counted"
+    );
+    assert_eq!(
+        m.get("drover_role", &[("role", "leader")]),
+        Some(1.0),
+        "the instance on the single (leader) node is the leader"
+    );
+    assert!(
+        m.count("drover_events_total", &[]) >= 1.0,
+        "events are counted"
+    );
+    eprintln!("drover inside Swarm: {:?}", started.elapsed());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. metrics move with a scenario
+// ---------------------------------------------------------------------------------------
+
+const HUB_TOKEN: &str = "ship-hub-token";
+
+#[test]
+fn metrics_count_renders_events_reloads_snapshots_and_refused_webhooks() -> Result<()> {
+    require_e2e!();
+    let net = create_overlay_network(&unique("ship-b-net"))?;
+    let nginx = nginx_service(net.name(), &[])?;
+    let be_name = unique("ship-b-be");
+    let host = format!("{be_name}.test");
+    let be = routed_backend(&be_name, &host, net.name(), 1)?;
+    wait_running(be.name(), 1, SWARM)?;
+
+    let dir = temp_dir("ship-b")?;
+    let token = dir.path().join("hub-token");
+    std::fs::write(&token, format!("{HUB_TOKEN}\n"))?;
+    let hook = unique("hub");
+    let http = format!("127.0.0.1:{}", free_port());
+    let output = nginx.conf("drover.conf");
+    let yaml = format!(
+        r#"http: {{ listen: {http} }}
+resync: 10s
+jobs: {{ state_file: {state} }}
+hooks:
+  - name: {hook}
+    kind: dockerhub
+    token_file: {token}
+    action: update-services
+targets:{target}"#,
+        state = dir.path().join("jobs.json").display(),
+        token = token.display(),
+        target = nginx_target(&output, net.name(), nginx.name()),
+    );
+    let mut drover = DroverProcess::start(&yaml, Some(&http))?;
+    drover.wait_ready(BOUND)?;
+    wait_file_matches(&output, be.name(), net.name(), 1)?;
+    wait_all_tasks_answer(&nginx, &host, be.name())?;
+
+    let renders = [("target", "nginx"), ("outcome", "applied")];
+    let service_events = [("type", "service")];
+    let reloads = [("target", "nginx"), ("outcome", "ok")];
+    let before = drover.scrape()?;
+
+    scale(be.name(), 2)?;
+    wait_running(be.name(), 2, SWARM)?;
+    wait_file_matches(&output, be.name(), net.name(), 2)?;
+    wait_all_tasks_answer(&nginx, &host, be.name())?;
+
+    let moved = |after: &Metrics| {
+        let up = |name: &str, labels: &[(&str, &str)]| {
+            after.count(name, labels) > before.count(name, labels)
+        };
+        [
+            (
+                "drover_renders_total{outcome=applied}",
+                up("drover_renders_total", &renders),
+            ),
+            (
+                "drover_events_total{type=service}",
+                up("drover_events_total", &service_events),
+            ),
+            (
+                "drover_reloads_total{outcome=ok}",
+                up("drover_reloads_total", &reloads),
+            ),
+            ("drover_snapshots_total", up("drover_snapshots_total", &[])),
+        ]
+    };
+    let mut after = Metrics::default();
+    let all_moved = wait_until(BOUND, Duration::from_millis(200), || {
+        if let Ok(m) = drover.scrape() {
+            after = m;
+        }
+        moved(&after).iter().all(|(_, up)| *up)
+    });
+    let still: Vec<&str> = moved(&after)
+        .into_iter()
+        .filter(|(_, up)| !up)
+        .map(|(n, _)| n)
+        .collect();
+    ensure!(
+        all_moved,
+        "after a scale-up these did not increase: {still:?}\nbefore: {:?}\nafter: {:?}",
+        before.samples,
+        after.samples
+    );
+
+    // A webhook with the wrong token: refused and counted, before anything else happens.
+    let body = br#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"owner/app"}}"#;
+    let before = drover.scrape()?;
+    let r = http_post(
+        &http,
+        &format!("/hooks/{hook}?token=not-the-token"),
+        &[("Content-Type", "application/json")],
+        body,
+    )?;
+    assert_eq!(r.status, 401, "a bad token is unauthorized: {}", r.body);
+    let after = drover.scrape()?;
+    let unauthorized = [("hook", hook.as_str()), ("outcome", "unauthorized")];
+    assert_eq!(
+        after.count("drover_webhook_requests_total", &unauthorized),
+        before.count("drover_webhook_requests_total", &unauthorized) + 1.0,
+        "one unauthorized request counted for {hook}"
+    );
+    let failures = [("hook", hook.as_str())];
+    assert_eq!(
+        after.count("drover_webhook_signature_failures_total", &failures),
+        before.count("drover_webhook_signature_failures_total", &failures) + 1.0,
+        "one signature failure counted for {hook}"
+    );
+    assert!(drover.is_running(), "drover still runs");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. /readyz after the first sync
+// ---------------------------------------------------------------------------------------
+
+/// A unix socket at `path` forwarding every connection to the real engine socket, served
+/// by a runtime on a thread of its own until dropped.
+struct EngineForwarder {
+    shutdown: tokio_util::sync::CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineForwarder {
+    fn start(path: &Path) -> Result<EngineForwarder> {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("bind {}", path.display()))?
+        };
+        let stop = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            rt.block_on(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        a = listener.accept() => a,
+                    };
+                    let Ok((mut client, _)) = accepted else {
+                        continue;
+                    };
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut engine) =
+                            tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut engine) => {}
+                        }
+                    });
+                }
+            });
+        });
+        Ok(EngineForwarder {
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EngineForwarder {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn readyz_stays_503_until_the_engine_appears_and_turns_200_after_the_first_sync() -> Result<()> {
+    require_e2e!();
+    let dir = temp_dir("ship-c")?;
+    let socket = dir.path().join("engine.sock");
+    let output = dir.path().join("out").join("drover.conf");
+    std::fs::create_dir_all(dir.path().join("out"))?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let yaml = format!(
+        r#"http: {{ listen: {http} }}
+resync: 10s
+targets:
+  - name: nginx
+    template: builtin:nginx
+    output: {output}
+    debounce: {{ min: 100ms, max: 1s }}
+"#,
+        output = output.display()
+    );
+    let docker_host = format!("unix://{}", socket.display());
+    let mut drover = DroverProcess::start_with_env(
+        &yaml,
+        Some(&http),
+        &[],
+        &[
+            ("DOCKER_HOST", &docker_host),
+            ("DROVER_LOG", "info,drover=debug"),
+        ],
+    )?;
+    drover.wait_http_ok("/healthz", BOUND)?;
+
+    // While the socket does not exist: alive, not ready, no file — for a couple of seconds.
+    let waiting_until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < waiting_until {
+        let healthz = drover.get("/healthz").map(|r| r.status);
+        let readyz = drover.get("/readyz").map(|r| r.status);
+        // The server is re-bound once the engine answers; here it never should have.
+        ensure!(
+            matches!(healthz, Ok(200)),
+            "/healthz while waiting: {healthz:?}\n{}",
+            drover.logs()
+        );
+        ensure!(
+            matches!(readyz, Ok(503)),
+            "/readyz while waiting: {readyz:?}\n{}",
+            drover.logs()
+        );
+        ensure!(!output.exists(), "no render without an engine");
+        ensure!(drover.is_running(), "drover exited while waiting");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let appeared = Instant::now();
+    let _forwarder = EngineForwarder::start(&socket)?;
+    drover.wait_ready(Duration::from_secs(12))?;
+    wait_for(
+        "the target's file after the first sync",
+        Duration::from_secs(5),
+        || output.exists(),
+    )?;
+    eprintln!("ready {:?} after the engine appeared", appeared.elapsed());
+    assert_eq!(drover.get("/healthz")?.status, 200, "still alive");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. the status page in a browser
+// ---------------------------------------------------------------------------------------
+
+/// Runs `cmd`, killing it after `timeout`; returns its stdout.
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{cmd:?} did not finish within {timeout:?}: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        status.success(),
+        "{cmd:?} failed ({status}): {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    Ok(std::fs::read_to_string(&out)?)
+}
+
+/// The opening tag of the element whose markup contains `needle` (e.g. `data-id="x"`).
+fn tag_with<'a>(dom: &'a str, needle: &str) -> Option<&'a str> {
+    let at = dom.find(needle)?;
+    let start = dom[..at].rfind('<')?;
+    let end = at + dom[at..].find('>')?;
+    Some(&dom[start..=end])
+}
+
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser"].iter().find_map(|name| {
+        std::env::var_os("PATH")?
+            .to_str()?
+            .split(':')
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+#[test]
+fn the_status_page_in_headless_chromium_shows_the_target_the_skipped_service_and_the_job()
+-> Result<()> {
+    let Some(browser) = chromium() else {
+        if e2e_enabled() {
+            bail!("chromium is not installed (scripts/test installs Debian's `chromium`)");
+        }
+        eprintln!("SKIPPING the status page browser test: no chromium and DROVER_E2E is not set");
+        return Ok(());
+    };
+    require_e2e!();
+    let net = create_overlay_network(&unique("ship-d-net"))?;
+    let nginx = nginx_service(net.name(), &[])?;
+    let be_name = unique("ship-d-be");
+    let be = routed_backend(&be_name, &format!("{be_name}.test"), net.name(), 1)?;
+    let bad = ServiceBuilder::backend(&unique("ship-d-bad"))
+        .network(net.name())
+        .label("routing-host", "bad;host")
+        .label("routing-port", "80")
+        .label("routing-tls", "false")
+        .create()?;
+    wait_running(be.name(), 1, SWARM)?;
+    wait_running(bad.name(), 1, SWARM)?;
+
+    let dir = temp_dir("ship-d")?;
+    let token = dir.path().join("ci-token");
+    std::fs::write(&token, "ship-ci-token\n")?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let output = nginx.conf("drover.conf");
+    let yaml = format!(
+        r#"http: {{ listen: {http} }}
+resync: 10s
+jobs: {{ state_file: {state} }}
+hooks:
+  - name: ci
+    kind: generic
+    token_file: {token}
+    quiet: 100ms
+    action: {{ command: ["true"] }}
+targets:{target}"#,
+        state = dir.path().join("jobs.json").display(),
+        token = token.display(),
+        target = nginx_target(&output, net.name(), nginx.name()),
+    );
+    let mut drover = DroverProcess::start(&yaml, Some(&http))?;
+    drover.wait_ready(BOUND)?;
+    wait_file_matches(&output, be.name(), net.name(), 1)?;
+
+    let r = http_post(
+        &http,
+        "/hooks/ci",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer ship-ci-token"),
+        ],
+        br#"{"image":"owner/app:latest"}"#,
+    )?;
+    assert_eq!(r.status, 202, "the hook accepts the job: {}", r.body);
+    let job: serde_json::Value = serde_json::from_str(&r.body).context("202 body")?;
+    let id = job["job"]
+        .as_str()
+        .context("202 names the job")?
+        .to_string();
+    let mut state = String::new();
+    wait_for(&format!("job {id} to complete"), BOUND, || {
+        if let Ok(r) = drover.get(&format!("/jobs/{id}")) {
+            let j: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            state = j["state"].as_str().unwrap_or_default().to_string();
+        }
+        state == "completed"
+    })
+    .with_context(|| format!("last state {state:?}"))?;
+    // The skipped service is on the board once a render has seen it.
+    wait_for("the skipped service on the status page", BOUND, || {
+        drover
+            .get("/")
+            .map(|r| r.body.contains(&format!("data-service=\"{}\"", bad.name())))
+            .unwrap_or(false)
+    })?;
+
+    let url = format!("http://{http}/");
+    let profile = tempfile::tempdir()?;
+    let browser_cmd = || {
+        let mut c = Command::new(&browser);
+        c.args(["--headless", "--no-sandbox", "--disable-gpu"])
+            .arg(format!("--user-data-dir={}", profile.path().display()));
+        c
+    };
+    let dom = run_with_timeout(
+        browser_cmd().arg("--dump-dom").arg(&url),
+        Duration::from_secs(60),
+    )?;
+
+    let target = tag_with(&dom, r#"data-name="nginx""#)
+        .with_context(|| format!("no target nginx in the DOM:\n{dom}"))?;
+    assert!(
+        target.contains(r#"id="target-nginx""#),
+        "target element: {target}"
+    );
+    assert!(
+        target.contains(r#"data-skipped="1""#),
+        "the target counts one skipped service: {target}"
+    );
+    let skipped = tag_with(&dom, &format!("data-service=\"{}\"", bad.name()))
+        .with_context(|| format!("no skipped service {} in the DOM:\n{dom}", bad.name()))?;
+    assert!(
+        skipped.contains("skipped-service") && skipped.contains(r#"data-label="routing-host""#),
+        "skipped service row: {skipped}"
+    );
+    assert!(
+        !dom.contains(&format!("data-service=\"{}\"", be.name())),
+        "the good backend is not listed as skipped"
+    );
+    let job = tag_with(&dom, &format!("data-id=\"{id}\""))
+        .with_context(|| format!("no job {id} in the DOM:\n{dom}"))?;
+    assert!(
+        job.contains(r#"data-state="completed""#) && job.contains(r#"data-hook="ci""#),
+        "job element: {job}"
+    );
+    assert!(
+        dom.contains(r#"data-role="leader""#),
+        "the role is shown: {dom}"
+    );
+
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let png = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    run_with_timeout(
+        browser_cmd()
+            .arg(format!("--screenshot={}", png.display()))
+            .arg("--window-size=412,900")
+            .arg("--hide-scrollbars")
+            .arg(&url),
+        Duration::from_secs(60),
+    )?;
+    let bytes = std::fs::read(&png).with_context(|| format!("no {}", png.display()))?;
+    ensure!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
+        "{} is not a real screenshot ({} bytes)",
+        png.display(),
+        bytes.len()
+    );
+    eprintln!(
+        "status page screenshot: {} ({} bytes)",
+        png.display(),
+        bytes.len()
+    );
+    Ok(())
+}
