@@ -179,11 +179,16 @@ impl JobView {
         if let Some(n) = number(j, "requests").filter(|n| *n > 1.0) {
             subject.push_str(&format!(" ({} requests coalesced)", n as u64));
         }
-        let error = ["error", "message"]
-            .iter()
-            .map(|k| text(j, k))
-            .find(|s| !s.is_empty())
-            .unwrap_or_default();
+        // A job's message is only an error when the job went wrong ("exit code 0" is not).
+        let error = if outcome_class(&state) == "bad" {
+            ["error", "message"]
+                .iter()
+                .map(|k| text(j, k))
+                .find(|s| !s.is_empty())
+                .unwrap_or_default()
+        } else {
+            text(j, "error")
+        };
         let services = j
             .get("services")
             .and_then(Value::as_array)
@@ -516,6 +521,17 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("data-outcome=\"completed\""), "{html}");
+    }
+
+    #[test]
+    fn a_completed_job_message_is_not_shown_as_an_error() {
+        let jobs = json!([
+            {"id": "1", "hook": "ci", "state": "completed", "message": "exit code 0"},
+            {"id": "2", "hook": "ci", "state": "failed", "message": "exit code 3"}
+        ]);
+        let html = render_at(&summary(), &jobs, NOW);
+        assert!(!html.contains("exit code 0"), "{html}");
+        assert!(html.contains("exit code 3"), "{html}");
     }
 
     #[test]

@@ -6,21 +6,17 @@
 //! when the `docker stack` command is not available. The stack, its network (a unique
 //! `WEB_NETWORK`) and its named volumes are removed on drop.
 //!
-//! stack.yml publishes fixed host ports (nginx 80 and 443, drover 9090, all `mode: host`)
-//! and offers no variable for them, so this test needs those ports free on the machine
-//! and says so when they are not.
+//! stack.yml publishes host ports (nginx 80 and 443, drover 9090, all `mode: host`) through
+//! `HTTP_PORT`, `HTTPS_PORT` and `DROVER_PORT`; the test picks free ones.
 
 mod support;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 
-/// The ports stack.yml publishes on the host.
-const STACK_PORTS: [u16; 3] = [80, 443, 9090];
 /// How long the stack may take to come up (images from the local registry) or go away.
 const STACK: Duration = Duration::from_secs(90);
 
@@ -125,16 +121,9 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
         eprintln!("SKIPPING the stack.yml test: `docker stack` is not available here: {e:#}");
         return Ok(());
     }
-    let taken: Vec<u16> = STACK_PORTS
-        .into_iter()
-        .filter(|p| TcpListener::bind(("0.0.0.0", *p)).is_err())
-        .collect();
-    ensure!(
-        taken.is_empty(),
-        "stack.yml publishes host ports {STACK_PORTS:?} with no variable to change them, and \
-         {taken:?} are taken on this machine"
-    );
-
+    let (http_port, https_port, drover_port) = (free_port(), free_port(), free_port());
+    let nginx_addr = format!("127.0.0.1:{http_port}");
+    let drover_addr = format!("127.0.0.1:{drover_port}");
     let started = Instant::now();
     let name = unique("shipstk");
     let network = unique("shipstk-web");
@@ -187,6 +176,9 @@ hooks:
         ("APP_HOST", app_host.clone()),
         ("DROVER_SECRETS_DIR", secrets.display().to_string()),
         ("DROVER_CONFIG_FILE", config.display().to_string()),
+        ("HTTP_PORT", http_port.to_string()),
+        ("HTTPS_PORT", https_port.to_string()),
+        ("DROVER_PORT", drover_port.to_string()),
     ];
     let mut stack = Stack {
         name: name.clone(),
@@ -194,10 +186,10 @@ hooks:
     };
     docker_env(&["stack", "deploy", "-c", "stack.yml", &name], &env)?;
 
-    // The example app answers through nginx on the published port 80, by its Host.
+    // The example app answers through nginx on the published HTTP port, by its Host.
     let mut last = None;
     let served = wait_until(STACK, Duration::from_millis(500), || {
-        last = Some(http_get_host("127.0.0.1:80", &app_host, "/").map(|r| r.status));
+        last = Some(http_get_host(&nginx_addr, &app_host, "/").map(|r| r.status));
         matches!(last, Some(Ok(200)))
     });
     ensure!(
@@ -210,7 +202,7 @@ hooks:
     wait_running(&format!("{name}_app"), 2, STACK)?;
     let mut seen = std::collections::BTreeSet::new();
     let both = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
-        if let Ok(r) = http_get_host("127.0.0.1:80", &app_host, "/") {
+        if let Ok(r) = http_get_host(&nginx_addr, &app_host, "/") {
             if r.status == 200 {
                 seen.insert(r.body.trim().to_string());
             }
@@ -219,16 +211,16 @@ hooks:
     });
     ensure!(both, "both app replicas answer through nginx: saw {seen:?}");
 
-    // drover on the published port 9090: ready, leader, and its hook reads the secret
+    // drover on its published port: ready, leader, and its hook reads the secret
     // (the right token passes verification and is then refused by the allow rule: 422).
-    assert_eq!(http_get_host("127.0.0.1:9090", "d", "/readyz")?.status, 200);
-    let metrics = scrape_metrics("127.0.0.1:9090")?;
+    assert_eq!(http_get_host(&drover_addr, "d", "/readyz")?.status, 200);
+    let metrics = scrape_metrics(&drover_addr)?;
     assert_eq!(metrics.get("drover_role", &[("role", "leader")]), Some(1.0));
     let body = br#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"somebody/app"}}"#;
-    let wrong = http_post("127.0.0.1:9090", "/hooks/dockerhub?token=nope", &[], body)?;
+    let wrong = http_post(&drover_addr, "/hooks/dockerhub?token=nope", &[], body)?;
     assert_eq!(wrong.status, 401, "a wrong token: {}", wrong.body);
     let right = http_post(
-        "127.0.0.1:9090",
+        &drover_addr,
         &format!("/hooks/dockerhub?token={}", token.trim()),
         &[],
         body,

@@ -1074,8 +1074,8 @@ impl DroverProcess {
             .arg(&config_path)
             .args(extra)
             .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
+                "DROVER_LOG",
+                std::env::var("DROVER_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
             )
             .env("RUST_BACKTRACE", "1")
             .envs(env.iter().copied())
