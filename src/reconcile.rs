@@ -40,6 +40,9 @@ struct TargetState {
     applier: Applier,
     debounce: Debouncer,
     last_skipped: Vec<SkippedService>,
+    /// The snapshot of the last pass that needs no retry: the same cluster again (a
+    /// convergence poll or resync that found nothing new) is not rendered again.
+    settled: Option<Arc<Snapshot>>,
 }
 
 pub struct Reconciler {
@@ -84,6 +87,7 @@ impl Reconciler {
                     applier,
                     debounce: Debouncer::new(t.debounce),
                     last_skipped: Vec::new(),
+                    settled: None,
                 }
             })
             .collect();
@@ -146,7 +150,7 @@ impl Reconciler {
                 next_resync = now + self.resync;
             }
             let snapshot = match crate::state::fetch(&self.engine).await {
-                Ok(s) => s,
+                Ok(s) => Arc::new(s),
                 Err(e) => {
                     warn!(error = %e, "cannot fetch cluster state; retrying");
                     // Keep the work: re-arm the batches and try again shortly.
@@ -248,12 +252,15 @@ fn peers(snapshot: &Snapshot) -> Vec<String> {
 
 async fn pass(
     t: &mut TargetState,
-    snapshot: &Snapshot,
+    snapshot: &Arc<Snapshot>,
     engine: &Engine,
     board: &Board,
     batch: Option<Batch>,
 ) {
     let m = crate::metrics::get();
+    if t.settled.as_deref() == Some(&**snapshot) {
+        return;
+    }
     let name = t.config.name.clone();
     let count = |outcome: &str| m.renders.with_label_values(&[name.as_str(), outcome]).inc();
     let template = match &t.template {
@@ -273,6 +280,7 @@ async fn pass(
         Err(e) => {
             warn!(error = %e, "render failed; keeping the current file");
             count("render_error");
+            t.settled = Some(snapshot.clone());
             board.update_target(&name, |s| {
                 s.last_render = Some(unix_now());
                 s.error = Some(e.to_string());
@@ -352,6 +360,9 @@ async fn pass(
         }
     }
     let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
+    // A check that could not run, or a write that failed, is retried on the next pass.
+    let retry = matches!(outcome, Ok(Outcome::CheckUnavailable(_)) | Err(_));
+    t.settled = (!retry).then(|| snapshot.clone());
     let hash = t.applier.current_hash();
     board.update_target(&name, |s| {
         s.last_render = Some(unix_now());

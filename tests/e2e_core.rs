@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use support::*;
@@ -46,83 +45,6 @@ fn config(http: &str, targets: &[String]) -> String {
         "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
         targets.concat()
     )
-}
-
-/// A backend routed by the builtin nginx template on plain http (no certificates here).
-fn routed_backend(name: &str, host: &str, network: &str, replicas: u32) -> Result<Resource> {
-    ServiceBuilder::backend(name)
-        .replicas(replicas)
-        .network(network)
-        .label("routing-host", host)
-        .label("routing-port", "80")
-        .label("routing-tls", "false")
-        .create()
-}
-
-/// The hostnames (short container ids) of the running tasks of `service`.
-fn running_hostnames(service: &str) -> Result<BTreeSet<String>> {
-    Ok(tasks(service)?
-        .into_iter()
-        .filter(|t| t.state == "running")
-        .filter_map(|t| t.container.map(|c| c[..12.min(c.len())].to_string()))
-        .collect())
-}
-
-/// Waits until `rounds × n` requests through nginx are answered by exactly the set of
-/// running tasks of `service` (every task answers, no stale one does).
-fn wait_all_tasks_answer(
-    nginx: &NginxService,
-    host: &str,
-    service: &str,
-    timeout: Duration,
-) -> Result<()> {
-    let mut last = (BTreeSet::new(), BTreeSet::new());
-    let ok = wait_until(timeout, Duration::from_millis(250), || {
-        let Ok(want) = running_hostnames(service) else {
-            return false;
-        };
-        let mut seen = BTreeSet::new();
-        for _ in 0..(3 * want.len().max(1)) {
-            if let Ok(r) = nginx.get(host, "/") {
-                if r.status == 200 {
-                    seen.insert(r.body.trim().to_string());
-                }
-            }
-        }
-        let done = seen == want;
-        last = (want, seen);
-        done
-    });
-    ensure!(
-        ok,
-        "within {timeout:?}, nginx answered from {:?}, running tasks are {:?}",
-        last.1,
-        last.0
-    );
-    Ok(())
-}
-
-/// Waits until the rendered file lists exactly the running task IPs of `service`.
-fn wait_file_matches(path: &std::path::Path, service: &str, network: &str, n: usize) -> Result<()> {
-    let mut last = (vec![], vec![]);
-    let ok = wait_until(BOUND, Duration::from_millis(100), || {
-        let Ok(want) = running_task_ips(service, network) else {
-            return false;
-        };
-        let got = upstream_ips(&std::fs::read_to_string(path).unwrap_or_default());
-        let done = want.len() == n && got == want;
-        last = (want, got);
-        done
-    });
-    ensure!(
-        ok,
-        "{} did not list the running task IPs within {BOUND:?}: running {:?}, rendered {:?}\n{}",
-        path.display(),
-        last.0,
-        last.1,
-        std::fs::read_to_string(path).unwrap_or_default()
-    );
-    Ok(())
 }
 
 #[test]
@@ -179,7 +101,7 @@ fn every_running_task_answers_through_nginx_while_scaling_2_5_1_0_3() -> Result<
     for n in [2u32, 5, 1, 0, 3] {
         scale(be.name(), n)?;
         wait_running(be.name(), n as usize, SWARM)?;
-        wait_file_matches(&output, be.name(), net.name(), n as usize)
+        wait_file_matches(&output, be.name(), net.name(), n as usize, BOUND)
             .with_context(|| format!("at {n} replicas"))?;
         if n > 0 {
             wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)
@@ -254,7 +176,7 @@ fn a_broken_template_on_another_target_does_not_stop_the_nginx_target() -> Resul
     // And keeps following changes.
     scale(be.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
-    wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2)?;
+    wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2, BOUND)?;
     wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)?;
 
     assert!(
@@ -361,7 +283,7 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
     // A change makes drover try again; still refused, still the previous files.
     scale(be.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
-    wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2)?;
+    wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2, BOUND)?;
 
     assert_eq!(
         std::fs::read_to_string(guarded.conf("drover.conf"))?,

@@ -15,7 +15,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,77 +43,6 @@ fn nginx_target(output: &Path, network: &str, nginx: &str) -> String {
 "#,
         output = output.display(),
     )
-}
-
-/// A backend routed by the builtin nginx template on plain http.
-fn routed_backend(name: &str, host: &str, network: &str, replicas: u32) -> Result<Resource> {
-    ServiceBuilder::backend(name)
-        .replicas(replicas)
-        .network(network)
-        .label("routing-host", host)
-        .label("routing-port", "80")
-        .label("routing-tls", "false")
-        .create()
-}
-
-/// The hostnames (short container ids) of the running tasks of `service`.
-fn running_hostnames(service: &str) -> Result<BTreeSet<String>> {
-    Ok(tasks(service)?
-        .into_iter()
-        .filter(|t| t.state == "running")
-        .filter_map(|t| t.container.map(|c| c[..12.min(c.len())].to_string()))
-        .collect())
-}
-
-/// Waits until requests through nginx are answered by exactly the running tasks of
-/// `service` (every task answers, no stale one does).
-fn wait_all_tasks_answer(nginx: &NginxService, host: &str, service: &str) -> Result<()> {
-    let mut last = (BTreeSet::new(), BTreeSet::new());
-    let ok = wait_until(BOUND, Duration::from_millis(250), || {
-        let Ok(want) = running_hostnames(service) else {
-            return false;
-        };
-        let mut seen = BTreeSet::new();
-        for _ in 0..(4 * want.len().max(1)) {
-            if let Ok(r) = nginx.get(host, "/") {
-                if r.status == 200 {
-                    seen.insert(r.body.trim().to_string());
-                }
-            }
-        }
-        let done = !want.is_empty() && seen == want;
-        last = (want, seen);
-        done
-    });
-    ensure!(
-        ok,
-        "within {BOUND:?}, nginx answered {host} from {:?}, running tasks are {:?}",
-        last.1,
-        last.0
-    );
-    Ok(())
-}
-
-/// Waits until the rendered file lists exactly the `n` running task IPs of `service`.
-fn wait_file_matches(path: &Path, service: &str, network: &str, n: usize) -> Result<()> {
-    let mut last = (vec![], vec![]);
-    let ok = wait_until(BOUND, Duration::from_millis(100), || {
-        let Ok(want) = running_task_ips(service, network) else {
-            return false;
-        };
-        let got = upstream_ips(&std::fs::read_to_string(path).unwrap_or_default());
-        let done = want.len() == n && got == want;
-        last = (want, got);
-        done
-    });
-    ensure!(
-        ok,
-        "{} did not list the running task IPs within {BOUND:?}: running {:?}, rendered {:?}",
-        path.display(),
-        last.0,
-        last.1
-    );
-    Ok(())
 }
 
 /// Prints a service's logs when dropped (captured: shown for failing tests only).
@@ -183,13 +111,13 @@ fn drover_as_a_swarm_service_routes_a_scaled_backend_through_nginx_and_reports_m
 
     wait_running(be.name(), 1, SWARM)?;
     let output = nginx.conf("drover.conf");
-    wait_file_matches(&output, be.name(), net.name(), 1)?;
-    wait_all_tasks_answer(&nginx, &host, be.name()).context("at 1 replica")?;
+    wait_file_matches(&output, be.name(), net.name(), 1, BOUND)?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND).context("at 1 replica")?;
 
     scale(be.name(), 3)?;
     wait_running(be.name(), 3, SWARM)?;
-    wait_file_matches(&output, be.name(), net.name(), 3)?;
-    wait_all_tasks_answer(&nginx, &host, be.name()).context("at 3 replicas")?;
+    wait_file_matches(&output, be.name(), net.name(), 3, BOUND)?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND).context("at 3 replicas")?;
 
     let mut last = Metrics::default();
     let counted = wait_until(BOUND, Duration::from_millis(250), || {
@@ -263,8 +191,8 @@ targets:{target}"#,
     );
     let mut drover = DroverProcess::start(&yaml, Some(&http))?;
     drover.wait_ready(BOUND)?;
-    wait_file_matches(&output, be.name(), net.name(), 1)?;
-    wait_all_tasks_answer(&nginx, &host, be.name())?;
+    wait_file_matches(&output, be.name(), net.name(), 1, BOUND)?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)?;
 
     let renders = [("target", "nginx"), ("outcome", "applied")];
     let service_events = [("type", "service")];
@@ -273,8 +201,8 @@ targets:{target}"#,
 
     scale(be.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
-    wait_file_matches(&output, be.name(), net.name(), 2)?;
-    wait_all_tasks_answer(&nginx, &host, be.name())?;
+    wait_file_matches(&output, be.name(), net.name(), 2, BOUND)?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)?;
 
     let moved = |after: &Metrics| {
         let up = |name: &str, labels: &[(&str, &str)]| {
@@ -572,7 +500,7 @@ targets:{target}"#,
     );
     let mut drover = DroverProcess::start(&yaml, Some(&http))?;
     drover.wait_ready(BOUND)?;
-    wait_file_matches(&output, be.name(), net.name(), 1)?;
+    wait_file_matches(&output, be.name(), net.name(), 1, BOUND)?;
 
     let r = http_post(
         &http,

@@ -1217,3 +1217,88 @@ impl Drop for Prober {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+// ---- Routing scenarios shared by the e2e tests ----
+
+/// A backend routed by the builtin nginx template on plain http (no certificates here).
+pub fn routed_backend(name: &str, host: &str, network: &str, replicas: u32) -> Result<Resource> {
+    ServiceBuilder::backend(name)
+        .replicas(replicas)
+        .network(network)
+        .label("routing-host", host)
+        .label("routing-port", "80")
+        .label("routing-tls", "false")
+        .create()
+}
+
+/// The hostnames (short container ids) of the running tasks of `service`.
+pub fn running_hostnames(service: &str) -> Result<BTreeSet<String>> {
+    Ok(tasks(service)?
+        .into_iter()
+        .filter(|t| t.state == "running")
+        .filter_map(|t| t.container.map(|c| c[..12.min(c.len())].to_string()))
+        .collect())
+}
+
+/// Waits until `rounds × n` requests through nginx are answered by exactly the set of
+/// running tasks of `service` (every task answers, no stale one does).
+pub fn wait_all_tasks_answer(
+    nginx: &NginxService,
+    host: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let ok = wait_until(timeout, Duration::from_millis(250), || {
+        let Ok(want) = running_hostnames(service) else {
+            return false;
+        };
+        let mut seen = BTreeSet::new();
+        for _ in 0..(3 * want.len().max(1)) {
+            if let Ok(r) = nginx.get(host, "/") {
+                if r.status == 200 {
+                    seen.insert(r.body.trim().to_string());
+                }
+            }
+        }
+        let done = seen == want;
+        last = (want, seen);
+        done
+    });
+    ensure!(
+        ok,
+        "within {timeout:?}, nginx answered from {:?}, running tasks are {:?}",
+        last.1,
+        last.0
+    );
+    Ok(())
+}
+
+/// Waits until the rendered file lists exactly the running task IPs of `service`.
+pub fn wait_file_matches(
+    path: &std::path::Path,
+    service: &str,
+    network: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let mut last = (vec![], vec![]);
+    let ok = wait_until(timeout, Duration::from_millis(100), || {
+        let Ok(want) = running_task_ips(service, network) else {
+            return false;
+        };
+        let got = upstream_ips(&std::fs::read_to_string(path).unwrap_or_default());
+        let done = want.len() == n && got == want;
+        last = (want, got);
+        done
+    });
+    ensure!(
+        ok,
+        "{} did not list the running task IPs within {timeout:?}: running {:?}, rendered {:?}\n{}",
+        path.display(),
+        last.0,
+        last.1,
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+    Ok(())
+}
