@@ -289,7 +289,9 @@ pub fn build<'a>(
     let (hosts, upstreams) = routes(&services, &mut skipped);
     let routed: BTreeSet<&str> = skipped.iter().map(|s| s.service.as_str()).collect();
     services.retain(|s| !routed.contains(s.name));
-    let prometheus_jobs = jobs(&services, &snapshot.nodes);
+    let prometheus_jobs = uses
+        .prometheus_jobs
+        .then(|| jobs(&services, &snapshot.nodes));
 
     let root = Root {
         swarm: snapshot.swarm,
@@ -305,7 +307,7 @@ pub fn build<'a>(
         own: snapshot.own.as_ref(),
         hosts: uses.hosts.then_some(hosts),
         upstreams: uses.upstreams.then_some(upstreams),
-        prometheus_jobs: uses.prometheus_jobs.then_some(prometheus_jobs),
+        prometheus_jobs,
     };
     (root, skipped)
 }
