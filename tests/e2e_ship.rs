@@ -15,6 +15,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -602,5 +603,105 @@ targets:{target}"#,
         png.display(),
         bytes.len()
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. a webhook update, seen through nginx
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_docker_hub_push_rolls_the_backend_and_nginx_serves_the_new_version() -> Result<()> {
+    require_e2e!();
+    let net = create_overlay_network(&unique("ship-u-net"))?;
+    let nginx = nginx_service(net.name(), &[])?;
+    let be_name = unique("ship-u-be");
+    let image = format!("127.0.0.1:5000/drover-e2e/{be_name}:latest");
+    build_push(&image, "v1", "")?;
+    let host = format!("{be_name}.test");
+    // busybox httpd serving `/`, so GET /version answers the image's version file.
+    let be = ServiceBuilder::new(&be_name, &image)
+        .replicas(2)
+        .network(net.name())
+        .label("routing-host", &host)
+        .label("routing-port", "80")
+        .label("routing-tls", "false")
+        .update_config(1, "0s", "pause", "1s")
+        .args(["httpd", "-f", "-p", "80", "-h", "/"])
+        .create()?;
+    wait_running(be.name(), 2, SWARM)?;
+
+    let dir = temp_dir("ship-u")?;
+    let token = dir.path().join("hub-token");
+    std::fs::write(&token, format!("{HUB_TOKEN}\n"))?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let output = nginx.conf("drover.conf");
+    let yaml = format!(
+        r#"http: {{ listen: {http} }}
+resync: 10s
+hooks:
+  - name: hub
+    kind: dockerhub
+    token_file: {token}
+    allow: {{ repository: "127\\.0\\.0\\.1:5000/drover-e2e/.+", tag: latest }}
+    quiet: 1s
+    action: update-services
+targets:{target}"#,
+        token = token.display(),
+        target = nginx_target(&output, net.name(), nginx.name()),
+    );
+    let mut drover = DroverProcess::start(&yaml, Some(&http))?;
+    drover.wait_ready(BOUND)?;
+    wait_file_matches(&output, be.name(), net.name(), 2, BOUND)?;
+    let versions = |n: usize| -> BTreeSet<String> {
+        (0..n)
+            .filter_map(|_| nginx.get(&host, "/version").ok())
+            .filter(|r| r.status == 200)
+            .map(|r| r.body.trim().to_owned())
+            .collect()
+    };
+    wait_for("nginx serving v1 from every task", BOUND, || {
+        versions(6) == BTreeSet::from(["v1".to_owned()])
+    })?;
+
+    let v2 = build_push(&image, "v2", "")?;
+    let repo = image.trim_end_matches(":latest");
+    let payload =
+        format!(r#"{{"push_data":{{"tag":"latest"}},"repository":{{"repo_name":"{repo}"}}}}"#);
+    let r = http_post(
+        &http,
+        &format!("/hooks/hub?token={HUB_TOKEN}"),
+        &[("Content-Type", "application/json")],
+        payload.as_bytes(),
+    )?;
+    assert_eq!(r.status, 202, "the push is accepted: {}", r.body);
+    let job: serde_json::Value = serde_json::from_str(&r.body)?;
+    let id = job["job"].as_str().context("a job id")?.to_owned();
+    let mut state = String::new();
+    wait_for("the update job to finish", SWARM, || {
+        state = drover
+            .get(&format!("/jobs/{id}"))
+            .ok()
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok())
+            .and_then(|j| j["state"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        !matches!(state.as_str(), "" | "queued" | "running")
+    })?;
+    assert_eq!(state, "completed", "the job's outcome");
+    let digest = v2.split_once('@').map(|(_, d)| d).context("v2 digest")?;
+    let spec = docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+        be.name(),
+    ])?;
+    assert!(spec.ends_with(digest), "pinned to the v2 digest: {spec}");
+
+    // The new tasks have new IPs: drover re-renders, and nginx serves only v2.
+    wait_file_matches(&output, be.name(), net.name(), 2, BOUND)?;
+    wait_for("nginx serving v2 from every task", BOUND, || {
+        versions(6) == BTreeSet::from(["v2".to_owned()])
+    })?;
     Ok(())
 }

@@ -1302,3 +1302,40 @@ pub fn wait_file_matches(
     );
     Ok(())
 }
+
+// ---- Images for update scenarios ----
+
+/// Builds `FROM busybox` + a version file (+ Dockerfile lines), pushes it, returns
+/// `repo@digest` as the registry stores it.
+pub fn build_push(image: &str, version: &str, extra: &str) -> Result<String> {
+    let dir = temp_dir("drover-e2e-image")?;
+    std::fs::write(dir.path().join("version"), version)?;
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {}\nCOPY version /version\n{extra}\n", busybox_image()),
+    )?;
+    let ctx = dir.path().display().to_string();
+    let out = std::process::Command::new("docker")
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "-q", "-t", image, &ctx])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docker(&["push", image])?;
+    // The tag now names the image just built; its one repo digest is what was pushed.
+    let digests = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        image,
+    ])?;
+    let digests: Vec<String> = serde_json::from_str(&digests)?;
+    digests
+        .into_iter()
+        .next()
+        .context("no repo digest after push")
+}
