@@ -21,25 +21,6 @@ const BOUND: Duration = Duration::from_secs(15);
 /// How long Swarm itself may take to converge a scale (not drover's time).
 const SWARM: Duration = Duration::from_secs(90);
 
-/// drover's config for one builtin nginx target writing `conf.d/drover.conf` of `nginx`.
-fn nginx_target(nginx: &NginxService, network: &str) -> String {
-    format!(
-        r#"
-  - name: nginx
-    template: builtin:nginx
-    output: {output}
-    network: {network}
-    debounce: {{ min: 100ms, max: 1s }}
-    check:
-      exec: {{ service: {svc}, command: ["nginx", "-t"] }}
-    notify:
-      - signal: {{ service: {svc}, signal: HUP }}
-"#,
-        output = nginx.conf("drover.conf").display(),
-        svc = nginx.name(),
-    )
-}
-
 fn config(http: &str, targets: &[String]) -> String {
     format!(
         "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
@@ -90,7 +71,14 @@ fn every_running_task_answers_through_nginx_while_scaling_2_5_1_0_3() -> Result<
 
     let http = format!("127.0.0.1:{}", free_port());
     let mut drover = DroverProcess::start(
-        &config(&http, &[nginx_target(&nginx, net.name())]),
+        &config(
+            &http,
+            &[nginx_target(
+                &nginx.conf("drover.conf"),
+                net.name(),
+                nginx.name(),
+            )],
+        ),
         Some(&http),
     )?;
     drover.wait_http_ok("/healthz", BOUND)?;
@@ -166,7 +154,13 @@ fn a_broken_template_on_another_target_does_not_stop_the_nginx_target() -> Resul
     );
     let http = format!("127.0.0.1:{}", free_port());
     let mut drover = DroverProcess::start(
-        &config(&http, &[broken, nginx_target(&nginx, net.name())]),
+        &config(
+            &http,
+            &[
+                broken,
+                nginx_target(&nginx.conf("drover.conf"), net.name(), nginx.name()),
+            ],
+        ),
         Some(&http),
     )?;
     drover.wait_http_ok("/healthz", BOUND)?;
@@ -226,7 +220,7 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
     let refused_out = dir.path().join("refused.out");
     std::fs::write(&refused_out, "previous content\n")?;
     let targets = [
-        nginx_target(&nginx, net.name()),
+        nginx_target(&nginx.conf("drover.conf"), net.name(), nginx.name()),
         format!(
             r#"
   - name: invalid-nginx

@@ -28,24 +28,6 @@ const BOUND: Duration = Duration::from_secs(15);
 /// How long Swarm itself may take to converge a scale or start a service.
 const SWARM: Duration = Duration::from_secs(60);
 
-/// A builtin nginx target writing `output`, checked and reloaded in the `nginx` service.
-fn nginx_target(output: &Path, network: &str, nginx: &str) -> String {
-    format!(
-        r#"
-  - name: nginx
-    template: builtin:nginx
-    output: {output}
-    network: {network}
-    debounce: {{ min: 100ms, max: 1s }}
-    check:
-      exec: {{ service: {nginx}, command: ["nginx", "-t"] }}
-    notify:
-      - signal: {{ service: {nginx}, signal: HUP }}
-"#,
-        output = output.display(),
-    )
-}
-
 /// Prints a service's logs when dropped (captured: shown for failing tests only).
 struct LogsOnDrop(String);
 

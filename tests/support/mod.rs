@@ -1220,6 +1220,24 @@ impl Drop for Prober {
 
 // ---- Routing scenarios shared by the e2e tests ----
 
+/// A builtin nginx target writing `output`, checked and reloaded in the `nginx` service.
+pub fn nginx_target(output: &std::path::Path, network: &str, nginx: &str) -> String {
+    format!(
+        r#"
+  - name: nginx
+    template: builtin:nginx
+    output: {output}
+    network: {network}
+    debounce: {{ min: 100ms, max: 1s }}
+    check:
+      exec: {{ service: {nginx}, command: ["nginx", "-t"] }}
+    notify:
+      - signal: {{ service: {nginx}, signal: HUP }}
+"#,
+        output = output.display(),
+    )
+}
+
 /// A backend routed by the builtin nginx template on plain http (no certificates here).
 pub fn routed_backend(name: &str, host: &str, network: &str, replicas: u32) -> Result<Resource> {
     ServiceBuilder::backend(name)
