@@ -687,3 +687,60 @@ targets:{target}"#,
     })?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. a single file bind-mounted into drover's container
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_single_file_bind_mount_is_rewritten_in_place() -> Result<()> {
+    require_e2e!();
+    // Renaming onto a file that is itself a mount point fails (EBUSY): drover must fall
+    // back to rewriting it in place, or the host never sees the new content.
+    let dir = temp_dir("ship-f")?;
+    let file = dir.path().join("prometheus.yml");
+    std::fs::write(&file, "old content\n")?;
+    let config = dir.path().join("drover.yml");
+    std::fs::write(
+        &config,
+        "http: { listen: 127.0.0.1:0 }\ntargets:\n  - name: prom\n    template: builtin:prometheus\n    output: /out/prometheus.yml\n",
+    )?;
+    let name = unique("ship-f");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-v",
+        &format!("{}:/out/prometheus.yml", file.display()),
+        "-v",
+        &format!("{}:/etc/drover.yml:ro", config.display()),
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        &drover_image(),
+        "run",
+        "--config",
+        "/etc/drover.yml",
+    ])?;
+    let container = Resource::adopt(Kind::Container, name);
+    let mut content = String::new();
+    let rewritten = wait_until(BOUND, Duration::from_millis(200), || {
+        content = std::fs::read_to_string(&file).unwrap_or_default();
+        content.contains("scrape_configs:")
+    });
+    // drover logs to stderr.
+    let logs = Command::new("docker")
+        .args(["logs", container.name()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    ensure!(
+        rewritten,
+        "the host file was not rewritten: {content:?}\ndrover logs:\n{logs}"
+    );
+    ensure!(
+        !logs.contains("cannot write"),
+        "a write error was logged:\n{logs}"
+    );
+    Ok(())
+}
