@@ -199,7 +199,6 @@ fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        error!("config check failed");
         Ok(ExitCode::FAILURE)
     }
 }

@@ -538,8 +538,13 @@ fn services_from_containers(containers: &[Container]) -> Vec<Service> {
 /// drover's own container: Docker sets the hostname to the short container id unless the
 /// operator overrides it, so match on that.
 fn own_container(containers: &[Container]) -> Option<Own> {
-    let host = std::fs::read_to_string("/etc/hostname").ok()?;
-    let host = host.trim();
+    // The hostname cannot change under a running container: read it once, not per snapshot.
+    static HOSTNAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let host = HOSTNAME.get_or_init(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    });
     if host.len() < 12 {
         return None;
     }

@@ -149,23 +149,18 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
         format!(
             r#"http: {{ listen: 0.0.0.0:9090 }}
 resync: 10s
-targets:
-  - name: nginx
-    template: builtin:nginx
-    output: /etc/nginx/conf.d/drover.conf
-    network: {network}
-    debounce: {{ min: 100ms, max: 1s }}
-    check:
-      exec: {{ service: {nginx}, command: ["nginx", "-t"] }}
-    notify:
-      - signal: {{ service: {nginx}, signal: HUP }}
 hooks:
   - name: dockerhub
     kind: dockerhub
     token_file: /run/secrets/dockerhub-token
     allow: {{ repository: "nobody/.+" }}
     action: update-services
-"#
+targets:{target}"#,
+            target = nginx_target(
+                std::path::Path::new("/etc/nginx/conf.d/drover.conf"),
+                &network,
+                &nginx
+            ),
         ),
     )?;
     let env = [
