@@ -1,10 +1,17 @@
-//! Command-line interface: what `drover` accepts and the built-in default config.
+//! Command-line interface: what `drover` accepts, the built-in default config, and the
+//! one-shot commands (`render`, `check`, `healthcheck`). `drover run` lives in `daemon`.
+//! One-shot commands print to stdout/stderr and map failure to a non-zero exit code.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Action, Config, Debounce, ExecSpec, SignalSpec, Target};
+use crate::docker::Engine;
+use crate::render::Template;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -125,5 +132,100 @@ impl DefaultTarget {
             })],
         });
         config
+    }
+}
+
+/// `drover render`: one snapshot, one render, to stdout.
+pub async fn render_once(args: ConfigArgs, target: Option<String>) -> anyhow::Result<ExitCode> {
+    let config = args.load()?;
+    let target = match &target {
+        Some(name) => config
+            .targets
+            .iter()
+            .find(|t| &t.name == name)
+            .with_context(|| format!("no target named {name:?}"))?,
+        None => config
+            .targets
+            .first()
+            .context("the config has no targets")?,
+    };
+    let template = Template::load(target)?;
+    let engine = Engine::connect().await?;
+    let snapshot = crate::state::fetch(&engine).await?;
+    let rendered = template.render(&snapshot)?;
+    for s in &rendered.skipped {
+        tracing::warn!(service = %s.service, label = %s.label, value = %s.value, reason = %s.reason,
+            "service skipped: invalid label value");
+    }
+    print!("{}", rendered.text);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drover check`: every template compiles and every secret file is readable.
+pub fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let config = args.load()?;
+    let mut ok = true;
+    for t in &config.targets {
+        if let Err(e) = Template::load(t) {
+            eprintln!("drover: target {}: {e}", t.name);
+            ok = false;
+        }
+    }
+    for h in &config.hooks {
+        for path in h.token_file.iter().chain(&h.secret_file) {
+            if let Err(e) = crate::config::read_secret(path) {
+                eprintln!(
+                    "drover: hook {}: cannot read {}: {e}",
+                    h.name,
+                    path.display()
+                );
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        println!(
+            "config ok: {} targets, {} hooks",
+            config.targets.len(),
+            config.hooks.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// A plain HTTP/1.0 GET over TCP: the runtime image has no curl.
+pub fn healthcheck(url: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let timeout = std::time::Duration::from_secs(3);
+    let result = (|| -> std::io::Result<String> {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })();
+    match result {
+        Ok(answer) if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") => {
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!("drover: unhealthy: {}", answer.lines().next().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("drover: unhealthy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -531,7 +531,7 @@ impl Config {
                 ));
             }
             if let Some(name) = t.builtin() {
-                if !crate::render::BUILTIN.iter().any(|(n, _)| *n == name) {
+                if !BUILTIN_TEMPLATES.contains(&name) {
                     return Err((
                         format!("target {}: unknown built-in template {name:?}", t.name),
                         format!("builtin:{name}"),
@@ -596,12 +596,32 @@ impl Action {
             return Err("command is empty".into());
         }
         if let Action::Signal(s) = self {
-            if crate::apply::signal_number(&s.signal).is_none() {
+            if signal_number(&s.signal).is_none() {
                 return Err(format!("unknown signal {:?}", s.signal));
             }
         }
         Ok(())
     }
+}
+
+/// Names of the built-in templates (`builtin:NAME`). `render` holds their sources; its
+/// tests check that the two lists agree, so config need not depend on render.
+pub const BUILTIN_TEMPLATES: &[&str] = &["nginx", "prometheus", "certbot", "ddclient"];
+
+/// The number of a signal name a notify step may send (`HUP` or `SIGHUP`).
+pub fn signal_number(name: &str) -> Option<i32> {
+    let n = name.trim_start_matches("SIG");
+    Some(match n {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "WINCH" => 28,
+        _ => return None,
+    })
 }
 
 fn valid_name(name: &str) -> bool {

@@ -27,10 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{self, HookAction, HookKind};
-use crate::docker::Engine;
 use crate::jobs::{self, Facts, Jobs, Journal, Request, Runner, Submitted, Work};
 use crate::metrics;
-use crate::status::Board;
 use crate::update::{self, ImageRef};
 
 #[derive(Debug, thiserror::Error)]
@@ -403,24 +401,6 @@ fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result
     Ok(f)
 }
 
-/// Whether the local node is the Swarm Raft leader (roles come from Swarm, not from us).
-async fn is_swarm_leader(engine: &Engine) -> bool {
-    let Ok(info) = engine.api.info().await else {
-        return false;
-    };
-    let Some(node_id) = info.swarm.and_then(|s| s.node_id) else {
-        return false;
-    };
-    engine
-        .api
-        .inspect_node(&node_id)
-        .await
-        .ok()
-        .and_then(|n| n.manager_status)
-        .and_then(|m| m.leader)
-        .unwrap_or(false)
-}
-
 /// The webhook intake: configured hooks and the job table behind them.
 pub struct Service {
     hooks: HashMap<String, Hook>,
@@ -429,45 +409,6 @@ pub struct Service {
 }
 
 impl Service {
-    /// Everything `main` needs for the HTTP side: reads the hook secrets and registry
-    /// passwords, chooses the job journal (Swarm config objects when this engine is a
-    /// Swarm manager, else `jobs.state_file`, else memory), re-queues pending jobs.
-    pub async fn start(
-        config: &config::Config,
-        engine: Engine,
-        board: Arc<Board>,
-        shutdown: CancellationToken,
-    ) -> Result<crate::http::AppState> {
-        let journal = match engine.api.inspect_swarm().await {
-            Ok(_) => {
-                let leader = is_swarm_leader(&engine).await;
-                if !leader {
-                    info!("not the swarm leader: pending jobs are left to the leader's instance");
-                }
-                Journal::Swarm(engine.api.clone(), leader)
-            }
-            Err(e) => {
-                debug!(error = %e, "not a swarm manager");
-                match &config.jobs.state_file {
-                    Some(p) => Journal::file(p.clone()),
-                    None => {
-                        warn!(
-                            "no swarm and no jobs.state_file: accepted jobs do not survive a restart"
-                        );
-                        Journal::Memory
-                    }
-                }
-            }
-        };
-        let runner = Arc::new(update::Executor::new(engine, config)?);
-        let service = Service::new(config, runner, journal, shutdown).await?;
-        Ok(crate::http::AppState::new(
-            service,
-            board,
-            config.http.clone(),
-        ))
-    }
-
     /// The intake with any runner and journal (tests, or a daemon without an engine).
     pub async fn new(
         config: &config::Config,

@@ -1,24 +1,61 @@
 //! drover keeps a Docker Swarm cluster configured by itself.
 //!
-//! Data flows one way (see DESIGN.md): `watch` turns Engine events into change signals,
-//! `state` fetches one [`state::Snapshot`], `render` turns it into bytes through Tera,
-//! `apply` stages, checks, commits and notifies. Webhooks enter through `http`/`hooks`,
-//! become `jobs`, and `update` rolls services to new digests. `metrics` holds the one
-//! Prometheus registry.
+//! Start reading at [`daemon`]: it wires every module below and owns the one shutdown
+//! token. Modules are listed in the order data flows through them (DESIGN.md): the
+//! Engine's events become hints (`watch`), hints become one cached snapshot (`state`),
+//! the snapshot becomes bytes (`render`), `reconcile` decides what to do with them and
+//! `apply` does it. Webhooks enter through `http`, are verified into facts by `hooks`,
+//! queued and journalled by `jobs`, and `update` rolls services to new digests. `cluster`
+//! says which role this instance plays. `docker` is the only code that talks to the
+//! engine; `metrics` and `status` are what operators see.
 
-pub mod apply;
+// composition root: wires everything below
+pub mod daemon;
+
+// command line, zero-config default, one-shot commands
 pub mod cli;
+
+// typed config, validated once
 pub mod config;
-pub mod debounce;
+
+// the only code that talks to the engine
 pub mod docker;
-pub mod hooks;
-pub mod http;
-pub mod jobs;
-pub mod metrics;
-pub mod reconcile;
-pub mod render;
-pub mod state;
-pub mod status;
-pub mod status_page;
-pub mod update;
+
+// engine events -> change hints
 pub mod watch;
+
+// one cached Snapshot of the cluster
+pub mod state;
+
+// pure: Snapshot + template -> bytes
+pub mod render;
+
+// min/max batching window per target
+pub mod debounce;
+
+// the loop: hints -> snapshot -> render -> apply
+pub mod reconcile;
+
+// stage, check, commit or restore, notify
+pub mod apply;
+
+// axum routers: hooks, jobs, operator endpoints
+pub mod http;
+
+// verify webhooks into facts
+pub mod hooks;
+
+// queue, coalesce and journal webhook work
+pub mod jobs;
+
+// digest -> pinned service update -> followed rollout
+pub mod update;
+
+// the one Prometheus registry
+pub mod metrics;
+
+// the status board operators read
+pub mod status;
+
+// the HTML status page
+pub mod status_page;

@@ -263,6 +263,12 @@ mod tests {
     }
 
     #[test]
+    fn config_accepts_exactly_the_builtin_templates_render_has() {
+        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, crate::config::BUILTIN_TEMPLATES);
+    }
+
+    #[test]
     fn a_syntax_error_names_the_file_and_line() {
         let err = Template::compile("my.tera", "line one\n{% for x in %}\n", "t", None)
             .expect_err("broken");

@@ -1,0 +1,158 @@
+//! The composition root of `drover run`: the only place that knows every module.
+//!
+//! It connects to the engine (serving liveness while it waits), then wires the data flow
+//! of DESIGN.md: `watch` → hints → `reconcile` (state → render → apply), and the webhook
+//! side `http` → `hooks` → `jobs` → `update`, with the job journal chosen here. One
+//! `CancellationToken` stops everything; `run` returns only after every loop has ended and
+//! the HTTP server has drained. Modules below never construct one another's services.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::cli::ConfigArgs;
+use crate::config::Config;
+use crate::docker::Engine;
+use crate::jobs::Journal;
+use crate::reconcile::Reconciler;
+use crate::status::Board;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let config = args.load()?;
+    let shutdown = CancellationToken::new();
+    let board = Arc::new(Board::new());
+    let Some(engine) = wait_for_engine(&config, &shutdown).await? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
+
+    let mut tasks = JoinSet::new();
+    let (hint_tx, hint_rx) = tokio::sync::mpsc::channel(1024);
+    tasks.spawn(crate::watch::run(engine.clone(), hint_tx, shutdown.clone()));
+    let reconciler = Reconciler::new(
+        engine.clone(),
+        &config.targets,
+        board.clone(),
+        config.resync,
+    );
+    tasks.spawn(reconciler.run(hint_rx, shutdown.clone()));
+
+    let state = webhook_side(&config, engine, board, shutdown.clone())
+        .await
+        .context("starting the webhook intake")?;
+    let listener = bind(&config).await?;
+    let http_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = crate::http::serve_listener(listener, state, http_shutdown).await {
+            error!(error = %e, "http server stopped");
+        }
+    });
+
+    wait_for_signal().await;
+    info!("shutting down");
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Until the engine answers, only liveness and metrics are served: `/readyz` says 503.
+/// `None` when a signal arrived first.
+async fn wait_for_engine(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Engine>> {
+    let listener = bind(config).await?;
+    let waiting = CancellationToken::new();
+    let server = tokio::spawn(crate::http::serve_waiting(listener, waiting.clone()));
+    let engine = tokio::select! {
+        engine = Engine::connect_waiting(shutdown) => engine?,
+        _ = wait_for_signal() => None,
+    };
+    waiting.cancel();
+    let _ = server.await;
+    Ok(engine)
+}
+
+/// The webhook side: hook secrets, registry passwords, the job journal and the job table.
+/// The journal is Swarm's store (config objects) when this engine is a Swarm manager,
+/// else `jobs.state_file`, else memory.
+async fn webhook_side(
+    config: &Config,
+    engine: Engine,
+    board: Arc<Board>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<crate::http::AppState> {
+    let journal = match engine.api.inspect_swarm().await {
+        Ok(_) => {
+            let leader = is_swarm_leader(&engine).await;
+            if !leader {
+                info!("not the swarm leader: pending jobs are left to the leader's instance");
+            }
+            Journal::Swarm(engine.api.clone(), leader)
+        }
+        Err(e) => {
+            debug!(error = %e, "not a swarm manager");
+            match &config.jobs.state_file {
+                Some(p) => Journal::file(p.clone()),
+                None => {
+                    warn!(
+                        "no swarm and no jobs.state_file: accepted jobs do not survive a restart"
+                    );
+                    Journal::Memory
+                }
+            }
+        }
+    };
+    let runner = Arc::new(crate::update::Executor::new(engine, config)?);
+    let hooks = crate::hooks::Service::new(config, runner, journal, shutdown).await?;
+    Ok(crate::http::AppState::new(
+        hooks,
+        board,
+        config.http.clone(),
+    ))
+}
+
+/// Whether the local node is the Swarm Raft leader (roles come from Swarm, not from us).
+async fn is_swarm_leader(engine: &Engine) -> bool {
+    let Ok(info) = engine.api.info().await else {
+        return false;
+    };
+    let Some(node_id) = info.swarm.and_then(|s| s.node_id) else {
+        return false;
+    };
+    engine
+        .api
+        .inspect_node(&node_id)
+        .await
+        .ok()
+        .and_then(|n| n.manager_status)
+        .and_then(|m| m.leader)
+        .unwrap_or(false)
+}
+
+/// A port clash is a start-up error, not a log line.
+async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http.listen))
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
