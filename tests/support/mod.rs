@@ -32,6 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
+pub mod cluster;
+
 // ---------------------------------------------------------------------------------------
 // Gate and names
 // ---------------------------------------------------------------------------------------

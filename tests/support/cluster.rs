@@ -1,0 +1,467 @@
+//! Swarms of several nodes on this one machine, for the cluster e2e tests.
+//!
+//! Each node is a network namespace with a veth pair and its own /24 (10.213.SLOT.0/24:
+//! the host side is .1, the node .2), running its own `dockerd` inside private UTS and
+//! mount namespaces (its own host name and its own `/run`, so a container bind-mounting
+//! `/var/run/docker.sock` reaches its node's engine). The recipe is the one in DESIGN.md
+//! ("Several Swarm nodes on one machine"). A second socket, `DIR/docker.sock`, is for the
+//! test on the host. Two `socat` forwarders per node make `127.0.0.1:5000` inside the
+//! node reach the host's registry, digests included, so nodes pull the test images.
+//!
+//! Invariants: a cluster is only ever built from namespace nodes, never joined to the
+//! host's Swarm (other tests' services must not land on these nodes, and a test may stop
+//! any node's engine); every slot (namespace, veth, address range, state directory) is
+//! claimed atomically by creating its directory, so concurrent tests and processes never
+//! share one, and a slot whose owner died is reclaimed; [`Cluster`]'s drop stops every
+//! engine (SIGTERM, then SIGKILL to whatever is left in the namespace), removes the
+//! namespaces, the forwarders and the state directories, panicking or not.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Context, Result, bail, wait_for};
+
+/// Where slots live; a slot directory holds the node's engine state and logs.
+const ROOT: &str = "/tmp/drover-cluster";
+/// Nodes take 10.213.SLOT.0/24, SLOT in 1..=MAX_SLOT.
+const MAX_SLOT: u32 = 250;
+const REGISTRY_PORT: u16 = 5000;
+
+/// A Swarm of namespace nodes: `managers` managers (the first one initialises the Swarm
+/// and leads at the start) and `workers` workers.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    pub fn new(managers: usize, workers: usize) -> Result<Cluster> {
+        if managers == 0 {
+            bail!("a Swarm needs a manager");
+        }
+        allow_forwarding()?;
+        let mut nodes = Vec::new();
+        for i in 0..managers + workers {
+            let role = if i < managers { "m" } else { "w" };
+            let n = i - if i < managers { 0 } else { managers };
+            nodes.push(Node::start(&format!("{role}{}", n + 1), i < managers)?);
+        }
+        let cluster = Cluster { nodes };
+        for node in &cluster.nodes {
+            node.wait_engine(Duration::from_secs(60))?;
+        }
+        let first = &cluster.nodes[0];
+        first.docker(&["swarm", "init", "--advertise-addr", &first.addr])?;
+        let manager_token = first.docker(&["swarm", "join-token", "-q", "manager"])?;
+        let worker_token = first.docker(&["swarm", "join-token", "-q", "worker"])?;
+        let join_addr = format!("{}:2377", first.addr);
+        for node in &cluster.nodes[1..] {
+            let token = if node.manager {
+                &manager_token
+            } else {
+                &worker_token
+            };
+            node.docker(&[
+                "swarm",
+                "join",
+                "--advertise-addr",
+                &node.addr,
+                "--token",
+                token,
+                &join_addr,
+            ])?;
+        }
+        let expected = cluster.nodes.len();
+        wait_for(
+            "every node Ready in the Swarm",
+            Duration::from_secs(60),
+            || {
+                first
+                    .docker(&["node", "ls", "--format", "{{.Status}}"])
+                    .map(|out| out.lines().filter(|l| *l == "Ready").count() == expected)
+                    .unwrap_or(false)
+            },
+        )?;
+        Ok(cluster)
+    }
+
+    pub fn node(&self, short: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.short == short)
+            .unwrap_or_else(|| panic!("no node {short} in this cluster"))
+    }
+
+    /// A manager whose engine answers (the first one that does).
+    pub fn manager(&self) -> Result<&Node> {
+        self.nodes
+            .iter()
+            .filter(|n| n.manager && n.engine.is_some())
+            .find(|n| n.docker(&["node", "ls", "-q"]).is_ok())
+            .context("no manager answers")
+    }
+
+    /// The node that currently is the Raft leader (asked of a manager that answers).
+    pub fn leader(&self) -> Result<&Node> {
+        let host = self.manager()?.docker(&[
+            "node",
+            "ls",
+            "--filter",
+            "role=manager",
+            "--format",
+            "{{.Hostname}} {{.ManagerStatus}}",
+        ])?;
+        let name = host
+            .lines()
+            .find_map(|l| l.strip_suffix(" Leader"))
+            .context("no leader")?
+            .to_string();
+        self.nodes
+            .iter()
+            .find(|n| n.hostname == name)
+            .with_context(|| format!("leader {name} is not one of ours"))
+    }
+
+    /// `docker ARGS` against a manager that answers.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
+        self.manager()?.docker(args)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Signal every engine before the nodes' own drops wait for each: containers stop
+        // in parallel.
+        for node in &mut self.nodes {
+            node.signal_engine();
+        }
+    }
+}
+
+/// One namespace node of a [`Cluster`].
+pub struct Node {
+    /// `m1`, `w2`, ... (as created).
+    pub short: String,
+    /// Namespace name and host name (what `docker node ls` shows).
+    pub hostname: String,
+    pub manager: bool,
+    /// The node's own address (10.213.SLOT.2): Swarm advertises it, published ports bind it.
+    pub addr: String,
+    /// The host's side of the veth (10.213.SLOT.1).
+    pub host_addr: String,
+    /// Engine socket for the test on the host.
+    pub socket: PathBuf,
+    dir: PathBuf,
+    slot: u32,
+    engine: Option<Child>,
+    host_forwarder: Option<Child>,
+    /// Runs inside the node: it dies with the node's processes and is restarted with the engine.
+    node_forwarder: Option<Child>,
+}
+
+impl Node {
+    fn start(short: &str, manager: bool) -> Result<Node> {
+        let (slot, dir) = claim_slot()?;
+        let hostname = format!("drvn{slot}");
+        let mut node = Node {
+            short: short.into(),
+            hostname: hostname.clone(),
+            manager,
+            addr: format!("10.213.{slot}.2"),
+            host_addr: format!("10.213.{slot}.1"),
+            socket: dir.join("docker.sock"),
+            dir,
+            slot,
+            engine: None,
+            host_forwarder: None,
+            node_forwarder: None,
+        };
+        // From here on, drop tears down whatever part was built.
+        node.create_network()?;
+        node.host_forwarder = Some(node.forwarder(None, &node.host_addr, "127.0.0.1")?);
+        node.start_engine()?;
+        Ok(node)
+    }
+
+    fn veth(&self) -> (String, String) {
+        (format!("drvh{}", self.slot), format!("drvc{}", self.slot))
+    }
+
+    fn create_network(&self) -> Result<()> {
+        let ns = &self.hostname;
+        let (host_if, node_if) = self.veth();
+        run("ip", &["netns", "add", ns])?;
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &node_if,
+            ],
+        )?;
+        run("ip", &["link", "set", &node_if, "netns", ns])?;
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.host_addr),
+                "dev",
+                &host_if,
+            ],
+        )?;
+        run("ip", &["link", "set", &host_if, "up"])?;
+        let inside = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", ns.as_str(), "ip"];
+            full.extend_from_slice(args);
+            run("ip", &full)
+        };
+        inside(&["addr", "add", &format!("{}/24", self.addr), "dev", &node_if])?;
+        inside(&["link", "set", &node_if, "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        inside(&["route", "add", "default", "via", &self.host_addr])?;
+        Ok(())
+    }
+
+    /// `socat` from BIND:5000 to TO:5000, inside the node's network namespace or on the host.
+    fn forwarder(&self, ns: Option<&str>, bind: &str, to: &str) -> Result<Child> {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg("socat");
+                c
+            }
+            None => Command::new("socat"),
+        };
+        cmd.arg(format!(
+            "TCP-LISTEN:{REGISTRY_PORT},bind={bind},fork,reuseaddr"
+        ))
+        .arg(format!("TCP:{to}:{REGISTRY_PORT}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run socat (scripts/test installs it)")
+    }
+
+    /// Starts the node's engine (again, after [`Node::stop_engine`]); its Swarm state
+    /// survives in the data root.
+    pub fn start_engine(&mut self) -> Result<()> {
+        if self.engine.is_some() {
+            return Ok(());
+        }
+        if let Some(mut old) = self.node_forwarder.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.node_forwarder =
+            Some(self.forwarder(Some(&self.hostname), "127.0.0.1", &self.host_addr)?);
+        // The host's daemon.json pins its own data root; keep its storage driver and MTU.
+        let host_conf: serde_json::Value = std::fs::read("/etc/docker/daemon.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut conf = serde_json::Map::new();
+        for key in ["storage-driver", "mtu"] {
+            if let Some(v) = host_conf.get(key) {
+                conf.insert(key.into(), v.clone());
+            }
+        }
+        let conf_path = self.dir.join("daemon.json");
+        std::fs::write(&conf_path, serde_json::Value::Object(conf).to_string())?;
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dockerd.log"))?;
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && hostname {host} && exec dockerd \
+             --config-file {conf} --data-root {dir}/data --exec-root /run/docker \
+             --pidfile /run/docker.pid -H unix:///var/run/docker.sock -H unix://{sock}",
+            host = self.hostname,
+            conf = conf_path.display(),
+            dir = self.dir.display(),
+            sock = self.socket.display(),
+        );
+        // nsenter, unshare and sh all exec: the child's pid is dockerd's.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.hostname))
+            .args([
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start dockerd in the node")?;
+        self.engine = Some(child);
+        Ok(())
+    }
+
+    /// Stops the node's engine (SIGTERM, as `systemctl stop docker` does; SIGKILL to what
+    /// is left in the node after 30 s), keeping its Swarm state for [`Node::start_engine`].
+    pub fn stop_engine(&mut self) {
+        self.signal_engine();
+        self.reap_engine();
+    }
+
+    /// Waits until the node's own socket answers.
+    pub fn wait_engine(&self, timeout: Duration) -> Result<()> {
+        wait_for(&format!("the engine of {}", self.hostname), timeout, || {
+            self.docker(&["info", "--format", "{{.ID}}"]).is_ok()
+        })
+    }
+
+    /// `docker -H unix://SOCKET ARGS...`: trimmed stdout, or an error with stderr.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
+        let host = format!("unix://{}", self.socket.display());
+        let mut full = vec!["-H", host.as_str()];
+        full.extend_from_slice(args);
+        run("docker", &full)
+    }
+
+    /// This node's Swarm node id.
+    pub fn node_id(&self) -> Result<String> {
+        self.docker(&["info", "--format", "{{.Swarm.NodeID}}"])
+    }
+
+    fn namespace_pids(&self) -> Vec<u32> {
+        run("ip", &["netns", "pids", &self.hostname])
+            .map(|out| out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    fn signal_engine(&mut self) {
+        if let Some(child) = &self.engine {
+            kill(child.id(), "TERM");
+        }
+    }
+
+    /// Waits for a signalled engine to exit (30 s at most), then kills whatever is left in
+    /// the node's namespace.
+    fn reap_engine(&mut self) {
+        if let Some(mut child) = self.engine.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in self.namespace_pids() {
+            kill(pid, "KILL");
+        }
+        if let Some(mut f) = self.node_forwarder.take() {
+            let _ = f.wait();
+        }
+    }
+
+    fn teardown(&mut self) {
+        self.reap_engine();
+        if let Some(mut f) = self.host_forwarder.take() {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+        release_slot(self.slot, &self.dir);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.signal_engine();
+        self.teardown();
+    }
+}
+
+/// Lets traffic between the nodes' veths pass the host's FORWARD chain, whose policy the
+/// host engine sets to DROP. Idempotent.
+fn allow_forwarding() -> Result<()> {
+    for dir in ["-s", "-d"] {
+        let rule = ["DOCKER-USER", dir, "10.213.0.0/16", "-j", "ACCEPT"];
+        let mut check = vec!["-C"];
+        check.extend_from_slice(&rule);
+        if run("iptables", &check).is_err() {
+            let mut insert = vec!["-I"];
+            insert.extend_from_slice(&rule);
+            run("iptables", &insert).context("adding the DOCKER-USER rule for the nodes")?;
+        }
+    }
+    Ok(())
+}
+
+/// Claims a free slot by creating its directory (atomic); a slot whose owner process is
+/// gone is cleaned up and taken over.
+fn claim_slot() -> Result<(u32, PathBuf)> {
+    std::fs::create_dir_all(ROOT)?;
+    for slot in 1..=MAX_SLOT {
+        let dir = PathBuf::from(format!("{ROOT}/{slot}"));
+        if std::fs::create_dir(&dir).is_err() {
+            let owner = std::fs::read_to_string(dir.join("owner"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            let alive = owner.is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
+            // A directory without an owner file may be being claimed right now.
+            if alive || owner.is_none() {
+                continue;
+            }
+            release_slot(slot, &dir);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+        }
+        std::fs::write(dir.join("owner"), std::process::id().to_string())?;
+        return Ok((slot, dir));
+    }
+    bail!("no free cluster slot under {ROOT}")
+}
+
+/// Removes everything a slot may hold: processes in its namespace, the namespace (which
+/// takes the veth pair with it), the state directory.
+fn release_slot(slot: u32, dir: &PathBuf) {
+    let ns = format!("drvn{slot}");
+    if let Ok(out) = run("ip", &["netns", "pids", &ns]) {
+        for pid in out.lines().filter_map(|l| l.trim().parse().ok()) {
+            kill(pid, "KILL");
+        }
+    }
+    let _ = run("ip", &["netns", "del", &ns]);
+    let _ = run("ip", &["link", "del", &format!("drvh{slot}")]);
+    // Engine mounts live in the node's private mount namespace, gone with its processes;
+    // retry briefly while the last of them exit.
+    for _ in 0..20 {
+        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("cluster: could not remove {}", dir.display());
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
