@@ -21,6 +21,9 @@ pub mod config;
 // the only code that talks to the engine
 pub mod docker;
 
+// retry delays shared by every loop that waits for the engine
+pub mod backoff;
+
 // engine events -> change hints
 pub mod watch;
 

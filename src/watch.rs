@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::docker::Engine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,50 +56,15 @@ pub fn is_relevant(typ: &str, action: &str) -> bool {
     }
 }
 
-struct Backoff {
-    next: Duration,
-    healthy_since: Option<Instant>,
-}
-
-impl Backoff {
-    const START: Duration = Duration::from_millis(800);
-    const MAX: Duration = Duration::from_secs(30);
-    const RESET_AFTER: Duration = Duration::from_secs(120);
-
-    fn new() -> Backoff {
-        Backoff {
-            next: Self::START,
-            healthy_since: None,
-        }
-    }
-
-    fn connected(&mut self) {
-        self.healthy_since = Some(Instant::now());
-    }
-
-    fn delay(&mut self) -> Duration {
-        if self
-            .healthy_since
-            .is_some_and(|t| t.elapsed() >= Self::RESET_AFTER)
-        {
-            self.next = Self::START;
-        }
-        self.healthy_since = None;
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        // Jitter from the clock's low bits: several drovers restarted together spread out.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-    }
-}
+/// A stream open this long was a real connection, not a failed attempt.
+const STABLE: Duration = Duration::from_secs(5);
 
 pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: CancellationToken) {
     let metrics = crate::metrics::get();
     let mut since: Option<i64> = None;
     let mut backoff = Backoff::new();
+    // Whether the last stream failed; a stream that lived `STABLE` ends a failure streak.
+    let mut failing = false;
     let filters: HashMap<String, Vec<String>> = HashMap::from([(
         "type".to_owned(),
         ["service", "node", "network", "container", "config"]
@@ -114,7 +80,12 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
         let mut stream = engine.api.events(Some(options));
         let _ = hints.try_send(Hint::Resync);
         backoff.connected();
-        info!(since = ?since, "watching engine events");
+        let opened = Instant::now();
+        if failing {
+            debug!(since = ?since, "watching engine events");
+        } else {
+            info!(since = ?since, "watching engine events");
+        }
         loop {
             let item = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -122,6 +93,7 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
             };
             match item {
                 Some(Ok(event)) => {
+                    failing = false;
                     let typ = event.typ.map(|t| t.to_string()).unwrap_or_default();
                     let action = event.action.unwrap_or_default();
                     if let Some(t) = event.time {
@@ -135,18 +107,29 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
                     }
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "event stream failed");
+                    // One line per outage, not one per attempt: the engine may be gone
+                    // for minutes (reconcile logs when it is back and for how long).
+                    if failing && opened.elapsed() < STABLE {
+                        debug!(error = %e, "event stream failed");
+                    } else {
+                        warn!(error = %e, "event stream failed");
+                    }
                     break;
                 }
                 None => {
-                    warn!("event stream ended");
+                    if failing && opened.elapsed() < STABLE {
+                        debug!("event stream ended");
+                    } else {
+                        warn!("event stream ended");
+                    }
                     break;
                 }
             }
         }
+        failing = true;
         metrics.stream_reconnects.inc();
         let delay = backoff.delay();
-        info!(
+        debug!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting to the event stream"
         );
@@ -170,20 +153,5 @@ mod tests {
         assert!(is_relevant("container", "health_status: healthy"));
         assert!(is_relevant("service", "update"));
         assert!(!is_relevant("image", "pull"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_to_a_cap_and_resets_after_quiet() {
-        let mut b = Backoff::new();
-        let first = b.delay();
-        assert!(first >= Backoff::START && first < Backoff::START * 2);
-        for _ in 0..10 {
-            b.delay();
-        }
-        let capped = b.delay();
-        assert!(capped >= Backoff::MAX && capped <= Backoff::MAX.mul_f64(1.25));
-        b.connected();
-        tokio::time::advance(Backoff::RESET_AFTER).await;
-        assert!(b.delay() < Backoff::START * 2);
     }
 }

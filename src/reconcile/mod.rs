@@ -25,14 +25,16 @@ use crate::state::Snapshot;
 use crate::status::{Board, SkippedService};
 use crate::watch::Hint;
 
+mod policy;
+
+pub use policy::{Failure, Policy};
+
 /// First and largest delay of the convergence re-check.
 const CONVERGE_FIRST: Duration = Duration::from_millis(100);
 const CONVERGE_MAX: Duration = Duration::from_millis(250);
 /// A task stuck in `pending` (no node fits) should not keep us polling fast forever.
 const CONVERGE_SLOW_AFTER: Duration = Duration::from_secs(60);
 const CONVERGE_SLOW: Duration = Duration::from_secs(5);
-/// Retry delay after the engine failed to answer a snapshot.
-const FETCH_RETRY: Duration = Duration::from_secs(1);
 
 struct TargetState {
     config: Target,
@@ -106,16 +108,22 @@ impl Reconciler {
         let mut next_resync = Instant::now() + self.resync;
         let mut converge: Option<(Instant, Duration)> = None;
         let mut converging_since: Option<Instant> = None;
+        // After a failed snapshot nothing is due before this instant, whatever arrives.
+        let mut retry_at: Option<Instant> = None;
+        let mut engine = Policy::default();
         loop {
             if !std::mem::take(&mut immediate) {
-                let wake = self
-                    .targets
-                    .iter()
-                    .filter_map(|t| t.debounce.deadline())
-                    .chain(converge.map(|c| c.0))
-                    .chain(std::iter::once(next_resync))
-                    .min()
-                    .unwrap_or(next_resync);
+                let wake = match retry_at {
+                    Some(at) => at,
+                    None => self
+                        .targets
+                        .iter()
+                        .filter_map(|t| t.debounce.deadline())
+                        .chain(converge.map(|c| c.0))
+                        .chain(std::iter::once(next_resync))
+                        .min()
+                        .unwrap_or(next_resync),
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     hint = hints.recv() => match hint {
@@ -132,6 +140,10 @@ impl Reconciler {
                 }
             }
             let now = Instant::now();
+            if retry_at.is_some_and(|at| now < at) {
+                continue;
+            }
+            let retrying = retry_at.take().is_some();
             if now >= next_resync {
                 full_pass = true;
             }
@@ -142,24 +154,35 @@ impl Reconciler {
                 .map(|t| t.debounce.take_due(now))
                 .collect();
             let any_batch = batches.iter().any(Option::is_some);
-            if !(full_pass || converge_due || any_batch) {
+            if !(full_pass || converge_due || any_batch || retrying) {
                 continue;
             }
             if full_pass {
                 crate::metrics::get().resyncs.inc();
                 next_resync = now + self.resync;
             }
-            let snapshot = match crate::state::fetch(&self.engine).await {
-                Ok(s) => Arc::new(s),
+            let fetched = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                fetched = crate::state::fetch(&self.engine) => fetched,
+            };
+            let snapshot = match fetched {
+                Ok(s) => {
+                    engine.succeeded();
+                    Arc::new(s)
+                }
                 Err(e) => {
-                    warn!(error = %e, "cannot fetch cluster state; retrying");
-                    // Keep the work: re-arm the batches and try again shortly.
+                    // Keep the work (the batches, and every target after a failed
+                    // resync or re-check), but nothing is due before the backoff ends.
                     for (t, b) in self.targets.iter_mut().zip(&batches) {
                         if let Some(b) = b {
                             t.debounce.hint(b.first);
                         }
                     }
-                    converge = Some((Instant::now() + FETCH_RETRY, CONVERGE_MAX));
+                    if converge_due || retrying {
+                        full_pass = true;
+                    }
+                    converge = None;
+                    retry_at = Some(Instant::now() + engine.failed(&e));
                     continue;
                 }
             };
@@ -167,9 +190,11 @@ impl Reconciler {
             for (t, batch) in self.targets.iter_mut().zip(batches) {
                 if everyone || batch.is_some() {
                     let span = info_span!("reconcile", target = %t.config.name);
-                    pass(t, &snapshot, &self.engine, &self.board, batch)
-                        .instrument(span)
-                        .await;
+                    // A check or notify step can take up to its timeout: shutdown does not wait.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = pass(t, &snapshot, &self.engine, &self.board, batch).instrument(span) => {}
+                    }
                 }
             }
             full_pass = false;
