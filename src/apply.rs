@@ -11,16 +11,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bollard::exec::{CreateExecOptions, StartExecResults};
-use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Action, Selector, Target};
-use crate::docker::Engine;
+use crate::docker::{self, Engine};
 use crate::state::Snapshot;
 
 /// How long a check or notify command may run.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a `restart` of a Swarm service may take to roll out before it counts as failed.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
 /// Checker output kept for logs and the status page.
 const OUTPUT_LIMIT: usize = 2000;
 
@@ -34,8 +34,10 @@ pub enum Error {
     },
     #[error("no running container matches {0}")]
     NoContainer(Selector),
-    #[error("engine: {0}")]
-    Engine(#[from] bollard::errors::Error),
+    #[error(transparent)]
+    Engine(#[from] docker::Error),
+    #[error("restart of service {service}: {reason}")]
+    Restart { service: String, reason: String },
     #[error("command {argv:?}: {reason}")]
     Command { argv: Vec<String>, reason: String },
     #[error("exited with {code}: {output}")]
@@ -257,113 +259,54 @@ async fn run_action(
             }
             let signal = format!("SIG{}", s.signal.trim_start_matches("SIG"));
             for id in ids {
-                engine
-                    .api
-                    .kill_container(
-                        &id,
-                        Some(bollard::query_parameters::KillContainerOptions {
-                            signal: signal.clone(),
-                        }),
-                    )
-                    .await?;
+                engine.kill_container(&id, &signal).await?;
             }
             Ok(())
         }
         Action::Restart(on) => {
             let engine = engine.ok_or_else(|| Error::NoContainer(on.clone()))?;
             if let (Some(name), true) = (&on.service, snapshot.swarm) {
-                return force_update(engine, name).await;
+                return restart_service(engine, name).await;
             }
             let ids = select_containers(on, snapshot);
             if ids.is_empty() {
                 return Err(Error::NoContainer(on.clone()));
             }
             for id in ids {
-                engine
-                    .api
-                    .restart_container(
-                        &id,
-                        None::<bollard::query_parameters::RestartContainerOptions>,
-                    )
-                    .await?;
+                engine.restart_container(&id).await?;
             }
             Ok(())
         }
     }
 }
 
-/// Restarts every task of a Swarm service the way `docker service update --force` does.
-pub async fn force_update(engine: &Engine, service: &str) -> Result<(), Error> {
-    let mut attempts = 0;
-    loop {
-        let current = engine
-            .api
-            .inspect_service(
-                service,
-                None::<bollard::query_parameters::InspectServiceOptions>,
-            )
-            .await?;
-        let version = current.version.and_then(|v| v.index).unwrap_or(0);
-        let mut spec = current.spec.unwrap_or_default();
-        let mut template = spec.task_template.take().unwrap_or_default();
-        template.force_update = Some(template.force_update.unwrap_or(0) + 1);
-        spec.task_template = Some(template);
-        let options = bollard::query_parameters::UpdateServiceOptions {
-            version: i32::try_from(version).unwrap_or(i32::MAX),
-            ..Default::default()
-        };
-        match engine
-            .api
-            .update_service(service, spec, options, None)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if crate::docker::is_out_of_sequence(&e) && attempts < 5 => attempts += 1,
-            Err(e) => return Err(e.into()),
-        }
-    }
+/// Restarts every task of a Swarm service the way `docker service update --force` does,
+/// and waits for Swarm to report the rollout done. Shares the service's edit lock with
+/// webhook rollouts, so the two never interleave.
+async fn restart_service(engine: &Engine, service: &str) -> Result<(), Error> {
+    use crate::update::{Change, End};
+    let rolled = crate::update::roll(engine, service, Change::Force, None, RESTART_TIMEOUT).await?;
+    let reason = match rolled.end {
+        End::Completed(_) | End::Unchanged => return Ok(()),
+        End::Paused(m) => format!("update paused: {m}"),
+        End::RolledBack(m) => format!("rolled back: {m}"),
+        End::TimedOut(t) => format!("not done within {}", humantime::format_duration(t)),
+        End::Removed => "the service was removed".into(),
+    };
+    Err(Error::Restart {
+        service: service.to_owned(),
+        reason,
+    })
 }
 
 async fn exec(engine: &Engine, container: &str, argv: &[String]) -> Result<(), Error> {
-    let created = engine
-        .api
-        .create_exec(
-            container,
-            CreateExecOptions {
-                cmd: Some(argv.to_vec()),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let run = async {
-        let mut output = String::new();
-        if let StartExecResults::Attached {
-            output: mut stream, ..
-        } = engine.api.start_exec(&created.id, None).await?
-        {
-            while let Some(chunk) = stream.next().await {
-                output.push_str(&chunk?.to_string());
-            }
-        }
-        Ok::<_, Error>(output)
-    };
-    let output = tokio::time::timeout(STEP_TIMEOUT, run)
-        .await
-        .map_err(|_| Error::Timeout(STEP_TIMEOUT))??;
-    let code = engine
-        .api
-        .inspect_exec(&created.id)
-        .await?
-        .exit_code
-        .unwrap_or(-1);
-    if code == 0 {
+    let done = engine.exec(container, argv, STEP_TIMEOUT).await?;
+    if done.exit_code == 0 {
         Ok(())
     } else {
         Err(Error::Failed {
-            code,
-            output: tail(&output),
+            code: done.exit_code,
+            output: tail(&done.output),
         })
     }
 }

@@ -87,13 +87,13 @@ async fn webhook_side(
     board: Arc<Board>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<crate::http::AppState> {
-    let journal = match engine.api.inspect_swarm().await {
+    let journal = match engine.inspect_swarm().await {
         Ok(_) => {
             let leader = is_swarm_leader(&engine).await;
             if !leader {
                 info!("not the swarm leader: pending jobs are left to the leader's instance");
             }
-            Journal::Swarm(engine.api.clone(), leader)
+            Journal::Swarm(engine.clone(), leader)
         }
         Err(e) => {
             debug!(error = %e, "not a swarm manager");
@@ -119,14 +119,13 @@ async fn webhook_side(
 
 /// Whether the local node is the Swarm Raft leader (roles come from Swarm, not from us).
 async fn is_swarm_leader(engine: &Engine) -> bool {
-    let Ok(info) = engine.api.info().await else {
+    let Ok(info) = engine.info().await else {
         return false;
     };
     let Some(node_id) = info.swarm.and_then(|s| s.node_id) else {
         return false;
     };
     engine
-        .api
         .inspect_node(&node_id)
         .await
         .ok()

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config;
-use crate::docker::{self, Docker};
+use crate::docker::Engine;
 use crate::metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -284,7 +284,7 @@ pub enum Journal {
     /// Inside Swarm: one config object per pending job, replicated by Raft. The flag says
     /// whether this instance re-runs the pending jobs at start: only the Raft leader's
     /// instance does, so a job journalled once runs once however many managers there are.
-    Swarm(Docker, bool),
+    Swarm(Engine, bool),
 }
 
 impl Journal {
@@ -323,11 +323,8 @@ impl Journal {
             }
             Journal::Swarm(_, false) => Ok(Vec::new()),
             Journal::Swarm(api, true) => {
-                let filters = HashMap::from([("label".to_owned(), vec![format!("{JOB_LABEL}=1")])]);
                 let configs = api
-                    .list_configs(Some(bollard::query_parameters::ListConfigsOptions {
-                        filters: Some(filters),
-                    }))
+                    .list_configs(&format!("{JOB_LABEL}=1"))
                     .await
                     .map_err(|e| journal(&e))?;
                 let mut jobs = Vec::new();
@@ -360,19 +357,12 @@ impl Journal {
             }
             Journal::Swarm(api, _) => {
                 let data = serde_json::to_vec(job).map_err(|e| journal(&e))?;
-                let spec = bollard::models::ConfigSpec {
-                    name: Some(format!("{JOB_CONFIG_PREFIX}{}", job.id)),
-                    labels: Some(HashMap::from([(JOB_LABEL.to_owned(), "1".to_owned())])),
-                    data: Some(base64::engine::general_purpose::STANDARD.encode(data)),
-                    templating: None,
-                };
-                match api.create_config(spec).await {
-                    Ok(_) => Ok(()),
+                let name = format!("{JOB_CONFIG_PREFIX}{}", job.id);
+                let labels = HashMap::from([(JOB_LABEL.to_owned(), "1".to_owned())]);
+                match api.create_config(&name, labels, &data).await {
+                    Ok(()) => Ok(()),
                     // Already journalled (a job re-queued at start).
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 409,
-                        ..
-                    }) => Ok(()),
+                    Err(e) if e.is_conflict() => Ok(()),
                     Err(e) => Err(journal(&e)),
                 }
             }
@@ -391,7 +381,7 @@ impl Journal {
             Journal::Swarm(api, _) => {
                 match api.delete_config(&format!("{JOB_CONFIG_PREFIX}{id}")).await {
                     Ok(()) => Ok(()),
-                    Err(e) if docker::is_not_found(&e) => Ok(()),
+                    Err(e) if e.is_not_found() => Ok(()),
                     Err(e) => Err(journal(&e)),
                 }
             }

@@ -185,11 +185,8 @@ impl Error {
     }
 }
 
-fn list_err(what: &'static str) -> impl FnOnce(bollard::errors::Error) -> Error {
-    move |e| Error::List {
-        what,
-        source: e.into(),
-    }
+fn list_err(what: &'static str) -> impl FnOnce(crate::docker::Error) -> Error {
+    move |source| Error::List { what, source }
 }
 
 fn text<T: ToString>(v: Option<T>) -> String {
@@ -297,15 +294,11 @@ impl From<RawTask> for Task {
 /// Fetches a whole snapshot: `info`, then (on a manager) services, tasks, nodes and
 /// networks, and local containers — six calls however large the cluster is.
 pub async fn fetch(engine: &crate::docker::Engine) -> Result<Snapshot, Error> {
-    use bollard::query_parameters::{
-        ListContainersOptions, ListNetworksOptions, ListNodesOptions, ListServicesOptions,
-    };
     let m = crate::metrics::get();
     let count = |call: &str| m.engine_calls.with_label_values(&[call]).inc();
-    let api = &engine.api;
 
     count("info");
-    let info = api.info().await.map_err(list_err("info"))?;
+    let info = engine.info().await.map_err(list_err("info"))?;
     let swarm_info = info.swarm.unwrap_or_default();
     let manager = swarm_info.control_available.unwrap_or(false)
         && swarm_info
@@ -319,10 +312,7 @@ pub async fn fetch(engine: &crate::docker::Engine) -> Result<Snapshot, Error> {
     };
 
     count("networks");
-    let networks = api
-        .list_networks(None::<ListNetworksOptions>)
-        .await
-        .map_err(list_err("networks"))?;
+    let networks = engine.list_networks().await.map_err(list_err("networks"))?;
     snap.networks = networks
         .into_iter()
         .map(|n| Network {
@@ -336,24 +326,15 @@ pub async fn fetch(engine: &crate::docker::Engine) -> Result<Snapshot, Error> {
 
     if manager {
         count("services");
-        let services = api
-            .list_services(None::<ListServicesOptions>)
-            .await
-            .map_err(list_err("services"))?;
+        let services = engine.list_services().await.map_err(list_err("services"))?;
         count("tasks");
         let filters = r#"{"desired-state":["running"]}"#;
         let tasks: Vec<RawTask> = engine
-            .get_json(&format!("/tasks?filters={}", percent_encode(filters)))
+            .list_tasks(filters)
             .await
-            .map_err(|source| Error::List {
-                what: "tasks",
-                source,
-            })?;
+            .map_err(list_err("tasks"))?;
         count("nodes");
-        let nodes = api
-            .list_nodes(None::<ListNodesOptions>)
-            .await
-            .map_err(list_err("nodes"))?;
+        let nodes = engine.list_nodes().await.map_err(list_err("nodes"))?;
 
         let net_name = |id: &str| {
             snap.networks
@@ -445,8 +426,8 @@ pub async fn fetch(engine: &crate::docker::Engine) -> Result<Snapshot, Error> {
     }
 
     count("containers");
-    let containers = api
-        .list_containers(None::<ListContainersOptions>)
+    let containers = engine
+        .list_containers()
         .await
         .map_err(list_err("containers"))?;
     snap.containers = containers
@@ -555,18 +536,6 @@ fn own_container(containers: &[Container]) -> Option<Own> {
             container_id: c.id.clone(),
             service: c.service.clone(),
         })
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

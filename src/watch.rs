@@ -5,10 +5,8 @@
 //! quiet minutes) whenever it ends or fails, resumes with `since` the last event seen, and
 //! every reconnect sends a resync hint. It never gives up and never exits the process.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use bollard::query_parameters::EventsOptions;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -65,19 +63,11 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
     let mut backoff = Backoff::new();
     // Whether the last stream failed; a stream that lived `STABLE` ends a failure streak.
     let mut failing = false;
-    let filters: HashMap<String, Vec<String>> = HashMap::from([(
-        "type".to_owned(),
-        ["service", "node", "network", "container", "config"]
-            .map(String::from)
-            .to_vec(),
-    )]);
     loop {
-        let options = EventsOptions {
-            since: since.map(|s| s.to_string()),
-            until: None,
-            filters: Some(filters.clone()),
-        };
-        let mut stream = engine.api.events(Some(options));
+        let mut stream = std::pin::pin!(engine.events(
+            since,
+            &["service", "node", "network", "container", "config"],
+        ));
         let _ = hints.try_send(Hint::Resync);
         backoff.connected();
         let opened = Instant::now();

@@ -65,7 +65,7 @@ impl Drover {
                 let started = async {
                     let engine = Engine::connect().await?;
                     let journal = if swarm_journal {
-                        Journal::Swarm(engine.api.clone(), true)
+                        Journal::Swarm(engine.clone(), true)
                     } else {
                         Journal::file(state)
                     };
