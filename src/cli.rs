@@ -64,9 +64,12 @@ pub struct DefaultTarget {
     /// The network whose task IPs the built-in nginx target routes to.
     #[arg(long, env = "DROVER_NETWORK")]
     pub network: Option<String>,
-    /// Address of the HTTP server (metrics, status, webhooks).
+    /// Address of the public HTTP server (webhooks, health).
     #[arg(long, env = "DROVER_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
+    /// Address of the operator endpoints (status page, jobs, metrics).
+    #[arg(long, env = "DROVER_OPS_LISTEN")]
+    pub ops_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +105,9 @@ impl ConfigArgs {
         };
         if let Some(listen) = self.default.listen {
             config.http.listen = listen;
+        }
+        if let Some(listen) = self.default.ops_listen {
+            config.http.ops.listen = listen;
         }
         Ok(config)
     }

@@ -56,6 +56,8 @@ fn default_resync() -> Duration {
     Duration::from_secs(60)
 }
 
+/// The public listener (webhooks, `/healthz`, `/readyz`) and its limits. Every limit is
+/// there so one hostile client cannot take memory or sockets from the rest.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Http {
@@ -66,6 +68,29 @@ pub struct Http {
     pub max_body: usize,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A connection that has not sent a complete request head within this is closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection that moves no byte either way for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections, in all and from one source address.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Requests being handled at once, in all and from one source address (beyond: 503).
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+    #[serde(default = "default_max_requests_per_source")]
+    pub max_requests_per_source: usize,
+    /// Failed signature or token checks allowed per source address and minute (beyond: 429
+    /// before the body is read); a forged flood does not spend a hook's own `rate`.
+    #[serde(default = "default_auth_failures_per_minute")]
+    pub auth_failures_per_minute: u32,
+    /// The operator endpoints: status page, `/jobs`, `/metrics`.
+    #[serde(default)]
+    pub ops: Ops,
 }
 
 impl Default for Http {
@@ -74,6 +99,36 @@ impl Default for Http {
             listen: default_listen(),
             max_body: default_max_body(),
             request_timeout: default_request_timeout(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
+            max_requests: default_max_requests(),
+            max_requests_per_source: default_max_requests_per_source(),
+            auth_failures_per_minute: default_auth_failures_per_minute(),
+            ops: Ops::default(),
+        }
+    }
+}
+
+/// The private listener of the operator endpoints. Loopback by default: what jobs ran and
+/// how they ended is nobody else's business. Bind it elsewhere (for Prometheus on an
+/// overlay network) only with `token_file`, or behind a network you trust.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ops {
+    #[serde(default = "default_ops_listen")]
+    pub listen: SocketAddr,
+    /// When set, every operator request needs `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for Ops {
+    fn default() -> Self {
+        Ops {
+            listen: default_ops_listen(),
+            token_file: None,
         }
     }
 }
@@ -81,11 +136,35 @@ impl Default for Http {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
 }
+fn default_ops_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9091))
+}
 fn default_max_body() -> usize {
     1024 * 1024
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    256
+}
+fn default_max_connections_per_source() -> usize {
+    32
+}
+fn default_max_requests() -> usize {
+    64
+}
+fn default_max_requests_per_source() -> usize {
+    16
+}
+fn default_auth_failures_per_minute() -> u32 {
+    30
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -570,6 +649,42 @@ impl Config {
                 if argv.is_empty() {
                     return Err((format!("hook {}: command is empty", h.name), at));
                 }
+            }
+        }
+        let h = &self.http;
+        if h.ops.listen == h.listen && h.listen.port() != 0 {
+            return Err((
+                "http.ops.listen must differ from http.listen".into(),
+                "listen:".into(),
+            ));
+        }
+        let zero = [
+            ("max_body", h.max_body),
+            ("max_connections", h.max_connections),
+            ("max_connections_per_source", h.max_connections_per_source),
+            ("max_requests", h.max_requests),
+            ("max_requests_per_source", h.max_requests_per_source),
+            (
+                "auth_failures_per_minute",
+                h.auth_failures_per_minute as usize,
+            ),
+        ];
+        if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
+            return Err((
+                format!("http.{name} must be at least 1"),
+                format!("{name}:"),
+            ));
+        }
+        for (name, d) in [
+            ("request_timeout", h.request_timeout),
+            ("header_timeout", h.header_timeout),
+            ("idle_timeout", h.idle_timeout),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(3600) {
+                return Err((
+                    format!("http.{name} must be between 1ms and 1h"),
+                    format!("{name}:"),
+                ));
             }
         }
         if self.jobs.queue == 0 {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cli::ConfigArgs;
 use crate::config::Config;
@@ -26,7 +26,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
     let shutdown = CancellationToken::new();
     let board = Arc::new(Board::new());
-    let Some(engine) = wait_for_engine(&config, &shutdown).await? else {
+    let Some(engine) = wait_for_engine(&config, board.clone(), &shutdown).await? else {
         return Ok(ExitCode::SUCCESS);
     };
     info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
@@ -45,13 +45,9 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let state = webhook_side(&config, engine, board, shutdown.clone())
         .await
         .context("starting the webhook intake")?;
-    let listener = bind(&config).await?;
-    let http_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = crate::http::serve_listener(listener, state, http_shutdown).await {
-            error!(error = %e, "http server stopped");
-        }
-    });
+    // A port clash is a start-up error, not a log line.
+    let server = crate::http::Server::bind(state).await?;
+    tasks.spawn(server.run(shutdown.clone()));
 
     wait_for_signal().await;
     info!("shutting down");
@@ -60,15 +56,16 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Until the engine answers, only liveness and metrics are served: `/readyz` says 503.
-/// `None` when a signal arrived first.
+/// Until the engine answers, only health, metrics and the status page are served:
+/// `/readyz` says 503. `None` when a signal arrived first.
 async fn wait_for_engine(
     config: &Config,
+    board: Arc<Board>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Engine>> {
-    let listener = bind(config).await?;
+    let server = crate::http::Server::waiting(&config.http, board).await?;
     let waiting = CancellationToken::new();
-    let server = tokio::spawn(crate::http::serve_waiting(listener, waiting.clone()));
+    let server = tokio::spawn(server.run(waiting.clone()));
     let engine = tokio::select! {
         engine = Engine::connect_waiting(shutdown) => engine?,
         _ = wait_for_signal() => None,
@@ -132,13 +129,6 @@ async fn is_swarm_leader(engine: &Engine) -> bool {
         .and_then(|n| n.manager_status)
         .and_then(|m| m.leader)
         .unwrap_or(false)
-}
-
-/// A port clash is a start-up error, not a log line.
-async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http.listen))
 }
 
 async fn wait_for_signal() {

@@ -1,8 +1,10 @@
 //! Webhook intake: turns a hostile HTTP request into a verified job request, or refuses it.
 //!
-//! Invariants: the order of checks is fixed — known hook, source network, rate, body size,
-//! then the signature or token, and only then the payload is parsed; nothing of a refused
-//! request reaches the job queue or the Docker API. Secrets are read once at start and
+//! Invariants: the order of checks is fixed — known hook and source network ([`Service::admit`]),
+//! then the signature or token over the raw body ([`Service::verify`]), and only then the
+//! payload is parsed ([`Service::accept`]); nothing of a refused request reaches the job
+//! queue or the Docker API. Reading the body, its size cap and the rate limits belong to
+//! the HTTP layer, which calls these steps in order; this module knows no HTTP types. Secrets are read once at start and
 //! compared in constant time (tokens through their SHA-256, so length does not leak).
 //! Rules are full-match regexes on payload facts; request data is only ever compared,
 //! stored as plain strings or passed as environment variables, never rendered as a
@@ -16,15 +18,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
 use crate::config::{self, HookAction, HookKind};
 use crate::jobs::{self, Facts, Jobs, Journal, Request, Runner, Submitted, Work};
@@ -92,19 +91,6 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Reject::UnknownHook => StatusCode::NOT_FOUND,
-            Reject::Forbidden => StatusCode::FORBIDDEN,
-            Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Reject::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reject::BodyRead | Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Reject::Unauthorized => StatusCode::UNAUTHORIZED,
-            Reject::RuleMismatch(_) | Reject::NoImage => StatusCode::UNPROCESSABLE_ENTITY,
-            Reject::QueueFull | Reject::Journal => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
     /// The `outcome` label of `webhook_requests`.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -146,36 +132,6 @@ impl Accepted {
     }
 }
 
-/// A token bucket holding up to `rate` tokens, refilled at `rate` per second.
-struct Bucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32) -> Bucket {
-        Bucket {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Delivery ids seen within the TTL.
 #[derive(Default)]
 struct Replay {
@@ -204,22 +160,40 @@ impl Replay {
         true
     }
 
-    fn forget(&mut self, id: &str) {
-        self.seen.remove(id);
+    /// Whether `id` was remembered within the TTL.
+    fn contains(&self, id: &str, now: Instant) -> bool {
+        self.seen
+            .get(id)
+            .is_some_and(|at| now.duration_since(*at) < REPLAY_TTL)
     }
 }
 
 /// One configured hook with its secrets loaded.
-struct Hook {
+pub struct Hook {
     cfg: config::Hook,
     /// SHA-256 of the shared token.
     token: Option<[u8; 32]>,
     secret: Option<Vec<u8>>,
-    bucket: Mutex<Bucket>,
     replay: Mutex<Replay>,
 }
 
+/// What the intake reads of a request: headers by lower-case name, and the `token` query
+/// parameter (Docker Hub cannot send headers).
+pub trait Headers: Sync {
+    fn header(&self, name: &str) -> Option<&str>;
+    fn query_token(&self) -> Option<&str>;
+}
+
 impl Hook {
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Verified requests per second this hook takes.
+    pub fn rate(&self) -> u32 {
+        self.cfg.rate
+    }
+
     fn load(cfg: &config::Hook) -> Result<Hook> {
         let read = |path: &std::path::Path| -> Result<Vec<u8>> {
             let bytes = config::read_secret(path).map_err(|source| Error::Secret {
@@ -246,7 +220,6 @@ impl Hook {
         Ok(Hook {
             token,
             secret,
-            bucket: Mutex::new(Bucket::new(cfg.rate)),
             replay: Mutex::default(),
             cfg: cfg.clone(),
         })
@@ -268,9 +241,9 @@ impl Hook {
     }
 
     /// Token, signature or both, by kind. Runs before the body is parsed.
-    fn verify(&self, headers: &HeaderMap, query: Option<&str>, body: &[u8]) -> bool {
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let query_token = || query_token(query);
+    fn verify(&self, headers: &dyn Headers, body: &[u8]) -> bool {
+        let header = |name: &str| headers.header(name);
+        let query_token = || headers.query_token().map(str::to_owned);
         match self.cfg.kind {
             HookKind::Github => self.signature_matches(header(GITHUB_SIGNATURE_HEADER), body),
             HookKind::Dockerhub => header(TOKEN_HEADER)
@@ -316,17 +289,6 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-fn query_token(query: Option<&str>) -> Option<String> {
-    let q = query?;
-    let uri: axum::http::Uri = format!("/?{q}").parse().ok()?;
-    let axum::extract::Query(pairs) =
-        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()?;
-    pairs
-        .into_iter()
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v)
 }
 
 #[derive(Deserialize)]
@@ -405,7 +367,6 @@ fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result
 pub struct Service {
     hooks: HashMap<String, Hook>,
     jobs: Arc<Jobs>,
-    max_body: usize,
 }
 
 impl Service {
@@ -421,104 +382,79 @@ impl Service {
             hooks.insert(h.name.clone(), Hook::load(h)?);
         }
         let jobs = Jobs::start(config.jobs.clone(), runner, journal, shutdown).await?;
-        Ok(Arc::new(Service {
-            hooks,
-            jobs,
-            max_body: config.http.max_body,
-        }))
+        Ok(Arc::new(Service { hooks, jobs }))
     }
 
     pub fn jobs(&self) -> &Arc<Jobs> {
         &self.jobs
     }
 
-    /// Handles `POST /hooks/{name}` and counts it.
-    pub async fn handle(
-        &self,
-        name: &str,
-        peer: Option<IpAddr>,
-        headers: &HeaderMap,
-        query: Option<&str>,
-        body: Body,
-    ) -> Result<Accepted, Reject> {
-        let hook = self.hooks.get(name);
-        let result = match hook {
-            Some(hook) => self.intake(hook, peer, headers, query, body).await,
-            None => Err(Reject::UnknownHook),
-        };
-        let label = if hook.is_some() { name } else { "-" };
-        let outcome = match &result {
-            Ok(a) => a.outcome(),
-            Err(r) => r.outcome(),
-        };
-        metrics::get()
-            .webhook_requests
-            .with_label_values(&[label, outcome])
-            .inc();
-        match &result {
-            Ok(Accepted::Job(s)) => info!(job = %s.id, outcome, "webhook accepted"),
-            Ok(_) => debug!(outcome, "webhook answered"),
-            Err(Reject::Unauthorized | Reject::Forbidden) => warn!(outcome, "webhook refused"),
-            Err(_) => debug!(outcome, "webhook refused"),
-        }
-        result
+    pub fn hooks(&self) -> impl Iterator<Item = &Hook> {
+        self.hooks.values()
     }
 
-    async fn intake(
-        &self,
-        hook: &Hook,
-        peer: Option<IpAddr>,
-        headers: &HeaderMap,
-        query: Option<&str>,
-        body: Body,
-    ) -> Result<Accepted, Reject> {
-        let cfg = &hook.cfg;
-        if !cfg.cidrs.is_empty() && !peer.is_some_and(|ip| cfg.cidrs.iter().any(|c| c.contains(ip)))
-        {
+    /// The hook named `name`, if it exists and `peer` is in its source networks.
+    pub fn admit(&self, name: &str, peer: Option<IpAddr>) -> Result<&Hook, Reject> {
+        let hook = self.hooks.get(name).ok_or(Reject::UnknownHook)?;
+        let cidrs = &hook.cfg.cidrs;
+        if !cidrs.is_empty() && !peer.is_some_and(|ip| cidrs.iter().any(|c| c.contains(ip))) {
             return Err(Reject::Forbidden);
         }
-        if !hook.bucket.lock().map(|mut b| b.take()).unwrap_or(false) {
-            return Err(Reject::RateLimited);
+        Ok(hook)
+    }
+
+    /// The signature or token over the raw body, before anything of it is parsed.
+    pub fn verify(&self, hook: &Hook, headers: &dyn Headers, body: &[u8]) -> Result<(), Reject> {
+        if hook.verify(headers, body) {
+            return Ok(());
         }
-        let body = read_body(body, self.max_body).await?;
-        if !hook.verify(headers, query, &body) {
-            metrics::get()
-                .signature_failures
-                .with_label_values(&[cfg.name.as_str()])
-                .inc();
-            return Err(Reject::Unauthorized);
-        }
-        // Verified from here on.
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        metrics::get()
+            .signature_failures
+            .with_label_values(&[hook.cfg.name.as_str()])
+            .inc();
+        Err(Reject::Unauthorized)
+    }
+
+    /// Acts on a verified request: GitHub's ping and replays are answered without a job,
+    /// events the hook does not act on are ignored, the rest must pass the rules and
+    /// becomes a job. A delivery id is remembered only once it got its job.
+    pub async fn accept(
+        &self,
+        hook: &Hook,
+        headers: &dyn Headers,
+        body: &[u8],
+    ) -> Result<Accepted, Reject> {
+        let cfg = &hook.cfg;
         let mut event = None;
         let mut delivery = None;
         if cfg.kind == HookKind::Github {
-            let ev =
-                header(GITHUB_EVENT_HEADER).ok_or(Reject::BadRequest("missing X-GitHub-Event"))?;
+            let ev = headers
+                .header(GITHUB_EVENT_HEADER)
+                .ok_or(Reject::BadRequest("missing X-GitHub-Event"))?;
             if ev == "ping" {
                 return Ok(Accepted::Ping);
             }
-            let id = header(GITHUB_DELIVERY_HEADER)
+            let id = headers
+                .header(GITHUB_DELIVERY_HEADER)
                 .ok_or(Reject::BadRequest("missing X-GitHub-Delivery"))?;
             if id.is_empty() || id.len() > 100 {
                 return Err(Reject::BadRequest("invalid X-GitHub-Delivery"));
             }
-            let fresh = hook
+            let seen = hook
                 .replay
                 .lock()
-                .map(|mut r| r.insert(id, Instant::now()))
-                .unwrap_or(true);
-            if !fresh {
+                .map(|r| r.contains(id, Instant::now()))
+                .unwrap_or(false);
+            if seen {
                 return Ok(Accepted::Duplicate);
             }
             delivery = Some(id);
             event = Some(ev);
         }
-        let result = self.decide(hook, event, &body).await;
-        // A delivery we could not take (5xx) may be redelivered and must then be accepted.
-        if let (Some(id), Err(Reject::QueueFull | Reject::Journal)) = (delivery, &result) {
+        let result = self.decide(hook, event, body).await;
+        if let (Some(id), Ok(Accepted::Job(_))) = (delivery, &result) {
             if let Ok(mut r) = hook.replay.lock() {
-                r.forget(id);
+                r.insert(id, Instant::now());
             }
         }
         result
@@ -528,7 +464,7 @@ impl Service {
         &self,
         hook: &Hook,
         event: Option<&str>,
-        body: &Bytes,
+        body: &[u8],
     ) -> Result<Accepted, Reject> {
         let cfg = &hook.cfg;
         if let Some(ev) = event {
@@ -565,15 +501,6 @@ impl Service {
             Err(jobs::Error::QueueFull) => Err(Reject::QueueFull),
             Err(jobs::Error::Journal(_)) => Err(Reject::Journal),
         }
-    }
-}
-
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reject> {
-    use http_body_util::BodyExt;
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Reject::TooLarge),
-        Err(_) => Err(Reject::BodyRead),
     }
 }
 
@@ -628,13 +555,6 @@ mod tests {
     }
 
     #[test]
-    fn query_token_is_found_and_decoded() {
-        assert_eq!(query_token(Some("a=1&token=s%2Fx")), Some("s/x".into()));
-        assert_eq!(query_token(Some("a=1")), None);
-        assert_eq!(query_token(None), None);
-    }
-
-    #[test]
     fn hub_payload_gives_repository_tag_and_image() {
         let body = br#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"owner/app","name":"app"}}"#;
         let f = facts(HookKind::Dockerhub, "hub", None, body).expect("facts");
@@ -685,9 +605,9 @@ mod tests {
         let t0 = Instant::now();
         assert!(r.insert("a", t0));
         assert!(!r.insert("a", t0 + Duration::from_secs(60)));
+        assert!(r.contains("a", t0 + Duration::from_secs(60)));
+        assert!(!r.contains("a", t0 + REPLAY_TTL));
         assert!(r.insert("a", t0 + REPLAY_TTL + Duration::from_secs(1)));
-        r.forget("a");
-        assert!(r.insert("a", t0 + REPLAY_TTL + Duration::from_secs(2)));
     }
 
     #[test]
@@ -699,15 +619,5 @@ mod tests {
         }
         assert!(r.seen.len() <= REPLAY_CAP);
         assert!(r.order.len() <= REPLAY_CAP);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket_allows_a_burst_of_rate_then_refills() {
-        let mut b = Bucket::new(3);
-        assert!(b.take() && b.take() && b.take());
-        assert!(!b.take());
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(b.take());
-        assert!(!b.take());
     }
 }

@@ -42,7 +42,7 @@ pub mod reconcile;
 // stage, check, commit or restore, notify
 pub mod apply;
 
-// axum routers: hooks, jobs, operator endpoints
+// axum routers: hooks, jobs, operator endpoints, the status page
 pub mod http;
 
 // verify webhooks into facts
@@ -59,6 +59,3 @@ pub mod metrics;
 
 // the status board operators read
 pub mod status;
-
-// the HTML status page
-pub mod status_page;

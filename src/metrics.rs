@@ -29,6 +29,7 @@ pub struct Metrics {
     pub skipped_services: IntGaugeVec,
     pub webhook_requests: IntCounterVec,
     pub signature_failures: IntCounterVec,
+    pub http_refused: IntCounterVec,
     pub jobs: IntCounterVec,
     pub queue_depth: IntGauge,
     pub update_duration: HistogramVec,
@@ -184,6 +185,12 @@ impl Metrics {
                 "drover_webhook_signature_failures_total",
                 "Webhook requests with a wrong or missing signature or token",
                 &["hook"],
+            ),
+            http_refused: counter_vec(
+                &r,
+                "drover_http_refused_total",
+                "Connections and requests refused at a cap, by which (connections, requests)",
+                &["limit"],
             ),
             jobs: counter_vec(
                 &r,

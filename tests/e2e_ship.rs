@@ -57,17 +57,21 @@ fn drover_as_a_swarm_service_routes_a_scaled_backend_through_nginx_and_reports_m
     let be = routed_backend(&be_name, &host, net.name(), 1)?;
 
     let yaml = format!(
-        "http: {{ listen: 0.0.0.0:9090 }}\nresync: 10s\ntargets:{}",
+        "http: {{ listen: 0.0.0.0:9090, ops: {{ listen: 0.0.0.0:9091 }} }}\nresync: 10s\ntargets:{}",
         nginx_target(Path::new("/out/drover.conf"), net.name(), nginx.name())
     );
     let config = create_config(&unique("ship-a-cfg"), yaml.as_bytes())?;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    // The operator listener (metrics), published for this test only.
+    let ops_port = free_port();
+    let ops = format!("127.0.0.1:{ops_port}");
     let drover = ServiceBuilder::new(&unique("ship-a-drover"), &drover_image())
         .mount_bind(Path::new("/var/run/docker.sock"), "/var/run/docker.sock")
         .mount_bind(&nginx.conf_dir, "/out")
         .config(config.name(), "/etc/drover/drover.yml")
         .publish_host(9090, port)
+        .publish_host(9091, ops_port)
         .env("DROVER_LOG", "info,drover=debug")
         .args(["run", "--config", "/etc/drover/drover.yml"])
         .create()?;
@@ -104,7 +108,7 @@ fn drover_as_a_swarm_service_routes_a_scaled_backend_through_nginx_and_reports_m
 
     let mut last = Metrics::default();
     let counted = wait_until(BOUND, Duration::from_millis(250), || {
-        if let Ok(m) = scrape_metrics(&addr) {
+        if let Ok(m) = scrape_metrics(&ops) {
             last = m;
         }
         last.count(
@@ -517,7 +521,7 @@ targets:{target}"#,
             .unwrap_or(false)
     })?;
 
-    let url = format!("http://{http}/");
+    let url = format!("http://{}/", drover.ops);
     let profile = tempfile::tempdir()?;
     let browser_cmd = || {
         let mut c = Command::new(&browser);

@@ -147,7 +147,7 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
     std::fs::write(
         &config,
         format!(
-            r#"http: {{ listen: 0.0.0.0:9090 }}
+            r#"http: {{ listen: 0.0.0.0:9090, ops: {{ token_file: /run/secrets/dockerhub-token }} }}
 resync: 10s
 hooks:
   - name: dockerhub
@@ -209,7 +209,19 @@ targets:{target}"#,
     // drover on its published port: ready, leader, and its hook reads the secret
     // (the right token passes verification and is then refused by the allow rule: 422).
     assert_eq!(http_get_host(&drover_addr, "d", "/readyz")?.status, 200);
-    let metrics = scrape_metrics(&drover_addr)?;
+    // The operator endpoints answer on the published port only with the bearer token
+    // (the test reuses the hook's secret as that token).
+    assert_eq!(http_get_host(&drover_addr, "d", "/metrics")?.status, 401);
+    let bearer = format!("Bearer {}", token.trim());
+    let r = http_request(
+        "GET",
+        &drover_addr,
+        "d",
+        "/metrics",
+        Some((&[("Authorization", bearer.as_str())], b"")),
+    )?;
+    ensure!(r.status == 200, "GET /metrics with the token: {}", r.status);
+    let metrics = Metrics::parse(&r.body)?;
     assert_eq!(metrics.get("drover_role", &[("role", "leader")]), Some(1.0));
     let body = br#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"somebody/app"}}"#;
     let wrong = http_post(&drover_addr, "/hooks/dockerhub?token=nope", &[], body)?;

@@ -1039,6 +1039,9 @@ pub struct DroverProcess {
     pub dir: tempfile::TempDir,
     /// `127.0.0.1:PORT` of drover's HTTP server, when the caller told [`DroverProcess::start`].
     pub http: Option<String>,
+    /// `127.0.0.1:PORT` of drover's operator listener (`--ops-listen`, a free port):
+    /// status page, jobs, metrics, health.
+    pub ops: String,
 }
 
 impl DroverProcess {
@@ -1070,10 +1073,13 @@ impl DroverProcess {
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("drover.log"))?;
         let bin = drover_bin();
+        let ops = format!("127.0.0.1:{}", free_port());
         let child = Command::new(&bin)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .arg("--ops-listen")
+            .arg(&ops)
             .args(extra)
             .env(
                 "DROVER_LOG",
@@ -1090,6 +1096,7 @@ impl DroverProcess {
             child,
             dir,
             http: http.map(str::to_string),
+            ops,
         })
     }
 
@@ -1103,13 +1110,9 @@ impl DroverProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// `GET path` on drover's HTTP server.
+    /// `GET path` on drover's operator listener (health answers there too).
     pub fn get(&self, path: &str) -> std::io::Result<Response> {
-        let addr = self
-            .http
-            .as_deref()
-            .ok_or_else(|| std::io::Error::other("no http address given"))?;
-        http_get_host(addr, addr, path)
+        http_get_host(&self.ops, &self.ops, path)
     }
 
     /// The `/metrics` text (empty on error).

@@ -1,55 +1,68 @@
-//! The HTTP surface: webhooks in, jobs, metrics, health and the status page out.
+//! The HTTP surface, one router per area: webhooks in (`hooks`), jobs and the status
+//! page out (`jobs`, `status_page`), metrics and health (`ops`), one [`Error`] → answer.
 //!
-//! Invariants: every request is bounded in time (`http.request_timeout` → 408) and a
-//! webhook body in size (`http.max_body` → 413, read by the intake so it is counted);
-//! answers carry fixed messages and job data only, never request text; the status page
-//! escapes everything it shows; on shutdown the server stops accepting, lets requests in
-//! flight finish, and gives up after [`drain_limit`].
+//! Two listeners: the public one (`http.listen`) serves only `POST /hooks/{name}`,
+//! `/healthz` and `/readyz`; the private one (`http.ops.listen`, loopback by default)
+//! serves the operator endpoints. With `http.ops.token_file` set, the operator endpoints
+//! need `Authorization: Bearer` and are served on the public listener too. Invariants: every
+//! connection is admitted through a cap in all and per source, has a header-read and an
+//! idle timeout (`conn`); every request is admitted through a cap on requests in flight
+//! in all and per source (beyond: 503) and bounded in time (`http.request_timeout` →
+//! 408); answers carry fixed messages and job data only, never request text; on
+//! shutdown the listeners close, requests in flight finish, and after [`drain_limit`]
+//! the rest is dropped.
 
-use std::net::SocketAddr;
+mod conn;
+mod error;
+mod hooks;
+mod jobs;
+mod ops;
+pub mod status_page;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use serde_json::json;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
-use tracing::{Instrument, info, info_span, warn};
+
+pub use conn::Gate;
+pub use error::{Error, Result};
+pub use hooks::Intake;
+pub use ops::OpsState;
 
 use crate::config;
-use crate::hooks::{self, Accepted};
-use crate::jobs::JobId;
-use crate::metrics;
 use crate::status::Board;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("http server: {0}")]
-    Serve(#[source] std::io::Error),
-}
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub hooks: Arc<hooks::Service>,
+    pub hooks: Arc<crate::hooks::Service>,
     pub board: Arc<Board>,
     pub http: config::Http,
 }
 
 impl AppState {
-    pub fn new(hooks: Arc<hooks::Service>, board: Arc<Board>, http: config::Http) -> AppState {
+    pub fn new(
+        hooks: Arc<crate::hooks::Service>,
+        board: Arc<Board>,
+        http: config::Http,
+    ) -> AppState {
         AppState { hooks, board, http }
+    }
+
+    fn ops(&self) -> Result<OpsState> {
+        OpsState::new(
+            self.board.clone(),
+            Some(self.hooks.jobs().clone()),
+            &self.http.ops,
+        )
     }
 }
 
@@ -58,155 +71,130 @@ pub fn drain_limit(http: &config::Http) -> Duration {
     http.request_timeout + Duration::from_secs(1)
 }
 
-pub fn router(state: AppState) -> Router {
-    let timeout = state.http.request_timeout;
-    Router::new()
-        .route("/hooks/{name}", post(hook))
-        .route("/jobs", get(list_jobs))
-        .route("/jobs/{id}", get(get_job))
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/", get(index))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
-        .with_state(state)
+/// The public router: webhooks and health; with `http.ops.token_file` set, also the
+/// operator endpoints behind the bearer token (so Prometheus can scrape through the one
+/// published port).
+pub fn public_router(state: &AppState) -> Result<Router> {
+    let intake = Arc::new(Intake::new(state.hooks.clone(), &state.http));
+    let ops = state.ops()?;
+    let rest = if ops.token.is_some() {
+        ops::router(ops)
+    } else {
+        ops::health().with_state(ops)
+    };
+    Ok(bounded(hooks::router(intake).merge(rest), &state.http))
 }
 
-/// Binds `listen` and serves until `shutdown`, then drains.
-pub async fn serve(
-    listen: SocketAddr,
-    state: AppState,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: listen,
-            source,
-        })?;
-    serve_listener(listener, state, shutdown).await
+/// The operator router: status page, jobs, metrics, health.
+pub fn ops_router(state: OpsState, http: &config::Http) -> Router {
+    bounded(ops::router(state), http)
 }
 
-/// Serves liveness and metrics while drover waits for the engine; `/readyz` answers 503.
-/// Returns, closing the listener, when `done` is cancelled.
-pub async fn serve_waiting(listener: TcpListener, done: CancellationToken) {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|| async {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "waiting for the docker engine",
-                )
-            }),
-        )
-        .route("/metrics", get(metrics_text));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(done.cancelled_owned())
-        .await
-    {
-        warn!(error = %e, "http server stopped");
+/// Public and operator routes on one router: for tests (`app().oneshot(..)`) and for
+/// embedding drover's intake where the caller guards the listener itself.
+pub fn router(state: AppState) -> Result<Router> {
+    let intake = Arc::new(Intake::new(state.hooks.clone(), &state.http));
+    let app = hooks::router(intake).merge(ops::router(state.ops()?));
+    Ok(bounded(app, &state.http))
+}
+
+/// The time limit and the cap on requests in flight, around any router.
+fn bounded(app: Router, http: &config::Http) -> Router {
+    let gate = Gate::new("requests", http.max_requests, http.max_requests_per_source);
+    app.layer(TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        http.request_timeout,
+    ))
+    .layer(middleware::from_fn_with_state(gate, admit))
+}
+
+async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    match gate.enter(ip) {
+        Some(_pass) => next.run(req).await,
+        None => Error::Busy.into_response(),
     }
 }
 
-/// Serves on a bound listener (tests bind port 0 and read the address first).
+fn limits(http: &config::Http) -> conn::Limits {
+    conn::Limits {
+        header_timeout: http.header_timeout,
+        idle_timeout: http.idle_timeout,
+        connections: Gate::new(
+            "connections",
+            http.max_connections,
+            http.max_connections_per_source,
+        ),
+        drain: drain_limit(http),
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Both listeners, bound, with what they serve.
+pub struct Server {
+    http: config::Http,
+    public: (TcpListener, Router),
+    ops: (TcpListener, Router),
+}
+
+impl Server {
+    /// Binds both listeners (a port clash is a start-up error) for the running daemon.
+    pub async fn bind(state: AppState) -> Result<Server> {
+        let public = public_router(&state)?;
+        let ops = ops_router(state.ops()?, &state.http);
+        Server::bind_routers(state.http, public, ops).await
+    }
+
+    /// While drover waits for the engine: health on the public listener (`/readyz` 503),
+    /// the operator router without jobs on the private one.
+    pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<Server> {
+        let state = OpsState::new(board, None, &http.ops)?;
+        let public = bounded(ops::health().with_state(state.clone()), http);
+        let ops = ops_router(state, http);
+        Server::bind_routers(http.clone(), public, ops).await
+    }
+
+    async fn bind_routers(http: config::Http, public: Router, ops: Router) -> Result<Server> {
+        let public = (bind(http.listen).await?, public);
+        let ops = (bind(http.ops.listen).await?, ops);
+        Ok(Server { http, public, ops })
+    }
+
+    /// The addresses bound (public, operator): tests bind port 0.
+    pub fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (
+            self.public.0.local_addr().ok(),
+            self.ops.0.local_addr().ok(),
+        )
+    }
+
+    /// Serves until `shutdown`, then drains; returns when both listeners are closed.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server { http, public, ops } = self;
+        tokio::join!(
+            conn::serve(public.0, public.1, limits(&http), shutdown.clone()),
+            conn::serve(ops.0, ops.1, limits(&http), shutdown),
+        );
+    }
+}
+
+/// Serves public and operator routes on one bound listener (embedding and tests).
 pub async fn serve_listener(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
-) -> Result<(), Error> {
-    use axum::serve::ListenerExt;
-    let drain = drain_limit(&state.http);
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "http listening");
-    }
-    let listener = listener.tap_io(|tcp| {
-        // Small answers: don't let Nagle hold them back.
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server = std::future::IntoFuture::into_future(
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()),
-    );
-    tokio::select! {
-        r = server => r.map_err(Error::Serve),
-        () = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-            warn!(limit = ?drain, "http drain limit reached, closing remaining connections");
-            Ok(())
-        }
-    }
-}
-
-fn error_json(status: StatusCode, message: String) -> Response {
-    (status, axum::Json(json!({ "error": message }))).into_response()
-}
-
-async fn hook(State(state): State<AppState>, Path(name): Path<String>, req: Request) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let (parts, body) = req.into_parts();
-    let span = info_span!("webhook", hook = ?name, peer = ?peer);
-    let result = state
-        .hooks
-        .handle(&name, peer, &parts.headers, parts.uri.query(), body)
-        .instrument(span)
-        .await;
-    match result {
-        Ok(Accepted::Job(s)) => (
-            StatusCode::ACCEPTED,
-            [(header::LOCATION, format!("/jobs/{}", s.id))],
-            axum::Json(json!({ "job": s.id, "coalesced": s.coalesced })),
-        )
-            .into_response(),
-        Ok(Accepted::Ping) => axum::Json(json!({ "status": "pong" })).into_response(),
-        Ok(Accepted::Ignored) => axum::Json(json!({ "status": "ignored" })).into_response(),
-        Ok(Accepted::Duplicate) => axum::Json(json!({ "status": "duplicate" })).into_response(),
-        Err(r) => error_json(r.status(), r.to_string()),
-    }
-}
-
-async fn list_jobs(State(state): State<AppState>) -> Response {
-    axum::Json(json!({ "jobs": state.hooks.jobs().list() })).into_response()
-}
-
-async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let job = JobId::is_valid(&id)
-        .then(|| state.hooks.jobs().get(&id))
-        .flatten();
-    match job {
-        Some(j) => axum::Json(j).into_response(),
-        None => error_json(StatusCode::NOT_FOUND, "no such job".into()),
-    }
-}
-
-async fn metrics_text() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        metrics::get().encode(),
-    )
-        .into_response()
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.board.is_ready() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
-    }
-}
-
-async fn index(State(state): State<AppState>) -> Html<String> {
-    let jobs = serde_json::to_value(state.hooks.jobs().list()).unwrap_or_default();
-    Html(crate::status_page::render(&state.board.summary(), &jobs))
+) -> Result<()> {
+    let l = limits(&state.http);
+    conn::serve(listener, router(state)?, l, shutdown).await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -278,7 +266,7 @@ hooks:
         );
         let config = config::Config::parse(FsPath::new("test.yml"), &yaml).expect("config");
         let runner = FakeRunner::new(JobState::Completed);
-        let service = hooks::Service::new(
+        let service = crate::hooks::Service::new(
             &config,
             runner.clone(),
             Journal::Memory,
@@ -287,7 +275,9 @@ hooks:
         .await
         .expect("service");
         let state = AppState::new(service, Arc::new(Board::new()), config.http.clone());
-        let app = router(state).layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let app = router(state)
+            .expect("router")
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
         Fixture {
             app,
             runner,
@@ -334,7 +324,7 @@ hooks:
     #[tokio::test]
     async fn signed_github_push_is_accepted_with_a_job_id() {
         let f = fixture("").await;
-        let sig = hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+        let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
         let (status, body) = send(&f.app, github("push", "d-1", PUSH_BODY, Some(sig))).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         let id = body["job"].as_str().expect("job id").to_owned();
@@ -355,7 +345,7 @@ hooks:
     async fn github_ping_is_answered_and_creates_no_job() {
         let f = fixture("").await;
         let body = r#"{"zen":"Keep it logically awesome.","hook_id":1}"#;
-        let sig = hooks::sign(SECRET.as_bytes(), body.as_bytes());
+        let sig = crate::hooks::sign(SECRET.as_bytes(), body.as_bytes());
         let (status, answer) = send(&f.app, github("ping", "d-ping", body, Some(sig))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(answer["status"], "pong");
@@ -375,7 +365,7 @@ hooks:
         let f = fixture("").await;
         let (status, _) = send(&f.app, github("push", "d-2", PUSH_BODY, None)).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
-        let wrong = hooks::sign(b"not the secret", PUSH_BODY.as_bytes());
+        let wrong = crate::hooks::sign(b"not the secret", PUSH_BODY.as_bytes());
         let (status, _) = send(&f.app, github("push", "d-3", PUSH_BODY, Some(wrong))).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         // Unverified ping is refused too: verification comes first.
@@ -393,7 +383,7 @@ hooks:
     #[tokio::test]
     async fn replayed_github_delivery_creates_no_second_job() {
         let f = fixture("").await;
-        let sig = hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+        let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
         let (status, _) = send(
             &f.app,
             github("push", "d-same", PUSH_BODY, Some(sig.clone())),
@@ -408,7 +398,7 @@ hooks:
     #[tokio::test]
     async fn events_outside_the_filter_are_ignored() {
         let f = fixture("").await;
-        let sig = hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+        let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
         let (status, body) = send(&f.app, github("issues", "d-6", PUSH_BODY, Some(sig))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ignored");
@@ -418,7 +408,7 @@ hooks:
     async fn signed_but_non_matching_ref_is_422() {
         let f = fixture("").await;
         let body = r#"{"ref":"refs/heads/main-old","repository":{"full_name":"owner/app"}}"#;
-        let sig = hooks::sign(SECRET.as_bytes(), body.as_bytes());
+        let sig = crate::hooks::sign(SECRET.as_bytes(), body.as_bytes());
         let (status, answer) = send(&f.app, github("push", "d-7", body, Some(sig))).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(answer["error"], "payload does not match the rule on ref");
@@ -427,7 +417,7 @@ hooks:
     #[tokio::test]
     async fn signed_bad_json_is_400() {
         let f = fixture("").await;
-        let sig = hooks::sign(SECRET.as_bytes(), b"{not json");
+        let sig = crate::hooks::sign(SECRET.as_bytes(), b"{not json");
         let (status, _) = send(&f.app, github("push", "d-8", "{not json", Some(sig))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
@@ -476,7 +466,7 @@ hooks:
         let req = axum::http::Request::post("/hooks/ci")
             .header(
                 "x-drover-signature",
-                hooks::sign(SECRET.as_bytes(), body.as_bytes()),
+                crate::hooks::sign(SECRET.as_bytes(), body.as_bytes()),
             )
             .body(Body::from(body))
             .expect("req");
@@ -487,7 +477,10 @@ hooks:
             .expect("req");
         assert_eq!(send(&f.app, req).await.0, StatusCode::ACCEPTED);
         let req = axum::http::Request::post("/hooks/ci")
-            .header("x-drover-signature", hooks::sign(b"wrong", body.as_bytes()))
+            .header(
+                "x-drover-signature",
+                crate::hooks::sign(b"wrong", body.as_bytes()),
+            )
             .header("authorization", format!("Bearer {TOKEN}"))
             .body(Body::from(body))
             .expect("req");

@@ -29,7 +29,10 @@ fn tera() -> Option<&'static tera::Tera> {
         // Tera's default escaper also turns `/` into `&#x2F;`; paths and image names read
         // better verbatim, and `/` is harmless in text and in quoted attributes.
         t.set_escape_fn(escape);
-        match t.add_raw_template(TEMPLATE_NAME, include_str!("../templates/status.html.tera")) {
+        match t.add_raw_template(
+            TEMPLATE_NAME,
+            include_str!("../../templates/status.html.tera"),
+        ) {
             Ok(()) => Some(t),
             Err(e) => {
                 tracing::error!(error = %e, "status page template does not compile");

@@ -1,0 +1,316 @@
+//! `POST /hooks/{name}`: the HTTP side of the webhook intake.
+//!
+//! Invariants: the order is fixed and cheap checks come first — known hook and source
+//! network, the per-source budget of failed verifications, a declared `Content-Length`
+//! over `max_body` (refused before a byte is read, so no `100 Continue` is sent), then the
+//! body into one buffer that never grows past `max_body` however it is chunked, then the
+//! signature or token. Only a verified request spends the hook's `rate`, so a forged flood
+//! cannot starve real deliveries; a failed verification spends its source's budget
+//! instead. Every request is counted in `webhook_requests{hook,outcome}`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Error;
+use crate::hooks::{self, Accepted, Reject};
+use crate::metrics;
+
+/// Sources tracked for failed verifications; beyond this, full buckets are forgotten.
+const FAILURE_SOURCES: usize = 4096;
+
+/// The intake's own state: the hooks, their rate buckets, and failures per source.
+pub struct Intake {
+    service: Arc<hooks::Service>,
+    buckets: HashMap<String, Mutex<Bucket>>,
+    failures: Mutex<HashMap<IpAddr, Bucket>>,
+    failures_per_minute: u32,
+    max_body: usize,
+}
+
+impl Intake {
+    pub fn new(service: Arc<hooks::Service>, http: &crate::config::Http) -> Intake {
+        let buckets = service
+            .hooks()
+            .map(|h| {
+                let rate = f64::from(h.rate());
+                (h.name().to_owned(), Mutex::new(Bucket::new(rate, rate)))
+            })
+            .collect();
+        Intake {
+            service,
+            buckets,
+            failures: Mutex::default(),
+            failures_per_minute: http.auth_failures_per_minute,
+            max_body: http.max_body,
+        }
+    }
+
+    pub fn service(&self) -> &Arc<hooks::Service> {
+        &self.service
+    }
+
+    fn failure_budget_left(&self, ip: IpAddr) -> bool {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_mut(&ip).is_none_or(|b| b.peek() >= 1.0)
+    }
+
+    fn spend_failure(&self, ip: IpAddr) {
+        let per_minute = f64::from(self.failures_per_minute);
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() >= FAILURE_SOURCES && !f.contains_key(&ip) {
+            // Sources whose budget has refilled carry no information: forget them first.
+            f.retain(|_, b| b.peek() < b.burst);
+            if f.len() >= FAILURE_SOURCES {
+                return;
+            }
+        }
+        f.entry(ip)
+            .or_insert_with(|| Bucket::new(per_minute / 60.0, per_minute))
+            .take();
+    }
+
+    fn take_rate(&self, hook: &str) -> bool {
+        self.buckets
+            .get(hook)
+            .is_some_and(|b| b.lock().map(|mut b| b.take()).unwrap_or(false))
+    }
+}
+
+pub fn router(intake: Arc<Intake>) -> Router {
+    Router::new()
+        .route("/hooks/{name}", post(hook))
+        .with_state(intake)
+}
+
+async fn hook(
+    State(intake): State<Arc<Intake>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let span = info_span!("webhook", hook = ?name, peer = %peer.ip());
+    let result = intake_one(&intake, &name, peer.ip(), req)
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| answer(&intake, &name, result))
+}
+
+fn answer(intake: &Intake, name: &str, result: Result<Accepted, Reject>) -> Response {
+    let known = intake.buckets.contains_key(name);
+    let outcome = match &result {
+        Ok(a) => a.outcome(),
+        Err(r) => r.outcome(),
+    };
+    metrics::get()
+        .webhook_requests
+        .with_label_values(&[if known { name } else { "-" }, outcome])
+        .inc();
+    match result {
+        Ok(Accepted::Job(s)) => {
+            info!(job = %s.id, outcome, "webhook accepted");
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, format!("/jobs/{}", s.id))],
+                axum::Json(json!({ "job": s.id, "coalesced": s.coalesced })),
+            )
+                .into_response()
+        }
+        Ok(a) => {
+            debug!(outcome, "webhook answered");
+            let status = match a {
+                Accepted::Ping => "pong",
+                Accepted::Ignored => "ignored",
+                _ => "duplicate",
+            };
+            axum::Json(json!({ "status": status })).into_response()
+        }
+        Err(r) => {
+            match r {
+                Reject::Unauthorized | Reject::Forbidden => warn!(outcome, "webhook refused"),
+                _ => debug!(outcome, "webhook refused"),
+            }
+            Error::Rejected(r).into_response()
+        }
+    }
+}
+
+async fn intake_one(
+    intake: &Intake,
+    name: &str,
+    peer: IpAddr,
+    req: Request,
+) -> Result<Accepted, Reject> {
+    let service = &intake.service;
+    let hook = service.admit(name, Some(peer))?;
+    if !intake.failure_budget_left(peer) {
+        return Err(Reject::RateLimited);
+    }
+    let (parts, body) = req.into_parts();
+    let body = read_body(&parts.headers, body, intake.max_body).await?;
+    let headers = RequestHeaders {
+        headers: &parts.headers,
+        token: query_token(parts.uri.query()),
+    };
+    if let Err(r) = service.verify(hook, &headers, &body) {
+        intake.spend_failure(peer);
+        return Err(r);
+    }
+    if !intake.take_rate(name) {
+        return Err(Reject::RateLimited);
+    }
+    service.accept(hook, &headers, &body).await
+}
+
+/// The body in one buffer of at most `limit` bytes. A declared length over the limit is
+/// refused before reading; chunked bodies are copied as they come, so a million one-byte
+/// chunks cost what one million-byte chunk does.
+async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Vec<u8>, Reject> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Reject::TooLarge);
+    }
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Reject::BodyRead)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(Reject::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+struct RequestHeaders<'a> {
+    headers: &'a HeaderMap,
+    token: Option<String>,
+}
+
+impl hooks::Headers for RequestHeaders<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn query_token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
+fn query_token(query: Option<&str>) -> Option<String> {
+    let q = query?;
+    let uri: axum::http::Uri = format!("/?{q}").parse().ok()?;
+    let axum::extract::Query(pairs) =
+        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()?;
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+}
+
+/// A token bucket holding up to `burst` tokens, refilled at `rate` per second.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Tokens now, after the refill since the last look.
+    fn peek(&mut self) -> f64 {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        self.tokens
+    }
+
+    fn take(&mut self) -> bool {
+        if self.peek() >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn query_token_is_found_and_decoded() {
+        assert_eq!(query_token(Some("a=1&token=s%2Fx")), Some("s/x".into()));
+        assert_eq!(query_token(Some("a=1")), None);
+        assert_eq!(query_token(None), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_a_burst_then_refills_at_its_rate() {
+        let mut b = Bucket::new(3.0, 3.0);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(b.take());
+        assert!(!b.take());
+    }
+
+    #[tokio::test]
+    async fn a_body_of_a_million_one_byte_chunks_is_refused_at_the_cap() {
+        let chunks = futures_util::stream::iter(
+            (0..1_000_000).map(|_| Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"x"))),
+        );
+        let body = Body::from_stream(chunks);
+        assert_eq!(
+            read_body(&HeaderMap::new(), body, 1024).await,
+            Err(Reject::TooLarge)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_cap_is_refused_without_reading() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, "2048".parse().expect("value"));
+        // A body that fails when polled proves it was never read.
+        let body = Body::from_stream(futures_util::stream::once(async {
+            Err::<axum::body::Bytes, _>(std::io::Error::other("read"))
+        }));
+        assert_eq!(read_body(&headers, body, 1024).await, Err(Reject::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_under_the_cap_arrives_whole() {
+        let chunks = futures_util::stream::iter(
+            ["ab", "c", "de"].map(|c| Ok::<_, std::io::Error>(axum::body::Bytes::from(c))),
+        );
+        let got = read_body(&HeaderMap::new(), Body::from_stream(chunks), 5).await;
+        assert_eq!(got.as_deref(), Ok(&b"abcde"[..]));
+    }
+}

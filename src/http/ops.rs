@@ -1,0 +1,120 @@
+//! The operator endpoints: status page, jobs, metrics, health — on the private listener.
+//!
+//! Invariants: served only on `http.ops.listen` (loopback unless the operator says
+//! otherwise), and when `http.ops.token_file` is set every request must carry
+//! `Authorization: Bearer <token>`, compared in constant time through its SHA-256. The
+//! same router serves while drover waits for the engine (no jobs yet, `/readyz` 503).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{Error, status_page};
+use crate::jobs::Jobs;
+use crate::metrics;
+use crate::status::Board;
+
+#[derive(Clone)]
+pub struct OpsState {
+    pub board: Arc<Board>,
+    /// `None` while drover waits for the engine.
+    pub jobs: Option<Arc<Jobs>>,
+    /// SHA-256 of the bearer token, when one is required.
+    pub token: Option<[u8; 32]>,
+}
+
+impl OpsState {
+    /// Reads the token file named in the config, if any.
+    pub fn new(
+        board: Arc<Board>,
+        jobs: Option<Arc<Jobs>>,
+        ops: &crate::config::Ops,
+    ) -> Result<OpsState, Error> {
+        let token = match &ops.token_file {
+            None => None,
+            Some(path) => {
+                let bytes = crate::config::read_secret(path).map_err(|source| Error::Token {
+                    path: path.clone(),
+                    source,
+                })?;
+                if bytes.is_empty() {
+                    return Err(Error::EmptyToken(path.clone()));
+                }
+                Some(Sha256::digest(&bytes).into())
+            }
+        };
+        Ok(OpsState { board, jobs, token })
+    }
+}
+
+pub fn router(state: OpsState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics_text))
+        .merge(super::jobs::router())
+        .layer(middleware::from_fn_with_state(state.clone(), bearer))
+        // Health stays open: the container's health check has no token.
+        .merge(health())
+        .with_state(state)
+}
+
+/// `/healthz` and `/readyz`: on both listeners, they tell nothing private.
+pub fn health() -> Router<OpsState> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+}
+
+async fn bearer(State(state): State<OpsState>, req: Request, next: Next) -> Response {
+    let Some(want) = &state.token else {
+        return next.run(req).await;
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+        })
+        .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+    match presented {
+        Some(got) if bool::from(got.ct_eq(want)) => next.run(req).await,
+        _ => Error::Unauthorized.into_response(),
+    }
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::get().encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<OpsState>) -> Response {
+    if state.board.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn index(State(state): State<OpsState>) -> Html<String> {
+    let jobs = state
+        .jobs
+        .as_ref()
+        .and_then(|j| serde_json::to_value(j.list()).ok())
+        .unwrap_or_default();
+    Html(status_page::render(&state.board.summary(), &jobs))
+}
