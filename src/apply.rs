@@ -46,113 +46,54 @@ pub enum Error {
     Timeout(Duration),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Same bytes as the file in place: nothing written, nothing notified.
-    Unchanged,
-    /// Written, checked and every notify step succeeded.
-    Applied,
-    /// Written and checked, but a notify step failed (the file stays: it passed its check).
-    NotifyFailed(String),
-    /// The check rejected the file; the previous content is back in place.
-    CheckFailed(String),
-    /// The check could not run (e.g. the proxy container is not up); previous content restored.
-    CheckUnavailable(String),
-    /// This exact content already failed its check; not tried again until it changes.
-    KnownBad,
-}
-
-impl Outcome {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Unchanged => "unchanged",
-            Outcome::Applied => "applied",
-            Outcome::NotifyFailed(_) => "notify_failed",
-            Outcome::CheckFailed(_) => "check_failed",
-            Outcome::CheckUnavailable(_) => "check_unavailable",
-            Outcome::KnownBad => "known_bad",
-        }
-    }
-}
-
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// One target's file and the memory of what is in it.
+/// One target's output file and what it holds.
 pub struct Applier {
-    target: Target,
-    /// What the output file holds now, as far as we know (read once at start).
+    output: PathBuf,
+    /// What the output file holds now and passed its check, as far as we know (read
+    /// once at start).
     current: Option<Vec<u8>>,
-    /// Hash of content whose check failed, so polls do not re-run a failing check.
-    known_bad: Option<String>,
+    current_hash: Option<String>,
 }
 
 impl Applier {
-    pub fn new(target: Target) -> Applier {
+    pub fn new(target: &Target) -> Applier {
         let current = std::fs::read(&target.output).ok();
         Applier {
-            target,
+            output: target.output.clone(),
+            current_hash: current.as_deref().map(sha256_hex),
             current,
-            known_bad: None,
         }
     }
 
-    pub fn current_hash(&self) -> Option<String> {
-        self.current.as_deref().map(sha256_hex)
+    pub fn current_hash(&self) -> Option<&str> {
+        self.current_hash.as_deref()
     }
 
-    pub async fn apply(
-        &mut self,
-        content: &[u8],
-        engine: Option<&Engine>,
-        snapshot: &Snapshot,
-    ) -> Result<Outcome, Error> {
-        if self.current.as_deref() == Some(content) {
-            return Ok(Outcome::Unchanged);
-        }
-        let hash = sha256_hex(content);
-        if self.known_bad.as_deref() == Some(hash.as_str()) {
-            return Ok(Outcome::KnownBad);
-        }
-        let path = self.target.output.clone();
-        write_file(&path, content)?;
-        if let Some(check) = &self.target.check {
-            let result = run_action(check, engine, snapshot).await;
-            if let Err(e) = result {
-                self.restore()?;
-                return Ok(match e {
-                    Error::Failed { .. } => {
-                        self.known_bad = Some(hash);
-                        Outcome::CheckFailed(e.to_string())
-                    }
-                    other => Outcome::CheckUnavailable(other.to_string()),
-                });
-            }
-        }
+    /// Puts `content` where the consumer reads it, before its check.
+    pub fn stage(&mut self, content: &[u8]) -> Result<(), Error> {
+        write_file(&self.output, content)
+    }
+
+    /// The staged content passed its check: it is the new last good content.
+    pub fn commit(&mut self, content: &[u8]) {
+        self.current_hash = Some(sha256_hex(content));
         self.current = Some(content.to_vec());
-        self.known_bad = None;
-        let mut failures = Vec::new();
-        for step in &self.target.notify {
-            if let Err(e) = run_action(step, engine, snapshot).await {
-                failures.push(e.to_string());
-            }
-        }
-        if failures.is_empty() {
-            Ok(Outcome::Applied)
-        } else {
-            Ok(Outcome::NotifyFailed(failures.join("; ")))
-        }
     }
 
-    fn restore(&self) -> Result<(), Error> {
+    /// The staged content failed: the last good content goes back (or the file goes, if
+    /// there was none).
+    pub fn restore(&self) -> Result<(), Error> {
         match &self.current {
-            Some(previous) => write_file(&self.target.output, previous),
-            None => match std::fs::remove_file(&self.target.output) {
+            Some(previous) => write_file(&self.output, previous),
+            None => match std::fs::remove_file(&self.output) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(source) => Err(Error::Write {
-                    path: self.target.output.clone(),
+                    path: self.output.clone(),
                     source,
                 }),
             },
@@ -233,7 +174,8 @@ pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
         .collect()
 }
 
-async fn run_action(
+/// Runs one check or notify step against the containers it selects in `snapshot`.
+pub async fn run_action(
     action: &Action,
     engine: Option<&Engine>,
     snapshot: &Snapshot,
@@ -353,98 +295,6 @@ fn tail(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn target(dir: &Path, check: Option<Action>) -> Target {
-        Target {
-            name: "t".into(),
-            template: "builtin:nginx".into(),
-            output: dir.join("out.conf"),
-            network: None,
-            debounce: Default::default(),
-            check,
-            notify: vec![],
-        }
-    }
-
-    #[tokio::test]
-    async fn unchanged_content_is_not_written_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut a = Applier::new(target(dir.path(), None));
-        let snap = Snapshot::default();
-        assert_eq!(
-            a.apply(b"one", None, &snap).await.expect("apply"),
-            Outcome::Applied
-        );
-        assert_eq!(
-            a.apply(b"one", None, &snap).await.expect("apply"),
-            Outcome::Unchanged
-        );
-        assert_eq!(
-            std::fs::read(dir.path().join("out.conf")).expect("read"),
-            b"one"
-        );
-    }
-
-    #[tokio::test]
-    async fn failed_check_restores_the_last_good_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("out.conf");
-        // The check passes only while the file says "good".
-        let check = Action::Command(vec![
-            "grep".into(),
-            "-q".into(),
-            "good".into(),
-            out.display().to_string(),
-        ]);
-        let mut a = Applier::new(target(dir.path(), Some(check)));
-        let snap = Snapshot::default();
-        assert_eq!(
-            a.apply(b"good 1", None, &snap).await.expect("apply"),
-            Outcome::Applied
-        );
-        let outcome = a.apply(b"bad", None, &snap).await.expect("apply");
-        assert!(matches!(outcome, Outcome::CheckFailed(_)), "{outcome:?}");
-        assert_eq!(std::fs::read(&out).expect("read"), b"good 1");
-        assert_eq!(
-            a.apply(b"bad", None, &snap).await.expect("apply"),
-            Outcome::KnownBad
-        );
-        assert_eq!(
-            a.apply(b"good 2", None, &snap).await.expect("apply"),
-            Outcome::Applied
-        );
-    }
-
-    #[tokio::test]
-    async fn failed_first_check_leaves_no_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut a = Applier::new(target(
-            dir.path(),
-            Some(Action::Command(vec!["false".into()])),
-        ));
-        let outcome = a
-            .apply(b"x", None, &Snapshot::default())
-            .await
-            .expect("apply");
-        assert!(matches!(outcome, Outcome::CheckFailed(_)));
-        assert!(!dir.path().join("out.conf").exists());
-    }
-
-    #[tokio::test]
-    async fn a_restart_starts_from_the_file_on_disk() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("out.conf"), b"same").expect("write");
-        let mut a = Applier::new(target(
-            dir.path(),
-            Some(Action::Command(vec!["false".into()])),
-        ));
-        assert_eq!(
-            a.apply(b"same", None, &Snapshot::default())
-                .await
-                .expect("apply"),
-            Outcome::Unchanged
-        );
-    }
 
     #[test]
     fn write_file_replaces_atomically_and_keeps_no_temp_file() {

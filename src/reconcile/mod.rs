@@ -14,9 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
-use crate::apply::{Applier, Outcome};
+use crate::apply::Applier;
+use crate::backoff::Backoff;
 use crate::config::Target;
 use crate::debounce::{Batch, Debouncer};
 use crate::docker::Engine;
@@ -25,8 +26,13 @@ use crate::state::Snapshot;
 use crate::status::{Board, SkippedService};
 use crate::watch::Hint;
 
+mod executor;
+pub mod plan;
 mod policy;
+mod report;
 
+pub use executor::Outcome;
+pub use plan::{Plan, Reach, TargetMemory, Unavailable};
 pub use policy::{Failure, Policy};
 
 /// First and largest delay of the convergence re-check.
@@ -45,6 +51,53 @@ struct TargetState {
     /// The snapshot of the last pass that needs no retry: the same cluster again (a
     /// convergence poll or resync that found nothing new) is not rendered again.
     settled: Option<Arc<Snapshot>>,
+    /// Hash of the last content whose check failed.
+    known_bad: Option<String>,
+    /// The last check that could not run, and when to try it again.
+    unavailable: Option<Unavailable>,
+    check_backoff: Backoff,
+    /// The reason of the last unavailable check, so a lasting outage is logged once.
+    unavailable_reason: Option<String>,
+}
+
+impl TargetState {
+    /// The error policy of one target: what its plan and outcome teach for next time.
+    fn remember(
+        &mut self,
+        planned: &Plan,
+        outcome: &Result<Outcome, crate::apply::Error>,
+        now: Instant,
+    ) {
+        match (planned, outcome) {
+            (Plan::Write(w), Ok(Outcome::CheckFailed(_))) => self.known_bad = Some(w.hash.clone()),
+            (_, Ok(Outcome::Applied | Outcome::NotifyFailed(_))) => {
+                self.known_bad = None;
+                self.unavailable = None;
+                self.unavailable_reason = None;
+                self.check_backoff.reset();
+            }
+            (Plan::Write(w), Ok(Outcome::CheckUnavailable(_))) => {
+                if let Some(check) = &w.check {
+                    self.unavailable = Some(Unavailable {
+                        reach: check.reach.clone(),
+                        retry_at: now + self.check_backoff.delay(),
+                    });
+                }
+            }
+            (Plan::CheckUnavailable(on), _) => {
+                self.unavailable = Some(Unavailable {
+                    reach: Reach::Nobody(on.clone()),
+                    retry_at: now + self.check_backoff.delay(),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// When a check that could not run is due again.
+    fn retry_at(&self) -> Option<Instant> {
+        self.unavailable.as_ref().map(|u| u.retry_at)
+    }
 }
 
 pub struct Reconciler {
@@ -77,10 +130,10 @@ impl Reconciler {
                 if let Err(e) = &template {
                     warn!(target = %t.name, error = %e, "template does not compile; target disabled");
                 }
-                let applier = Applier::new(t.clone());
+                let applier = Applier::new(t);
                 board.update_target(&t.name, |s| {
                     s.output = t.output.display().to_string();
-                    s.hash = applier.current_hash();
+                    s.hash = applier.current_hash().map(str::to_owned);
                     s.error = template.as_ref().err().cloned();
                 });
                 TargetState {
@@ -90,6 +143,10 @@ impl Reconciler {
                     debounce: Debouncer::new(t.debounce),
                     last_skipped: Vec::new(),
                     settled: None,
+                    known_bad: None,
+                    unavailable: None,
+                    check_backoff: Backoff::new(),
+                    unavailable_reason: None,
                 }
             })
             .collect();
@@ -119,6 +176,7 @@ impl Reconciler {
                         .targets
                         .iter()
                         .filter_map(|t| t.debounce.deadline())
+                        .chain(self.targets.iter().filter_map(TargetState::retry_at))
                         .chain(converge.map(|c| c.0))
                         .chain(std::iter::once(next_resync))
                         .min()
@@ -153,7 +211,12 @@ impl Reconciler {
                 .iter_mut()
                 .map(|t| t.debounce.take_due(now))
                 .collect();
-            let any_batch = batches.iter().any(Option::is_some);
+            let check_due: Vec<bool> = self
+                .targets
+                .iter()
+                .map(|t| t.retry_at().is_some_and(|at| at <= now))
+                .collect();
+            let any_batch = batches.iter().any(Option::is_some) || check_due.contains(&true);
             if !(full_pass || converge_due || any_batch || retrying) {
                 continue;
             }
@@ -187,8 +250,8 @@ impl Reconciler {
                 }
             };
             let everyone = full_pass || converge_due;
-            for (t, batch) in self.targets.iter_mut().zip(batches) {
-                if everyone || batch.is_some() {
+            for ((t, batch), check_due) in self.targets.iter_mut().zip(batches).zip(check_due) {
+                if everyone || batch.is_some() || check_due {
                     let span = info_span!("reconcile", target = %t.config.name);
                     // A check or notify step can take up to its timeout: shutdown does not wait.
                     tokio::select! {
@@ -287,11 +350,10 @@ async fn pass(
         return;
     }
     let name = t.config.name.clone();
-    let count = |outcome: &str| m.renders.with_label_values(&[name.as_str(), outcome]).inc();
     let template = match &t.template {
         Ok(template) => template,
         Err(_) => {
-            count("template_error");
+            report::count(&name, "template_error");
             return;
         }
     };
@@ -304,7 +366,7 @@ async fn pass(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "render failed; keeping the current file");
-            count("render_error");
+            report::count(&name, "render_error");
             t.settled = Some(snapshot.clone());
             board.update_target(&name, |s| {
                 s.last_render = Some(unix_now());
@@ -323,82 +385,31 @@ async fn pass(
     m.skipped_services
         .with_label_values(&[name.as_str()])
         .set(rendered.skipped.len() as i64);
-    let outcome = t
-        .applier
-        .apply(rendered.text.as_bytes(), Some(engine), snapshot)
-        .await;
-    let has_check = t.config.check.is_some();
-    let has_notify = !t.config.notify.is_empty();
-    let mut error = None;
-    let mut check_text = None;
-    match &outcome {
-        Ok(o) => {
-            count(o.label());
-            match o {
-                Outcome::Unchanged | Outcome::KnownBad => {}
-                Outcome::Applied | Outcome::NotifyFailed(_) => {
-                    if has_check {
-                        m.checks.with_label_values(&[name.as_str(), "passed"]).inc();
-                        check_text = Some("passed".to_owned());
-                    }
-                    let hash = t.applier.current_hash().unwrap_or_default();
-                    m.last_apply
-                        .with_label_values(&[name.as_str()])
-                        .set(unix_now() as i64);
-                    m.content_hash
-                        .with_label_values(&[name.as_str()])
-                        .set(i64::from_str_radix(hash.get(..12).unwrap_or("0"), 16).unwrap_or(0));
-                    if let Some(b) = batch {
-                        m.event_apply_lag.observe(b.first.elapsed().as_secs_f64());
-                    }
-                    if has_notify {
-                        let ok = matches!(o, Outcome::Applied);
-                        m.reloads
-                            .with_label_values(&[name.as_str(), if ok { "ok" } else { "failed" }])
-                            .inc();
-                    }
-                    if let Outcome::NotifyFailed(why) = o {
-                        warn!(reason = %why, "config applied but a notify step failed");
-                        error = Some(format!("notify failed: {why}"));
-                    } else {
-                        info!(hash = %hash.get(..12).unwrap_or(""), "config applied");
-                    }
-                }
-                Outcome::CheckFailed(output) => {
-                    m.checks.with_label_values(&[name.as_str(), "failed"]).inc();
-                    warn!(output = %output, "check failed; previous config restored, not notified");
-                    check_text = Some(format!("failed: {output}"));
-                }
-                Outcome::CheckUnavailable(why) => {
-                    m.checks
-                        .with_label_values(&[name.as_str(), "unavailable"])
-                        .inc();
-                    warn!(reason = %why, "check could not run; previous config restored");
-                    check_text = Some(format!("unavailable: {why}"));
-                }
-            }
+
+    let content = rendered.text.as_bytes();
+    let memory = TargetMemory {
+        current: t.applier.current_hash().map(str::to_owned),
+        known_bad: t.known_bad.clone(),
+        unavailable: t.unavailable.clone(),
+    };
+    let now = Instant::now();
+    let planned = plan::plan(&t.config, snapshot, content, &memory, now);
+    let outcome = match &planned {
+        Plan::Unchanged => Ok(Outcome::Unchanged),
+        Plan::KnownBad => Ok(Outcome::KnownBad),
+        Plan::Wait(_) => Ok(Outcome::Waiting),
+        Plan::CheckUnavailable(on) => Ok(Outcome::CheckUnavailable(format!(
+            "no running container matches {on}"
+        ))),
+        Plan::Write(w) => {
+            executor::execute(&mut t.applier, w, content, Some(engine), snapshot).await
         }
-        Err(e) => {
-            count("write_error");
-            warn!(error = %e, "cannot write config");
-            error = Some(e.to_string());
-        }
-    }
-    let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
-    // A check that could not run, or a write that failed, is retried on the next pass.
-    let retry = matches!(outcome, Ok(Outcome::CheckUnavailable(_)) | Err(_));
+    };
+    t.remember(&planned, &outcome, now);
+    let retry = matches!(
+        outcome,
+        Ok(Outcome::CheckUnavailable(_) | Outcome::Waiting) | Err(_)
+    );
     t.settled = (!retry).then(|| snapshot.clone());
-    let hash = t.applier.current_hash();
-    board.update_target(&name, |s| {
-        s.last_render = Some(unix_now());
-        if applied {
-            s.last_apply = Some(unix_now());
-        }
-        s.hash = hash;
-        if let Some(c) = check_text {
-            s.check = c;
-        }
-        s.error = error;
-        s.skipped = rendered.skipped;
-    });
+    report::outcome(t, board, &outcome, batch, rendered.skipped);
 }

@@ -1,0 +1,104 @@
+//! What one reconcile tells operators: log lines, metrics and the status board.
+//!
+//! Constant messages with data in fields; a check that stays unavailable is logged once
+//! per reason, not once per retry.
+
+use tracing::{info, warn};
+
+use crate::debounce::Batch;
+use crate::status::{Board, SkippedService};
+
+use super::{Outcome, TargetState, unix_now};
+
+pub(super) fn count(target: &str, outcome: &str) {
+    crate::metrics::get()
+        .renders
+        .with_label_values(&[target, outcome])
+        .inc();
+}
+
+pub(super) fn outcome(
+    t: &mut TargetState,
+    board: &Board,
+    outcome: &Result<Outcome, crate::apply::Error>,
+    batch: Option<Batch>,
+    skipped: Vec<SkippedService>,
+) {
+    let m = crate::metrics::get();
+    let name = t.config.name.clone();
+    let name = name.as_str();
+    let has_check = t.config.check.is_some();
+    let has_notify = !t.config.notify.is_empty();
+    let mut error = None;
+    let mut check_text = None;
+    match outcome {
+        Ok(o) => {
+            if !matches!(o, Outcome::Waiting) {
+                count(name, o.label());
+            }
+            match o {
+                Outcome::Unchanged | Outcome::KnownBad | Outcome::Waiting => {}
+                Outcome::Applied | Outcome::NotifyFailed(_) => {
+                    if has_check {
+                        m.checks.with_label_values(&[name, "passed"]).inc();
+                        check_text = Some("passed".to_owned());
+                    }
+                    let hash = t.applier.current_hash().unwrap_or_default();
+                    m.last_apply
+                        .with_label_values(&[name])
+                        .set(unix_now() as i64);
+                    m.content_hash
+                        .with_label_values(&[name])
+                        .set(i64::from_str_radix(hash.get(..12).unwrap_or("0"), 16).unwrap_or(0));
+                    if let Some(b) = batch {
+                        m.event_apply_lag.observe(b.first.elapsed().as_secs_f64());
+                    }
+                    if has_notify {
+                        let ok = matches!(o, Outcome::Applied);
+                        m.reloads
+                            .with_label_values(&[name, if ok { "ok" } else { "failed" }])
+                            .inc();
+                    }
+                    if let Outcome::NotifyFailed(why) = o {
+                        warn!(reason = %why, "config applied but a notify step failed");
+                        error = Some(format!("notify failed: {why}"));
+                    } else {
+                        info!(hash = %hash.get(..12).unwrap_or(""), "config applied");
+                    }
+                }
+                Outcome::CheckFailed(output) => {
+                    m.checks.with_label_values(&[name, "failed"]).inc();
+                    warn!(output = %output, "check failed; previous config restored, not notified");
+                    check_text = Some(format!("failed: {output}"));
+                }
+                Outcome::CheckUnavailable(why) => {
+                    m.checks.with_label_values(&[name, "unavailable"]).inc();
+                    if t.unavailable_reason.as_deref() != Some(why.as_str()) {
+                        warn!(reason = %why, "check could not run; the file stays as it was");
+                        t.unavailable_reason = Some(why.clone());
+                    }
+                    check_text = Some(format!("unavailable: {why}"));
+                }
+            }
+        }
+        Err(e) => {
+            count(name, "write_error");
+            warn!(error = %e, "cannot write config");
+            error = Some(e.to_string());
+        }
+    }
+    let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
+    let hash = t.applier.current_hash().map(str::to_owned);
+    board.update_target(name, |s| {
+        s.last_render = Some(unix_now());
+        if applied {
+            s.last_apply = Some(unix_now());
+        }
+        s.hash = hash;
+        if let Some(c) = check_text {
+            s.check = c;
+        }
+        s.error = error;
+        s.skipped = skipped;
+    });
+}
