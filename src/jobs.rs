@@ -498,14 +498,16 @@ impl Jobs {
     }
 
     /// Records and queues a job, or joins one waiting for the same key. The job is in
-    /// the journal when this returns `Ok`.
+    /// the journal when this returns `Ok`, and exists only once it is: the journal write
+    /// runs in a task of its own, so a caller that is dropped half-way (a client that
+    /// hangs up, the request timeout) leaves either a journalled, queued job or nothing.
     pub async fn submit(self: &Arc<Self>, req: Request) -> Result<Submitted> {
         let key = req.work.coalesce_key();
-        let now = Instant::now();
         let view = {
             let mut inner = self.lock();
             if let Some(id) = key.as_ref().and_then(|k| inner.waiting.get(k)).cloned() {
                 if let Some(e) = inner.jobs.get_mut(&id) {
+                    let now = Instant::now();
                     e.view.requests = e.view.requests.saturating_add(1);
                     e.deadline = (now + req.quiet).min(e.first + req.quiet * 3);
                     return Ok(Submitted {
@@ -517,7 +519,10 @@ impl Jobs {
             if inner.active >= self.limits.queue {
                 return Err(Error::QueueFull);
             }
-            let view = JobView {
+            // The slot is reserved now, so concurrent submissions cannot overfill the queue.
+            inner.active += 1;
+            metrics::get().queue_depth.set(inner.active as i64);
+            JobView {
                 id: JobId::generate(),
                 hook: req.hook,
                 state: JobState::Queued,
@@ -529,33 +534,50 @@ impl Jobs {
                 finished_at: None,
                 message: None,
                 services: Vec::new(),
-            };
-            if let Some(k) = &key {
-                inner.waiting.insert(k.clone(), view.id.clone());
             }
-            inner.jobs.insert(
-                view.id.clone(),
-                Entry {
-                    view: view.clone(),
-                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
-                    first: now,
-                    // Only coalescable work waits for company.
-                    deadline: if key.is_some() { now + req.quiet } else { now },
-                    key,
-                },
-            );
-            inner.active += 1;
-            metrics::get().queue_depth.set(inner.active as i64);
-            view
         };
+        let jobs = self.clone();
+        let quiet = req.quiet;
+        tokio::spawn(async move { jobs.commit(view, key, quiet).await })
+            .await
+            .unwrap_or_else(|e| Err(Error::Journal(format!("journal write aborted: {e}"))))
+    }
+
+    /// Journals a job whose slot is reserved, then queues it; releases the slot on failure.
+    async fn commit(
+        self: Arc<Self>,
+        view: JobView,
+        key: Option<String>,
+        quiet: Duration,
+    ) -> Result<Submitted> {
         if let Err(e) = self.journal.put(&view).await {
             error!(job = %view.id, error = %e, "cannot record job");
-            // Requests that joined meanwhile see the failure on the job itself.
-            self.finish(&view.id, Outcome::failed(e.to_string()), false)
-                .await;
+            let mut inner = self.lock();
+            inner.active = inner.active.saturating_sub(1);
+            metrics::get().queue_depth.set(inner.active as i64);
             return Err(e);
         }
         let id = view.id.clone();
+        {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            if let Some(k) = &key {
+                // A job for the same key journalled meanwhile keeps the window: later
+                // requests join the older one, this one runs on its own.
+                inner.waiting.entry(k.clone()).or_insert_with(|| id.clone());
+            }
+            inner.jobs.insert(
+                id.clone(),
+                Entry {
+                    view,
+                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
+                    first: now,
+                    // Only coalescable work waits for company.
+                    deadline: if key.is_some() { now + quiet } else { now },
+                    key,
+                },
+            );
+        }
         self.spawn(id.clone());
         Ok(Submitted {
             id,
@@ -950,6 +972,66 @@ pub(crate) mod tests {
         let left: Vec<JobView> =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
         assert!(left.is_empty(), "finished job still journalled: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_submission_dropped_mid_write_leaves_a_journalled_job_or_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jobs.json");
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = Jobs::start(
+            config::Jobs::default(),
+            runner.clone(),
+            Journal::file(path.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
+        let mut req = update("docker.io/o/r:latest");
+        req.quiet = Duration::ZERO;
+        // Polled once (the write is spawned), then dropped like a request whose client left.
+        let dropped = tokio::time::timeout(Duration::ZERO, jobs.submit(req)).await;
+        assert!(
+            dropped.is_err(),
+            "the submission finished before it was dropped"
+        );
+        for _ in 0..100 {
+            if runner.count() == 1 && jobs.active() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(runner.count(), 1, "the journalled job did not run");
+        assert_eq!(jobs.active(), 0, "a slot stayed taken");
+        let all = jobs.list();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].state, JobState::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_journal_write_creates_no_job_and_frees_its_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("missing-dir").join("jobs.json");
+        let runner = FakeRunner::new(JobState::Completed);
+        let limits = config::Jobs {
+            queue: 1,
+            ..config::Jobs::default()
+        };
+        let jobs = Jobs::start(
+            limits,
+            runner.clone(),
+            Journal::file(path),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
+        for _ in 0..2 {
+            let r = jobs.submit(update("docker.io/o/r:latest")).await;
+            assert!(matches!(r, Err(Error::Journal(_))), "{r:?}");
+        }
+        assert!(jobs.list().is_empty());
+        assert_eq!(jobs.active(), 0);
+        assert_eq!(runner.count(), 0);
     }
 
     #[test]
