@@ -216,6 +216,7 @@ mod tests {
 
     struct Fixture {
         app: Router,
+        state: AppState,
         runner: Arc<FakeRunner>,
         _dir: tempfile::TempDir,
     }
@@ -275,11 +276,12 @@ hooks:
         .await
         .expect("service");
         let state = AppState::new(service, Arc::new(Board::new()), config.http.clone());
-        let app = router(state)
+        let app = router(state.clone())
             .expect("router")
             .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
         Fixture {
             app,
+            state,
             runner,
             _dir: dir,
         }
@@ -593,5 +595,165 @@ hooks:
         let res = f.app.clone().oneshot(get("/")).await.expect("res");
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(send(&f.app, get("/jobs/zz")).await.0, StatusCode::NOT_FOUND);
+    }
+
+    /// Serves the fixture on a real socket; the address and the token that stops it.
+    async fn listen(f: &Fixture) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_listener(listener, f.state.clone(), stop.clone()));
+        (addr, stop)
+    }
+
+    /// Whether the server closed the connection within `limit` (EOF or reset).
+    async fn closed_within(tcp: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(limit, tcp.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_with_unfinished_headers_are_closed_after_the_header_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let f = fixture("http: { header_timeout: 300ms, max_connections_per_source: 100 }").await;
+        let (addr, stop) = listen(&f).await;
+        let mut slow = Vec::new();
+        for _ in 0..20 {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(b"POST /hooks/ci HTTP/1.1\r\nHost: x\r\nX-Drover-")
+                .await
+                .expect("write");
+            slow.push(tcp);
+        }
+        for tcp in &mut slow {
+            assert!(
+                closed_within(tcp, Duration::from_secs(10)).await,
+                "a connection with unfinished headers stayed open"
+            );
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_source_cap_are_closed_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let f = fixture("http: { max_connections_per_source: 2 }").await;
+        let (addr, stop) = listen(&f).await;
+        let _a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = third.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(closed_within(&mut third, Duration::from_secs(5)).await);
+        drop((_a, _b));
+        // Once the others are gone the source may connect again.
+        let mut again = None;
+        for _ in 0..50 {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 64];
+            use tokio::io::AsyncReadExt;
+            if let Ok(n) = tcp.read(&mut buf).await {
+                if buf[..n].starts_with(b"HTTP/1.1 200") {
+                    again = Some(());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(again.is_some(), "the source stayed locked out");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_forged_flood_does_not_starve_a_correctly_signed_delivery() {
+        let f = fixture("http: { auth_failures_per_minute: 10 }").await;
+        let app = router(f.state.clone()).expect("router");
+        let from = |ip: [u8; 4], mut req: axum::http::Request<Body>| {
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+            req
+        };
+        let forged = crate::hooks::sign(b"guessed", PUSH_BODY.as_bytes());
+        let mut statuses = Vec::new();
+        // More forged requests than the hook's own rate (50 per second).
+        for i in 0..80 {
+            let req = github("push", &format!("f-{i}"), PUSH_BODY, Some(forged.clone()));
+            statuses.push(send(&app, from([192, 0, 2, 66], req)).await.0);
+        }
+        assert!(
+            statuses[..10]
+                .iter()
+                .all(|s| *s == StatusCode::UNAUTHORIZED)
+        );
+        assert!(
+            statuses[10..]
+                .iter()
+                .all(|s| *s == StatusCode::TOO_MANY_REQUESTS),
+            "the forging source was not limited: {statuses:?}"
+        );
+        let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+        let req = github("push", "real-1", PUSH_BODY, Some(sig));
+        let (status, body) = send(&app, from([140, 82, 112, 1], req)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+
+    #[tokio::test]
+    async fn operator_endpoints_need_the_bearer_token_when_one_is_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("ops-token");
+        std::fs::write(&token, "ops-secret\n").expect("write");
+        let f = fixture(&format!(
+            "http: {{ ops: {{ token_file: {} }} }}",
+            token.display()
+        ))
+        .await;
+        let public = public_router(&f.state)
+            .expect("router")
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let get = |p: &str, auth: Option<&str>| {
+            let mut b = axum::http::Request::get(p);
+            if let Some(a) = auth {
+                b = b.header("authorization", a);
+            }
+            b.body(Body::empty()).expect("req")
+        };
+        assert_eq!(
+            send(&public, get("/metrics", None)).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            send(&public, get("/jobs", Some("Bearer wrong"))).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            send(&public, get("/jobs", Some("Bearer ops-secret")))
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(send(&public, get("/healthz", None)).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn without_a_token_the_public_router_serves_no_operator_endpoint() {
+        let f = fixture("").await;
+        let public = public_router(&f.state)
+            .expect("router")
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        for p in ["/", "/jobs", "/metrics"] {
+            let req = axum::http::Request::get(p)
+                .body(Body::empty())
+                .expect("req");
+            assert_eq!(send(&public, req).await.0, StatusCode::NOT_FOUND, "{p}");
+        }
     }
 }
