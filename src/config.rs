@@ -66,6 +66,10 @@ pub struct Http {
     /// Largest accepted webhook body; GitHub caps payloads at 25 MB, the ones we act on are small.
     #[serde(default = "default_max_body")]
     pub max_body: usize,
+    /// Bytes of webhook bodies held at once, over all requests (beyond: 503), so a crowd
+    /// of stalled large bodies cannot take more memory than this. At least `max_body`.
+    #[serde(default = "default_body_budget")]
+    pub body_budget: usize,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     /// A connection that has not sent a complete request head within this is closed.
@@ -98,6 +102,7 @@ impl Default for Http {
         Http {
             listen: default_listen(),
             max_body: default_max_body(),
+            body_budget: default_body_budget(),
             request_timeout: default_request_timeout(),
             header_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
@@ -141,6 +146,9 @@ fn default_ops_listen() -> SocketAddr {
 }
 fn default_max_body() -> usize {
     1024 * 1024
+}
+fn default_body_budget() -> usize {
+    8 * 1024 * 1024
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(10)
@@ -656,6 +664,12 @@ impl Config {
             return Err((
                 "http.ops.listen must differ from http.listen".into(),
                 "listen:".into(),
+            ));
+        }
+        if h.body_budget < h.max_body {
+            return Err((
+                "http.body_budget must be at least http.max_body".into(),
+                "body_budget:".into(),
             ));
         }
         let zero = [

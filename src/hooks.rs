@@ -86,6 +86,8 @@ pub enum Reject {
     NoImage,
     #[error("job queue is full")]
     QueueFull,
+    #[error("too many bodies being read")]
+    Busy,
     #[error("cannot record job")]
     Journal,
 }
@@ -102,6 +104,7 @@ impl Reject {
             Reject::Unauthorized => "unauthorized",
             Reject::RuleMismatch(_) | Reject::NoImage => "rejected",
             Reject::QueueFull => "queue_full",
+            Reject::Busy => "busy",
             Reject::Journal => "error",
         }
     }

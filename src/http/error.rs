@@ -58,7 +58,9 @@ impl Error {
                 Reject::BodyRead | Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
                 Reject::Unauthorized => StatusCode::UNAUTHORIZED,
                 Reject::RuleMismatch(_) | Reject::NoImage => StatusCode::UNPROCESSABLE_ENTITY,
-                Reject::QueueFull | Reject::Journal => StatusCode::SERVICE_UNAVAILABLE,
+                Reject::QueueFull | Reject::Journal | Reject::Busy => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
             },
             Error::NoSuchJob => StatusCode::NOT_FOUND,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,

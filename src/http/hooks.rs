@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::BodyExt;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -37,6 +38,8 @@ pub struct Intake {
     failures: Mutex<HashMap<IpAddr, Bucket>>,
     failures_per_minute: u32,
     max_body: usize,
+    /// Bytes of bodies held at once, over all requests.
+    budget: Arc<Semaphore>,
 }
 
 impl Intake {
@@ -54,6 +57,11 @@ impl Intake {
             failures: Mutex::default(),
             failures_per_minute: http.auth_failures_per_minute,
             max_body: http.max_body,
+            budget: Arc::new(Semaphore::new(
+                http.body_budget
+                    .min(Semaphore::MAX_PERMITS)
+                    .min(u32::MAX as usize),
+            )),
         }
     }
 
@@ -158,7 +166,7 @@ async fn intake_one(
         return Err(Reject::RateLimited);
     }
     let (parts, body) = req.into_parts();
-    let body = read_body(&parts.headers, body, intake.max_body).await?;
+    let (body, _held) = read_body(&parts.headers, body, intake.max_body, &intake.budget).await?;
     let headers = RequestHeaders {
         headers: &parts.headers,
         token: query_token(parts.uri.query()),
@@ -173,10 +181,16 @@ async fn intake_one(
     service.accept(hook, &headers, &body).await
 }
 
-/// The body in one buffer of at most `limit` bytes. A declared length over the limit is
-/// refused before reading; chunked bodies are copied as they come, so a million one-byte
-/// chunks cost what one million-byte chunk does.
-async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Vec<u8>, Reject> {
+/// The body in one buffer of at most `limit` bytes, with the share of `budget` it holds.
+/// A declared length over the limit is refused before reading; chunked bodies are copied
+/// as they come, so a million one-byte chunks cost what one million-byte chunk does.
+/// Every byte held is first taken from `budget`; when it is spent the request gets 503.
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), Reject> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -184,17 +198,42 @@ async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Reject::TooLarge);
     }
-    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let hold = |n: usize, held: &mut Option<OwnedSemaphorePermit>| -> Result<(), Reject> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n = u32::try_from(n).map_err(|_| Reject::TooLarge)?;
+        let permit = budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| Reject::Busy)?;
+        match held {
+            Some(h) => h.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    };
+    let capacity = declared.map_or(0, |n| n as usize).min(limit);
+    hold(capacity, &mut held)?;
+    let mut buf = Vec::with_capacity(capacity);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| Reject::BodyRead)?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(Reject::TooLarge);
             }
+            let grow = (buf.len() + data.len()).saturating_sub(buf.capacity());
+            if grow > 0 {
+                // Reserve exactly what the budget granted, so capacity never outruns it.
+                let want = grow.max(buf.capacity()).min(limit - buf.capacity());
+                hold(want, &mut held)?;
+                buf.reserve_exact(want);
+            }
             buf.extend_from_slice(&data);
         }
     }
-    Ok(buf)
+    Ok((buf, held))
 }
 
 struct RequestHeaders<'a> {
@@ -289,7 +328,9 @@ mod tests {
         );
         let body = Body::from_stream(chunks);
         assert_eq!(
-            read_body(&HeaderMap::new(), body, 1024).await,
+            read_body(&HeaderMap::new(), body, 1024, &budget(4096))
+                .await
+                .map(|b| b.0),
             Err(Reject::TooLarge)
         );
     }
@@ -302,7 +343,12 @@ mod tests {
         let body = Body::from_stream(futures_util::stream::once(async {
             Err::<axum::body::Bytes, _>(std::io::Error::other("read"))
         }));
-        assert_eq!(read_body(&headers, body, 1024).await, Err(Reject::TooLarge));
+        assert_eq!(
+            read_body(&headers, body, 1024, &budget(4096))
+                .await
+                .map(|b| b.0),
+            Err(Reject::TooLarge)
+        );
     }
 
     #[tokio::test]
@@ -310,7 +356,29 @@ mod tests {
         let chunks = futures_util::stream::iter(
             ["ab", "c", "de"].map(|c| Ok::<_, std::io::Error>(axum::body::Bytes::from(c))),
         );
-        let got = read_body(&HeaderMap::new(), Body::from_stream(chunks), 5).await;
-        assert_eq!(got.as_deref(), Ok(&b"abcde"[..]));
+        let budget = budget(64);
+        let got = read_body(&HeaderMap::new(), Body::from_stream(chunks), 5, &budget).await;
+        assert_eq!(got.as_ref().map(|b| b.0.as_slice()), Ok(&b"abcde"[..]));
+        assert!(budget.available_permits() < 64, "the body holds its bytes");
+        drop(got);
+        assert_eq!(budget.available_permits(), 64, "and gives them back");
+    }
+
+    #[tokio::test]
+    async fn bodies_beyond_the_shared_budget_are_refused_as_busy() {
+        let budget = budget(1000);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, "600".parse().expect("value"));
+        let first = read_body(&headers, Body::from(vec![b'x'; 600]), 1000, &budget).await;
+        assert!(first.is_ok());
+        let second = read_body(&headers, Body::from(vec![b'x'; 600]), 1000, &budget).await;
+        assert_eq!(second.map(|b| b.0), Err(Reject::Busy));
+        drop(first);
+        let third = read_body(&headers, Body::from(vec![b'x'; 600]), 1000, &budget).await;
+        assert!(third.is_ok());
+    }
+
+    fn budget(bytes: usize) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(bytes))
     }
 }
