@@ -37,6 +37,8 @@ ARG TARGETPLATFORM
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# include_str! embeds the built-in templates; benches/ is named by Cargo.toml's [[bench]].
+COPY templates ./templates
 COPY benches ./benches
 RUN --mount=type=cache,target=/root/.cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,id=drover-target-${TARGETPLATFORM} \

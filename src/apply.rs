@@ -152,15 +152,76 @@ pub fn write_file(path: &Path, content: &[u8]) -> Result<(), Error> {
     }
 }
 
+/// The label `docker stack deploy` puts on every service and container of a stack.
+const STACK_LABEL: &str = "com.docker.stack.namespace";
+
+/// The stack drover itself was deployed in, from the labels of its own container, else of
+/// its own service; `None` outside a stack or when drover does not run in a container.
+pub fn own_stack(snapshot: &Snapshot) -> Option<&str> {
+    let own = snapshot.own.as_ref()?;
+    let from_container = snapshot
+        .containers
+        .iter()
+        .find(|c| c.id == own.container_id)
+        .and_then(|c| c.labels.get(STACK_LABEL));
+    let from_service = || {
+        let name = own.service.as_deref()?;
+        snapshot
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.labels.get(STACK_LABEL))
+    };
+    from_container
+        .or_else(from_service)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether a service reference of a check or notify step names `service`: the name as
+/// written, or the same name in drover's own stack (`nginx` names `home_nginx` when
+/// drover runs in stack `home`). `docker stack deploy` prefixes every service name with
+/// the stack's, so the shipped config can say `nginx` whatever the stack is called,
+/// which is how docker-pygen's `--signal nginx` kept working in the home lab.
+pub fn names_service(reference: &str, service: &str, stack: Option<&str>) -> bool {
+    service == reference
+        || stack.is_some_and(|stack| {
+            service
+                .strip_prefix(stack)
+                .and_then(|rest| rest.strip_prefix('_'))
+                == Some(reference)
+        })
+}
+
+/// The Swarm services a service reference names (see [`names_service`]); the reference
+/// itself when the snapshot knows none, so the engine reports what is missing.
+pub fn resolve_services(reference: &str, snapshot: &Snapshot) -> Vec<String> {
+    let stack = own_stack(snapshot);
+    let names: Vec<String> = snapshot
+        .services
+        .iter()
+        .filter(|s| names_service(reference, &s.name, stack))
+        .map(|s| s.name.clone())
+        .collect();
+    if names.is_empty() {
+        vec![reference.to_owned()]
+    } else {
+        names
+    }
+}
+
 /// Ids of the local containers an action reaches.
 pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
+    let stack = own_stack(snapshot);
     snapshot
         .containers
         .iter()
         .filter(|c| c.state == "running")
         .filter(|c| match (&on.service, &on.container, &on.label) {
             (Some(s), _, _) => {
-                c.service.as_deref() == Some(s.as_str())
+                c.service
+                    .as_deref()
+                    .is_some_and(|name| names_service(s, name, stack))
                     || c.labels.get("com.docker.compose.service") == Some(s)
             }
             (_, Some(name), _) => c.name == *name || c.id.starts_with(name.as_str()),
@@ -208,7 +269,10 @@ pub async fn run_action(
         Action::Restart(on) => {
             let engine = engine.ok_or_else(|| Error::NoContainer(on.clone()))?;
             if let (Some(name), true) = (&on.service, snapshot.swarm) {
-                return restart_service(engine, name).await;
+                for service in resolve_services(name, snapshot) {
+                    restart_service(engine, &service).await?;
+                }
+                return Ok(());
             }
             let ids = select_containers(on, snapshot);
             if ids.is_empty() {
@@ -349,5 +413,96 @@ mod tests {
             vec!["b2"]
         );
         assert!(select_containers(&sel(None, None, Some("pygen.target=x")), &snap).is_empty());
+    }
+
+    #[test]
+    fn a_service_reference_names_the_service_itself_or_the_same_name_in_the_own_stack() {
+        let cases = [
+            ("nginx", "nginx", None, true),
+            ("nginx", "nginx", Some("home"), true),
+            ("nginx", "home_nginx", Some("home"), true),
+            ("home_nginx", "home_nginx", Some("home"), true),
+            ("nginx", "home_nginx", None, false),
+            ("nginx", "other_nginx", Some("home"), false),
+            ("nginx", "homenginx", Some("home"), false),
+            ("nginx", "home_nginx2", Some("home"), false),
+            ("nginx", "home_web_nginx", Some("home"), false),
+            ("ngin", "home_nginx", Some("home"), false),
+        ];
+        for (reference, service, stack, expected) in cases {
+            assert_eq!(
+                names_service(reference, service, stack),
+                expected,
+                "{reference:?} names {service:?} in stack {stack:?}"
+            );
+        }
+    }
+
+    fn stack_snapshot() -> Snapshot {
+        use crate::state::{Container, Own, Service};
+        let c = |id: &str, service: &str, stack: &str| Container {
+            id: id.into(),
+            name: format!("{service}.1.x"),
+            state: "running".into(),
+            service: Some(service.into()),
+            labels: [(STACK_LABEL.to_owned(), stack.to_owned())].into(),
+            ..Container::default()
+        };
+        let svc = |name: &str| Service {
+            name: name.into(),
+            ..Service::default()
+        };
+        Snapshot {
+            swarm: true,
+            containers: vec![
+                c("d1", "home_drover", "home"),
+                c("n1", "home_nginx", "home"),
+                c("n2", "other_nginx", "other"),
+            ],
+            services: vec![svc("home_drover"), svc("home_nginx"), svc("other_nginx")],
+            own: Some(Own {
+                container_id: "d1".into(),
+                service: Some("home_drover".into()),
+            }),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn the_shipped_service_name_reaches_nginx_of_drovers_own_stack_only() {
+        let snap = stack_snapshot();
+        assert_eq!(own_stack(&snap), Some("home"));
+        let on = Selector {
+            service: Some("nginx".into()),
+            container: None,
+            label: None,
+        };
+        assert_eq!(select_containers(&on, &snap), vec!["n1"]);
+        assert_eq!(resolve_services("nginx", &snap), vec!["home_nginx"]);
+        assert_eq!(resolve_services("other_nginx", &snap), vec!["other_nginx"]);
+        assert_eq!(resolve_services("missing", &snap), vec!["missing"]);
+    }
+
+    #[test]
+    fn the_own_stack_comes_from_the_own_service_when_the_container_has_no_stack_label() {
+        let mut snap = stack_snapshot();
+        snap.containers[0].labels.clear();
+        assert_eq!(own_stack(&snap), None);
+        snap.services[0]
+            .labels
+            .insert(STACK_LABEL.into(), "home".into());
+        assert_eq!(own_stack(&snap), Some("home"));
+    }
+
+    #[test]
+    fn outside_a_container_a_bare_name_matches_only_itself() {
+        let mut snap = stack_snapshot();
+        snap.own = None;
+        let on = Selector {
+            service: Some("nginx".into()),
+            container: None,
+            label: None,
+        };
+        assert!(select_containers(&on, &snap).is_empty());
     }
 }

@@ -85,7 +85,15 @@ pub enum Command {
         target: Option<String>,
     },
     /// Validate the config and every template; exit non-zero with file, line and reason.
-    Check(ConfigArgs),
+    Check {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Also fail when a secret file (token_file, secret_file, password_file) cannot be
+        /// read. Without it that is a warning: the files usually exist only where drover
+        /// runs (Swarm secrets under /run/secrets), not on the workstation checking.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Exit 0 when the local daemon answers /healthz (for the image's HEALTHCHECK).
     Healthcheck {
         #[arg(
@@ -167,8 +175,9 @@ pub async fn render_once(args: ConfigArgs, target: Option<String>) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-/// `drover check`: every template compiles and every secret file is readable.
-pub fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+/// `drover check`: every template compiles; every secret file is readable, else a
+/// warning (an error with `strict`), as they usually exist only where drover runs.
+pub fn check(args: ConfigArgs, strict: bool) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
     let mut ok = true;
     for t in &config.targets {
@@ -177,15 +186,27 @@ pub fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
             ok = false;
         }
     }
-    for h in &config.hooks {
-        for path in h.token_file.iter().chain(&h.secret_file) {
-            if let Err(e) = crate::config::read_secret(path) {
+    let hook_files = config.hooks.iter().flat_map(|h| {
+        let owner = format!("hook {}", h.name);
+        h.token_file
+            .iter()
+            .chain(&h.secret_file)
+            .map(move |p| (owner.clone(), p))
+    });
+    let registry_files = config
+        .registries
+        .iter()
+        .map(|r| (format!("registry {}", r.address), &r.password_file));
+    for (owner, path) in hook_files.chain(registry_files) {
+        if let Err(e) = crate::config::read_secret(path) {
+            if strict {
+                eprintln!("drover: {owner}: cannot read {}: {e}", path.display());
+                ok = false;
+            } else {
                 eprintln!(
-                    "drover: hook {}: cannot read {}: {e}",
-                    h.name,
+                    "drover: warning: {owner}: cannot read {}: {e} (needed where drover runs; --strict makes this an error)",
                     path.display()
                 );
-                ok = false;
             }
         }
     }

@@ -84,6 +84,7 @@ async fn webhook_side(
     board: Arc<Board>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<crate::http::AppState> {
+    let mut worker = false;
     let journal = match engine.inspect_swarm().await {
         Ok(_) => {
             let leader = is_swarm_leader(&engine).await;
@@ -94,6 +95,10 @@ async fn webhook_side(
         }
         Err(e) => {
             debug!(error = %e, "not a swarm manager");
+            worker = is_swarm_worker(&engine).await;
+            if worker {
+                warn!("swarm worker: webhooks are answered 503, send them to a manager");
+            }
             match &config.jobs.state_file {
                 Some(p) => Journal::file(p.clone()),
                 None => {
@@ -107,6 +112,7 @@ async fn webhook_side(
     };
     let runner = Arc::new(crate::update::Executor::new(engine, config)?);
     let hooks = crate::hooks::Service::new(config, runner, journal, shutdown).await?;
+    hooks.set_worker(worker);
     Ok(crate::http::AppState::new(
         hooks,
         board,
@@ -129,6 +135,18 @@ async fn is_swarm_leader(engine: &Engine) -> bool {
         .and_then(|n| n.manager_status)
         .and_then(|m| m.leader)
         .unwrap_or(false)
+}
+
+/// Whether the local node is a Swarm worker: in a Swarm but without its API, so neither a
+/// service update nor a stack deploy can run here.
+async fn is_swarm_worker(engine: &Engine) -> bool {
+    let Ok(info) = engine.info().await else {
+        return false;
+    };
+    info.swarm.is_some_and(|s| {
+        s.local_node_state == Some(bollard::models::LocalNodeState::ACTIVE)
+            && s.control_available != Some(true)
+    })
 }
 
 async fn wait_for_signal() {

@@ -90,6 +90,8 @@ pub enum Reject {
     Busy,
     #[error("cannot record job")]
     Journal,
+    #[error("this node is a swarm worker without the swarm api: send webhooks to a manager")]
+    Worker,
 }
 
 impl Reject {
@@ -106,6 +108,7 @@ impl Reject {
             Reject::QueueFull => "queue_full",
             Reject::Busy => "busy",
             Reject::Journal => "error",
+            Reject::Worker => "worker",
         }
     }
 }
@@ -370,6 +373,9 @@ fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result
 pub struct Service {
     hooks: HashMap<String, Hook>,
     jobs: Arc<Jobs>,
+    /// On a Swarm worker every job would fail for want of the Swarm API: verified
+    /// requests are answered 503 with the reason instead of 202 and a failed job.
+    worker: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -385,7 +391,17 @@ impl Service {
             hooks.insert(h.name.clone(), Hook::load(h)?);
         }
         let jobs = Jobs::start(config.jobs.clone(), runner, journal, shutdown).await?;
-        Ok(Arc::new(Service { hooks, jobs }))
+        Ok(Arc::new(Service {
+            hooks,
+            jobs,
+            worker: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Marks this instance as running on a Swarm worker (or not any more).
+    pub fn set_worker(&self, worker: bool) {
+        self.worker
+            .store(worker, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn jobs(&self) -> &Arc<Jobs> {
@@ -470,6 +486,9 @@ impl Service {
         body: &[u8],
     ) -> Result<Accepted, Reject> {
         let cfg = &hook.cfg;
+        if self.worker.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Reject::Worker);
+        }
         if let Some(ev) = event {
             if !cfg.events.is_empty() && !cfg.events.iter().any(|e| e == ev) {
                 return Ok(Accepted::Ignored);

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => drover::daemon::run(args).await,
             Command::Render { args, target } => cli::render_once(args, target).await,
-            Command::Check(args) => cli::check(args),
+            Command::Check { args, strict } => cli::check(args, strict),
             Command::Healthcheck { url } => Ok(cli::healthcheck(&url)),
         }
     });

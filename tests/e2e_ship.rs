@@ -748,3 +748,312 @@ fn a_single_file_bind_mount_is_rewritten_in_place() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. the release image: its build context compiles, its runtime stage builds
+// ---------------------------------------------------------------------------------------
+
+/// A Dockerfile as instructions: upper-case keyword and arguments, with comments dropped
+/// and `\` continuation lines joined (enough for the project's own Dockerfile).
+fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if pending.is_empty() && (line.is_empty() || line.starts_with('#')) {
+            continue;
+        }
+        if let Some(part) = line.strip_suffix('\\') {
+            pending.push_str(part);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(line);
+        let (keyword, args) = pending
+            .split_once(char::is_whitespace)
+            .unwrap_or((pending.as_str(), ""));
+        out.push((keyword.to_ascii_uppercase(), args.trim().to_owned()));
+        pending.clear();
+    }
+    out
+}
+
+/// The instructions of the stage `FROM ... AS name`, without its FROM line, and the
+/// image it starts from.
+fn dockerfile_stage(
+    instructions: &[(String, String)],
+    name: &str,
+) -> Result<(String, Vec<(String, String)>)> {
+    let start = instructions
+        .iter()
+        .position(|(k, args)| {
+            let words: Vec<&str> = args.split_whitespace().collect();
+            k == "FROM"
+                && words.len() >= 2
+                && words[words.len() - 2].eq_ignore_ascii_case("as")
+                && words[words.len() - 1] == name
+        })
+        .with_context(|| format!("the Dockerfile has no stage `AS {name}`"))?;
+    let base = instructions[start]
+        .1
+        .split_whitespace()
+        .find(|w| !w.starts_with("--"))
+        .unwrap_or_default()
+        .to_owned();
+    let body = instructions[start + 1..]
+        .iter()
+        .take_while(|(k, _)| k != "FROM")
+        .cloned()
+        .collect();
+    Ok((base, body))
+}
+
+/// `docker build -f - CONTEXT` with the legacy builder (it never pulls for FROM scratch),
+/// the Dockerfile on stdin so CONTEXT's own .dockerignore applies unchanged.
+fn docker_build(tag: &str, dockerfile: &str, context: &Path) -> Result<()> {
+    let mut child = Command::new("docker")
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "-q", "-t", tag, "-f", "-"])
+        .arg(context)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run the docker CLI")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("docker stdin")?;
+        stdin.write_all(dockerfile.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "docker build of {tag} failed: {}\n--- Dockerfile ---\n{dockerfile}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Removes a local image on drop.
+struct ImageOnDrop(String);
+
+impl Drop for ImageOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = docker(&["rmi", "-f", &self.0]) {
+            eprintln!("cleanup of image {} failed: {e:#}", self.0);
+        }
+    }
+}
+
+/// Copies `binary` to `root/<name>` and every library `ldd` lists (and the loader) to the
+/// same path under `root`, so a glibc build runs FROM scratch.
+fn install_with_libraries(binary: &Path, root: &Path, name: &str) -> Result<()> {
+    std::fs::copy(binary, root.join(name))?;
+    let ldd = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("run ldd")?;
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let source = std::fs::canonicalize(lib).with_context(|| format!("library {lib}"))?;
+        let dest = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().context("library dir")?)?;
+        std::fs::copy(&source, &dest)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() -> Result<()> {
+    require_e2e!();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(repo.join("Dockerfile"))?;
+    let instructions = dockerfile_instructions(&dockerfile);
+
+    // 1. Exactly what the build stage gets: its WORKDIR and COPY lines, run by docker
+    // against the repository with the repository's .dockerignore.
+    let (_, builder) = dockerfile_stage(&instructions, "builder")?;
+    ensure!(
+        builder
+            .iter()
+            .any(|(k, a)| k == "RUN" && a.contains("cargo build")),
+        "the builder stage runs cargo build"
+    );
+    let mut probe = String::from("FROM scratch\n");
+    let mut workdir = None;
+    for (keyword, args) in &builder {
+        match keyword.as_str() {
+            "WORKDIR" => workdir = Some(args.clone()),
+            "COPY" | "ADD" if !args.contains("--from") => {}
+            _ => continue,
+        }
+        probe.push_str(&format!("{keyword} {args}\n"));
+    }
+    let workdir = workdir.context("the builder stage sets a WORKDIR")?;
+    let tag = format!("drover-ship-context:{}", unique("c"));
+    let started = Instant::now();
+    docker_build(&tag, &probe, repo)?;
+    let _image = ImageOnDrop(tag.clone());
+    let container = unique("ship-context");
+    docker(&["create", "--name", &container, &tag, "/none"])?;
+    let _container = Resource::adopt(Kind::Container, container.clone());
+    let dir = temp_dir("ship-release")?;
+    let context = dir.path().join("context");
+    std::fs::create_dir(&context)?;
+    docker(&[
+        "cp",
+        &format!("{container}:{workdir}/."),
+        &context.display().to_string(),
+    ])?;
+    ensure!(
+        !context.join("target").exists() && context.join("Cargo.toml").exists(),
+        "the context holds the crate and not the target dir"
+    );
+
+    // 2. It compiles with the host toolchain, reusing the checkout's dependency builds
+    // (same profile, same registry sources: only drover itself is compiled again).
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target"));
+    let profile = std::env::var("DROVER_TEST_PROFILE").unwrap_or_else(|_| "ci".into());
+    let uplifted = target_dir.join(&profile).join("drover");
+    // Cargo copies the new binary over the checkout's `target/PROFILE/drover`, which
+    // other tests run: keep the checkout's one aside and put it back afterwards.
+    let kept = target_dir
+        .join(&profile)
+        .join(format!(".drover.{}", unique("kept")));
+    let had_binary = std::fs::hard_link(&uplifted, &kept).is_ok();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = Command::new(&cargo)
+        .args([
+            "build",
+            "--offline",
+            "--locked",
+            "--bin",
+            "drover",
+            "--profile",
+        ])
+        .arg(&profile)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(&context)
+        .stdin(Stdio::null())
+        .output()
+        .context("run cargo")?;
+    let built = dir.path().join("drover");
+    let copied = if build.status.success() {
+        std::fs::copy(&uplifted, &built).map(drop)
+    } else {
+        Ok(())
+    };
+    if had_binary {
+        std::fs::rename(&kept, &uplifted)?;
+    }
+    ensure!(
+        build.status.success(),
+        "the Docker build context does not compile: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    copied?;
+    eprintln!(
+        "build context assembled and compiled in {:?}",
+        started.elapsed()
+    );
+
+    // 3. The runtime stage as written, from that binary: the builder's /out/ is a local
+    // out/ laid out like the builder's RUN leaves it (glibc libraries added, as the host
+    // build is not static).
+    let (base, runtime) = dockerfile_stage(&instructions, "runtime")?;
+    ensure!(
+        base == "scratch",
+        "the runtime stage starts FROM scratch, not {base}"
+    );
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(out.join("etc/ssl/certs"))?;
+    std::fs::create_dir_all(out.join("tmp"))?;
+    install_with_libraries(&built, &out, "drover")?;
+    let mut stage = String::from("FROM scratch\n");
+    for (keyword, args) in &runtime {
+        let args = if keyword == "COPY" && args.contains("--from=builder") {
+            ensure!(
+                args == "--from=builder /out/ /",
+                "the test maps the builder's /out/ only: COPY {args}"
+            );
+            "out/ /"
+        } else {
+            args.as_str()
+        };
+        stage.push_str(&format!("{keyword} {args}\n"));
+    }
+    let release = format!("drover-ship-release:{}", unique("r"));
+    docker_build(&release, &stage, dir.path())?;
+    let _release = ImageOnDrop(release.clone());
+    let version = docker(&["run", "--rm", &release, "--version"])?;
+    assert!(
+        version.starts_with("drover "),
+        "the image's entrypoint is drover: {version}"
+    );
+    let config = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Entrypoint}} {{json .Config.Cmd}} {{json .Config.Healthcheck.Test}}",
+        &release,
+    ])?;
+    assert_eq!(
+        config, r#"["/drover"] ["run"] ["CMD","/drover","healthcheck"]"#,
+        "entrypoint, command and health check of the runtime stage"
+    );
+    eprintln!(
+        "release context compiled and runtime stage built in {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. `drover check` on a workstation
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn check_of_the_shipped_config_warns_about_absent_secrets_and_fails_on_them_only_when_strict()
+-> Result<()> {
+    require_e2e!();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if Path::new("/run/secrets/dockerhub-token").exists() {
+        eprintln!("SKIPPING: this machine has drover's secrets under /run/secrets");
+        return Ok(());
+    }
+    let check = |strict: bool| -> Result<std::process::Output> {
+        let mut cmd = Command::new(drover_bin());
+        cmd.arg("check");
+        if strict {
+            cmd.arg("--strict");
+        }
+        cmd.arg("--config")
+            .arg(repo.join("deploy/drover.yml"))
+            .stdin(Stdio::null())
+            .output()
+            .context("run drover check")
+    };
+    let relaxed = check(false)?;
+    let stderr = String::from_utf8_lossy(&relaxed.stderr);
+    assert!(
+        relaxed.status.success(),
+        "absent secret files are not an error: {stderr}"
+    );
+    assert!(
+        stderr.contains("warning: hook dockerhub: cannot read /run/secrets/dockerhub-token"),
+        "each absent secret file is named in a warning: {stderr}"
+    );
+    let strict = check(true)?;
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert_eq!(strict.status.code(), Some(1), "--strict fails: {stderr}");
+    assert!(
+        stderr.contains("hook github: cannot read /run/secrets/github-secret")
+            && !stderr.contains("warning"),
+        "--strict reports them as errors: {stderr}"
+    );
+    Ok(())
+}

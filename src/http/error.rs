@@ -58,7 +58,7 @@ impl Error {
                 Reject::BodyRead | Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
                 Reject::Unauthorized => StatusCode::UNAUTHORIZED,
                 Reject::RuleMismatch(_) | Reject::NoImage => StatusCode::UNPROCESSABLE_ENTITY,
-                Reject::QueueFull | Reject::Journal | Reject::Busy => {
+                Reject::QueueFull | Reject::Journal | Reject::Busy | Reject::Worker => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
             },
@@ -72,12 +72,15 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = if status.is_server_error() {
-            error!(error = %self, status = status.as_u16(), "request failed");
-            status.canonical_reason().unwrap_or("error").to_lowercase()
-        } else {
-            self.to_string()
-        };
+        // A worker's 503 is an answer to the caller (where to send webhooks), not a
+        // failure detail.
+        let message =
+            if status.is_server_error() && !matches!(self, Error::Rejected(Reject::Worker)) {
+                error!(error = %self, status = status.as_u16(), "request failed");
+                status.canonical_reason().unwrap_or("error").to_lowercase()
+            } else {
+                self.to_string()
+            };
         let mut res = (status, axum::Json(json!({ "error": message }))).into_response();
         if matches!(self, Error::Unauthorized) {
             res.headers_mut().insert(

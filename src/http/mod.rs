@@ -217,6 +217,7 @@ mod tests {
     struct Fixture {
         app: Router,
         state: AppState,
+        service: Arc<crate::hooks::Service>,
         runner: Arc<FakeRunner>,
         _dir: tempfile::TempDir,
     }
@@ -275,13 +276,14 @@ hooks:
         )
         .await
         .expect("service");
-        let state = AppState::new(service, Arc::new(Board::new()), config.http.clone());
+        let state = AppState::new(service.clone(), Arc::new(Board::new()), config.http.clone());
         let app = router(state.clone())
             .expect("router")
             .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
         Fixture {
             app,
             state,
+            service,
             runner,
             _dir: dir,
         }
@@ -563,6 +565,26 @@ hooks:
             send(&f.app, req("owner/b")).await.0,
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[tokio::test]
+    async fn a_swarm_worker_answers_verified_webhooks_503_with_the_reason_and_queues_nothing() {
+        let f = fixture("").await;
+        f.service.set_worker(true);
+        let req = |token: &str| {
+            axum::http::Request::post("/hooks/ci")
+                .header("x-drover-token", token)
+                .body(Body::from(r#"{"image":"owner/a:latest"}"#))
+                .expect("req")
+        };
+        assert_eq!(send(&f.app, req("wrong")).await.0, StatusCode::UNAUTHORIZED);
+        let (status, body) = send(&f.app, req(TOKEN)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let reason = body["error"].as_str().unwrap_or_default();
+        assert!(reason.contains("worker"), "the reason is given: {body}");
+        assert!(f.service.jobs().list().is_empty(), "no job was created");
+        f.service.set_worker(false);
+        assert_eq!(send(&f.app, req(TOKEN)).await.0, StatusCode::ACCEPTED);
     }
 
     #[tokio::test]

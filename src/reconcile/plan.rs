@@ -199,7 +199,13 @@ mod tests {
     }
 
     /// (what it shows, cluster, memory, now, expected plan)
-    type Case<'a> = (&'a str, &'a Snapshot, TargetMemory, Instant, fn(&Plan) -> bool);
+    type Case<'a> = (
+        &'a str,
+        &'a Snapshot,
+        TargetMemory,
+        Instant,
+        fn(&Plan) -> bool,
+    );
 
     #[test]
     fn plans_follow_the_table() {
