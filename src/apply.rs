@@ -7,7 +7,6 @@
 //! fails and the content is rewritten in place. This module and `update` are the only
 //! code that changes anything outside the process.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -101,55 +100,11 @@ impl Applier {
     }
 }
 
-/// Atomic replace: temp + fsync + rename; in place when rename cannot replace the file
-/// (a single file bind-mounted into a container is busy as a mount point).
+/// Replaces `path` atomically (see [`crate::fsutil::write_atomic`]).
 pub fn write_file(path: &Path, content: &[u8]) -> Result<(), Error> {
-    let err = |source| Error::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.drover-{}", std::process::id()));
-    let staged = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        // Keep the mode of the file we replace, so a reader with other rights keeps reading.
-        if let Ok(meta) = std::fs::metadata(path) {
-            let _ = std::fs::set_permissions(&tmp, meta.permissions());
-        }
-        std::fs::rename(&tmp, path)
-    })();
-    match staged {
-        Ok(()) => {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            // EBUSY (bind-mounted file) or EXDEV: fall back to rewriting in place.
-            if matches!(e.raw_os_error(), Some(16) | Some(18)) {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(err)?;
-                f.write_all(content).map_err(err)?;
-                f.sync_all().map_err(err)
-            } else {
-                Err(err(e))
-            }
-        }
-    }
+    crate::fsutil::write_atomic(path, content).map_err(|e| match e {
+        crate::fsutil::Error::Write { path, source } => Error::Write { path, source },
+    })
 }
 
 /// The label `docker stack deploy` puts on every service and container of a stack.
@@ -317,28 +272,24 @@ async fn exec(engine: &Engine, container: &str, argv: &[String]) -> Result<(), E
     }
 }
 
+/// A local command (argv, no shell, the process module's environment allow-list).
 async fn run_local(argv: &[String]) -> Result<(), Error> {
-    let err = |reason: String| Error::Command {
-        argv: argv.to_vec(),
-        reason,
-    };
-    let (program, args) = argv.split_first().ok_or_else(|| err("empty".into()))?;
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(STEP_TIMEOUT, child)
+    let out = crate::process::run(argv, &[], STEP_TIMEOUT, OUTPUT_LIMIT)
         .await
-        .map_err(|_| Error::Timeout(STEP_TIMEOUT))?
-        .map_err(|e| err(e.to_string()))?;
-    if out.status.success() {
+        .map_err(|e| match e {
+            crate::process::Error::Timeout { after, .. } => Error::Timeout(after),
+            other => Error::Command {
+                argv: argv.to_vec(),
+                reason: other.to_string(),
+            },
+        })?;
+    if out.success() {
         Ok(())
     } else {
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        let mut text = out.stdout;
+        text.push_str(&out.stderr);
         Err(Error::Failed {
-            code: i64::from(out.status.code().unwrap_or(-1)),
+            code: i64::from(out.code.unwrap_or(-1)),
             output: tail(&text),
         })
     }

@@ -355,13 +355,7 @@ fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result
                 .map_err(|_| Reject::BadRequest("invalid json payload"))?;
             let parsed = ImageRef::parse(&p.image)
                 .map_err(|_| Reject::BadRequest("invalid image reference"))?;
-            let name = p.image.split_once('@').map_or(p.image.as_str(), |(n, _)| n);
-            let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-            let repo = match name[last_slash..].rfind(':') {
-                Some(i) => &name[..last_slash + i],
-                None => name,
-            };
-            f.repository = Some(repo.to_owned());
+            f.repository = Some(parsed.name);
             f.tag = Some(parsed.tag);
             f.image = Some(p.image);
         }

@@ -395,12 +395,11 @@ async fn write_file(
 ) -> std::io::Result<()> {
     let jobs: Vec<&JobView> = pending.values().collect();
     let bytes = serde_json::to_vec_pretty(&jobs).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = tokio::fs::File::create(&tmp).await?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await?;
-    f.sync_all().await?;
-    drop(f);
-    tokio::fs::rename(&tmp, path).await
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&path, &bytes))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)
 }
 
 struct Entry {

@@ -57,5 +57,11 @@ pub mod update;
 // the one Prometheus registry
 pub mod metrics;
 
+// the one atomic file write
+pub mod fsutil;
+
+// the one local command runner
+pub mod process;
+
 // the status board operators read
 pub mod status;

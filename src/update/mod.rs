@@ -298,56 +298,26 @@ impl Runner for Executor {
     }
 }
 
-/// Runs `argv` (no shell) with the payload facts as `DROVER_*` variables; the exit code
-/// decides the outcome, the output tails go into the message.
+/// Runs `argv` (no shell) with the payload facts as `DROVER_*` variables and nothing of
+/// drover's own environment but the process module's allow-list; the exit code decides
+/// the outcome, the output tails go into the message.
 pub async fn run_command(argv: &[String], facts: &Facts, timeout: Duration) -> Outcome {
-    let Some((program, args)) = argv.split_first() else {
-        return Outcome::failed("command is empty".into());
-    };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    for (key, value) in facts.env() {
-        cmd.env(key, value);
-    }
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return Outcome::failed(format!("cannot start {program}: {e}")),
-    };
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => return Outcome::failed(format!("cannot wait for {program}: {e}")),
-        Err(_) => {
-            return Outcome::failed(format!(
-                "{program} did not finish within {}",
-                humantime::format_duration(timeout)
-            ));
-        }
-    };
-    let mut message = match output.status.code() {
-        Some(code) => format!("exit code {code}"),
-        None => "killed by a signal".to_owned(),
-    };
-    for (name, bytes) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
-        if !bytes.is_empty() {
-            let tail = &bytes[bytes.len().saturating_sub(OUTPUT_TAIL)..];
-            message.push_str(&format!(
-                "; {name}: {}",
-                String::from_utf8_lossy(tail).trim_end()
-            ));
-        }
-    }
-    Outcome {
-        state: if output.status.success() {
-            JobState::Completed
-        } else {
-            JobState::Failed
+    let env: Vec<(String, String)> = facts
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match crate::process::run(argv, &env, timeout, OUTPUT_TAIL).await {
+        Ok(out) => Outcome {
+            state: if out.success() {
+                JobState::Completed
+            } else {
+                JobState::Failed
+            },
+            message: Some(out.summary()),
+            services: Vec::new(),
         },
-        message: Some(message),
-        services: Vec::new(),
+        Err(e) => Outcome::failed(e.to_string()),
     }
 }
 

@@ -433,6 +433,12 @@ impl ServiceBuilder {
         self.flag(flag, value)
     }
 
+    /// A boolean `docker service create` flag without a value (`switch("--init")`).
+    pub fn switch(mut self, flag: &str) -> Self {
+        self.flags.push(flag.into());
+        self
+    }
+
     /// A health check command run by the engine (`--health-cmd`), every second.
     pub fn health_cmd(self, cmd: &str) -> Self {
         self.flag("--health-cmd", cmd)
