@@ -599,6 +599,7 @@ impl Config {
 
     /// Returns (reason, text to locate) for the first problem found.
     fn validate(&self) -> std::result::Result<(), (String, String)> {
+        self.check_bounds()?;
         let mut names = std::collections::HashSet::new();
         for t in &self.targets {
             let at = format!("name: {}", t.name);
@@ -708,6 +709,114 @@ impl Config {
     }
 }
 
+/// Bounds on every duration and size, so `check` refuses what `run` would choke on: a
+/// duration added to an `Instant` must not overflow (that aborts the daemon), a period of
+/// zero must not turn a loop into a busy one, and no size may let one request or one
+/// queue take the memory of a small node.
+mod bounds {
+    use std::time::Duration;
+
+    pub const RESYNC: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+    pub const DEBOUNCE: Duration = Duration::from_secs(3600);
+    pub const QUIET: Duration = Duration::from_secs(24 * 3600);
+    pub const REQUEST_TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(100), Duration::from_secs(3600));
+    pub const UPDATE_TIMEOUT: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(7 * 24 * 3600));
+    pub const MAX_BODY: usize = 64 * 1024 * 1024;
+    pub const QUEUE: usize = 100_000;
+    pub const HISTORY: usize = 100_000;
+    pub const RATE: u32 = 1_000_000;
+
+    /// `value` within `min..=max`, or why not, in the config's own duration syntax.
+    pub fn duration(
+        field: &str,
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<(), String> {
+        if value < min || value > max {
+            return Err(format!(
+                "{field} must be between {} and {} (got {})",
+                humantime::format_duration(min),
+                humantime::format_duration(max),
+                humantime::format_duration(value)
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn size(field: &str, value: usize, min: usize, max: usize) -> Result<(), String> {
+        if value < min || value > max {
+            return Err(format!(
+                "{field} must be between {min} and {max} (got {value})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Returns (reason, text to locate) for the first value out of its bounds.
+    fn check_bounds(&self) -> std::result::Result<(), (String, String)> {
+        use bounds::*;
+        fn at(field: &'static str) -> impl Fn(String) -> (String, String) {
+            move |r| (r, format!("{field}:"))
+        }
+        duration("resync", self.resync, RESYNC.0, RESYNC.1).map_err(at("resync"))?;
+        let h = &self.http;
+        size("http.max_body", h.max_body, 1, MAX_BODY).map_err(at("max_body"))?;
+        duration(
+            "http.request_timeout",
+            h.request_timeout,
+            REQUEST_TIMEOUT.0,
+            REQUEST_TIMEOUT.1,
+        )
+        .map_err(at("request_timeout"))?;
+        let j = &self.jobs;
+        size("jobs.queue", j.queue, 1, QUEUE).map_err(at("queue"))?;
+        size("jobs.history", j.history, 0, HISTORY).map_err(at("history"))?;
+        duration(
+            "jobs.update_timeout",
+            j.update_timeout,
+            UPDATE_TIMEOUT.0,
+            UPDATE_TIMEOUT.1,
+        )
+        .map_err(at("update_timeout"))?;
+        for t in &self.targets {
+            let at = |r: String| {
+                (
+                    format!("target {}: {r}", t.name),
+                    format!("name: {}", t.name),
+                )
+            };
+            duration("debounce.max", t.debounce.max, Duration::ZERO, DEBOUNCE).map_err(at)?;
+        }
+        for hook in &self.hooks {
+            let at = |r: String| {
+                (
+                    format!("hook {}: {r}", hook.name),
+                    format!("name: {}", hook.name),
+                )
+            };
+            duration("quiet", hook.quiet, Duration::ZERO, QUIET).map_err(at)?;
+            if hook.rate > RATE {
+                return Err(at(format!(
+                    "rate must be at most {RATE} (got {})",
+                    hook.rate
+                )));
+            }
+            if let HookAction::RestartService(s) = &hook.action {
+                if s.is_empty() {
+                    return Err(at("restart-service names no service".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Action {
     fn validate(&self) -> std::result::Result<(), String> {
         let (on, argv) = match self {
@@ -719,6 +828,13 @@ impl Action {
         if let Some(on) = on {
             if !on.is_valid() {
                 return Err("name exactly one of service, container or label".into());
+            }
+            // An empty name would match every container (a prefix or label filter of "").
+            if [&on.service, &on.container, &on.label]
+                .iter()
+                .any(|s| s.as_deref().is_some_and(|v| v.trim().is_empty()))
+            {
+                return Err("service, container or label must not be empty".into());
             }
         }
         if argv.is_some_and(|a| a.is_empty()) {
@@ -883,6 +999,63 @@ hooks:
             .unwrap_err()
             .to_string();
         assert!(err.contains("secret_file is required"), "{err}");
+    }
+
+    #[test]
+    fn a_quiet_window_of_billions_of_years_is_refused_with_its_line() {
+        let err = parse("hooks:\n  - name: hub\n    kind: dockerhub\n    token_file: /t\n    quiet: 300000000000years\n    action: update-services\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("drover.yml:2:"), "{err}");
+        assert!(err.contains("hook hub: quiet must be between"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_resync_period_is_refused() {
+        let err = parse("resync: 0s\n").unwrap_err().to_string();
+        assert!(err.starts_with("drover.yml:1:"), "{err}");
+        assert!(err.contains("resync must be between 1s and 1day"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_timeouts_out_of_bounds_are_refused() {
+        for (text, needle) in [
+            ("http: { max_body: 0 }\n", "http.max_body"),
+            ("http: { max_body: 1000000000000 }\n", "http.max_body"),
+            ("http: { request_timeout: 0s }\n", "http.request_timeout"),
+            ("jobs: { queue: 100000000 }\n", "jobs.queue"),
+            (
+                "jobs: { update_timeout: 100years }\n",
+                "jobs.update_timeout",
+            ),
+            (
+                "targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n    debounce: { min: 1s, max: 1000years }\n",
+                "debounce.max",
+            ),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_container_name_is_refused_because_it_would_match_every_container() {
+        for step in [
+            "signal: { container: \"\" }",
+            "restart: { service: \" \" }",
+            "exec: { label: \"\", command: [nginx, -t] }",
+        ] {
+            let text = format!(
+                "targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n    notify:\n      - {step}\n"
+            );
+            let err = parse(&text).expect_err(step).to_string();
+            assert!(err.contains("must not be empty"), "{step}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_default_values_are_within_their_bounds() {
+        parse("{}\n").expect("an empty config is valid");
     }
 
     #[test]

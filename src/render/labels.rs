@@ -49,12 +49,26 @@ pub fn validate_service(service: &Service) -> Result<(), SkippedService> {
             rule(value).map_err(|reason| SkippedService {
                 service: service.name.clone(),
                 label: label.clone(),
-                value: value.clone(),
+                value: shown(value),
                 reason,
             })?;
         }
     }
     Ok(())
+}
+
+/// The longest part of a refused label value that is kept for logs and the status page.
+pub const SHOWN_MAX: usize = 64;
+
+/// A refused label value as logs and the status page show it: quoted with escapes, so a
+/// newline cannot forge a log line, and cut after [`SHOWN_MAX`] characters, so a 100 KB
+/// value is not logged whole on every render.
+pub fn shown(value: &str) -> String {
+    let mut chars = value.char_indices();
+    match chars.nth(SHOWN_MAX) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &value[..cut], value.len()),
+        None => format!("{value:?}"),
+    }
 }
 
 /// The host names of a `routing-host` value (already validated): split on commas, spaces
@@ -92,8 +106,13 @@ fn check_host(host: &str) -> Result<(), String> {
     if host.is_empty() {
         return Err("empty host name".into());
     }
-    if host.len() > 253 {
-        return Err("host name longer than 253 characters".into());
+    if host.len() > MAX_HOST {
+        // A longer server_name makes nginx refuse the whole file with its default
+        // server_names_hash_bucket_size of 64 (found by tests/label_injection.rs): one
+        // label would block every later change of the config.
+        return Err(format!(
+            "host name longer than {MAX_HOST} characters (nginx's default server_names_hash_bucket_size refuses it)"
+        ));
     }
     for part in host.split('.') {
         let ok = !part.is_empty()
@@ -109,6 +128,11 @@ fn check_host(host: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The longest server name nginx accepts with its default `server_names_hash_bucket_size`
+/// of 64: a hash element takes a pointer plus the name and 2 bytes, 8-aligned, and a
+/// bucket also ends in a pointer.
+const MAX_HOST: usize = 46;
 
 fn check_path(value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > 512 {
@@ -142,7 +166,21 @@ fn check_size(value: &str) -> Result<(), String> {
     let digits = value
         .strip_suffix(['k', 'K', 'm', 'M', 'g', 'G'])
         .unwrap_or(value);
-    if !digits.is_empty() && digits.len() <= 12 && digits.bytes().all(|b| b.is_ascii_digit()) {
+    let scale: u64 = match value.as_bytes().last() {
+        Some(b'k' | b'K') => 1 << 10,
+        Some(b'm' | b'M') => 1 << 20,
+        Some(b'g' | b'G') => 1 << 30,
+        _ => 1,
+    };
+    // nginx refuses (and fails the whole file on) a size above its off_t maximum.
+    let fits = digits
+        .parse::<u64>()
+        .is_ok_and(|n| n <= i64::MAX as u64 / scale);
+    if !digits.is_empty()
+        && digits.len() <= 12
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && fits
+    {
         Ok(())
     } else {
         Err("size must be digits with an optional k, m or g suffix (like 10m or 0)".into())
@@ -239,12 +277,27 @@ mod tests {
     }
 
     #[test]
+    fn refused_values_are_shown_quoted_and_cut() {
+        let err = verdict(HOST, "a\nforged=1").expect_err("newline");
+        assert_eq!(err.value, r#""a\nforged=1""#);
+        let long = "x".repeat(100_000);
+        let err = verdict(HOST, &long).expect_err("long");
+        assert_eq!(
+            err.value,
+            format!("{:?}... (100000 bytes)", "x".repeat(SHOWN_MAX))
+        );
+        assert_eq!(shown("\u{2028}é"), r#""\u{2028}é""#);
+    }
+
+    #[test]
     fn valid_label_values_are_accepted() {
         let table = [
             (HOST, "example.com"),
             (HOST, "a.example.com,b.example.com"),
             (HOST, "a.example.com, B.Example.com"),
             (HOST, "localhost"),
+            (HOST, "a-host-name-of-forty-six-chars0.example.com.xy"),
+            (MAX_BODY, "8589934591g"),
             (HOST, "xn--bcher-kva.example"),
             (CONTEXT, "/"),
             (CONTEXT, "/api/v1"),
@@ -336,13 +389,15 @@ mod tests {
             (PROMETHEUS_JOB, "1job"),
             (PROMETHEUS_JOB, "job:x"),
             (PROMETHEUS_JOB, "job\n- targets"),
+            (MAX_BODY, "999999999999g"),
+            (HOST, "a-host-name-of-forty-seven-chars.example.com.xy"),
             (PROMETHEUS_JOB, ""),
         ];
         for (label, value) in table {
             let skipped = verdict(label, value).expect_err(&format!("{label}={value:?} accepted"));
             assert_eq!(skipped.service, "svc");
             assert_eq!(skipped.label, label);
-            assert_eq!(skipped.value, value);
+            assert_eq!(skipped.value, shown(value));
             assert!(!skipped.reason.is_empty());
             assert!(
                 skipped.reason.starts_with(|c: char| c.is_ascii_lowercase()),

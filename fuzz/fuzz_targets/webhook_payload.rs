@@ -1,0 +1,22 @@
+//! The image reference of a webhook payload (generic hooks send `{"image": ...}`; Docker Hub
+//! sends repo and tag): any string gives an error or a reference whose parts are plain
+//! and re-parse to the same value.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(image) = drover::update::ImageRef::parse(raw) {
+        for part in [&image.registry, &image.repo, &image.tag] {
+            assert!(!part.is_empty(), "empty part of {raw:?}: {image:?}");
+            assert!(
+                part.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/:".contains(&b)),
+                "{raw:?} gave {image:?}"
+            );
+        }
+    }
+});
