@@ -60,7 +60,7 @@ hooks:
     quiet: 1s
     action: update-services
 YML
-DROVER_LOG=warn "$bin" run --config "$work/drover.yml" 2>"$work/log" &
+DROVER_LOG=warn DROVER_OPS_LISTEN="127.0.0.1:$((port + 1))" "$bin" run --config "$work/drover.yml" 2>"$work/log" &
 pid=$!
 
 # The running task IPs on $net of every soak service, sorted, one per line.
