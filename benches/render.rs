@@ -80,6 +80,7 @@ fn bench(c: &mut Criterion) {
         debounce: Default::default(),
         check: None,
         notify: Vec::new(),
+        delivery: Default::default(),
     };
     let template = Template::load(&target).expect("built-in nginx compiles");
     let snapshot = snapshot(1_000, 5);

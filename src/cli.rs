@@ -144,6 +144,7 @@ impl DefaultTarget {
                 label: None,
                 signal: "HUP".into(),
             })],
+            delivery: Default::default(),
         });
         config
     }

@@ -50,6 +50,8 @@ pub struct Config {
     pub registries: Vec<Registry>,
     #[serde(default)]
     pub jobs: Jobs,
+    #[serde(default)]
+    pub cluster: Cluster,
 }
 
 fn default_resync() -> Duration {
@@ -175,6 +177,43 @@ fn default_auth_failures_per_minute() -> u32 {
     30
 }
 
+/// Cluster mode: the agent API every instance serves so the controller can put files in
+/// place on other nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Where the agent API listens; peers reach it on a network they share.
+    #[serde(default = "default_agent_listen")]
+    pub listen: SocketAddr,
+    /// The key shared by all instances (mount a Swarm secret here). Without this file the
+    /// agent API is off and every target is delivered locally.
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
+    /// How far an agent request's timestamp may be from the agent's clock.
+    #[serde(default = "default_max_skew", with = "humantime_serde")]
+    pub max_skew: Duration,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            listen: default_agent_listen(),
+            key_file: default_key_file(),
+            max_skew: default_max_skew(),
+        }
+    }
+}
+
+fn default_agent_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9091))
+}
+fn default_key_file() -> PathBuf {
+    PathBuf::from("/run/secrets/drover-cluster-key")
+}
+fn default_max_skew() -> Duration {
+    Duration::from_secs(30)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
@@ -191,6 +230,22 @@ pub struct Target {
     pub check: Option<Action>,
     #[serde(default)]
     pub notify: Vec<Action>,
+    /// Who writes the file: see [`Delivery`].
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// How a target's file reaches its consumer (see `cluster::delivery`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Agents when drover runs as a Swarm service with the cluster key, else local.
+    #[default]
+    Auto,
+    /// The controller writes the file itself (same node, or a shared volume).
+    Local,
+    /// The agent on every node that runs a task of the service the steps name.
+    Agents,
 }
 
 impl Target {

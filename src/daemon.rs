@@ -34,13 +34,18 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let mut tasks = JoinSet::new();
     let (hint_tx, hint_rx) = tokio::sync::mpsc::channel(1024);
     tasks.spawn(crate::watch::run(engine.clone(), hint_tx, shutdown.clone()));
+    let key = cluster_key(&config)?;
     let reconciler = Reconciler::new(
         engine.clone(),
         &config.targets,
         board.clone(),
         config.resync,
+        key.clone().map(|k| (k, config.cluster.listen.port())),
     );
     tasks.spawn(reconciler.run(hint_rx, shutdown.clone()));
+    if let Some(key) = key {
+        start_agent(&config, key, &engine, shutdown.clone(), &mut tasks).await?;
+    }
 
     let state = webhook_side(&config, engine, board, shutdown.clone())
         .await
@@ -147,6 +152,43 @@ async fn is_swarm_worker(engine: &Engine) -> bool {
         s.local_node_state == Some(bollard::models::LocalNodeState::ACTIVE)
             && s.control_available != Some(true)
     })
+}
+
+/// The cluster key when its file is there (cluster mode); a key file that is there but
+/// cannot be read is a start-up error.
+fn cluster_key(config: &Config) -> anyhow::Result<Option<crate::cluster::agent::Key>> {
+    let path = &config.cluster.key_file;
+    if !path.exists() {
+        info!(key_file = %path.display(), "no cluster key: agent API off, targets delivered locally");
+        return Ok(None);
+    }
+    Ok(Some(crate::cluster::agent::Key::load(path)?))
+}
+
+/// Serves the agent API on the cluster network; a port clash is a start-up error.
+async fn start_agent(
+    config: &Config,
+    key: crate::cluster::agent::Key,
+    engine: &Engine,
+    shutdown: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    use crate::cluster::agent;
+    let cluster = &config.cluster;
+    let listener = tokio::net::TcpListener::bind(cluster.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (agent API)", cluster.listen))?;
+    let agent = Arc::new(agent::Agent::new(
+        agent::Guard::new(key, cluster.max_skew),
+        Some(engine.clone()),
+        &config.targets,
+    ));
+    tasks.spawn(async move {
+        if let Err(e) = agent::serve(listener, agent, shutdown).await {
+            error!(error = %e, "agent API stopped");
+        }
+    });
+    Ok(())
 }
 
 async fn wait_for_signal() {

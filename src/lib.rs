@@ -54,6 +54,9 @@ pub mod jobs;
 // digest -> pinned service update -> followed rollout
 pub mod update;
 
+// roles, peers, the agent API and delivery to other nodes
+pub mod cluster;
+
 // the one Prometheus registry
 pub mod metrics;
 

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub update_duration: HistogramVec,
     pub rollbacks: IntCounter,
+    pub agent_requests: IntCounterVec,
+    pub agent_refused: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -204,6 +206,18 @@ impl Metrics {
                 "Service update time from request to final UpdateStatus, by outcome",
                 &["outcome"],
                 UPDATE_BUCKETS,
+            ),
+            agent_requests: counter_vec(
+                &r,
+                "drover_agent_requests_total",
+                "Verified agent API requests by target and outcome on this node",
+                &["target", "outcome"],
+            ),
+            agent_refused: counter_vec(
+                &r,
+                "drover_agent_refused_total",
+                "Agent API requests refused, by reason",
+                &["reason"],
             ),
             stream_reconnects,
             resyncs,

@@ -22,6 +22,8 @@ pub struct TargetStatus {
     pub check: String,
     pub error: Option<String>,
     pub skipped: Vec<SkippedService>,
+    /// Per node, when the target is delivered through agents: outcome and hash there.
+    pub nodes: Vec<crate::cluster::delivery::NodeResult>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]

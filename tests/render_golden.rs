@@ -200,6 +200,7 @@ fn target(template: &str) -> Target {
         debounce: Default::default(),
         check: None,
         notify: Vec::new(),
+        delivery: Default::default(),
     }
 }
 

@@ -428,6 +428,7 @@ mod tests {
                     value: "10 GB".into(),
                     reason: "not a size".into(),
                 }],
+                nodes: vec![],
             }],
         }
     }

@@ -106,6 +106,7 @@ mod tests {
             debounce: Default::default(),
             check,
             notify: vec![],
+            delivery: Default::default(),
         }
     }
 

@@ -18,6 +18,8 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::apply::Applier;
 use crate::backoff::Backoff;
+use crate::cluster::agent::Key;
+use crate::cluster::delivery::{self, Deliverer};
 use crate::config::Target;
 use crate::debounce::{Batch, Debouncer};
 use crate::docker::Engine;
@@ -46,6 +48,8 @@ struct TargetState {
     config: Target,
     template: Result<Template, String>,
     applier: Applier,
+    /// Present when this instance has the cluster key: the agents' side of delivery.
+    deliverer: Option<Deliverer>,
     debounce: Debouncer,
     last_skipped: Vec<SkippedService>,
     /// The snapshot of the last pass that needs no retry: the same cluster again (a
@@ -122,6 +126,7 @@ impl Reconciler {
         targets: &[Target],
         board: Arc<Board>,
         resync: Duration,
+        agents: Option<(Key, u16)>,
     ) -> Reconciler {
         let targets = targets
             .iter()
@@ -140,6 +145,9 @@ impl Reconciler {
                     config: t.clone(),
                     template,
                     applier,
+                    deliverer: agents
+                        .as_ref()
+                        .map(|(key, port)| Deliverer::new(key.clone(), *port)),
                     debounce: Debouncer::new(t.debounce),
                     last_skipped: Vec::new(),
                     settled: None,
@@ -349,6 +357,11 @@ async fn pass(
     if t.settled.as_deref() == Some(&**snapshot) {
         return;
     }
+    // In cluster mode only the controller (the instance on the Raft leader) renders; the
+    // others serve the agent API. Without the key every instance renders for its own node.
+    if t.deliverer.is_some() && matches!(role(snapshot), "manager" | "worker") {
+        return;
+    }
     let name = t.config.name.clone();
     let template = match &t.template {
         Ok(template) => template,
@@ -387,6 +400,33 @@ async fn pass(
         .set(rendered.skipped.len() as i64);
 
     let content = rendered.text.as_bytes();
+    if let Some(d) = t
+        .deliverer
+        .as_mut()
+        .filter(|_| delivery::uses_agents(&t.config, snapshot, true))
+    {
+        // Through agents: each consumer node checks its own file; the controller keeps no
+        // local copy, so the local plan (and its memory) does not apply.
+        let consumers = delivery::consumer_nodes(&t.config, snapshot);
+        let peers = crate::cluster::peers::peers(snapshot, d.port());
+        let nodes = d.deliver(&name, content, &consumers, &peers).await;
+        let outcome = Ok(delivery::overall(&nodes));
+        let retry = matches!(outcome, Ok(Outcome::CheckUnavailable(_)));
+        t.settled = (!retry).then(|| snapshot.clone());
+        report::outcome(t, board, &outcome, batch, rendered.skipped);
+        let hash = matches!(
+            outcome,
+            Ok(Outcome::Applied | Outcome::NotifyFailed(_) | Outcome::Unchanged)
+        )
+        .then(|| crate::apply::sha256_hex(content));
+        board.update_target(&name, |s| {
+            s.nodes = nodes;
+            if hash.is_some() {
+                s.hash = hash;
+            }
+        });
+        return;
+    }
     let memory = TargetMemory {
         current: t.applier.current_hash().map(str::to_owned),
         known_bad: t.known_bad.clone(),

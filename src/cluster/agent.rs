@@ -1,0 +1,705 @@
+//! The agent API: how the controller puts a rendered file in place on another node.
+//!
+//! Every instance serves it on the cluster network (its own listener, apart from the
+//! webhook port). The controller sends `{target, content, hash}`; the agent writes the
+//! file of its own copy of that target atomically, runs the target's check in the local
+//! container, restores the last good file when the check fails, notifies the local
+//! containers and answers with the outcome — the same [`Applier`] steps a local target
+//! takes, so the two deliveries cannot drift apart.
+//!
+//! Invariants: a request changes nothing unless it carries an HMAC-SHA256, under the key
+//! from the cluster's Swarm secret, over its timestamp, nonce and body; the timestamp lies
+//! within [`Guard`]'s skew of the agent's clock; and its nonce was not seen before. The
+//! signature is checked first (constant time), so unauthenticated requests cannot fill the
+//! nonce cache; a nonce is remembered for twice the skew, after which its timestamp alone
+//! refuses it, which keeps the cache bounded by the request rate. Bodies are bounded by
+//! [`MAX_BODY`], requests by [`REQUEST_TIMEOUT`]. A content whose hash does not match, or
+//! a target the agent does not know, is refused before anything is written. Refusals say
+//! why in fixed words; nothing from the request is echoed.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+use tracing::{info, warn};
+
+use crate::apply::{self, Applier, sha256_hex};
+use crate::config::Target;
+use crate::docker::Engine;
+use crate::reconcile::Outcome;
+use crate::state::Snapshot;
+
+/// Where the controller posts a file.
+pub const APPLY_PATH: &str = "/agent/v1/apply";
+pub const TIMESTAMP_HEADER: &str = "x-drover-timestamp";
+pub const NONCE_HEADER: &str = "x-drover-nonce";
+pub const SIGNATURE_HEADER: &str = "x-drover-agent-signature";
+/// Rendered configs are kilobytes; a few MiB leaves room for very large clusters.
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
+/// A check and each notify step may take 30 s (`apply`); leave room for both.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// Nonces remembered at most; beyond this (a flood of signed requests) the agent answers 503
+/// rather than forget a nonce whose timestamp is still valid.
+const NONCE_CAP: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the cluster key {path}: {source}")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the cluster key {0} is empty")]
+    EmptyKey(PathBuf),
+    #[error("agent {addr}: {reason}")]
+    Transport { addr: SocketAddr, reason: String },
+    #[error("agent {addr} answered {status}: {message}")]
+    Status {
+        addr: SocketAddr,
+        status: u16,
+        message: String,
+    },
+    #[error("agent {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("agent server: {0}")]
+    Serve(std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The shared secret of the cluster (a Swarm secret mounted in every instance).
+#[derive(Clone)]
+pub struct Key(Arc<[u8]>);
+
+impl Key {
+    /// Reads the key file; surrounding whitespace is not part of the key (`echo` adds a newline).
+    pub fn load(path: &Path) -> Result<Key> {
+        let raw = std::fs::read(path).map_err(|source| Error::Key {
+            path: path.to_owned(),
+            source,
+        })?;
+        let key = raw.trim_ascii();
+        if key.is_empty() {
+            return Err(Error::EmptyKey(path.to_owned()));
+        }
+        Ok(Key(key.into()))
+    }
+
+    pub fn from_bytes(key: &[u8]) -> Key {
+        Key(key.into())
+    }
+
+    fn mac(&self, timestamp: &str, nonce: &str, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
+        mac.update(timestamp.as_bytes());
+        mac.update(b"\n");
+        mac.update(nonce.as_bytes());
+        mac.update(b"\n");
+        mac.update(body);
+        mac
+    }
+
+    /// `sha256=HEX` over timestamp, nonce and body, as the agent expects it.
+    pub fn sign(&self, timestamp: &str, nonce: &str, body: &[u8]) -> String {
+        let tag = self.mac(timestamp, nonce, body).finalize().into_bytes();
+        format!("sha256={}", hex::encode(tag))
+    }
+
+    fn verify(&self, timestamp: &str, nonce: &str, body: &[u8], signature: &str) -> bool {
+        let Some(tag) = signature
+            .strip_prefix("sha256=")
+            .and_then(|h| hex::decode(h).ok())
+        else {
+            return false;
+        };
+        let expected = self.mac(timestamp, nonce, body).finalize().into_bytes();
+        expected.as_slice().ct_eq(&tag).into()
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// Why a request was refused (fixed words, counted and logged; never request data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("missing or wrong signature")]
+    Unauthorized,
+    #[error("timestamp outside the allowed clock skew")]
+    Stale,
+    #[error("nonce already used")]
+    Replayed,
+    #[error("too many requests in the replay window")]
+    Busy,
+    #[error("bad request")]
+    BadRequest,
+    #[error("content does not match its hash")]
+    HashMismatch,
+    #[error("unknown target")]
+    UnknownTarget,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Unauthorized | Refusal::Stale | Refusal::Replayed => StatusCode::UNAUTHORIZED,
+            Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::BadRequest | Refusal::HashMismatch => StatusCode::BAD_REQUEST,
+            Refusal::UnknownTarget => StatusCode::NOT_FOUND,
+        }
+    }
+}
+
+/// Nonces seen within the replay window, oldest first.
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<String, i64>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl Nonces {
+    /// Records `nonce` (good until `expires`); false if it is already known.
+    fn insert(&mut self, nonce: &str, now: i64, expires: i64) -> Result<(), Refusal> {
+        while let Some((exp, _)) = self.order.front() {
+            if *exp > now {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        if self.seen.contains_key(nonce) {
+            return Err(Refusal::Replayed);
+        }
+        if self.seen.len() >= NONCE_CAP {
+            return Err(Refusal::Busy);
+        }
+        self.seen.insert(nonce.to_owned(), expires);
+        self.order.push_back((expires, nonce.to_owned()));
+        Ok(())
+    }
+}
+
+/// Authenticates agent requests: signature, clock skew, nonce.
+pub struct Guard {
+    key: Key,
+    max_skew: Duration,
+    nonces: Mutex<Nonces>,
+}
+
+impl Guard {
+    pub fn new(key: Key, max_skew: Duration) -> Guard {
+        Guard {
+            key,
+            max_skew,
+            nonces: Mutex::default(),
+        }
+    }
+
+    /// Checks a request's headers and body at `now` (unix seconds).
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), Refusal> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(ts), Some(nonce), Some(sig)) = (
+            header(TIMESTAMP_HEADER),
+            header(NONCE_HEADER),
+            header(SIGNATURE_HEADER),
+        ) else {
+            return Err(Refusal::Unauthorized);
+        };
+        if nonce.is_empty() || nonce.len() > 128 || !self.key.verify(ts, nonce, body, sig) {
+            return Err(Refusal::Unauthorized);
+        }
+        let ts: i64 = ts.parse().map_err(|_| Refusal::Stale)?;
+        let skew = self.max_skew.as_secs() as i64;
+        if (now - ts).abs() > skew {
+            return Err(Refusal::Stale);
+        }
+        // Past ts + skew the timestamp alone refuses a replay: forget the nonce then.
+        self.nonces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(nonce, now, ts + skew + 1)
+    }
+}
+
+/// What the controller sends: one target's full file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyRequest {
+    pub target: String,
+    /// The file, base64 (configs may hold any bytes).
+    pub content: String,
+    /// SHA-256 hex of the decoded content.
+    pub hash: String,
+}
+
+impl ApplyRequest {
+    pub fn new(target: &str, content: &[u8]) -> ApplyRequest {
+        ApplyRequest {
+            target: target.to_owned(),
+            content: base64::engine::general_purpose::STANDARD.encode(content),
+            hash: sha256_hex(content),
+        }
+    }
+}
+
+/// What the agent answers: the outcome on its node and the hash of the file in place.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyAnswer {
+    /// Swarm node id of the agent's engine (empty outside Swarm).
+    pub node: String,
+    pub target: String,
+    /// An [`Outcome::label`]: applied, unchanged, check_failed, ...
+    pub outcome: String,
+    /// Hash of the file that is in place after the request (none: no file).
+    pub hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One target as an agent keeps it: its file and the last content whose check failed.
+struct Local {
+    config: Target,
+    applier: Applier,
+    known_bad: Option<String>,
+}
+
+impl Local {
+    /// The steps of `reconcile`'s executor (stage, check, commit or restore, notify), on
+    /// this node's containers.
+    async fn apply(
+        &mut self,
+        content: &[u8],
+        engine: Option<&Engine>,
+        snapshot: &Snapshot,
+    ) -> Result<Outcome, apply::Error> {
+        let hash = sha256_hex(content);
+        if self.applier.current_hash() == Some(hash.as_str()) {
+            return Ok(Outcome::Unchanged);
+        }
+        if self.known_bad.as_deref() == Some(hash.as_str()) {
+            return Ok(Outcome::KnownBad);
+        }
+        self.applier.stage(content)?;
+        if let Some(check) = &self.config.check {
+            if let Err(e) = apply::run_action(check, engine, snapshot).await {
+                self.applier.restore()?;
+                return Ok(match e {
+                    apply::Error::Failed { .. } => {
+                        self.known_bad = Some(hash);
+                        Outcome::CheckFailed(e.to_string())
+                    }
+                    other => Outcome::CheckUnavailable(other.to_string()),
+                });
+            }
+        }
+        self.applier.commit(content);
+        self.known_bad = None;
+        let mut failures = Vec::new();
+        for step in &self.config.notify {
+            if let Err(e) = apply::run_action(step, engine, snapshot).await {
+                failures.push(e.to_string());
+            }
+        }
+        if failures.is_empty() {
+            Ok(Outcome::Applied)
+        } else {
+            Ok(Outcome::NotifyFailed(failures.join("; ")))
+        }
+    }
+}
+
+/// The agent's side: its own copies of the targets, applied with the local engine.
+pub struct Agent {
+    guard: Guard,
+    engine: Option<Engine>,
+    targets: HashMap<String, tokio::sync::Mutex<Local>>,
+}
+
+impl Agent {
+    pub fn new(guard: Guard, engine: Option<Engine>, targets: &[Target]) -> Agent {
+        Agent {
+            guard,
+            engine,
+            targets: targets
+                .iter()
+                .map(|t| {
+                    let local = Local {
+                        config: t.clone(),
+                        applier: Applier::new(t),
+                        known_bad: None,
+                    };
+                    (t.name.clone(), tokio::sync::Mutex::new(local))
+                })
+                .collect(),
+        }
+    }
+
+    /// Verifies and carries out one request.
+    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Result<ApplyAnswer, Refusal> {
+        self.guard.verify(headers, body, unix_now())?;
+        let req: ApplyRequest = serde_json::from_slice(body).map_err(|_| Refusal::BadRequest)?;
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(&req.content)
+            .map_err(|_| Refusal::BadRequest)?;
+        if !bool::from(sha256_hex(&content).as_bytes().ct_eq(req.hash.as_bytes())) {
+            return Err(Refusal::HashMismatch);
+        }
+        let applier = self
+            .targets
+            .get(&req.target)
+            .ok_or(Refusal::UnknownTarget)?;
+        // One request per target at a time: a check must see the file it was asked about.
+        let mut applier = applier.lock().await;
+        let snapshot = match &self.engine {
+            Some(engine) => crate::state::fetch(engine).await.ok(),
+            None => None,
+        };
+        let node = snapshot
+            .as_ref()
+            .map(|s| s.node_id.clone())
+            .unwrap_or_default();
+        let snapshot = snapshot.unwrap_or_default();
+        let (outcome, message) = match applier
+            .apply(&content, self.engine.as_ref(), &snapshot)
+            .await
+        {
+            Ok(outcome) => {
+                let message = match &outcome {
+                    Outcome::NotifyFailed(m)
+                    | Outcome::CheckFailed(m)
+                    | Outcome::CheckUnavailable(m) => Some(m.clone()),
+                    _ => None,
+                };
+                (outcome.label().to_owned(), message)
+            }
+            Err(e) => ("error".to_owned(), Some(e.to_string())),
+        };
+        crate::metrics::get()
+            .agent_requests
+            .with_label_values(&[req.target.as_str(), outcome.as_str()])
+            .inc();
+        info!(target = %req.target, %outcome, hash = %req.hash, "agent request applied");
+        Ok(ApplyAnswer {
+            node,
+            target: req.target,
+            outcome,
+            hash: applier.applier.current_hash().map(str::to_owned),
+            message,
+        })
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route(APPLY_PATH, post(apply))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(agent)
+}
+
+async fn apply(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Response {
+    match agent.handle(&headers, &body).await {
+        Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
+        Err(refusal) => {
+            warn!(reason = %refusal, "agent request refused");
+            crate::metrics::get()
+                .agent_refused
+                .with_label_values(&[refusal_label(refusal)])
+                .inc();
+            (
+                refusal.status(),
+                axum::Json(serde_json::json!({ "error": refusal.to_string() })),
+            )
+                .into_response()
+        }
+    }
+}
+
+fn refusal_label(r: Refusal) -> &'static str {
+    match r {
+        Refusal::Unauthorized => "unauthorized",
+        Refusal::Stale => "stale",
+        Refusal::Replayed => "replayed",
+        Refusal::Busy => "busy",
+        Refusal::BadRequest => "bad_request",
+        Refusal::HashMismatch => "hash_mismatch",
+        Refusal::UnknownTarget => "unknown_target",
+    }
+}
+
+/// Serves the agent API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "agent API listening");
+    }
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(Error::Serve)
+}
+
+/// The controller's side: posts `req` to the agent at `addr`, signed with `key`.
+pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<ApplyAnswer> {
+    let body = serde_json::to_vec(req).map_err(|e| Error::Transport {
+        addr,
+        reason: e.to_string(),
+    })?;
+    let timestamp = unix_now().to_string();
+    let nonce = new_nonce();
+    let signature = key.sign(&timestamp, &nonce, &body);
+    let transport = |reason: String| Error::Transport { addr, reason };
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = hyper::Request::post(APPLY_PATH)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header(TIMESTAMP_HEADER, &timestamp)
+            .header(NONCE_HEADER, &nonce)
+            .header(SIGNATURE_HEADER, &signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| transport(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| transport(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(Error::Status {
+                addr,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| transport(format!("bad answer: {e}")))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Error::Timeout {
+            addr,
+            timeout: REQUEST_TIMEOUT,
+        })?
+}
+
+/// 128 random bits, hex: from the OS, through the standard library's hasher seeds, so no
+/// extra dependency; uniqueness (not secrecy) is what matters for a nonce.
+fn new_nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::with_capacity(32);
+    for _ in 0..2 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let ts = ts.to_string();
+        h.insert(TIMESTAMP_HEADER, ts.parse().unwrap());
+        h.insert(NONCE_HEADER, nonce.parse().unwrap());
+        h.insert(
+            SIGNATURE_HEADER,
+            key.sign(&ts, nonce, body).parse().unwrap(),
+        );
+        h
+    }
+
+    fn guard() -> Guard {
+        Guard::new(Key::from_bytes(b"cluster key"), Duration::from_secs(30))
+    }
+
+    #[test]
+    fn a_signed_fresh_request_passes_once() {
+        let g = guard();
+        let h = signed(&Key::from_bytes(b"cluster key"), 1000, "n1", b"body");
+        assert_eq!(g.verify(&h, b"body", 1005), Ok(()));
+        assert_eq!(g.verify(&h, b"body", 1006), Err(Refusal::Replayed));
+    }
+
+    #[test]
+    fn a_wrong_key_a_changed_body_or_missing_headers_are_unauthorized() {
+        let g = guard();
+        let wrong = signed(&Key::from_bytes(b"other key"), 1000, "n1", b"body");
+        assert_eq!(g.verify(&wrong, b"body", 1000), Err(Refusal::Unauthorized));
+        let right = signed(&Key::from_bytes(b"cluster key"), 1000, "n2", b"body");
+        assert_eq!(g.verify(&right, b"bodY", 1000), Err(Refusal::Unauthorized));
+        let mut partial = right.clone();
+        partial.remove(NONCE_HEADER);
+        assert_eq!(
+            g.verify(&partial, b"body", 1000),
+            Err(Refusal::Unauthorized)
+        );
+        let mut bad_hex = right.clone();
+        bad_hex.insert(SIGNATURE_HEADER, "sha256=zz".parse().unwrap());
+        assert_eq!(
+            g.verify(&bad_hex, b"body", 1000),
+            Err(Refusal::Unauthorized)
+        );
+        // Refused requests leave no nonce behind: the genuine one still passes.
+        assert_eq!(g.verify(&right, b"body", 1000), Ok(()));
+    }
+
+    #[test]
+    fn timestamps_beyond_the_skew_either_way_are_stale() {
+        let g = guard();
+        let key = Key::from_bytes(b"cluster key");
+        assert_eq!(
+            g.verify(&signed(&key, 1000, "a", b""), b"", 1031),
+            Err(Refusal::Stale)
+        );
+        assert_eq!(
+            g.verify(&signed(&key, 1031, "b", b""), b"", 1000),
+            Err(Refusal::Stale)
+        );
+        assert_eq!(g.verify(&signed(&key, 1030, "c", b""), b"", 1000), Ok(()));
+    }
+
+    #[test]
+    fn nonces_are_forgotten_only_once_their_timestamp_is_stale_anyway() {
+        let g = guard();
+        let key = Key::from_bytes(b"cluster key");
+        let h = signed(&key, 1000, "n", b"");
+        assert_eq!(g.verify(&h, b"", 1000), Ok(()));
+        assert_eq!(g.verify(&h, b"", 1030), Err(Refusal::Replayed));
+        assert_eq!(g.verify(&h, b"", 1031), Err(Refusal::Stale));
+        // Other requests prune it; the cache does not grow with time.
+        assert_eq!(g.verify(&signed(&key, 1100, "m", b""), b"", 1100), Ok(()));
+        assert_eq!(g.nonces.lock().unwrap().seen.len(), 1);
+    }
+
+    #[test]
+    fn the_key_file_is_trimmed_and_must_not_be_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "secret\n").unwrap();
+        let key = Key::load(&path).unwrap();
+        assert_eq!(
+            key.sign("1", "n", b"x"),
+            Key::from_bytes(b"secret").sign("1", "n", b"x")
+        );
+        std::fs::write(&path, " \n").unwrap();
+        assert!(matches!(Key::load(&path), Err(Error::EmptyKey(_))));
+    }
+
+    #[test]
+    fn nonces_differ_between_calls() {
+        let a = new_nonce();
+        let b = new_nonce();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn a_verified_request_writes_the_file_and_a_forged_one_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("out.conf");
+        let target: Target = serde_yaml_ng::from_str(&format!(
+            "name: web\ntemplate: builtin:nginx\noutput: {}\n",
+            output.display()
+        ))
+        .unwrap();
+        let key = Key::from_bytes(b"cluster key");
+        let agent = Agent::new(
+            Guard::new(key.clone(), Duration::from_secs(30)),
+            None,
+            &[target],
+        );
+        let now = unix_now();
+
+        let body = serde_json::to_vec(&ApplyRequest::new("web", b"one")).unwrap();
+        let forged = signed(&Key::from_bytes(b"guess"), now, "f", &body);
+        assert_eq!(
+            agent.handle(&forged, &body).await,
+            Err(Refusal::Unauthorized)
+        );
+        assert!(!output.exists());
+
+        let answer = agent
+            .handle(&signed(&key, now, "a", &body), &body)
+            .await
+            .unwrap();
+        assert_eq!(answer.outcome, "applied");
+        assert_eq!(answer.hash, Some(sha256_hex(b"one")));
+        assert_eq!(std::fs::read(&output).unwrap(), b"one");
+
+        let mut lying = ApplyRequest::new("web", b"two");
+        lying.hash = sha256_hex(b"three");
+        let body = serde_json::to_vec(&lying).unwrap();
+        assert_eq!(
+            agent.handle(&signed(&key, now, "b", &body), &body).await,
+            Err(Refusal::HashMismatch)
+        );
+        let body = serde_json::to_vec(&ApplyRequest::new("nope", b"two")).unwrap();
+        assert_eq!(
+            agent.handle(&signed(&key, now, "c", &body), &body).await,
+            Err(Refusal::UnknownTarget)
+        );
+        assert_eq!(std::fs::read(&output).unwrap(), b"one");
+    }
+}

@@ -1,0 +1,159 @@
+//! Peers from Swarm itself: no other discovery.
+//!
+//! drover's own service is the one its own container is a task of (the container's Swarm
+//! labels, in [`Snapshot::own`]); the live tasks of that service are the agents, one per
+//! node for a global service. An agent's address is its task's IP on a network the
+//! service is attached to (so every peer shares it), never ingress. Pure: computed from a
+//! snapshot, so the controller and the tests see the same answer.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::state::Snapshot;
+
+/// One agent: the node it runs on and where its API answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub node_id: String,
+    pub hostname: String,
+    pub addr: SocketAddr,
+}
+
+/// The agents of drover's own service, keyed by node id (empty when drover does not run as
+/// a Swarm service or the snapshot has no tasks: on a worker).
+pub fn peers(snapshot: &Snapshot, port: u16) -> BTreeMap<String, Peer> {
+    let Some(own) = snapshot.own.as_ref().and_then(|o| o.service.as_deref()) else {
+        return BTreeMap::new();
+    };
+    let Some(service) = snapshot.service(own) else {
+        return BTreeMap::new();
+    };
+    let ingress: Vec<&str> = snapshot
+        .networks
+        .iter()
+        .filter(|n| n.ingress)
+        .map(|n| n.name.as_str())
+        .collect();
+    // The service's own networks in spec order; the first one every task has an IP on.
+    let shared: Vec<&str> = service
+        .networks
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !ingress.contains(n) && *n != "ingress")
+        .collect();
+    let mut out = BTreeMap::new();
+    for task in service.tasks.iter().filter(|t| t.is_live()) {
+        let ip = shared
+            .iter()
+            .find_map(|n| task.ips.get(*n))
+            .or_else(|| {
+                task.ips
+                    .iter()
+                    .find(|(n, _)| !ingress.contains(&n.as_str()) && *n != "ingress")
+                    .map(|(_, ip)| ip)
+            })
+            .and_then(|ip| ip.parse::<IpAddr>().ok());
+        let Some(ip) = ip else { continue };
+        let hostname = snapshot
+            .nodes
+            .iter()
+            .find(|n| n.id == task.node_id)
+            .map(|n| n.hostname.clone())
+            .unwrap_or_default();
+        out.insert(
+            task.node_id.clone(),
+            Peer {
+                node_id: task.node_id.clone(),
+                hostname,
+                addr: SocketAddr::new(ip, port),
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Network, Node, Own, Service, Task};
+
+    fn task(node: &str, state: &str, ips: &[(&str, &str)]) -> Task {
+        Task {
+            node_id: node.into(),
+            state: state.into(),
+            desired_state: "running".into(),
+            ips: ips
+                .iter()
+                .map(|(n, ip)| (n.to_string(), ip.to_string()))
+                .collect(),
+            ..Task::default()
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            swarm: true,
+            node_id: "n1".into(),
+            own: Some(Own {
+                container_id: "c".into(),
+                service: Some("drover_drover".into()),
+            }),
+            networks: vec![Network {
+                name: "ingress".into(),
+                ingress: true,
+                ..Network::default()
+            }],
+            nodes: ["n1", "n2", "n3"]
+                .iter()
+                .map(|id| Node {
+                    id: id.to_string(),
+                    hostname: format!("host-{id}"),
+                    ..Node::default()
+                })
+                .collect(),
+            services: vec![
+                Service {
+                    name: "drover_drover".into(),
+                    networks: vec!["ingress".into(), "drover_cluster".into()],
+                    tasks: vec![
+                        task(
+                            "n1",
+                            "running",
+                            &[("ingress", "10.0.0.5"), ("drover_cluster", "10.1.0.2")],
+                        ),
+                        task("n2", "running", &[("drover_cluster", "10.1.0.3")]),
+                        task("n3", "starting", &[("drover_cluster", "10.1.0.4")]),
+                    ],
+                    ..Service::default()
+                },
+                Service {
+                    name: "other".into(),
+                    tasks: vec![task("n3", "running", &[("drover_cluster", "10.1.0.9")])],
+                    ..Service::default()
+                },
+            ],
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn live_tasks_of_the_own_service_are_the_peers_on_the_shared_network() {
+        let p = peers(&snapshot(), 9091);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p["n1"].addr, "10.1.0.2:9091".parse().unwrap());
+        assert_eq!(p["n1"].hostname, "host-n1");
+        assert_eq!(p["n2"].addr, "10.1.0.3:9091".parse().unwrap());
+    }
+
+    #[test]
+    fn without_an_own_service_there_are_no_peers() {
+        let mut s = snapshot();
+        s.own = None;
+        assert!(peers(&s, 9091).is_empty());
+        s.own = Some(Own {
+            container_id: "c".into(),
+            service: None,
+        });
+        assert!(peers(&s, 9091).is_empty());
+    }
+}
