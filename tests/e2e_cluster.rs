@@ -6,10 +6,23 @@
 
 mod support;
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use drover::cluster::agent::{self, ApplyRequest, Key};
 use support::cluster::{Cluster, Node};
 use support::*;
+
+/// How long Swarm may take to place and start tasks on namespace nodes (pulls included).
+const SWARM: Duration = Duration::from_secs(120);
+/// How long drover may take to carry a converged Swarm into nginx on another node (debounce
+/// max 1 s, an agent round trip, a check and a reload), with a wide margin for shared cores.
+const BOUND: Duration = Duration::from_secs(30);
+const KEY: &str = "cluster-key-for-tests";
+const NGINX_PORT: u16 = 8082;
+const AGENT_PORT: u16 = 9091;
+const HTTP_PORT: u16 = 9090;
 
 /// Ids of the running containers of `service` on `node`.
 fn containers_on(node: &Node, service: &str) -> Result<Vec<String>> {
@@ -235,5 +248,372 @@ fn three_namespace_managers_elect_a_new_leader_when_the_leaders_engine_stops() -
                 .unwrap_or(false)
         },
     )?;
+    Ok(())
+}
+
+/// A Swarm of 1 manager + 2 workers running drover as a global service (its agent API
+/// on the `app` network and published in host mode for the forged-request test), nginx
+/// pinned to worker `w1` with conf.d on a volume local to that node (so only delivery
+/// through w1's agent can reach it), and a routed backend `be` with 3 replicas.
+struct Stack {
+    cluster: Cluster,
+    _dir: tempfile::TempDir,
+}
+
+const NET: &str = "app";
+const HOST: &str = "app.test";
+
+fn stack() -> Result<Stack> {
+    let cluster = Cluster::new(1, 2)?;
+    let w1 = cluster.node("w1").hostname.clone();
+    let dir = temp_dir("cl-stack")?;
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, format!("{KEY}\n"))?;
+    let conf_file = dir.path().join("drover.yml");
+    std::fs::write(
+        &conf_file,
+        format!(
+            "http: {{ listen: 0.0.0.0:{HTTP_PORT} }}\ncluster: {{ listen: 0.0.0.0:{AGENT_PORT} }}\nresync: 10s\ntargets:{}",
+            nginx_target(std::path::Path::new("/out/drover.conf"), NET, "nginx")
+        ),
+    )?;
+    let c = &cluster;
+    c.docker(&["network", "create", "-d", "overlay", "--attachable", NET])?;
+    c.docker(&[
+        "secret",
+        "create",
+        "drover-cluster-key",
+        &key_file.display().to_string(),
+    ])?;
+    c.docker(&[
+        "config",
+        "create",
+        "drover-yml",
+        &conf_file.display().to_string(),
+    ])?;
+    c.docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "nginx",
+        "--network",
+        NET,
+        "--stop-grace-period",
+        "1s",
+        "--constraint",
+        &format!("node.hostname=={w1}"),
+        "--mount",
+        "type=volume,source=nginx-conf,target=/etc/nginx/conf.d",
+        "--publish",
+        &format!("mode=host,target=80,published={NGINX_PORT}"),
+        &nginx_image(),
+    ])?;
+    c.docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "be",
+        "--network",
+        NET,
+        "--replicas",
+        "3",
+        "--stop-grace-period",
+        "1s",
+        "--label",
+        &format!("routing-host={HOST}"),
+        "--label",
+        "routing-port=80",
+        "--label",
+        "routing-tls=false",
+        &busybox_image(),
+    ])?;
+    c.docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "drover",
+        "--mode",
+        "global",
+        "--network",
+        NET,
+        "--stop-grace-period",
+        "2s",
+        "--env",
+        "DROVER_LOG=info,drover=debug",
+        "--mount",
+        "type=bind,source=/var/run/docker.sock,target=/var/run/docker.sock",
+        "--mount",
+        "type=volume,source=nginx-conf,target=/out",
+        "--secret",
+        "drover-cluster-key",
+        "--config",
+        "source=drover-yml,target=/etc/drover/drover.yml",
+        "--publish",
+        &format!("mode=host,target={AGENT_PORT},published={AGENT_PORT}"),
+        "--publish",
+        &format!("mode=host,target={HTTP_PORT},published={HTTP_PORT}"),
+        &drover_image(),
+        "run",
+        "--config",
+        "/etc/drover/drover.yml",
+    ])?;
+    Ok(Stack { cluster, _dir: dir })
+}
+
+impl Drop for Stack {
+    /// drover's and nginx's logs (captured: shown for failing tests only).
+    fn drop(&mut self) {
+        for svc in ["drover", "nginx"] {
+            let logs = self
+                .cluster
+                .docker(&["service", "logs", "--raw", "--timestamps", svc])
+                .unwrap_or_else(|e| format!("{e:#}"));
+            eprintln!("----- {svc} logs -----\n{logs}\n----- end of {svc} logs -----");
+        }
+    }
+}
+
+impl Stack {
+    fn w1(&self) -> &Node {
+        self.cluster.node("w1")
+    }
+
+    /// Short container ids (the busybox backend's answer) of the running tasks of `be`.
+    fn backend_hostnames(&self) -> Result<BTreeSet<String>> {
+        let ids = self.cluster.docker(&[
+            "service",
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "desired-state=running",
+            "be",
+        ])?;
+        let mut out = BTreeSet::new();
+        for id in ids.lines() {
+            let state = self.cluster.docker(&[
+                "inspect",
+                "--type",
+                "task",
+                "--format",
+                "{{.Status.State}} {{.Status.ContainerStatus.ContainerID}}",
+                id,
+            ])?;
+            if let Some(cid) = state.strip_prefix("running ") {
+                out.insert(cid.chars().take(12).collect());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until requests through the nginx on w1 are answered by exactly the running
+    /// backend tasks, on whichever node they run.
+    fn wait_nginx_serves_every_task(&self, n: usize) -> Result<()> {
+        let addr = format!("{}:{NGINX_PORT}", self.w1().addr);
+        let mut last = (BTreeSet::new(), BTreeSet::new());
+        let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
+            let Ok(want) = self.backend_hostnames() else {
+                return false;
+            };
+            if want.len() != n {
+                return false;
+            }
+            let mut seen = BTreeSet::new();
+            for _ in 0..4 * n {
+                if let Ok(r) = http_get_host(&addr, HOST, "/") {
+                    if r.status == 200 {
+                        seen.insert(r.body.trim().to_string());
+                    }
+                }
+            }
+            let done = seen == want;
+            last = (want, seen);
+            done
+        });
+        ensure!(
+            ok,
+            "nginx on w1 answered from {:?}; running tasks are {:?}",
+            last.1,
+            last.0
+        );
+        Ok(())
+    }
+
+    /// The file as the nginx container on w1 sees it.
+    fn nginx_file(&self) -> Result<String> {
+        let w1 = self.w1();
+        let id = containers_on(w1, "nginx")?
+            .pop()
+            .context("no nginx container on w1")?;
+        w1.docker(&["exec", &id, "cat", "/etc/nginx/conf.d/drover.conf"])
+    }
+}
+
+#[test]
+fn scaling_backends_spread_over_three_nodes_reaches_the_nginx_on_a_worker_through_its_agent()
+-> Result<()> {
+    require_e2e!();
+    let s = stack()?;
+    s.wait_nginx_serves_every_task(3)?;
+    let placed: BTreeSet<String> = task_placement(&s.cluster, "be", NET)?
+        .into_iter()
+        .map(|(h, _)| h)
+        .collect();
+    eprintln!("backends on {placed:?}");
+
+    s.cluster
+        .docker(&["service", "scale", "--detach", "be=6"])?;
+    s.wait_nginx_serves_every_task(6)?;
+    let ips: BTreeSet<String> = task_placement(&s.cluster, "be", NET)?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
+    let file = s.nginx_file()?;
+    ensure!(
+        upstream_ips(&file).into_iter().collect::<BTreeSet<_>>() == ips,
+        "w1's file lists {:?}, running tasks have {ips:?}",
+        upstream_ips(&file)
+    );
+
+    // The file got there through w1's agent: it applied (checked with nginx -t there) and
+    // nginx reloaded on w1.
+    let metrics = http_get(&format!("http://{}:{HTTP_PORT}/metrics", s.w1().addr))?;
+    let applied = metric_value(
+        &metrics.body,
+        "drover_agent_requests_total",
+        &[("target", "nginx"), ("outcome", "applied")],
+    )
+    .unwrap_or(0.0);
+    ensure!(
+        applied >= 2.0,
+        "w1's agent applied {applied} times; metrics:\n{}",
+        metrics.body
+    );
+    let w1 = s.w1();
+    let nginx_id = containers_on(w1, "nginx")?
+        .pop()
+        .context("no nginx container on w1")?;
+    // nginx logs to stderr, which Node::docker does not return.
+    let out = std::process::Command::new("docker")
+        .args([
+            "-H",
+            &format!("unix://{}", w1.socket.display()),
+            "logs",
+            &nginx_id,
+        ])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        log.contains("reconfiguring"),
+        "nginx on w1 never reloaded:\n{log}"
+    );
+    Ok(())
+}
+
+/// `POST /agent/v1/apply` to `addr` with exactly these headers and body; (status, body).
+fn post_agent(addr: &str, headers: &[(&str, String)], body: &[u8]) -> Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!(
+        "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        agent::APPLY_PATH,
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    Ok((
+        status,
+        answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    ))
+}
+
+fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    vec![
+        (agent::TIMESTAMP_HEADER, ts.to_string()),
+        (agent::NONCE_HEADER, nonce.to_string()),
+        (
+            agent::SIGNATURE_HEADER,
+            key.sign(&ts.to_string(), nonce, body),
+        ),
+    ]
+}
+
+#[test]
+fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> Result<()> {
+    require_e2e!();
+    let s = stack()?;
+    s.wait_nginx_serves_every_task(3)?;
+    let before = s.nginx_file()?;
+    let agent_addr = format!("{}:{AGENT_PORT}", s.w1().addr);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
+    let evil = serde_json::to_vec(&ApplyRequest::new("nginx", b"events {} # owned\n"))?;
+    let right = Key::from_bytes(KEY.as_bytes());
+
+    let refusals = [
+        ("no signature", vec![]),
+        (
+            "wrong key",
+            signed(&Key::from_bytes(b"guessed"), now, "n-wrong", &evil),
+        ),
+        (
+            "stale timestamp",
+            signed(&right, now - 600, "n-stale", &evil),
+        ),
+        (
+            "future timestamp",
+            signed(&right, now + 600, "n-future", &evil),
+        ),
+    ];
+    for (what, headers) in refusals {
+        let (status, body) = post_agent(&agent_addr, &headers, &evil)?;
+        ensure!(status == 401, "{what}: answered {status} {body}");
+    }
+    // A genuine request, replayed: the first is carried out (the same file again: nothing
+    // changes), the copy is refused.
+    let same = serde_json::to_vec(&ApplyRequest::new("nginx", before.as_bytes()))?;
+    let headers = signed(&right, now, "n-genuine", &same);
+    let (status, body) = post_agent(&agent_addr, &headers, &same)?;
+    ensure!(
+        status == 200 && body.contains("\"unchanged\""),
+        "genuine: {status} {body}"
+    );
+    let (status, body) = post_agent(&agent_addr, &headers, &same)?;
+    ensure!(
+        status == 401 && body.contains("nonce"),
+        "replay: {status} {body}"
+    );
+    // A signed body that was altered on the way does not verify either.
+    let (status, _) = post_agent(&agent_addr, &signed(&right, now, "n-altered", &same), &evil)?;
+    ensure!(status == 401, "altered body: {status}");
+
+    ensure!(s.nginx_file()? == before, "the file on w1 changed");
+    let metrics = http_get(&format!("http://{}:{HTTP_PORT}/metrics", s.w1().addr))?.body;
+    for reason in ["unauthorized", "stale", "replayed"] {
+        let n = metric_value(
+            &metrics,
+            "drover_agent_refused_total",
+            &[("reason", reason)],
+        )
+        .unwrap_or(0.0);
+        ensure!(n >= 1.0, "no refusal counted as {reason}");
+    }
     Ok(())
 }
