@@ -205,7 +205,7 @@ impl Default for Cluster {
 }
 
 fn default_agent_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 9091))
+    SocketAddr::from(([0, 0, 0, 0], 9092))
 }
 fn default_key_file() -> PathBuf {
     PathBuf::from("/run/secrets/drover-cluster-key")

@@ -21,8 +21,9 @@ const SWARM: Duration = Duration::from_secs(120);
 const BOUND: Duration = Duration::from_secs(30);
 const KEY: &str = "cluster-key-for-tests";
 const NGINX_PORT: u16 = 8082;
-const AGENT_PORT: u16 = 9091;
-const HTTP_PORT: u16 = 9090;
+const AGENT_PORT: u16 = 9092;
+/// drover's operator listener (metrics), published so the test reads each node's.
+const OPS_PORT: u16 = 9093;
 
 /// Ids of the running containers of `service` on `node`.
 fn containers_on(node: &Node, service: &str) -> Result<Vec<String>> {
@@ -273,7 +274,7 @@ fn stack() -> Result<Stack> {
     std::fs::write(
         &conf_file,
         format!(
-            "http: {{ listen: 0.0.0.0:{HTTP_PORT} }}\ncluster: {{ listen: 0.0.0.0:{AGENT_PORT} }}\nresync: 10s\ntargets:{}",
+            "http: {{ ops: {{ listen: 0.0.0.0:{OPS_PORT} }} }}\ncluster: {{ listen: 0.0.0.0:{AGENT_PORT} }}\nresync: 10s\ntargets:{}",
             nginx_target(std::path::Path::new("/out/drover.conf"), NET, "nginx")
         ),
     )?;
@@ -354,7 +355,7 @@ fn stack() -> Result<Stack> {
         "--publish",
         &format!("mode=host,target={AGENT_PORT},published={AGENT_PORT}"),
         "--publish",
-        &format!("mode=host,target={HTTP_PORT},published={HTTP_PORT}"),
+        &format!("mode=host,target={OPS_PORT},published={OPS_PORT}"),
         &drover_image(),
         "run",
         "--config",
@@ -486,7 +487,7 @@ fn scaling_backends_spread_over_three_nodes_reaches_the_nginx_on_a_worker_throug
 
     // The file got there through w1's agent: it applied (checked with nginx -t there) and
     // nginx reloaded on w1.
-    let metrics = http_get(&format!("http://{}:{HTTP_PORT}/metrics", s.w1().addr))?;
+    let metrics = http_get(&format!("http://{}:{OPS_PORT}/metrics", s.w1().addr))?;
     let applied = metric_value(
         &metrics.body,
         "drover_agent_requests_total",
@@ -611,7 +612,7 @@ fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> R
     ensure!(status == 401, "altered body: {status}");
 
     ensure!(s.nginx_file()? == before, "the file on w1 changed");
-    let metrics = http_get(&format!("http://{}:{HTTP_PORT}/metrics", s.w1().addr))?.body;
+    let metrics = http_get(&format!("http://{}:{OPS_PORT}/metrics", s.w1().addr))?.body;
     for reason in ["unauthorized", "stale", "replayed"] {
         let n = metric_value(
             &metrics,
