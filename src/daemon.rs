@@ -185,7 +185,7 @@ async fn start_agent(
     ));
     tasks.spawn(async move {
         if let Err(e) = agent::serve(listener, agent, shutdown).await {
-            error!(error = %e, "agent API stopped");
+            tracing::error!(error = %e, "agent API stopped");
         }
     });
     Ok(())
