@@ -150,6 +150,7 @@ mod tests {
             template: "builtin:nginx".into(),
             output: "/tmp/never-written.conf".into(),
             network: None,
+            delivery: Default::default(),
             debounce: Default::default(),
             check: Some(Action::Exec(ExecSpec {
                 service: service.clone(),
