@@ -186,6 +186,7 @@ fn template(name: &str) -> Template {
         debounce: Default::default(),
         check: None,
         notify: Vec::new(),
+        delivery: Default::default(),
     })
     .expect("built-in compiles")
 }

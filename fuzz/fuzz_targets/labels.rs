@@ -36,6 +36,7 @@ static NGINX: LazyLock<Template> = LazyLock::new(|| {
         debounce: Default::default(),
         check: None,
         notify: Vec::new(),
+        delivery: Default::default(),
     })
     .expect("the built-in template compiles")
 });
