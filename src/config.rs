@@ -416,8 +416,10 @@ pub struct Hook {
     /// GitHub and generic hooks: the HMAC-SHA256 key.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
-    /// GitHub event names to act on; empty means all (ping is always answered, never acted on).
-    #[serde(default)]
+    /// GitHub event names to act on (default `[push]`; ping is always answered, never acted
+    /// on). GitHub does not sign the event header, so the list must name what to act on:
+    /// an empty list is refused.
+    #[serde(default = "default_events")]
     pub events: Vec<String>,
     /// Full-match rules on payload facts (`repository`, `tag`, `ref`, `image`, ...).
     #[serde(default)]
@@ -434,6 +436,9 @@ pub struct Hook {
     pub action: HookAction,
 }
 
+fn default_events() -> Vec<String> {
+    vec!["push".to_owned()]
+}
 fn default_quiet() -> Duration {
     Duration::from_secs(10)
 }
@@ -705,6 +710,12 @@ impl Config {
             };
             if let Some(field) = need {
                 return Err((format!("hook {}: {field} is required", h.name), at));
+            }
+            if h.events.is_empty() {
+                return Err((
+                    format!("hook {}: events must name at least one event", h.name),
+                    at,
+                ));
             }
             if h.rate == 0 {
                 return Err((format!("hook {}: rate must be at least 1", h.name), at));
@@ -1120,5 +1131,32 @@ hooks:
         assert!(!c.contains("10.2.0.1".parse().expect("ip")));
         let all: Cidr = serde_yaml_ng::from_str("0.0.0.0/0").expect("cidr");
         assert!(all.contains("192.168.1.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn github_events_default_to_push_and_an_empty_list_is_refused() {
+        let hook = "hooks:\n  - name: gh\n    kind: github\n    secret_file: /s\n    action: update-services\n";
+        let c = parse(hook).expect("config");
+        assert_eq!(c.hooks[0].events, ["push"]);
+        let empty = hook.replace("kind: github", "kind: github\n    events: []");
+        let e = parse(&empty).expect_err("empty events").to_string();
+        assert!(e.contains("events must name at least one event"), "{e}");
+    }
+
+    #[test]
+    fn http_limits_are_refused_when_zero_or_out_of_range() {
+        for bad in [
+            "http: { max_requests: 0 }",
+            "http: { header_timeout: 0s }",
+            "http: { max_body: 2048, body_budget: 1024 }",
+            "http: { listen: 127.0.0.1:9000, ops: { listen: 127.0.0.1:9000 } }",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+        let c = parse("{}").expect("defaults");
+        assert!(
+            c.http.ops.listen.ip().is_loopback(),
+            "operator endpoints are private by default"
+        );
     }
 }

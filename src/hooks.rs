@@ -484,7 +484,7 @@ impl Service {
             return Err(Reject::Worker);
         }
         if let Some(ev) = event {
-            if !cfg.events.is_empty() && !cfg.events.iter().any(|e| e == ev) {
+            if !cfg.events.iter().any(|e| e == ev) {
                 return Ok(Accepted::Ignored);
             }
         }
