@@ -50,44 +50,81 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// One target's output file and what it holds.
+///
+/// The content that last passed its check is persisted next to the output
+/// (`.NAME.drover-good`), so a restart knows it: if drover died between staging a
+/// candidate and its check, the file on disk differs from the record, counts as
+/// unverified, and is checked again (and the record restored if it fails) instead of
+/// being taken for current.
 pub struct Applier {
     output: PathBuf,
-    /// What the output file holds now and passed its check, as far as we know (read
-    /// once at start).
-    current: Option<Vec<u8>>,
+    record: PathBuf,
+    /// The last content that passed its check (restored when a candidate fails).
+    good: Option<Vec<u8>>,
+    /// Hash of the output file's content when it equals `good`; `None` while the file
+    /// holds something unverified (or nothing).
     current_hash: Option<String>,
 }
 
 impl Applier {
     pub fn new(target: &Target) -> Applier {
-        let current = std::fs::read(&target.output).ok();
+        let output = target.output.clone();
+        let record = record_path(&output);
+        let on_disk = std::fs::read(&output).ok();
+        let good = match std::fs::read(&record) {
+            Ok(good) => Some(good),
+            // No record yet (first start, or a file written before records existed):
+            // the file in place is taken as good, as before.
+            Err(_) => on_disk.clone(),
+        };
+        let current_hash = match (&on_disk, &good) {
+            (Some(d), Some(g)) if d == g => Some(sha256_hex(d)),
+            (Some(_), _) => {
+                tracing::warn!(path = %output.display(),
+                    "the file differs from its last checked content; it is checked again");
+                None
+            }
+            _ => None,
+        };
         Applier {
-            output: target.output.clone(),
-            current_hash: current.as_deref().map(sha256_hex),
-            current,
+            output,
+            record,
+            good,
+            current_hash,
         }
     }
 
+    /// Hash of the checked content in place, if the file holds checked content.
     pub fn current_hash(&self) -> Option<&str> {
         self.current_hash.as_deref()
     }
 
     /// Puts `content` where the consumer reads it, before its check.
     pub fn stage(&mut self, content: &[u8]) -> Result<(), Error> {
+        // From here until commit or restore the file is unverified.
+        self.current_hash = None;
         write_file(&self.output, content)
     }
 
     /// The staged content passed its check: it is the new last good content.
     pub fn commit(&mut self, content: &[u8]) {
+        if let Err(e) = write_file(&self.record, content) {
+            // The file is right; only a restart would check it once more.
+            tracing::warn!(error = %e, "cannot record the last good content");
+        }
         self.current_hash = Some(sha256_hex(content));
-        self.current = Some(content.to_vec());
+        self.good = Some(content.to_vec());
     }
 
     /// The staged content failed: the last good content goes back (or the file goes, if
     /// there was none).
-    pub fn restore(&self) -> Result<(), Error> {
-        match &self.current {
-            Some(previous) => write_file(&self.output, previous),
+    pub fn restore(&mut self) -> Result<(), Error> {
+        match &self.good {
+            Some(previous) => {
+                write_file(&self.output, previous)?;
+                self.current_hash = Some(sha256_hex(previous));
+                Ok(())
+            }
             None => match std::fs::remove_file(&self.output) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -98,6 +135,16 @@ impl Applier {
             },
         }
     }
+}
+
+/// Where the last good content of `output` is recorded: beside it, hidden, and with a
+/// suffix no consumer includes (nginx reads `*.conf`).
+fn record_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!(".{name}.drover-good"))
 }
 
 /// Replaces `path` atomically (see [`crate::fsutil::write_atomic`]).

@@ -199,6 +199,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_restart_starts_from_the_checked_file_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = target(dir.path(), Some(Action::Command(vec!["true".into()])));
+        assert_eq!(
+            Harness::new(t.clone()).apply(b"same").await,
+            Outcome::Applied
+        );
+        let mut fails = t;
+        fails.check = Some(Action::Command(vec!["false".into()]));
+        assert_eq!(Harness::new(fails).apply(b"same").await, Outcome::Unchanged);
+    }
+
+    #[tokio::test]
+    async fn a_restart_checks_a_file_left_unchecked_by_a_crash_and_restores_the_last_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out.conf");
+        let t = target(dir.path(), Some(Action::Command(vec!["true".into()])));
+        assert_eq!(
+            Harness::new(t.clone()).apply(b"good").await,
+            Outcome::Applied
+        );
+        // A crash between staging a candidate and its check leaves the candidate live.
+        std::fs::write(&out, b"unchecked").expect("write");
+        let mut fails = t;
+        fails.check = Some(Action::Command(vec!["false".into()]));
+        let outcome = Harness::new(fails).apply(b"unchecked").await;
+        assert!(matches!(outcome, Outcome::CheckFailed(_)), "{outcome:?}");
+        assert_eq!(std::fs::read(&out).expect("read"), b"good");
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_records_existed_counts_as_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("out.conf"), b"old").expect("write");
+        let t = target(dir.path(), Some(Action::Command(vec!["false".into()])));
+        assert_eq!(Harness::new(t).apply(b"old").await, Outcome::Unchanged);
+    }
+
+    #[tokio::test]
     async fn a_failed_notify_keeps_the_checked_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut t = target(dir.path(), Some(Action::Command(vec!["true".into()])));
