@@ -29,7 +29,8 @@ def main():
     out = os.path.join(work, "nginx.conf")
     sh("docker", "network", "create", "-d", "overlay", "--attachable", name)
     sh("docker", "service", "create", "-d", "--name", name, "--network", name, "--replicas", "1",
-       "--label", "routing-host=conv.example.com", "--label", "routing-tls=false",
+       "--label", "routing-host=conv.example.com", "--label", "routing-port=80",
+       "--label", "routing-tls=false",
        a.image, "httpd", "-f", "-p", "80", "-h", "/")
     cfg = os.path.join(work, "drover.yml")
     with open(cfg, "w") as f:

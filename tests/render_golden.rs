@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use drover::config::Target;
+use drover::config::{Action, ExecSpec, Target};
 use drover::render::{BUILTIN, Error, Template};
 use drover::state::{Network, Node, Service, Snapshot, Task};
 
@@ -21,7 +21,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn task(service: &str, slot: i64, state: &str, desired: &str, ip: &str) -> Task {
+fn task(service: &str, slot: i64, state: &str, desired: &str, ips: &[(&str, String)]) -> Task {
     Task {
         id: format!("{service}-task-{slot}"),
         service_id: format!("{service}-id"),
@@ -30,18 +30,43 @@ fn task(service: &str, slot: i64, state: &str, desired: &str, ip: &str) -> Task 
         state: state.into(),
         desired_state: desired.into(),
         container_id: Some(format!("{service}-c{slot}")),
-        ips: [
-            ("web".to_owned(), ip.to_owned()),
-            ("ingress".to_owned(), format!("10.255.0.{slot}")),
-        ]
-        .into_iter()
-        .collect(),
+        ips: ips
+            .iter()
+            .map(|(n, ip)| ((*n).to_owned(), ip.clone()))
+            .chain([("ingress".to_owned(), format!("10.255.0.{slot}"))])
+            .collect(),
         ..Task::default()
     }
 }
 
-/// A service on the `web` network with one live task per IP.
-fn service(name: &str, label_pairs: &[(&str, &str)], ips: &[&str]) -> Service {
+/// The home lab's web network (`home-web`, external to every stack).
+const WEB: &str = "home-web";
+const MONITORING: &str = "home-monitoring";
+
+/// A service on `networks` (plus ingress) with one live task per IP; task `i` has address
+/// `IP` on the first network and `IP` with its second octet raised by `n` on the `n`-th.
+fn service_on(
+    name: &str,
+    label_pairs: &[(&str, &str)],
+    networks: &[&str],
+    ips: &[&str],
+) -> Service {
+    let on_each = |ip: &str| -> Vec<(&str, String)> {
+        networks
+            .iter()
+            .enumerate()
+            .map(|(n, net)| {
+                let mut octets: Vec<u32> = ip.split('.').filter_map(|o| o.parse().ok()).collect();
+                octets[1] += n as u32;
+                let addr = octets
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(".");
+                (*net, addr)
+            })
+            .collect()
+    };
     Service {
         id: format!("{name}-id"),
         name: name.into(),
@@ -49,14 +74,22 @@ fn service(name: &str, label_pairs: &[(&str, &str)], ips: &[&str]) -> Service {
         labels: labels(label_pairs),
         mode: "replicated".into(),
         replicas: Some(ips.len() as u64),
-        networks: vec!["ingress".into(), "web".into()],
+        networks: std::iter::once("ingress")
+            .chain(networks.iter().copied())
+            .map(str::to_owned)
+            .collect(),
         tasks: ips
             .iter()
             .enumerate()
-            .map(|(i, ip)| task(name, i as i64 + 1, "running", "running", ip))
+            .map(|(i, ip)| task(name, i as i64 + 1, "running", "running", &on_each(ip)))
             .collect(),
         ..Service::default()
     }
+}
+
+/// A service on the home lab's web network only.
+fn service(name: &str, label_pairs: &[(&str, &str)], ips: &[&str]) -> Service {
+    service_on(name, label_pairs, &[WEB], ips)
 }
 
 fn node(hostname: &str, address: &str) -> Node {
@@ -71,81 +104,207 @@ fn node(hostname: &str, address: &str) -> Node {
     }
 }
 
-/// The home lab in miniature: every label, a shared host, a plain-http host, a service
-/// scaled to zero, tasks on their way in and out, and labels trying to inject directives.
+fn network(name: &str, ingress: bool) -> Network {
+    Network {
+        id: format!("{name}-id"),
+        name: name.into(),
+        driver: "overlay".into(),
+        scope: "swarm".into(),
+        ingress,
+    }
+}
+
+/// The home lab's real label sets: the `web` stack of rycus86/home-stack-web (`stack.yml`),
+/// the `receiver` of rycus86/home-stack-webhooks, Kibana and Grafana from the blog series
+/// ("Monitoring madness"), and the private registry the blog describes with
+/// `routing-on-https`. Stack names prefix the services as `docker stack deploy` does. Then
+/// what the real stacks do not show: a backend path (`routing-internal-context`), a realm
+/// left to default, drover's extensions (`routing-tls=false`, `routing-private-context`),
+/// a service scaled to zero, tasks on their way in and out, and labels trying to inject
+/// directives.
 fn home_lab() -> Snapshot {
-    let mut starting = service(
-        "blog",
+    let mut ghost = service(
+        "web_ghost",
         &[
-            ("routing-host", "blog.example.com"),
+            ("routing-host", "blog.viktoradam.net"),
             ("routing-port", "2368"),
+            ("routing-max-body", "10m"),
         ],
         &["10.0.1.2", "10.0.1.3"],
     );
-    starting
-        .tasks
-        .push(task("blog", 3, "starting", "running", "10.0.1.4"));
-    starting
-        .tasks
-        .push(task("blog", 4, "running", "shutdown", "10.0.1.5"));
+    ghost.tasks.push(task(
+        "web_ghost",
+        3,
+        "starting",
+        "running",
+        &[(WEB, "10.0.1.4".into())],
+    ));
+    ghost.tasks.push(task(
+        "web_ghost",
+        4,
+        "running",
+        "shutdown",
+        &[(WEB, "10.0.1.5".into())],
+    ));
+    let flask = |host: &str, context: Option<&str>, job: &str| {
+        let mut l = vec![
+            ("routing-host", host.to_owned()),
+            ("routing-port", "5000".to_owned()),
+            ("prometheus-job", job.to_owned()),
+            ("prometheus-port", "5000".to_owned()),
+        ];
+        if let Some(c) = context {
+            l.push(("routing-context", c.to_owned()));
+        }
+        l
+    };
+    let pairs = |l: &[(&'static str, String)]| -> Vec<(&'static str, String)> { l.to_vec() };
+    let svc = |name: &str, l: Vec<(&'static str, String)>, nets: &[&str], ips: &[&str]| {
+        let borrowed: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        service_on(name, &borrowed, nets, ips)
+    };
+    let mut nginx = service(
+        "web_nginx",
+        &[("routing-extra-hosts", "viktoradam.net")],
+        &["10.0.1.100"],
+    );
+    nginx.ports = Vec::new();
     let mut snapshot = Snapshot {
         swarm: true,
         node_id: "node-a-id".into(),
         services: vec![
-            starting,
-            service(
-                "api",
-                &[
-                    ("routing-host", "api.example.com"),
-                    ("routing-context", "/v1"),
-                    ("routing-internal-context", "/internal"),
-                    ("routing-port", "8080"),
-                    ("routing-auth", "api.htpasswd"),
-                    ("routing-auth-realm", "API users"),
-                    ("routing-max-body", "10m"),
-                    ("routing-on-https", "true"),
-                    ("prometheus-job", "api"),
-                ],
-                &["10.0.1.10", "10.0.1.11"],
+            nginx,
+            ghost,
+            svc(
+                "web_demo-site",
+                flask("demo.viktoradam.net", None, "demo-site"),
+                &[WEB, MONITORING],
+                &["10.0.1.10"],
             ),
-            service(
-                "api-v2",
-                &[
-                    ("routing-host", "api.example.com"),
-                    ("routing-context", "v2"),
-                    ("routing-port", "8080"),
-                    ("prometheus-job", "api"),
-                    ("prometheus-port", "9102"),
-                ],
+            svc(
+                "web_github-proxy",
+                flask("api.viktoradam.net", Some("/github"), "github-proxy"),
+                &[WEB, MONITORING],
+                &["10.0.1.11"],
+            ),
+            svc(
+                "web_dockerhub-proxy",
+                flask("api.viktoradam.net", Some("/docker"), "dockerhub-proxy"),
+                &[WEB, MONITORING],
+                &["10.0.1.12"],
+            ),
+            svc(
+                "web_redirect-server",
+                flask("r.viktoradam.net", None, "redirect-server"),
+                &[WEB, MONITORING],
+                &["10.0.1.13"],
+            ),
+            svc(
+                "web_redirect-server-www",
+                flask("www.viktoradam.net", None, "redirect-server-www"),
+                &[WEB, MONITORING],
+                &["10.0.1.14"],
+            ),
+            // Its networks sort as home-monitoring, home-web, webhooks_default: only the
+            // network nginx is on (home-web) reaches it.
+            svc(
+                "webhooks_receiver",
+                pairs(&[
+                    ("routing-host", "api.viktoradam.net".into()),
+                    ("routing-context", "/webhook".into()),
+                    ("routing-port", "6001".into()),
+                    ("prometheus-job", "webhook-proxy".into()),
+                    ("prometheus-port", "6001".into()),
+                ]),
+                &[WEB, MONITORING, "webhooks_default"],
                 &["10.0.1.20"],
             ),
+            service_on(
+                "webhooks_updater",
+                &[
+                    ("prometheus-job", "webhook-updater"),
+                    ("prometheus-port", "6002"),
+                ],
+                &["webhooks_default", MONITORING],
+                &["10.0.9.2"],
+            ),
             service(
-                "portal",
-                &[("routing-host", "www.example.com, Example.com")],
+                "logging_kibana",
+                &[
+                    ("routing-auth-realm", "Kibana Logs"),
+                    ("routing-auth", "/etc/auth-config/kibana.auth.conf"),
+                    ("routing-host", "logs.viktoradam.net"),
+                    ("routing-port", "5601"),
+                ],
                 &["10.0.1.30"],
             ),
             service(
-                "plain",
-                &[("routing-host", "plain.local"), ("routing-tls", "false")],
-                &["10.0.1.40"],
+                "monitoring_grafana",
+                &[
+                    ("routing-host", "metrics.viktoradam.net"),
+                    ("routing-port", "3000"),
+                ],
+                &["10.0.1.31"],
             ),
             service(
-                "zero",
+                "registry_registry",
                 &[
-                    ("routing-host", "zero.example.com"),
+                    ("routing-host", "registry.viktoradam.net"),
+                    ("routing-port", "5000"),
+                    ("routing-on-https", "true"),
+                    ("routing-max-body", "0"),
+                ],
+                &["10.0.1.32"],
+            ),
+            // Not in the real stacks: the rest of the label vocabulary.
+            service(
+                "lab_backend",
+                &[
+                    ("routing-host", "api.viktoradam.net"),
+                    ("routing-context", "/backend"),
+                    ("routing-internal-context", "/api"),
+                    ("routing-port", "8080"),
+                    ("routing-auth", "team/admins"),
+                    ("routing-private-context", "/metrics"),
+                ],
+                &["10.0.1.40", "10.0.1.41"],
+            ),
+            service(
+                "lab_plain",
+                &[
+                    ("routing-host", "plain.local"),
+                    ("routing-port", "80"),
+                    ("routing-tls", "false"),
+                ],
+                &["10.0.1.42"],
+            ),
+            service(
+                "lab_no-port",
+                &[("routing-host", "no-port.viktoradam.net")],
+                &["10.0.1.43"],
+            ),
+            service(
+                "lab_zero",
+                &[
+                    ("routing-host", "zero.viktoradam.net"),
+                    ("routing-port", "80"),
                     ("prometheus-job", "zero"),
                 ],
                 &[],
             ),
             service(
                 "evil-host",
-                &[("routing-host", "example.com; include /etc/passwd")],
+                &[
+                    ("routing-host", "example.com; include /etc/passwd"),
+                    ("routing-port", "80"),
+                ],
                 &["10.0.1.50"],
             ),
             service(
                 "evil-context",
                 &[
-                    ("routing-host", "blog.example.com"),
+                    ("routing-host", "blog.viktoradam.net"),
+                    ("routing-port", "80"),
                     ("routing-context", "/a;return 200"),
                 ],
                 &["10.0.1.51"],
@@ -153,11 +312,21 @@ fn home_lab() -> Snapshot {
             service(
                 "evil-realm",
                 &[
-                    ("routing-host", "blog.example.com"),
+                    ("routing-host", "blog.viktoradam.net"),
+                    ("routing-port", "80"),
                     ("routing-auth", "x"),
                     ("routing-auth-realm", "x}\nserver{"),
                 ],
                 &["10.0.1.52"],
+            ),
+            service(
+                "evil-auth",
+                &[
+                    ("routing-host", "blog.viktoradam.net"),
+                    ("routing-port", "80"),
+                    ("routing-auth", "/etc/x;deny all"),
+                ],
+                &["10.0.1.53"],
             ),
             service(
                 "database",
@@ -170,20 +339,10 @@ fn home_lab() -> Snapshot {
             node("rock64", "192.168.1.21"),
         ],
         networks: vec![
-            Network {
-                id: "ingress-id".into(),
-                name: "ingress".into(),
-                driver: "overlay".into(),
-                scope: "swarm".into(),
-                ingress: true,
-            },
-            Network {
-                id: "web-id".into(),
-                name: "web".into(),
-                driver: "overlay".into(),
-                scope: "swarm".into(),
-                ingress: false,
-            },
+            network("ingress", true),
+            network(WEB, false),
+            network(MONITORING, false),
+            network("webhooks_default", false),
         ],
         ..Snapshot::default()
     };
@@ -191,6 +350,8 @@ fn home_lab() -> Snapshot {
     snapshot
 }
 
+/// A target checked in the `nginx` service, as the shipped config has it: its networks are
+/// the routing networks.
 fn target(template: &str) -> Target {
     Target {
         name: "test".into(),
@@ -198,7 +359,12 @@ fn target(template: &str) -> Target {
         output: PathBuf::from("/tmp/unused"),
         network: None,
         debounce: Default::default(),
-        check: None,
+        check: Some(Action::Exec(ExecSpec {
+            service: Some("nginx".into()),
+            container: None,
+            label: None,
+            command: vec!["nginx".into(), "-t".into()],
+        })),
         notify: Vec::new(),
         delivery: Default::default(),
     }
@@ -248,7 +414,20 @@ fn prometheus_render_matches_the_golden_file_and_is_valid_yaml() {
         .as_sequence()
         .expect("scrape_configs list");
     let names: Vec<&str> = jobs.iter().filter_map(|j| j["job_name"].as_str()).collect();
-    assert_eq!(names, ["api", "nodes", "zero"]);
+    assert_eq!(
+        names,
+        [
+            "demo-site",
+            "dockerhub-proxy",
+            "github-proxy",
+            "nodes",
+            "redirect-server",
+            "redirect-server-www",
+            "webhook-proxy",
+            "webhook-updater",
+            "zero"
+        ]
+    );
 }
 
 #[test]
@@ -267,6 +446,118 @@ fn ddclient_render_matches_the_golden_file() {
     assert_golden("ddclient.golden.conf", &out.text);
 }
 
+/// The location block of `path` in the last server block of `host` (the TLS one when the
+/// host has TLS).
+fn location_block<'t>(conf: &'t str, host: &str, path: &str) -> &'t str {
+    let marker = format!("# host {host}\n");
+    let start = conf
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no host {host}"));
+    let section = &conf[start + marker.len()..];
+    let section = &section[..section.find("# host ").unwrap_or(section.len())];
+    let open = format!("location {path} {{");
+    let at = section
+        .rfind(&open)
+        .unwrap_or_else(|| panic!("no location {path} in {host}:\n{section}"));
+    let block = &section[at..];
+    &block[..block.find("\n    }").map_or(block.len(), |e| e + 6)]
+}
+
+#[test]
+fn a_routing_context_is_stripped_before_the_backend_as_in_the_home_lab() {
+    let out = render_builtin("nginx", &home_lab());
+    let webhook = location_block(&out.text, "api.viktoradam.net", "/webhook/");
+    assert!(
+        webhook.contains("proxy_pass http://api_viktoradam_net_webhook/;"),
+        "{webhook}"
+    );
+    let blog = location_block(&out.text, "blog.viktoradam.net", "/");
+    assert!(
+        blog.contains("proxy_pass http://blog_viktoradam_net/;"),
+        "{blog}"
+    );
+    assert!(blog.contains("client_max_body_size 10m;"), "{blog}");
+}
+
+#[test]
+fn a_routing_internal_context_is_the_backend_path() {
+    let out = render_builtin("nginx", &home_lab());
+    let backend = location_block(&out.text, "api.viktoradam.net", "/backend/");
+    assert!(
+        backend.contains("proxy_pass http://api_viktoradam_net_backend/api/;"),
+        "{backend}"
+    );
+    assert!(!backend.contains("deny all"), "not private: {backend}");
+}
+
+#[test]
+fn an_absolute_routing_auth_is_used_as_is_and_the_realm_defaults_to_the_service_name() {
+    let out = render_builtin("nginx", &home_lab());
+    let kibana = location_block(&out.text, "logs.viktoradam.net", "/");
+    assert!(
+        kibana.contains("auth_basic_user_file /etc/auth-config/kibana.auth.conf;"),
+        "{kibana}"
+    );
+    assert!(kibana.contains("auth_basic \"Kibana Logs\";"), "{kibana}");
+    let backend = location_block(&out.text, "api.viktoradam.net", "/backend/");
+    assert!(backend.contains("auth_basic \"lab_backend\";"), "{backend}");
+    assert!(
+        backend.contains("auth_basic_user_file /etc/nginx/auth/team/admins;"),
+        "relative paths stay under /etc/nginx/auth: {backend}"
+    );
+}
+
+#[test]
+fn routing_on_https_is_true_for_any_non_empty_value() {
+    for value in ["true", "false", "no", "yes please"] {
+        let mut snapshot = home_lab();
+        snapshot
+            .services
+            .iter_mut()
+            .find(|s| s.name == "registry_registry")
+            .expect("registry")
+            .labels
+            .insert("routing-on-https".into(), value.into());
+        let out = render_builtin("nginx", &snapshot);
+        let loc = location_block(&out.text, "registry.viktoradam.net", "/");
+        assert!(
+            loc.contains("proxy_pass https://registry_viktoradam_net/;"),
+            "{value}: {loc}"
+        );
+    }
+}
+
+#[test]
+fn a_service_without_routing_port_is_not_routed() {
+    let out = render_builtin("nginx", &home_lab());
+    assert!(!out.text.contains("no-port"), "{}", out.text);
+    assert!(
+        out.skipped.iter().all(|s| s.service != "lab_no-port"),
+        "not an error, just not routed"
+    );
+}
+
+#[test]
+fn upstreams_use_the_network_the_nginx_service_is_on() {
+    let out = render_builtin("nginx", &home_lab());
+    // The receiver's addresses: 10.0.1.20 on home-web, 10.1.1.20 on home-monitoring (its
+    // first network by name), 10.2.1.20 on webhooks_default.
+    assert!(out.text.contains("server 10.0.1.20:6001;"), "{}", out.text);
+    assert!(!out.text.contains("10.1.1.20"), "{}", out.text);
+    assert!(!out.text.contains("10.2.1.20"), "{}", out.text);
+}
+
+#[test]
+fn a_private_context_is_drovers_extension_for_private_networks_only() {
+    let out = render_builtin("nginx", &home_lab());
+    let private = location_block(&out.text, "api.viktoradam.net", "/metrics/");
+    assert!(private.contains("deny all;"), "{private}");
+    assert!(
+        private.contains("proxy_pass http://api_viktoradam_net_backend;"),
+        "the path goes through unchanged: {private}"
+    );
+}
+
 #[test]
 fn services_with_injecting_labels_are_skipped_and_reported() {
     let out = render_builtin("nginx", &home_lab());
@@ -278,12 +569,13 @@ fn services_with_injecting_labels_are_skipped_and_reported() {
     assert_eq!(
         skipped,
         [
+            ("evil-auth", "routing-auth"),
             ("evil-context", "routing-context"),
             ("evil-host", "routing-host"),
             ("evil-realm", "routing-auth-realm"),
         ]
     );
-    for needle in ["/etc/passwd", "return 200", "server{", "evil"] {
+    for needle in ["/etc/passwd", "return 200", "server{", "evil", "/etc/x"] {
         assert!(
             !out.text.contains(needle),
             "{needle:?} leaked into the config"
@@ -337,8 +629,8 @@ fn a_routing_network_label_picks_the_network() {
     let blog = snapshot
         .services
         .iter_mut()
-        .find(|s| s.name == "blog")
-        .expect("blog");
+        .find(|s| s.name == "web_ghost")
+        .expect("ghost");
     blog.labels
         .insert("routing-network".into(), "ingress".into());
     let out = render_builtin("nginx", &snapshot);
@@ -385,7 +677,7 @@ fn a_user_template_can_use_the_filters() {
     let path = dir.path().join("user.tera");
     std::fs::write(
         &path,
-        r#"{% for g in services | group_by_label(name="prometheus-job") %}{{ g.name }}:{% for s in g.items %} {{ s.tasks | running | task_ip(network="web") | join(sep=",") }}{% endfor %}
+        r#"{% for g in services | group_by_label(name="prometheus-job") %}{{ g.name }}:{% for s in g.items %} {{ s.tasks | running | task_ip(network="home-web") | join(sep=",") }}{% endfor %}
 {% endfor %}{% for s in services | with_label(name="routing-tls", value="false") %}{{ s.name }}={{ s | label(name="routing-port", default="80") }}{% endfor %}"#,
     )
     .expect("write");
@@ -393,7 +685,7 @@ fn a_user_template_can_use_the_filters() {
     let out = template.render(&home_lab()).expect("renders");
     assert_eq!(
         out.text,
-        "api: 10.0.1.10,10.0.1.11 10.0.1.20\nzero: \nplain=80"
+        "demo-site: 10.0.1.10\ndockerhub-proxy: 10.0.1.12\ngithub-proxy: 10.0.1.11\nredirect-server: 10.0.1.13\nredirect-server-www: 10.0.1.14\nwebhook-proxy: 10.0.1.20\nwebhook-updater: \nzero: \nlab_plain=80"
     );
 }
 
@@ -525,13 +817,15 @@ fn tls_config_passes_nginx_t_with_certificates_in_place() {
         String::from_utf8_lossy(&status.stderr)
     );
     let out = render_builtin("nginx", &home_lab());
-    for host in [
-        "api.example.com",
-        "blog.example.com",
-        "example.com",
-        "www.example.com",
-        "zero.example.com",
-    ] {
+    for host in out
+        .text
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("ssl_certificate_key /etc/letsencrypt/live/")
+        })
+        .filter_map(|rest| rest.split('/').next())
+    {
         let dir = certs.path().join(host);
         std::fs::create_dir_all(&dir).expect("cert dir");
         std::fs::copy(&key, dir.join("privkey.pem")).expect("copy key");
@@ -539,4 +833,86 @@ fn tls_config_passes_nginx_t_with_certificates_in_place() {
     }
     assert!(out.text.contains("listen 443 ssl;"));
     nginx_t(&out.text, Some(certs.path())).expect("nginx -t");
+}
+
+/// A plain-http snapshot with one routed service per host name.
+fn hosts_snapshot(hosts: &[String]) -> Snapshot {
+    let services = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            service(
+                &format!("svc{i}"),
+                &[
+                    ("routing-host", h.as_str()),
+                    ("routing-port", "80"),
+                    ("routing-tls", "false"),
+                ],
+                &["10.0.3.1"],
+            )
+        })
+        .collect();
+    let mut snapshot = Snapshot {
+        swarm: true,
+        services,
+        networks: vec![network("ingress", true), network(WEB, false)],
+        ..Snapshot::default()
+    };
+    snapshot.sort();
+    snapshot
+}
+
+/// A host name of exactly `len` characters: 50-character labels joined by dots.
+fn host_of_len(len: usize) -> String {
+    let mut name = String::new();
+    while name.len() < len {
+        if !name.is_empty() {
+            name.push('.');
+        }
+        let room = (len - name.len()).min(50);
+        name.push_str(&"a".repeat(room));
+    }
+    // A trailing one-letter label would be fine, a trailing dot would not.
+    assert!(!name.ends_with('.'));
+    name
+}
+
+#[test]
+fn long_host_names_size_the_server_names_hash_and_pass_nginx_t() {
+    if !have_nginx() {
+        return;
+    }
+    for len in [46, 47, 54, 60, 100, 200, 253] {
+        let host = host_of_len(len);
+        assert_eq!(host.len(), len);
+        let out = render_builtin("nginx", &hosts_snapshot(&[host.clone(), "a.test".into()]));
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+        nginx_t(&out.text, None).unwrap_or_else(|e| panic!("{len} characters: {e}"));
+        if len >= 47 {
+            assert!(
+                out.text.contains("server_names_hash_bucket_size"),
+                "{len} characters"
+            );
+            // Without the directive nginx refuses the file: the directive is what fixes it.
+            let stripped: String = out
+                .text
+                .lines()
+                .filter(|l| !l.starts_with("server_names_hash_bucket_size"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let err = nginx_t(&stripped, None).expect_err("default bucket too small");
+            assert!(err.contains("server_names_hash_bucket_size"), "{err}");
+        } else {
+            assert!(
+                !out.text.contains("server_names_hash_bucket_size"),
+                "{len} characters fit the default"
+            );
+        }
+    }
+}
+
+#[test]
+fn short_host_names_leave_nginx_s_bucket_size_alone() {
+    let out = render_builtin("nginx", &home_lab());
+    assert!(!out.text.contains("server_names_hash_bucket_size"));
 }

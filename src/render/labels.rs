@@ -12,6 +12,8 @@ use crate::status::SkippedService;
 pub const HOST: &str = "routing-host";
 pub const CONTEXT: &str = "routing-context";
 pub const INTERNAL_CONTEXT: &str = "routing-internal-context";
+/// drover's extension: a location reachable from private networks only.
+pub const PRIVATE_CONTEXT: &str = "routing-private-context";
 pub const PORT: &str = "routing-port";
 pub const MAX_BODY: &str = "routing-max-body";
 pub const AUTH: &str = "routing-auth";
@@ -28,12 +30,14 @@ type Rule = fn(&str) -> Result<(), String>;
 fn rule(label: &str) -> Option<Rule> {
     Some(match label {
         HOST => check_hosts,
-        CONTEXT | INTERNAL_CONTEXT => check_path,
+        CONTEXT | INTERNAL_CONTEXT | PRIVATE_CONTEXT => check_path,
         PORT | PROMETHEUS_PORT => check_port,
         MAX_BODY => check_size,
         AUTH => check_auth_file,
         AUTH_REALM => check_realm,
-        ON_HTTPS | TLS => check_bool,
+        // Never inserted into the config: any value is fine (non-empty means https).
+        ON_HTTPS => return None,
+        TLS => check_bool,
         NETWORK => check_network,
         PROMETHEUS_JOB => check_job,
         _ => return None,
@@ -79,18 +83,36 @@ pub fn hosts(value: &str) -> impl Iterator<Item = String> + '_ {
         .map(|h| h.trim_matches(' ').to_ascii_lowercase())
 }
 
-/// A validated `routing-context` value as an nginx location: always starting with `/`.
-pub fn location(value: &str) -> String {
-    if value.starts_with('/') {
-        value.to_owned()
+/// A validated path label as a prefix: a leading `/`, no trailing `/`, and `""` for the root
+/// (`api/` → `/api`, `/` → `""`). The home lab's template appends the `/` itself.
+pub fn prefix(value: &str) -> String {
+    let trimmed = value.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
     } else {
-        format!("/{value}")
+        format!("/{trimmed}")
     }
 }
 
-/// A validated boolean label.
+/// A validated boolean label (drover's `routing-tls`).
 pub fn truthy(value: &str) -> bool {
     matches!(value.to_ascii_lowercase().as_str(), "true" | "yes" | "1")
+}
+
+/// `routing-on-https` as the home lab's Jinja template read it: any non-empty value is true
+/// (even `false`).
+pub fn jinja_truthy(value: &str) -> bool {
+    !value.is_empty()
+}
+
+/// The `auth_basic_user_file` of a validated `routing-auth`: an absolute path as is (the
+/// home lab's meaning), a relative one under `/etc/nginx/auth` (drover's extension).
+pub fn auth_file(value: &str) -> String {
+    if value.starts_with('/') {
+        value.to_owned()
+    } else {
+        format!("/etc/nginx/auth/{value}")
+    }
 }
 
 fn check_hosts(value: &str) -> Result<(), String> {
@@ -188,24 +210,26 @@ fn check_size(value: &str) -> Result<(), String> {
 }
 
 fn check_auth_file(value: &str) -> Result<(), String> {
-    let ok = !value.is_empty()
+    let relative = value.strip_prefix('/').unwrap_or(value);
+    let ok = !relative.is_empty()
         && value.len() <= 255
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
-        && !value.starts_with('/')
-        && !value.split('/').any(|s| s == ".." || s.is_empty());
+        && !relative
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..");
     if ok {
         Ok(())
     } else {
         Err(
-            "auth file must be a relative path under /etc/nginx/auth of letters, digits and . _ - / (no .. or empty segments)"
+            "auth file must be an absolute path, or one relative to /etc/nginx/auth, of letters, digits and . _ - / (no . or .. or empty segments)"
                 .into(),
         )
     }
 }
 
-fn check_realm(value: &str) -> Result<(), String> {
+pub(super) fn check_realm(value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= 128
         && value
@@ -315,9 +339,13 @@ mod tests {
             (MAX_BODY, "1048576"),
             (AUTH, "users.htpasswd"),
             (AUTH, "team/admins"),
+            (AUTH, "/etc/auth-config/kibana.auth.conf"),
+            (PRIVATE_CONTEXT, "/metrics"),
+            (ON_HTTPS, "anything at all"),
             (AUTH_REALM, "Restricted area (admins only)"),
             (ON_HTTPS, "true"),
             (ON_HTTPS, "No"),
+            (ON_HTTPS, "a;b{c}"),
             (TLS, "0"),
             (TLS, "yes"),
             (NETWORK, "web_net-1.x"),
@@ -367,7 +395,13 @@ mod tests {
             (MAX_BODY, "m"),
             (MAX_BODY, "-1"),
             (MAX_BODY, "1 0m"),
-            (AUTH, "/etc/passwd"),
+            (AUTH, "/etc/../etc/shadow"),
+            (AUTH, "/"),
+            (AUTH, "//etc/x"),
+            (AUTH, "/etc/./x"),
+            (AUTH, "/etc/x/"),
+            (AUTH, "/etc/x;"),
+            (AUTH, "/etc/x y"),
             (AUTH, "../secrets"),
             (AUTH, "a//b"),
             (AUTH, "users; deny all"),
@@ -380,8 +414,7 @@ mod tests {
             (AUTH_REALM, "tab\there"),
             (AUTH_REALM, ""),
             (AUTH_REALM, "caf\u{e9}"),
-            (ON_HTTPS, "maybe"),
-            (ON_HTTPS, "true;"),
+            (PRIVATE_CONTEXT, "/m;allow all"),
             (TLS, ""),
             (NETWORK, "web;"),
             (NETWORK, "-web"),
@@ -419,8 +452,27 @@ mod tests {
     }
 
     #[test]
-    fn contexts_always_start_with_a_slash() {
-        assert_eq!(location("api"), "/api");
-        assert_eq!(location("/api"), "/api");
+    fn prefixes_start_with_a_slash_and_never_end_with_one() {
+        assert_eq!(prefix("api"), "/api");
+        assert_eq!(prefix("/api/"), "/api");
+        assert_eq!(prefix("/a/b"), "/a/b");
+        assert_eq!(prefix("/"), "");
+    }
+
+    #[test]
+    fn routing_on_https_is_true_for_any_non_empty_value_as_in_jinja() {
+        assert!(jinja_truthy("true"));
+        assert!(jinja_truthy("false"));
+        assert!(jinja_truthy("0"));
+        assert!(!jinja_truthy(""));
+    }
+
+    #[test]
+    fn absolute_auth_files_are_used_as_is_and_relative_ones_live_under_etc_nginx_auth() {
+        assert_eq!(
+            auth_file("/etc/auth-config/kibana.auth.conf"),
+            "/etc/auth-config/kibana.auth.conf"
+        );
+        assert_eq!(auth_file("team/admins"), "/etc/nginx/auth/team/admins");
     }
 }

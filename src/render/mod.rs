@@ -14,12 +14,15 @@
 //! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
 //! | `services[].tasks[]` | `id, service_id, slot, node_id, state, desired_state, container_id, ips` (map network → address)`, message, error`, plus `live` (state and desired state are `running`) and `ip` (address on the service's `network`, or null) |
 //! | `containers`, `nodes`, `networks`, `own` | as in the snapshot (`own` may be null) |
-//! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, locations: [{path, upstream, internal, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path |
+//! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, locations: [{path, upstream, uri, private, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path; `proxy_pass` is `upstream` + `uri` |
+//! | `server_names_hash_bucket_size` | the bucket size the longest host name needs, null when nginx's default fits |
 //! | `upstreams` | `[{name, servers: ["IP:PORT", ...]}]`, one per (host, context); `servers` is empty when no task is live |
 //! | `prometheus_jobs` | `[{name, targets: ["IP:PORT", ...]}]`, one per `prometheus-job` value plus `nodes` (every node address on :9100), sorted by name |
 //!
 //! A service's routing network is the target's `network` when set, else its
-//! `routing-network` label, else its first network that is not the ingress network.
+//! `routing-network` label, else its first network that the proxy service (the one the
+//! target's check or notify steps name, `NAME` or `STACK_NAME`) is on too, as in the home
+//! lab's template, else its first network that is not the ingress network.
 //!
 //! # Filters
 //!
@@ -39,25 +42,31 @@
 //!
 //! # Labels
 //!
+//! The home lab's meanings (its docker-pygen template, `config/nginx.pygen.template.config`
+//! of rycus86/home-stack-web), then drover's extensions under names it never used.
+//!
 //! | label | rule | default | used by |
 //! |---|---|---|---|
 //! | `routing-host` | comma-separated DNS names (letters, digits, inner `-`, dot-separated; spaces next to commas ignored) | not routed | nginx, certbot, ddclient |
-//! | `routing-context` | `[A-Za-z0-9._~/-]+`, no `..` segment; `/` is prepended if missing | `/` | nginx |
-//! | `routing-internal-context` | same as `routing-context` | none | nginx: extra location, private networks only |
-//! | `routing-port` | 1–65535 | 80 | nginx (and prometheus fallback) |
+//! | `routing-port` | 1–65535 | not routed | nginx upstream port (and prometheus fallback) |
+//! | `routing-context` | `[A-Za-z0-9._~/-]+`, no `..` segment | `/` | nginx `location CONTEXT/`, stripped: `proxy_pass .../` |
+//! | `routing-internal-context` | same as `routing-context` | none | the backend's path: `proxy_pass http://UPSTREAM/INTERNAL/` |
 //! | `routing-max-body` | digits with optional `k`/`m`/`g` | nginx's | nginx `client_max_body_size` |
-//! | `routing-auth` | relative path of `[A-Za-z0-9._/-]`, no `..` or empty segment | none | nginx `auth_basic_user_file /etc/nginx/auth/VALUE` |
-//! | `routing-auth-realm` | 1–128 printable ASCII, no `"` `'` `\` `$` `;` `{` `}` | `Restricted` | nginx `auth_basic` |
-//! | `routing-on-https` | `true/false/yes/no/1/0` (any case) | false | nginx `proxy_pass https://` |
-//! | `routing-tls` | same booleans | true | nginx: `false` serves the host on port 80 only; certbot leaves it out |
-//! | `routing-network` | `[A-Za-z0-9][A-Za-z0-9_.-]*` | first non-ingress network | routing network |
+//! | `routing-auth` | absolute path, or relative to `/etc/nginx/auth`, of `[A-Za-z0-9._/-]`, no `.`, `..` or empty segment | none | nginx `auth_basic_user_file` |
+//! | `routing-auth-realm` | 1–128 printable ASCII, no `"` `'` `\` `$` `;` `{` `}` | the service's name | nginx `auth_basic` |
+//! | `routing-on-https` | anything (never inserted) | off | any non-empty value, as Jinja read it: `proxy_pass https://` |
+//! | `routing-private-context` | same as `routing-context` (extension) | none | nginx: extra location, private networks only, path passed through |
+//! | `routing-tls` | `true/false/yes/no/1/0` (extension) | true | nginx: `false` serves the host on port 80 only; certbot leaves it out |
+//! | `routing-network` | `[A-Za-z0-9][A-Za-z0-9_.-]*` (extension) | see above | routing network |
 //! | `prometheus-job` | `[a-zA-Z_][a-zA-Z0-9_-]*` | not scraped | prometheus |
 //! | `prometheus-port` | 1–65535 | `routing-port`, else 80 | prometheus |
 //!
 //! Services sharing a host and context share one location and upstream when their location
-//! settings (`routing-on-https`, `routing-auth`, realm, max body) agree; otherwise the later
-//! one (by name) is skipped, as is a service whose internal context collides with another
-//! location. A host gets TLS unless every service on it sets `routing-tls=false`.
+//! settings (`routing-on-https`, `routing-auth`, realm, max body, internal context) agree;
+//! otherwise the later one (by name) is skipped, as is a service whose private context
+//! collides with another location. A host gets TLS unless every service on it sets
+//! `routing-tls=false`. `server_names_hash_bucket_size` is set, sized from the longest
+//! host name, only when nginx's default is too small.
 
 mod filters;
 mod labels;
@@ -65,7 +74,7 @@ mod model;
 
 use std::path::Path;
 
-use crate::config::Target;
+use crate::config::{Action, Target};
 use crate::state::Snapshot;
 use crate::status::SkippedService;
 
@@ -124,6 +133,9 @@ pub struct Template {
     name: String,
     target: String,
     network: Option<String>,
+    /// The service the target's check or notify steps name: its networks are the routing
+    /// networks, as in the home lab's template.
+    proxy: Option<String>,
     uses: model::Uses,
 }
 
@@ -167,7 +179,10 @@ impl Template {
                 (target.template.clone(), source)
             }
         };
-        Template::compile(&name, &source, &target.name, target.network.as_deref())
+        let mut template =
+            Template::compile(&name, &source, &target.name, target.network.as_deref())?;
+        template.proxy = proxy_service(target);
+        Ok(template)
     }
 
     /// Compiles template text directly; `name` is what errors call it.
@@ -187,6 +202,7 @@ impl Template {
             name: name.to_owned(),
             target: target.to_owned(),
             network: network.map(str::to_owned),
+            proxy: None,
             uses: model::Uses::scan(source),
         })
     }
@@ -194,8 +210,13 @@ impl Template {
     /// Pure: same snapshot → same bytes. Services with invalid label values are left out
     /// and reported.
     pub fn render(&self, snapshot: &Snapshot) -> Result<Rendered> {
-        let (root, mut skipped) =
-            model::build(snapshot, &self.target, self.network.as_deref(), self.uses);
+        let (root, mut skipped) = model::build(
+            snapshot,
+            &self.target,
+            self.network.as_deref(),
+            self.proxy.as_deref(),
+            self.uses,
+        );
         let context = root
             .into_context()
             .map_err(|e| Error::Context(Box::new(e.into())))?;
@@ -215,6 +236,20 @@ impl Template {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// The first service named by the target's check, then notify steps.
+fn proxy_service(target: &Target) -> Option<String> {
+    target
+        .check
+        .iter()
+        .chain(&target.notify)
+        .find_map(|a| match a {
+            Action::Exec(e) => e.service.clone(),
+            Action::Signal(s) => s.service.clone(),
+            Action::Restart(on) => on.service.clone(),
+            Action::Command(_) => None,
+        })
 }
 
 /// Every message of an error and its causes, joined: Tera puts the useful part in causes.

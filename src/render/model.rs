@@ -14,10 +14,13 @@ use super::labels::{self, validate_service};
 use crate::state::{Container, Network, Node, Own, Port, Service, Snapshot, Task};
 use crate::status::SkippedService;
 
-/// Default `routing-port`.
+/// The port Prometheus scrapes when neither `prometheus-port` nor `routing-port` is set.
 pub const DEFAULT_PORT: u16 = 80;
-/// Default `routing-auth-realm`.
+/// The realm when the service's name cannot be one (never for a name Docker accepts).
 pub const DEFAULT_REALM: &str = "Restricted";
+/// nginx's `server_names_hash_bucket_size` on 64-byte cache lines: drover only writes the
+/// directive when a host name needs more, so a main config setting it is not disturbed.
+pub const NGINX_DEFAULT_BUCKET: usize = 64;
 /// Port the `nodes` Prometheus job scrapes (node-exporter).
 pub const NODE_EXPORTER_PORT: u16 = 9100;
 
@@ -117,11 +120,17 @@ pub struct HostView {
 
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
 pub struct LocationView {
+    /// The nginx location: the context with a trailing `/` (`/webhook/`, or `/`).
     pub path: String,
     pub upstream: String,
-    /// A `routing-internal-context` location: private networks only.
-    pub internal: bool,
+    /// What follows the upstream in `proxy_pass`: `/` strips the context, `/api/` maps it
+    /// onto the backend's `routing-internal-context`, `""` passes the URI through (private
+    /// locations).
+    pub uri: String,
+    /// A `routing-private-context` location: private networks only.
+    pub private: bool,
     pub https: bool,
+    /// The `auth_basic_user_file`, absolute.
     pub auth: Option<String>,
     pub auth_realm: String,
     pub max_body: Option<String>,
@@ -132,21 +141,13 @@ pub struct LocationView {
 /// Per-location settings; services sharing a (host, context) must agree on them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Options {
-    pub https: bool,
-    pub auth: Option<String>,
-    pub auth_realm: String,
-    pub max_body: Option<String>,
-}
-
-impl LocationView {
-    fn options(&self) -> Options {
-        Options {
-            https: self.https,
-            auth: self.auth.clone(),
-            auth_realm: self.auth_realm.clone(),
-            max_body: self.max_body.clone(),
-        }
-    }
+    https: bool,
+    auth: Option<String>,
+    /// The `routing-auth-realm` label; unset means the first service's name.
+    realm: Option<String>,
+    max_body: Option<String>,
+    /// The backend path (`routing-internal-context` as a prefix).
+    backend: String,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -195,7 +196,8 @@ impl From<LocationView> for Value {
         let mut m = Map::new();
         m.insert("path".into(), string(l.path));
         m.insert("upstream".into(), string(l.upstream));
-        m.insert("internal".into(), Value::Bool(l.internal));
+        m.insert("uri".into(), string(l.uri));
+        m.insert("private".into(), Value::Bool(l.private));
         m.insert("https".into(), Value::Bool(l.https));
         m.insert("auth".into(), opt(l.auth));
         m.insert("auth_realm".into(), string(l.auth_realm));
@@ -248,6 +250,8 @@ impl Root<'_> {
             m.insert("networks".into(), serde_json::to_value(v)?);
         }
         if let Some(v) = self.hosts {
+            let bucket = bucket_size(&v).map_or(Value::Null, |n| Value::from(n as u64));
+            m.insert("server_names_hash_bucket_size".into(), bucket);
             m.insert("hosts".into(), list(v));
         }
         if let Some(v) = self.upstreams {
@@ -268,6 +272,7 @@ pub fn build<'a>(
     snapshot: &'a Snapshot,
     target_name: &'a str,
     target_network: Option<&'a str>,
+    proxy: Option<&str>,
     uses: Uses,
 ) -> (Root<'a>, Vec<SkippedService>) {
     let mut skipped = Vec::new();
@@ -276,12 +281,28 @@ pub fn build<'a>(
         .iter()
         .filter(|n| n.ingress)
         .map(|n| n.name.as_str())
+        .chain(std::iter::once("ingress"))
         .collect();
+    let proxy_networks: Vec<&str> = proxy
+        .and_then(|name| find_proxy(snapshot, name))
+        .map(|p| {
+            p.networks
+                .iter()
+                .map(String::as_str)
+                .filter(|n| !ingress.contains(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    let networks = Networks {
+        target: target_network,
+        proxy: &proxy_networks,
+        ingress: &ingress,
+    };
 
     let mut services = Vec::with_capacity(snapshot.services.len());
     for service in &snapshot.services {
         match validate_service(service) {
-            Ok(()) => services.push(service_view(service, target_network, &ingress)),
+            Ok(()) => services.push(service_view(service, &networks)),
             Err(s) => skipped.push(s),
         }
     }
@@ -312,19 +333,43 @@ pub fn build<'a>(
     (root, skipped)
 }
 
-fn service_view<'a>(
-    service: &'a Service,
-    target_network: Option<&'a str>,
-    ingress: &BTreeSet<&str>,
-) -> ServiceView<'a> {
-    let network = target_network
+/// The proxy's service: named exactly, or `STACK_NAME` as `docker stack deploy` names it.
+fn find_proxy<'s>(snapshot: &'s Snapshot, name: &str) -> Option<&'s Service> {
+    let suffix = format!("_{name}");
+    snapshot
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .or_else(|| snapshot.services.iter().find(|s| s.name.ends_with(&suffix)))
+}
+
+/// What decides a service's routing network.
+struct Networks<'n, 'a> {
+    target: Option<&'a str>,
+    /// The proxy service's networks (ingress left out), in its order.
+    proxy: &'n [&'a str],
+    ingress: &'n BTreeSet<&'a str>,
+}
+
+fn service_view<'a>(service: &'a Service, networks: &Networks<'_, 'a>) -> ServiceView<'a> {
+    // The home lab's template used the network the nginx service is on; a configured or
+    // labelled network wins, and a service sharing none falls back to its first own one.
+    let network = networks
+        .target
         .or_else(|| service.labels.get(labels::NETWORK).map(String::as_str))
         .or_else(|| {
             service
                 .networks
                 .iter()
                 .map(String::as_str)
-                .find(|n| *n != "ingress" && !ingress.contains(n))
+                .find(|n| networks.proxy.contains(n))
+        })
+        .or_else(|| {
+            service
+                .networks
+                .iter()
+                .map(String::as_str)
+                .find(|n| !networks.ingress.contains(n))
         });
     let tasks: Vec<TaskView<'a>> = service
         .tasks
@@ -391,11 +436,41 @@ struct HostAcc {
     locations: BTreeMap<String, LocationView>,
 }
 
-/// Groups routed services into hosts, locations and upstreams.
+/// A routed service's locations, as the labels ask for them.
+struct Wanted {
+    /// `routing-context` as a location (`/webhook/`, `/`).
+    location: String,
+    /// `routing-private-context` as a location.
+    private: Option<String>,
+    options: Options,
+}
+
+impl Wanted {
+    fn of(service: &ServiceView<'_>) -> Wanted {
+        let path = |p: String| format!("{p}/");
+        Wanted {
+            location: path(labels::prefix(
+                label(service, labels::CONTEXT).unwrap_or("/"),
+            )),
+            private: label(service, labels::PRIVATE_CONTEXT).map(|p| path(labels::prefix(p))),
+            options: Options {
+                https: label(service, labels::ON_HTTPS).is_some_and(labels::jinja_truthy),
+                auth: label(service, labels::AUTH).map(labels::auth_file),
+                realm: label(service, labels::AUTH_REALM).map(str::to_owned),
+                max_body: label(service, labels::MAX_BODY).map(str::to_owned),
+                backend: labels::prefix(label(service, labels::INTERNAL_CONTEXT).unwrap_or("/")),
+            },
+        }
+    }
+}
+
+/// Groups routed services into hosts, locations and upstreams, with the home lab's
+/// meaning: a service needs `routing-host` and `routing-port`; `location CONTEXT/` proxies
+/// to `UPSTREAM` + `routing-internal-context` + `/`, so the context is stripped.
 ///
 /// Services are taken in name order. Services sharing a (host, context) share the location
 /// and its upstream when their location settings agree; a service whose location would clash
-/// (different settings, or an internal context colliding with another location) is skipped
+/// (different settings, or a private context colliding with another location) is skipped
 /// as a whole, so a host never gets half of a service.
 fn routes(
     services: &[ServiceView<'_>],
@@ -405,23 +480,17 @@ fn routes(
     let mut servers: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
 
     for service in services {
-        let Some(host_label) = label(service, labels::HOST) else {
+        let (Some(host_label), Some(port)) = (
+            label(service, labels::HOST),
+            port_label(service, labels::PORT),
+        ) else {
             continue;
         };
-        let context = labels::location(label(service, labels::CONTEXT).unwrap_or("/"));
-        let internal = label(service, labels::INTERNAL_CONTEXT).map(labels::location);
-        let options = Options {
-            https: label(service, labels::ON_HTTPS).is_some_and(labels::truthy),
-            auth: label(service, labels::AUTH).map(str::to_owned),
-            auth_realm: label(service, labels::AUTH_REALM)
-                .unwrap_or(DEFAULT_REALM)
-                .to_owned(),
-            max_body: label(service, labels::MAX_BODY).map(str::to_owned),
-        };
+        let wanted = Wanted::of(service);
         let tls = label(service, labels::TLS).is_none_or(labels::truthy);
         let names: BTreeSet<String> = labels::hosts(host_label).collect();
 
-        if let Some(clash) = find_clash(&hosts, &names, &context, internal.as_deref(), &options) {
+        if let Some(clash) = find_clash(&hosts, &names, &wanted) {
             skipped.push(SkippedService {
                 service: service.name.to_owned(),
                 label: clash.0.to_owned(),
@@ -431,34 +500,48 @@ fn routes(
             continue;
         }
 
-        let port = port_label(service, labels::PORT).unwrap_or(DEFAULT_PORT);
+        let options = &wanted.options;
+        let realm = options
+            .realm
+            .clone()
+            .or_else(|| {
+                labels::check_realm(service.name)
+                    .ok()
+                    .map(|()| service.name.to_owned())
+            })
+            .unwrap_or_else(|| DEFAULT_REALM.to_owned());
         for host in names {
             let acc = hosts.entry(host.clone()).or_default();
             acc.tls |= tls;
-            let mut paths = vec![(context.clone(), false)];
-            if let Some(internal) = &internal {
-                paths.push((internal.clone(), true));
+            let mut paths = vec![(wanted.location.clone(), false)];
+            if let Some(private) = &wanted.private {
+                paths.push((private.clone(), true));
             }
-            for (path, is_internal) in paths {
+            for (path, private) in paths {
                 let loc = acc
                     .locations
                     .entry(path.clone())
                     .or_insert_with(|| LocationView {
                         path,
-                        // Until names are given out below: the context whose upstream
-                        // this location proxies to (internal ones use their main context).
-                        upstream: context.clone(),
-                        internal: is_internal,
+                        // Until names are given out below: the location whose upstream
+                        // this one proxies to (private ones use their main location).
+                        upstream: wanted.location.clone(),
+                        uri: if private {
+                            String::new()
+                        } else {
+                            format!("{}/", options.backend)
+                        },
+                        private,
                         https: options.https,
                         auth: options.auth.clone(),
-                        auth_realm: options.auth_realm.clone(),
+                        auth_realm: realm.clone(),
                         max_body: options.max_body.clone(),
                         services: Vec::new(),
                     });
                 loc.services.push(service.name.to_owned());
             }
             servers
-                .entry((host, context.clone()))
+                .entry((host, wanted.location.clone()))
                 .or_default()
                 .extend(service.ips.iter().map(|ip| address(ip, port)));
         }
@@ -468,15 +551,18 @@ fn routes(
     let mut names: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut taken = BTreeSet::new();
     let mut upstreams = Vec::with_capacity(servers.len());
-    for ((host, context), list) in servers {
-        let base = sanitize(&format!("{host}{context}"));
+    for ((host, location), list) in servers {
+        let base = sanitize(&format!("{host}{location}"));
         let mut name = base.clone();
         let mut n = 1;
         while !taken.insert(name.clone()) {
             n += 1;
             name = format!("{base}_{n}");
         }
-        names.entry(host).or_default().insert(context, name.clone());
+        names
+            .entry(host)
+            .or_default()
+            .insert(location, name.clone());
         upstreams.push(UpstreamView {
             name,
             servers: list,
@@ -510,41 +596,49 @@ fn routes(
 fn find_clash(
     hosts: &BTreeMap<String, HostAcc>,
     names: &BTreeSet<String>,
-    context: &str,
-    internal: Option<&str>,
-    options: &Options,
+    wanted: &Wanted,
 ) -> Option<(&'static str, String)> {
-    if internal == Some(context) {
+    let context = wanted.location.as_str();
+    if wanted.private.as_deref() == Some(context) {
         return Some((
-            labels::INTERNAL_CONTEXT,
-            "internal context equals routing-context".into(),
+            labels::PRIVATE_CONTEXT,
+            "private context equals routing-context".into(),
         ));
     }
     for host in names {
         let Some(acc) = hosts.get(host) else { continue };
         if let Some(loc) = acc.locations.get(context) {
             let owner = &loc.services[0];
-            if loc.internal {
+            if loc.private {
                 return Some((
                     labels::CONTEXT,
-                    format!("{host}{context} is an internal location of service {owner}"),
+                    format!("{host}{context} is a private location of service {owner}"),
                 ));
             }
-            if loc.options() != *options {
+            let same = loc.https == wanted.options.https
+                && loc.auth == wanted.options.auth
+                && wanted
+                    .options
+                    .realm
+                    .as_ref()
+                    .is_none_or(|r| *r == loc.auth_realm)
+                && loc.max_body == wanted.options.max_body
+                && loc.uri == format!("{}/", wanted.options.backend);
+            if !same {
                 return Some((
                     labels::CONTEXT,
                     format!(
-                        "{host}{context} is routed by service {owner} with different settings (https, auth, realm or max body)"
+                        "{host}{context} is routed by service {owner} with different settings (https, auth, realm, max body or internal context)"
                     ),
                 ));
             }
         }
-        if let Some(internal) = internal {
-            if let Some(loc) = acc.locations.get(internal) {
+        if let Some(private) = &wanted.private {
+            if let Some(loc) = acc.locations.get(private) {
                 return Some((
-                    labels::INTERNAL_CONTEXT,
+                    labels::PRIVATE_CONTEXT,
                     format!(
-                        "{host}{internal} is already routed by service {}",
+                        "{host}{private} is already routed by service {}",
                         loc.services[0]
                     ),
                 ));
@@ -552,6 +646,15 @@ fn find_clash(
         }
     }
     None
+}
+
+/// The `server_names_hash_bucket_size` the longest host name needs, when nginx's default
+/// is too small. nginx wants room for a pointer, the name plus 2 bytes aligned to a
+/// pointer, and a closing pointer per bucket (`NGX_HASH_ELT_SIZE` in `ngx_hash.c`).
+pub fn bucket_size(hosts: &[HostView]) -> Option<usize> {
+    let longest = hosts.iter().map(|h| h.name.len()).max()?;
+    let need = 8 + (longest + 2).div_ceil(8) * 8 + 8;
+    (need > NGINX_DEFAULT_BUCKET).then(|| need.next_power_of_two())
 }
 
 fn sanitize(raw: &str) -> String {

@@ -644,11 +644,23 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// An HTTP response: status and body (lossy UTF-8).
+/// An HTTP response: status, header lines and body (lossy UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
+    /// `(name, value)` in the order received, names as sent.
+    pub headers: Vec<(String, String)>,
     pub body: String,
+}
+
+impl Response {
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// `GET url` (http only) with a 5 s timeout. Errors are `io::Error`s so callers can tell
@@ -726,8 +738,15 @@ pub fn http_request(
                 format!("bad response: {head:?}"),
             )
         })?;
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
     Ok(Response {
         status,
+        headers,
         body: body.to_string(),
     })
 }
