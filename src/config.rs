@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -416,12 +416,25 @@ pub struct Hook {
     /// GitHub and generic hooks: the HMAC-SHA256 key.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
+    /// GitHub hooks: one secret per repository, a map from `owner/name` (or a full-match
+    /// pattern) to a secret file. A delivery is checked against the secret of the
+    /// repository its payload names (an exact key first, then the first matching pattern
+    /// in file order, then `secret_file`), never against the others.
+    #[serde(default)]
+    pub secrets: RepoSecrets,
+    /// GitHub hooks: accept the legacy `X-Hub-Signature` (HMAC-SHA1) when a delivery has
+    /// no `X-Hub-Signature-256`.
+    #[serde(default = "default_true")]
+    pub accept_sha1: bool,
     /// GitHub event names to act on (default `[push]`; ping is always answered, never acted
     /// on). GitHub does not sign the event header, so the list must name what to act on:
     /// an empty list is refused.
     #[serde(default = "default_events")]
     pub events: Vec<String>,
-    /// Full-match rules on payload facts (`repository`, `tag`, `ref`, `image`, ...).
+    /// Full-match rules on payload facts; the names a kind knows are listed in
+    /// `hooks::facts` (Docker Hub: repository, tag, image, owner, namespace, pusher;
+    /// GitHub: event, repository, ref, sender, clone_url, commits, commit_ids,
+    /// head_commit_message; generic: repository, tag, image). Others are refused at load.
     #[serde(default)]
     pub allow: BTreeMap<String, FullMatch>,
     /// Source networks allowed to call this hook; empty means any.
@@ -441,6 +454,91 @@ fn default_events() -> Vec<String> {
 }
 fn default_quiet() -> Duration {
     Duration::from_secs(10)
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One entry of a hook's `secrets` map.
+#[derive(Debug, Clone)]
+pub struct RepoSecret {
+    /// The key as written: a repository's full name or a pattern.
+    pub repository: String,
+    pub pattern: FullMatch,
+    pub file: PathBuf,
+}
+
+/// `secrets:` in file order (order decides which pattern wins).
+#[derive(Debug, Clone, Default)]
+pub struct RepoSecrets(pub Vec<RepoSecret>);
+
+impl<'de> Deserialize<'de> for RepoSecrets {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RepoSecrets;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map from repository (owner/name or a pattern) to a secret file")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RepoSecrets, A::Error> {
+                let mut out = Vec::new();
+                while let Some((repository, file)) = map.next_entry::<String, PathBuf>()? {
+                    let pattern = FullMatch::new(&repository).map_err(serde::de::Error::custom)?;
+                    out.push(RepoSecret {
+                        repository,
+                        pattern,
+                        file,
+                    });
+                }
+                Ok(RepoSecrets(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// A one-off container a hook runs (the `container` action). Request data reaches it only
+/// as `DROVER_*` environment variables, never in argv.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// Pulled when the engine does not have it (with the `registries` credentials).
+    pub image: String,
+    /// argv; empty runs the image's default command.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Fixed variables, set before the facts (a fact never overrides one of these).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `SOURCE:TARGET[:ro]`: a host path or a volume name, as `docker run -v` takes them.
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    /// Networks to attach (overlay networks must be attachable).
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// The container is killed and the job failed after this long.
+    #[serde(default = "default_container_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Lines of output kept on the job.
+    #[serde(default = "default_log_lines")]
+    pub log_lines: usize,
+    /// Let runs of this hook overlap (by default one runs at a time, the others wait).
+    #[serde(default)]
+    pub concurrent: bool,
+}
+
+fn default_container_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_log_lines() -> usize {
+    50
 }
 fn default_rate() -> u32 {
     50
@@ -463,13 +561,27 @@ pub enum HookAction {
     RestartService(String),
     /// Run a local command with payload facts as `DROVER_*` environment variables.
     Command(Vec<String>),
+    /// Run a one-off container with payload facts as `DROVER_*` environment variables.
+    Container(ContainerSpec),
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum HookActionRepr {
     Name(String),
-    Map(HookActionMap),
+    Map(Box<HookActionMap>),
+}
+
+// Not `#[serde(untagged)]`: that hides why a map did not fit (an unknown key in a
+// container spec) behind "did not match any variant".
+impl<'de> Deserialize<'de> for HookActionRepr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_yaml_ng::Value::deserialize(d)?;
+        match value {
+            serde_yaml_ng::Value::String(name) => Ok(HookActionRepr::Name(name)),
+            other => HookActionMap::deserialize(other)
+                .map(|m| HookActionRepr::Map(Box::new(m)))
+                .map_err(|e| serde::de::Error::custom(format!("action: {e}"))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -479,27 +591,41 @@ struct HookActionMap {
     restart_service: Option<String>,
     #[serde(default)]
     command: Option<Vec<String>>,
+    #[serde(default)]
+    container: Option<ContainerSpec>,
 }
 
 impl TryFrom<HookActionRepr> for HookAction {
     type Error = String;
     fn try_from(r: HookActionRepr) -> Result<HookAction, String> {
-        match r {
-            HookActionRepr::Name(n) if n == "update-services" => Ok(HookAction::UpdateServices),
-            HookActionRepr::Name(n) => Err(format!(
-                "unknown action {n:?}: use update-services, {{restart-service: NAME}} or {{command: [argv]}}"
-            )),
-            HookActionRepr::Map(HookActionMap {
+        let m = match r {
+            HookActionRepr::Name(n) if n == "update-services" => {
+                return Ok(HookAction::UpdateServices);
+            }
+            HookActionRepr::Name(n) => {
+                return Err(format!(
+                    "unknown action {n:?}: use update-services, {{restart-service: NAME}}, {{command: [argv]}} or {{container: {{image: ...}}}}"
+                ));
+            }
+            HookActionRepr::Map(m) => *m,
+        };
+        match m {
+            HookActionMap {
                 restart_service: Some(s),
                 command: None,
-            }) => Ok(HookAction::RestartService(s)),
-            HookActionRepr::Map(HookActionMap {
+                container: None,
+            } => Ok(HookAction::RestartService(s)),
+            HookActionMap {
                 restart_service: None,
                 command: Some(c),
-            }) => Ok(HookAction::Command(c)),
-            HookActionRepr::Map(_) => {
-                Err("an action has exactly one of restart-service or command".into())
-            }
+                container: None,
+            } => Ok(HookAction::Command(c)),
+            HookActionMap {
+                restart_service: None,
+                command: None,
+                container: Some(c),
+            } => Ok(HookAction::Container(c)),
+            _ => Err("an action has exactly one of restart-service, command or container".into()),
         }
     }
 }
@@ -557,6 +683,12 @@ fn default_update_timeout() -> Duration {
 pub struct FullMatch(pub Regex);
 
 impl FullMatch {
+    pub fn new(raw: &str) -> std::result::Result<FullMatch, String> {
+        Regex::new(&format!("^(?:{raw})$"))
+            .map(FullMatch)
+            .map_err(|e| format!("invalid regex {raw:?}: {e}"))
+    }
+
     pub fn is_match(&self, value: &str) -> bool {
         self.0.is_match(value)
     }
@@ -565,9 +697,7 @@ impl FullMatch {
 impl<'de> Deserialize<'de> for FullMatch {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        Regex::new(&format!("^(?:{raw})$"))
-            .map(FullMatch)
-            .map_err(|e| serde::de::Error::custom(format!("invalid regex {raw:?}: {e}")))
+        FullMatch::new(&raw).map_err(serde::de::Error::custom)
     }
 }
 
@@ -654,7 +784,39 @@ impl Config {
                 },
             }
         })?;
+        config.check_rules(path, text)?;
         Ok(config)
+    }
+
+    /// Refuses an `allow` key the hook's kind never produces, pointing at the key itself:
+    /// such a rule could never hold, and every request would be refused.
+    fn check_rules(&self, path: &Path, text: &str) -> Result<()> {
+        for h in &self.hooks {
+            let known = h.kind.facts();
+            let Some(key) = h.allow.keys().find(|k| !known.contains(&k.as_str())) else {
+                continue;
+            };
+            let known = known.join(", ");
+            let reason = format!(
+                "hook {}: {:?} is not a fact of a {} hook (known: {known})",
+                h.name,
+                key,
+                h.kind.as_str()
+            );
+            return Err(match locate_allow_key(text, &h.name, key) {
+                Some((line, column)) => Error::Parse {
+                    path: path.to_owned(),
+                    line,
+                    column,
+                    reason,
+                },
+                None => Error::Invalid {
+                    path: path.to_owned(),
+                    reason,
+                },
+            });
+        }
+        Ok(())
     }
 
     /// Returns (reason, text to locate) for the first problem found.
@@ -702,7 +864,9 @@ impl Config {
             }
             let need = match h.kind {
                 HookKind::Dockerhub if h.token_file.is_none() => Some("token_file"),
-                HookKind::Github if h.secret_file.is_none() => Some("secret_file"),
+                HookKind::Github if h.secret_file.is_none() && h.secrets.0.is_empty() => {
+                    Some("secret_file or secrets")
+                }
                 HookKind::Generic if h.secret_file.is_none() && h.token_file.is_none() => {
                     Some("secret_file or token_file")
                 }
@@ -720,10 +884,23 @@ impl Config {
             if h.rate == 0 {
                 return Err((format!("hook {}: rate must be at least 1", h.name), at));
             }
+            if h.kind != HookKind::Github && !h.secrets.0.is_empty() {
+                return Err((
+                    format!(
+                        "hook {}: per-repository secrets are for github hooks",
+                        h.name
+                    ),
+                    at,
+                ));
+            }
             if let HookAction::Command(argv) = &h.action {
                 if argv.is_empty() {
                     return Err((format!("hook {}: command is empty", h.name), at));
                 }
+            }
+            if let HookAction::Container(c) = &h.action {
+                c.validate()
+                    .map_err(|r| (format!("hook {}: container: {r}", h.name), at.clone()))?;
             }
         }
         let h = &self.http;
@@ -942,6 +1119,97 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+impl HookKind {
+    /// The fact names a hook of this kind produces, the only names `allow` may use
+    /// (`hooks::facts` produces them; its tests keep the two in step).
+    pub fn facts(self) -> &'static [&'static str] {
+        match self {
+            HookKind::Dockerhub => &["repository", "tag", "image", "owner", "namespace", "pusher"],
+            HookKind::Github => &[
+                "event",
+                "repository",
+                "ref",
+                "sender",
+                "clone_url",
+                "commits",
+                "commit_ids",
+                "head_commit_message",
+            ],
+            HookKind::Generic => &["repository", "tag", "image"],
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::Dockerhub => "dockerhub",
+            HookKind::Github => "github",
+            HookKind::Generic => "generic",
+        }
+    }
+}
+
+impl ContainerSpec {
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.image.trim().is_empty() {
+            return Err("image is empty".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("timeout must be more than zero".into());
+        }
+        for m in &self.mounts {
+            let parts: Vec<&str> = m.split(':').collect();
+            let ok = match parts.as_slice() {
+                [src, dst] => !src.is_empty() && dst.starts_with('/'),
+                [src, dst, mode] => {
+                    !src.is_empty()
+                        && dst.starts_with('/')
+                        && mode
+                            .split(',')
+                            .all(|o| matches!(o, "ro" | "rw" | "z" | "Z"))
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(format!("mount {m:?} is not SOURCE:/TARGET[:ro]"));
+            }
+        }
+        if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+            return Err(format!("invalid variable name {k:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// Line and column (1-based) of `key` in the `allow` rules of the hook named `hook`:
+/// the first `key:` after the first `allow` after the hook's `name:` line.
+fn locate_allow_key(text: &str, hook: &str, key: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let is_name = |l: &str| {
+        let l = l.trim_start().trim_start_matches("- ").trim_start();
+        l.strip_prefix("name:")
+            .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'') == hook)
+            .unwrap_or(false)
+    };
+    let start = lines.iter().position(|l| is_name(l))?;
+    let allow = (start..lines.len()).find(|&i| lines[i].contains("allow"))?;
+    let key_re = Regex::new(&format!(
+        r#"(?:^|[\s{{,])["']?({})["']?\s*:"#,
+        regex::escape(key)
+    ))
+    .ok()?;
+    for (i, line) in lines.iter().enumerate().skip(allow) {
+        let from = if i == allow {
+            line.find("allow").map_or(0, |p| p + "allow".len())
+        } else {
+            0
+        };
+        if let Some(c) = key_re.captures(&line[from..]).and_then(|c| c.get(1)) {
+            return Some((i + 1, from + c.start() + 1));
+        }
+    }
+    None
+}
+
 fn find_line(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
@@ -1064,7 +1332,80 @@ hooks:
         let err = parse("hooks:\n  - name: gh\n    kind: github\n    action: update-services\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("secret_file is required"), "{err}");
+        assert!(err.contains("secret_file or secrets is required"), "{err}");
+    }
+
+    #[test]
+    fn allow_key_the_kind_does_not_know_is_refused_at_its_line_and_column() {
+        let err = parse(
+            "hooks:\n  - name: hub\n    kind: dockerhub\n    token_file: /t\n    action: update-services\n  - name: gh\n    kind: github\n    secret_file: /s\n    allow:\n      ref: refs/heads/master\n      pusher: rycus86\n    action: update-services\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("drover.yml:11:7: "), "{err}");
+        assert!(
+            err.contains("\"pusher\" is not a fact of a github hook"),
+            "{err}"
+        );
+        let err = parse(
+            "hooks:\n  - name: hub\n    kind: dockerhub\n    token_file: /t\n    allow: { tag: latest, sender: rycus86 }\n    action: update-services\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("drover.yml:5:27: "), "{err}");
+        assert!(err.contains("known: repository, tag"), "{err}");
+    }
+
+    #[test]
+    fn home_lab_rules_of_each_kind_load() {
+        let c = parse(
+            "hooks:\n  - name: hub\n    kind: dockerhub\n    token_file: /t\n    allow: { owner: rycus86, namespace: rycus86, repository: 'rycus86/.+', pusher: rycus86, tag: '.+' }\n    action: update-services\n  - name: gh\n    kind: github\n    secrets:\n      rycus86/home-stack-web: /run/secrets/web\n      'rycus86/home-stack-.+': /run/secrets/stacks\n    accept_sha1: false\n    allow: { sender: rycus86, ref: refs/heads/master }\n    action:\n      container:\n        image: 127.0.0.1:5000/stack-deploy\n        command: [/bin/sh, /deploy/run.sh]\n        env: { STACKS: /srv/stacks }\n        mounts: ['/var/run/docker.sock:/var/run/docker.sock', '/srv/stacks:/srv/stacks:ro']\n        networks: [home-web]\n        user: '1000:1000'\n        working_dir: /srv/stacks\n        timeout: 5m\n",
+        )
+        .expect("valid");
+        let gh = &c.hooks[1];
+        assert!(!gh.accept_sha1);
+        assert!(
+            c.hooks[0].accept_sha1,
+            "sha1 is accepted unless switched off"
+        );
+        let keys: Vec<&str> = gh.secrets.0.iter().map(|s| s.repository.as_str()).collect();
+        assert_eq!(keys, ["rycus86/home-stack-web", "rycus86/home-stack-.+"]);
+        assert!(gh.secrets.0[1].pattern.is_match("rycus86/home-stack-media"));
+        let HookAction::Container(spec) = &gh.action else {
+            panic!("not a container action: {:?}", gh.action);
+        };
+        assert_eq!(spec.timeout, Duration::from_secs(300));
+        assert_eq!(spec.mounts.len(), 2);
+        assert!(!spec.concurrent);
+        assert_eq!(spec.log_lines, 50);
+    }
+
+    #[test]
+    fn container_action_with_a_bad_mount_or_no_image_is_refused() {
+        let hook = |action: &str| {
+            parse(&format!(
+                "hooks:\n  - name: c\n    kind: generic\n    token_file: /t\n    action: {action}\n"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        let err = hook("{ container: { image: x, mounts: [relative] } }");
+        assert!(err.contains("is not SOURCE:/TARGET"), "{err}");
+        let err = hook("{ container: { image: '' } }");
+        assert!(err.contains("image is empty"), "{err}");
+        let err = hook("{ container: { image: x, colour: red } }");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn per_repository_secrets_are_only_for_github_hooks() {
+        let err = parse("hooks:\n  - name: c\n    kind: generic\n    token_file: /t\n    secrets: { a/b: /s }\n    action: update-services\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("per-repository secrets are for github hooks"),
+            "{err}"
+        );
     }
 
     #[test]

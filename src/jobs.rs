@@ -100,49 +100,7 @@ impl JobState {
     }
 }
 
-/// What the payload said, after verification. Passed to commands as `DROVER_*`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Facts {
-    pub hook: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repository: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tag: Option<String>,
-    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
-    pub r#ref: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-}
-
-impl Facts {
-    /// The value a rule named `name` is matched against.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        match name {
-            "event" => self.event.as_deref(),
-            "repository" => self.repository.as_deref(),
-            "tag" => self.tag.as_deref(),
-            "ref" => self.r#ref.as_deref(),
-            "image" => self.image.as_deref(),
-            _ => None,
-        }
-    }
-
-    pub fn env(&self) -> [(&'static str, &str); 6] {
-        fn v(o: &Option<String>) -> &str {
-            o.as_deref().unwrap_or("")
-        }
-        [
-            ("DROVER_HOOK", self.hook.as_str()),
-            ("DROVER_REPOSITORY", v(&self.repository)),
-            ("DROVER_TAG", v(&self.tag)),
-            ("DROVER_REF", v(&self.r#ref)),
-            ("DROVER_IMAGE", v(&self.image)),
-            ("DROVER_EVENT", v(&self.event)),
-        ]
-    }
-}
+pub use crate::hooks::Facts;
 
 /// The work a job does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +116,11 @@ pub enum Work {
     Command {
         argv: Vec<String>,
     },
+    /// A one-off container run through the Engine API (the spec is journalled with the
+    /// job, so a job re-queued after a restart runs what was configured when it came in).
+    Container {
+        spec: config::ContainerSpec,
+    },
 }
 
 impl Work {
@@ -165,7 +128,7 @@ impl Work {
         match self {
             Work::UpdateServices { image } => Some(format!("image {image}")),
             Work::RestartService { service } => Some(format!("service {service}")),
-            Work::Command { .. } => None,
+            Work::Command { .. } | Work::Container { .. } => None,
         }
     }
 }
@@ -201,6 +164,12 @@ pub struct JobView {
     pub message: Option<String>,
     #[serde(default)]
     pub services: Vec<ServiceResult>,
+    /// Exit code of a command or container action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// The end of a command's or container's output (bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
 }
 
 /// A job's result, from the runner.
@@ -209,6 +178,8 @@ pub struct Outcome {
     pub state: JobState,
     pub message: Option<String>,
     pub services: Vec<ServiceResult>,
+    pub exit_code: Option<i64>,
+    pub log_tail: Option<String>,
 }
 
 impl Outcome {
@@ -217,6 +188,8 @@ impl Outcome {
             state: JobState::Failed,
             message: Some(message),
             services: Vec::new(),
+            exit_code: None,
+            log_tail: None,
         }
     }
 
@@ -237,6 +210,8 @@ impl Outcome {
             state,
             message: None,
             services,
+            exit_code: None,
+            log_tail: None,
         }
     }
 }
@@ -533,6 +508,8 @@ impl Jobs {
                 finished_at: None,
                 message: None,
                 services: Vec::new(),
+                exit_code: None,
+                log_tail: None,
             }
         };
         let jobs = self.clone();
@@ -655,6 +632,8 @@ impl Jobs {
             e.view.state = outcome.state;
             e.view.message = outcome.message;
             e.view.services = outcome.services;
+            e.view.exit_code = outcome.exit_code;
+            e.view.log_tail = outcome.log_tail;
             e.view.finished_at = Some(unix_ms());
             if let Some(k) = e.key.clone() {
                 if inner.waiting.get(&k) == Some(id) {
@@ -724,6 +703,8 @@ pub(crate) mod tests {
                     state,
                     message: None,
                     services: Vec::new(),
+                    exit_code: None,
+                    log_tail: None,
                 },
                 delay: Duration::ZERO,
             })
@@ -896,6 +877,8 @@ pub(crate) mod tests {
                 state: JobState::RolledBack,
                 message: Some("rolled back".into()),
                 services: Vec::new(),
+                exit_code: None,
+                log_tail: None,
             },
             delay: Duration::from_secs(30),
         });
@@ -951,6 +934,8 @@ pub(crate) mod tests {
             finished_at: None,
             message: None,
             services: Vec::new(),
+            exit_code: None,
+            log_tail: None,
         };
         Journal::file(path.clone())
             .put(&pending)
@@ -1059,6 +1044,8 @@ pub(crate) mod tests {
                 outcome: JobState::RolledBack,
                 message: "update rolled back".into(),
             }],
+            exit_code: None,
+            log_tail: None,
         };
         let v = serde_json::to_value(&view).expect("json");
         assert_eq!(v["state"], "rolled_back");

@@ -57,6 +57,9 @@ pub mod update;
 // roles, peers, the agent API and delivery to other nodes
 pub mod cluster;
 
+// the `container` action: one-off containers for a hook's job
+pub mod container;
+
 // the one Prometheus registry
 pub mod metrics;
 

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub rollbacks: IntCounter,
     pub agent_requests: IntCounterVec,
     pub agent_refused: IntCounterVec,
+    pub updates: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -218,6 +219,12 @@ impl Metrics {
                 "drover_agent_refused_total",
                 "Agent API requests refused, by reason",
                 &["reason"],
+            ),
+            updates: counter_vec(
+                &r,
+                "drover_updates_total",
+                "Service updates by webhooks, by service and outcome",
+                &["service", "outcome"],
             ),
             stream_reconnects,
             resyncs,

@@ -2,7 +2,9 @@
 //! a config inside the proxy's container, e.g. `nginx -t`).
 //!
 //! An exec's output stream has no per-call deadline; the whole exec is bounded by the
-//! caller's limit instead, and only a bounded tail of its output is kept.
+//! caller's limit instead, and only a bounded tail of its output is kept. The same holds
+//! for one-off containers (a hook's `container` action): create, start, wait (bounded by
+//! the caller), read the output tail, remove.
 
 use std::time::Duration;
 
@@ -116,5 +118,148 @@ impl Engine {
             exit_code,
             output: String::from_utf8_lossy(&output[start..]).into_owned(),
         })
+    }
+}
+
+/// Bytes of a one-off container's output read at most (its tail).
+const RUN_OUTPUT_LIMIT: usize = 16 * 1024;
+
+impl Engine {
+    /// `POST /containers/create?name=...`; the new container's id.
+    pub async fn create_container(
+        &self,
+        name: &str,
+        body: bollard::models::ContainerCreateBody,
+    ) -> Result<String, Error> {
+        let options = bollard::query_parameters::CreateContainerOptions {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        self.call(
+            || format!("create container {name}"),
+            self.api.create_container(Some(options), body),
+        )
+        .await
+        .map(|r| r.id)
+    }
+
+    /// `POST /images/create?fromImage=...`, followed to its end within `limit` (a pull
+    /// streams progress for as long as it takes).
+    pub async fn pull_image(
+        &self,
+        image: &str,
+        credentials: Option<super::Credentials>,
+        limit: Duration,
+    ) -> Result<(), Error> {
+        let op = || format!("pull {image}");
+        let options = bollard::query_parameters::CreateImageOptions {
+            from_image: Some(image.to_owned()),
+            ..Default::default()
+        };
+        let pull = async {
+            let mut progress = self.api.create_image(Some(options), None, credentials);
+            while let Some(item) = progress.next().await {
+                item.map_err(|e| Error::from_bollard(op(), e))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(limit, pull)
+            .await
+            .map_err(|_| Error::Timeout {
+                op: op(),
+                after: limit,
+            })?
+    }
+
+    /// `POST /networks/{net}/connect` for container `id`.
+    pub async fn connect_container(&self, net: &str, id: &str) -> Result<(), Error> {
+        let req = bollard::models::NetworkConnectRequest {
+            container: id.to_owned(),
+            endpoint_config: None,
+        };
+        self.call(
+            || format!("attach container {id} to network {net}"),
+            self.api.connect_network(net, req),
+        )
+        .await
+    }
+
+    /// `POST /containers/{id}/start`.
+    pub async fn start_container(&self, id: &str) -> Result<(), Error> {
+        self.call(
+            || format!("start container {id}"),
+            self.api
+                .start_container(id, None::<bollard::query_parameters::StartContainerOptions>),
+        )
+        .await
+    }
+
+    /// `POST /containers/{id}/wait`: the exit code. No deadline of its own: the caller
+    /// bounds the wait by the container's time limit.
+    pub async fn wait_container(&self, id: &str) -> Result<i64, Error> {
+        let op = || format!("wait for container {id}");
+        let mut stream = self
+            .api
+            .wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
+        match stream.next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            // bollard turns a non-zero exit into an error carrying the code.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(Error::from_bollard(op(), e)),
+            None => Err(Error::Decode {
+                op: op(),
+                reason: "the wait ended without a status".into(),
+            }),
+        }
+    }
+
+    /// `GET /containers/{id}/logs?tail=N`: stdout and stderr interleaved as stored, at
+    /// most the last [`RUN_OUTPUT_LIMIT`] bytes.
+    pub async fn container_logs(&self, id: &str, lines: usize) -> Result<String, Error> {
+        let op = || format!("read the output of container {id}");
+        let options = bollard::query_parameters::LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let read = async {
+            let mut stream = self.api.logs(id, Some(options));
+            let mut text = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| Error::from_bollard(op(), e))?;
+                text.extend_from_slice(chunk.as_ref());
+                if text.len() > 2 * RUN_OUTPUT_LIMIT {
+                    text.drain(..text.len() - RUN_OUTPUT_LIMIT);
+                }
+            }
+            let start = text.len().saturating_sub(RUN_OUTPUT_LIMIT);
+            Ok(String::from_utf8_lossy(&text[start..]).into_owned())
+        };
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| Error::Timeout {
+                op: op(),
+                after: self.timeout,
+            })?
+    }
+
+    /// `DELETE /containers/{id}?force=1&v=1`; a container already gone is not an error.
+    pub async fn remove_container(&self, id: &str) -> Result<(), Error> {
+        let options = bollard::query_parameters::RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self
+            .call(
+                || format!("remove container {id}"),
+                self.api.remove_container(id, Some(options)),
+            )
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
     }
 }

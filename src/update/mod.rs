@@ -84,6 +84,7 @@ pub struct Executor {
     registries: Vec<(String, Credentials)>,
     timeout: Duration,
     slots: Slots,
+    containers: crate::container::Runs,
 }
 
 impl Executor {
@@ -111,6 +112,7 @@ impl Executor {
             registries,
             timeout: config.jobs.update_timeout,
             slots: Slots::default(),
+            containers: crate::container::Runs::default(),
         })
     }
 
@@ -170,6 +172,8 @@ impl Executor {
                 state: JobState::Skipped,
                 message: Some(format!("no service to update runs {}", target.key())),
                 services: results,
+                exit_code: None,
+                log_tail: None,
             };
         }
         let credentials = self.credentials(&target.registry);
@@ -277,8 +281,20 @@ impl Runner for Executor {
     fn run(&self, job: RunContext) -> BoxFuture<'_, Outcome> {
         Box::pin(async move {
             match &job.work {
-                Work::UpdateServices { image } => self.update_services(image, job.seq).await,
-                Work::RestartService { service } => self.restart_service(service, job.seq).await,
+                Work::UpdateServices { image } => {
+                    count_updates(self.update_services(image, job.seq).await)
+                }
+                Work::RestartService { service } => {
+                    count_updates(self.restart_service(service, job.seq).await)
+                }
+                Work::Container { spec } => {
+                    let credentials = ImageRef::parse(&spec.image)
+                        .ok()
+                        .and_then(|r| self.credentials(&r.registry).cloned());
+                    self.containers
+                        .run(&self.engine, &job, spec, credentials)
+                        .await
+                }
                 Work::Command { argv } => {
                     let Some(_guard) = self
                         .slots
@@ -289,6 +305,8 @@ impl Runner for Executor {
                             state: JobState::Skipped,
                             message: Some("superseded by a newer job".into()),
                             services: Vec::new(),
+                            exit_code: None,
+                            log_tail: None,
                         };
                     };
                     run_command(argv, &job.facts, self.timeout).await
@@ -296,6 +314,18 @@ impl Runner for Executor {
             }
         })
     }
+}
+
+/// Counts each service's result in `drover_updates_total{service,outcome}` (service
+/// names are bounded by the cluster, not by request data).
+fn count_updates(outcome: Outcome) -> Outcome {
+    let m = metrics::get();
+    for s in &outcome.services {
+        m.updates
+            .with_label_values(&[s.service.as_str(), s.outcome.as_str()])
+            .inc();
+    }
+    outcome
 }
 
 /// Runs `argv` (no shell) with the payload facts as `DROVER_*` variables and nothing of
@@ -316,6 +346,8 @@ pub async fn run_command(argv: &[String], facts: &Facts, timeout: Duration) -> O
             },
             message: Some(out.summary()),
             services: Vec::new(),
+            exit_code: out.code.map(i64::from),
+            log_tail: None,
         },
         Err(e) => Outcome::failed(e.to_string()),
     }

@@ -1,5 +1,9 @@
 //! Webhook intake: turns a hostile HTTP request into a verified job request, or refuses it.
 //!
+//! The pipeline reads as its submodules: [`verify`] (tokens and signatures, per-repository
+//! secrets), [`facts`] (what a verified payload says), [`rules`] (`allow` and the work an
+//! action asks for).
+//!
 //! Invariants: the order of checks is fixed — known hook and source network ([`Service::admit`]),
 //! then the signature or token over the raw body ([`Service::verify`]), and only then the
 //! payload is parsed ([`Service::accept`]); nothing of a refused request reaches the job
@@ -18,17 +22,20 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, HookAction, HookKind};
-use crate::jobs::{self, Facts, Jobs, Journal, Request, Runner, Submitted, Work};
+use crate::config::{self, HookKind};
+use crate::jobs::{self, Jobs, Journal, Request, Runner, Submitted};
 use crate::metrics;
-use crate::update::{self, ImageRef};
+use crate::update;
+
+pub mod facts;
+pub mod rules;
+pub mod verify;
+
+pub use facts::Facts;
+pub use verify::{Presented, sign, sign_sha1, verify_signature};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,6 +67,7 @@ const REPLAY_CAP: usize = 10_000;
 pub const TOKEN_HEADER: &str = "x-drover-token";
 pub const SIGNATURE_HEADER: &str = "x-drover-signature";
 pub const GITHUB_SIGNATURE_HEADER: &str = "x-hub-signature-256";
+pub const GITHUB_SHA1_HEADER: &str = "x-hub-signature";
 pub const GITHUB_EVENT_HEADER: &str = "x-github-event";
 pub const GITHUB_DELIVERY_HEADER: &str = "x-github-delivery";
 
@@ -177,9 +185,7 @@ impl Replay {
 /// One configured hook with its secrets loaded.
 pub struct Hook {
     cfg: config::Hook,
-    /// SHA-256 of the shared token.
-    token: Option<[u8; 32]>,
-    secret: Option<Vec<u8>>,
+    keys: verify::Keys,
     replay: Mutex<Replay>,
 }
 
@@ -201,64 +207,33 @@ impl Hook {
     }
 
     fn load(cfg: &config::Hook) -> Result<Hook> {
-        let read = |path: &std::path::Path| -> Result<Vec<u8>> {
-            let bytes = config::read_secret(path).map_err(|source| Error::Secret {
-                hook: cfg.name.clone(),
-                path: path.to_owned(),
-                source,
-            })?;
-            if bytes.is_empty() {
-                return Err(Error::EmptySecret {
-                    hook: cfg.name.clone(),
-                    path: path.to_owned(),
-                });
-            }
-            Ok(bytes)
-        };
-        let token = match &cfg.token_file {
-            Some(p) => Some(Sha256::digest(read(p)?).into()),
-            None => None,
-        };
-        let secret = match &cfg.secret_file {
-            Some(p) => Some(read(p)?),
-            None => None,
-        };
         Ok(Hook {
-            token,
-            secret,
+            keys: verify::Keys::load(cfg)?,
             replay: Mutex::default(),
             cfg: cfg.clone(),
         })
     }
 
-    fn token_matches(&self, presented: &[u8]) -> bool {
-        let Some(want) = &self.token else {
-            return false;
-        };
-        let got: [u8; 32] = Sha256::digest(presented).into();
-        bool::from(got.ct_eq(want))
-    }
-
-    fn signature_matches(&self, header: Option<&str>, body: &[u8]) -> bool {
-        let Some(secret) = &self.secret else {
-            return false;
-        };
-        verify_signature(secret, header, body)
-    }
-
-    /// Token, signature or both, by kind. Runs before the body is parsed.
-    fn verify(&self, headers: &dyn Headers, body: &[u8]) -> bool {
+    /// The credentials the request presents, in the places this kind of hook reads them.
+    fn presented<'a>(&self, headers: &'a dyn Headers) -> Presented<'a> {
         let header = |name: &str| headers.header(name);
         let query_token = || headers.query_token().map(str::to_owned);
         match self.cfg.kind {
-            HookKind::Github => self.signature_matches(header(GITHUB_SIGNATURE_HEADER), body),
-            HookKind::Dockerhub => header(TOKEN_HEADER)
-                .map(str::to_owned)
-                .or_else(query_token)
-                .is_some_and(|t| self.token_matches(t.as_bytes())),
+            HookKind::Github => Presented {
+                token: None,
+                sha256: header(GITHUB_SIGNATURE_HEADER),
+                sha1: header(GITHUB_SHA1_HEADER),
+            },
+            HookKind::Dockerhub => Presented {
+                token: header(TOKEN_HEADER).map(str::to_owned).or_else(query_token),
+                ..Presented::default()
+            },
             HookKind::Generic => {
                 if let Some(sig) = header(SIGNATURE_HEADER) {
-                    return self.signature_matches(Some(sig), body);
+                    return Presented {
+                        sha256: Some(sig),
+                        ..Presented::default()
+                    };
                 }
                 let bearer = header("authorization")
                     .and_then(|a| {
@@ -266,101 +241,20 @@ impl Hook {
                             .or_else(|| a.strip_prefix("bearer "))
                     })
                     .map(|t| t.trim().to_owned());
-                bearer
-                    .or_else(|| header(TOKEN_HEADER).map(str::to_owned))
-                    .or_else(query_token)
-                    .is_some_and(|t| self.token_matches(t.as_bytes()))
+                Presented {
+                    token: bearer
+                        .or_else(|| header(TOKEN_HEADER).map(str::to_owned))
+                        .or_else(query_token),
+                    ..Presented::default()
+                }
             }
         }
     }
-}
 
-/// `sha256=<hex>` over the raw body, compared in constant time.
-pub fn verify_signature(secret: &[u8], header: Option<&str>, body: &[u8]) -> bool {
-    let Some(hex_sig) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
-        return false;
-    };
-    let Ok(sig) = hex::decode(hex_sig) else {
-        return false;
-    };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return false;
-    };
-    mac.update(body);
-    mac.verify_slice(&sig).is_ok()
-}
-
-/// `sha256=<hex>` of the body, as a sender computes it.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-#[derive(Deserialize)]
-struct HubPayload {
-    repository: HubRepository,
-    push_data: HubPushData,
-}
-#[derive(Deserialize)]
-struct HubRepository {
-    repo_name: String,
-}
-#[derive(Deserialize)]
-struct HubPushData {
-    tag: String,
-}
-
-#[derive(Deserialize)]
-struct GithubPayload {
-    #[serde(default, rename = "ref")]
-    r#ref: Option<String>,
-    #[serde(default)]
-    repository: Option<GithubRepository>,
-}
-#[derive(Deserialize)]
-struct GithubRepository {
-    #[serde(default)]
-    full_name: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct GenericPayload {
-    image: String,
-}
-
-/// Payload facts of a verified body.
-fn facts(kind: HookKind, hook: &str, event: Option<&str>, body: &[u8]) -> Result<Facts, Reject> {
-    let mut f = Facts {
-        hook: hook.to_owned(),
-        event: event.map(str::to_owned),
-        ..Facts::default()
-    };
-    match kind {
-        HookKind::Dockerhub => {
-            let p: HubPayload = serde_json::from_slice(body)
-                .map_err(|_| Reject::BadRequest("invalid docker hub payload"))?;
-            f.image = Some(format!("{}:{}", p.repository.repo_name, p.push_data.tag));
-            f.repository = Some(p.repository.repo_name);
-            f.tag = Some(p.push_data.tag);
-        }
-        HookKind::Github => {
-            let p: GithubPayload = serde_json::from_slice(body)
-                .map_err(|_| Reject::BadRequest("invalid github payload"))?;
-            f.r#ref = p.r#ref;
-            f.repository = p.repository.and_then(|r| r.full_name);
-        }
-        HookKind::Generic => {
-            let p: GenericPayload = serde_json::from_slice(body)
-                .map_err(|_| Reject::BadRequest("invalid json payload"))?;
-            let parsed = ImageRef::parse(&p.image)
-                .map_err(|_| Reject::BadRequest("invalid image reference"))?;
-            f.repository = Some(parsed.name);
-            f.tag = Some(parsed.tag);
-            f.image = Some(p.image);
-        }
+    /// Token, signature or both, by kind. Runs before the body is parsed.
+    fn verify(&self, headers: &dyn Headers, body: &[u8]) -> bool {
+        self.keys.verify(&self.presented(headers), body)
     }
-    Ok(f)
 }
 
 /// The webhook intake: configured hooks and the job table behind them.
@@ -488,24 +382,13 @@ impl Service {
                 return Ok(Accepted::Ignored);
             }
         }
-        let facts = facts(cfg.kind, &cfg.name, event, body)?;
-        for (name, rule) in &cfg.allow {
-            if !facts.get(name).is_some_and(|v| rule.is_match(v)) {
-                return Err(Reject::RuleMismatch(name.clone()));
-            }
-        }
-        let work = match &cfg.action {
-            HookAction::UpdateServices => {
-                let image = facts.image.as_deref().ok_or(Reject::NoImage)?;
-                let image = ImageRef::parse(image)
-                    .map_err(|_| Reject::BadRequest("invalid image reference"))?;
-                Work::UpdateServices { image: image.key() }
-            }
-            HookAction::RestartService(service) => Work::RestartService {
-                service: service.clone(),
-            },
-            HookAction::Command(argv) => Work::Command { argv: argv.clone() },
-        };
+        let facts = facts::parse(cfg.kind, &cfg.name, event, body)
+            .map_err(|e| Reject::BadRequest(e.as_str()))?;
+        rules::check(&cfg.allow, &facts).map_err(|name| Reject::RuleMismatch(name.to_owned()))?;
+        let work = rules::work(&cfg.action, &facts).map_err(|e| match e {
+            rules::Error::NoImage => Reject::NoImage,
+            rules::Error::InvalidImage => Reject::BadRequest("invalid image reference"),
+        })?;
         let request = Request {
             hook: cfg.name.clone(),
             work,
@@ -523,97 +406,6 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const GITHUB_SECRET: &[u8] = b"It's a Secret to Everybody";
-    const GITHUB_BODY: &[u8] = b"Hello, World!";
-    const GITHUB_SIGNATURE: &str =
-        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
-
-    #[test]
-    fn githubs_published_vector_verifies() {
-        assert!(verify_signature(
-            GITHUB_SECRET,
-            Some(GITHUB_SIGNATURE),
-            GITHUB_BODY
-        ));
-        assert_eq!(sign(GITHUB_SECRET, GITHUB_BODY), GITHUB_SIGNATURE);
-    }
-
-    #[test]
-    fn wrong_missing_or_malformed_signatures_fail() {
-        let flipped = GITHUB_SIGNATURE.replace("757107", "757108");
-        let cases: [Option<&str>; 8] = [
-            None,
-            Some(""),
-            Some("sha256="),
-            Some(&flipped),
-            Some("sha1=757107ea0eb2509fc211221cce984b8a37570b6d"),
-            Some("sha256=zz7107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"),
-            Some("sha256=757107ea0eb2509fc211221cce984b8a"),
-            Some("757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"),
-        ];
-        for c in cases {
-            assert!(
-                !verify_signature(GITHUB_SECRET, c, GITHUB_BODY),
-                "{c:?} accepted"
-            );
-        }
-        assert!(!verify_signature(
-            b"other",
-            Some(GITHUB_SIGNATURE),
-            GITHUB_BODY
-        ));
-        assert!(!verify_signature(
-            GITHUB_SECRET,
-            Some(GITHUB_SIGNATURE),
-            b"Hello, World?"
-        ));
-    }
-
-    #[test]
-    fn hub_payload_gives_repository_tag_and_image() {
-        let body = br#"{"push_data":{"tag":"latest"},"repository":{"repo_name":"owner/app","name":"app"}}"#;
-        let f = facts(HookKind::Dockerhub, "hub", None, body).expect("facts");
-        assert_eq!(f.repository.as_deref(), Some("owner/app"));
-        assert_eq!(f.tag.as_deref(), Some("latest"));
-        assert_eq!(f.image.as_deref(), Some("owner/app:latest"));
-        assert!(facts(HookKind::Dockerhub, "hub", None, b"{\"repository\":{}}").is_err());
-    }
-
-    #[test]
-    fn generic_payload_splits_the_image() {
-        let f = facts(
-            HookKind::Generic,
-            "ci",
-            None,
-            br#"{"image":"127.0.0.1:5000/x/y:v2"}"#,
-        )
-        .expect("facts");
-        assert_eq!(f.repository.as_deref(), Some("127.0.0.1:5000/x/y"));
-        assert_eq!(f.tag.as_deref(), Some("v2"));
-        let f = facts(
-            HookKind::Generic,
-            "ci",
-            None,
-            br#"{"image":"127.0.0.1:5000/x"}"#,
-        )
-        .expect("facts");
-        assert_eq!(f.repository.as_deref(), Some("127.0.0.1:5000/x"));
-        assert_eq!(f.tag.as_deref(), Some("latest"));
-        assert!(facts(HookKind::Generic, "ci", None, br#"{"image":"{{7*7}}"}"#).is_err());
-        assert!(facts(HookKind::Generic, "ci", None, br#"{"image":7}"#).is_err());
-    }
-
-    #[test]
-    fn full_match_rules_do_not_accept_prefixes() {
-        let rule: config::FullMatch = serde_yaml_ng::from_str("\"latest\"").expect("rule");
-        let facts = Facts {
-            tag: Some("latest-foo".into()),
-            ..Facts::default()
-        };
-        assert!(!facts.get("tag").is_some_and(|v| rule.is_match(v)));
-        assert!(rule.is_match("latest"));
-    }
 
     #[test]
     fn replay_cache_refuses_repeats_and_forgets_after_the_ttl() {
