@@ -414,3 +414,293 @@ fn pending_job_lives_in_a_swarm_config_until_it_is_done() -> Result<()> {
     assert!(gone, "{config} left behind after the job finished");
     Ok(())
 }
+
+/// A GitHub push delivery for `repo` with two commits.
+fn github_push(repo: &str) -> String {
+    serde_json::json!({
+        "ref": "refs/heads/master",
+        "repository": {
+            "name": repo.rsplit('/').next().unwrap_or(repo),
+            "full_name": repo,
+            "clone_url": format!("https://github.com/{repo}.git"),
+        },
+        "sender": { "login": "rycus86" },
+        "commits": [
+            { "id": "b3d4f1e0c5a1f2e3d4c5b6a7980123456789abcd", "message": "Route it" },
+            { "id": "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c", "message": "Bump nginx" }
+        ],
+        "head_commit": { "id": "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c", "message": "Bump nginx" }
+    })
+    .to_string()
+}
+
+fn write_secret(dir: &Path, name: &str, secret: &str) -> Result<String> {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{secret}\n"))?;
+    Ok(path.display().to_string())
+}
+
+#[test]
+fn github_delivery_is_checked_against_its_own_repositorys_secret_and_sha1_can_be_switched_off()
+-> Result<()> {
+    require_e2e!();
+    let dir = temp_dir("drover-e2e-gh")?;
+    let web = write_secret(dir.path(), "web", "web-secret")?;
+    let stacks = write_secret(dir.path(), "stacks", "stacks-secret")?;
+    let hooks = format!(
+        r#"
+  - name: gh
+    kind: github
+    secrets:
+      e2e/home-stack-web: {web}
+      "e2e/home-stack-.+": {stacks}
+    events: [push]
+    allow: {{ sender: rycus86, ref: refs/heads/master }}
+    action: {{ command: ["true"] }}
+  - name: gh-strict
+    kind: github
+    secrets:
+      e2e/home-stack-web: {web}
+    accept_sha1: false
+    action: {{ command: ["true"] }}
+"#
+    );
+    let drover = Drover::start(&hooks, false)?;
+    let delivery = |n: u32| format!("e2e-delivery-{}-{n}", std::process::id());
+    let send = |hook: &str, body: &str, header: &str, sig: &str, n: u32| {
+        let id = delivery(n);
+        drover.post(
+            &format!("/hooks/{hook}"),
+            &[
+                ("X-GitHub-Event", "push"),
+                ("X-GitHub-Delivery", id.as_str()),
+                (header, sig),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let web_push = github_push("e2e/home-stack-web");
+    let media_push = github_push("e2e/home-stack-media");
+
+    // Each repository's own secret is accepted.
+    let sig = hooks::sign(b"web-secret", web_push.as_bytes());
+    let (status, body) = send("gh", &web_push, "X-Hub-Signature-256", &sig, 1)?;
+    assert_eq!(status, 202, "{body}");
+    let job = drover.wait_job(
+        body["job"].as_str().context("job id")?,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["facts"]["sender"], "rycus86", "{job}");
+    assert_eq!(job["facts"]["commits"], 2, "{job}");
+    assert_eq!(
+        job["facts"]["clone_url"], "https://github.com/e2e/home-stack-web.git",
+        "{job}"
+    );
+    let sig = hooks::sign(b"stacks-secret", media_push.as_bytes());
+    let (status, body) = send("gh", &media_push, "X-Hub-Signature-256", &sig, 2)?;
+    assert_eq!(status, 202, "{body}");
+
+    // Another repository's secret is not: 401, whichever way round.
+    let sig = hooks::sign(b"stacks-secret", web_push.as_bytes());
+    let (status, _) = send("gh", &web_push, "X-Hub-Signature-256", &sig, 3)?;
+    assert_eq!(status, 401, "web signed with the stacks secret");
+    let sig = hooks::sign(b"web-secret", media_push.as_bytes());
+    let (status, _) = send("gh", &media_push, "X-Hub-Signature-256", &sig, 4)?;
+    assert_eq!(status, 401, "media signed with the web secret");
+    let unknown = github_push("someone/else");
+    let sig = hooks::sign(b"web-secret", unknown.as_bytes());
+    let (status, _) = send("gh", &unknown, "X-Hub-Signature-256", &sig, 5)?;
+    assert_eq!(status, 401, "a repository without a secret");
+
+    // Legacy sha1 alone: accepted, unless the hook switched it off.
+    let sha1 = hooks::sign_sha1(b"web-secret", web_push.as_bytes());
+    let (status, body) = send("gh", &web_push, "X-Hub-Signature", &sha1, 6)?;
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = send("gh-strict", &web_push, "X-Hub-Signature", &sha1, 7)?;
+    assert_eq!(status, 401, "sha1 refused where accept_sha1 is false");
+    let sig = hooks::sign(b"web-secret", web_push.as_bytes());
+    let (status, body) = send("gh-strict", &web_push, "X-Hub-Signature-256", &sig, 8)?;
+    assert_eq!(status, 202, "{body}");
+
+    let metrics = drover.metrics();
+    assert!(
+        metric_value(
+            &metrics,
+            "drover_webhook_signature_failures_total",
+            &[("hook", "gh")]
+        )
+        .unwrap_or(0.0)
+            >= 3.0,
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// Builds `FROM` the busybox test image plus Debian's docker CLI (`/usr/bin/docker` of the
+/// docker.io package) and the libraries `ldd` lists; the image is only local.
+fn build_deploy_image(tag: &str) -> Result<()> {
+    let dir = temp_dir("drover-e2e-deploy-image")?;
+    let rootfs = dir.path().join("rootfs");
+    let cli = Path::new("/usr/bin/docker");
+    ensure!(
+        cli.exists(),
+        "/usr/bin/docker missing: install Debian's docker.io package"
+    );
+    let mut files = vec![cli.to_path_buf()];
+    let ldd = std::process::Command::new("ldd").arg(cli).output()?;
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        if word.starts_with('/') && Path::new(word).exists() {
+            files.push(Path::new(word).to_path_buf());
+        }
+    }
+    for f in files {
+        let to = rootfs.join(f.strip_prefix("/")?);
+        std::fs::create_dir_all(to.parent().context("parent")?)?;
+        std::fs::copy(std::fs::canonicalize(&f)?, &to)?;
+    }
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM {}\nCOPY rootfs/ /\nENV PATH=/usr/bin:/bin\n",
+            busybox_image()
+        ),
+    )?;
+    let out = std::process::Command::new("docker")
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "-q", "-t", tag, &dir.path().display().to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn container_action_deploys_a_stack_and_a_failing_script_fails_the_job() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stk");
+    let image = format!("127.0.0.1:5000/drover-e2e/{}:local", unique("deploy"));
+    build_deploy_image(&image)?;
+    // Declared before the service so they are dropped after it.
+    let _network = Resource::adopt(Kind::Network, format!("{stack}_default"));
+    let _service = Resource::adopt(Kind::Service, format!("{stack}_app"));
+
+    let dir = temp_dir("drover-e2e-stack")?;
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(
+        work.join("stack.yml"),
+        format!(
+            "version: '3.7'\nservices:\n  app:\n    image: {}\n    deploy: {{ replicas: 1 }}\n",
+            busybox_image()
+        ),
+    )?;
+    std::fs::write(
+        work.join("deploy.sh"),
+        "set -e\necho \"deploying $DROVER_REPOSITORY ($DROVER_COMMITS commits) from $DROVER_CLONE_URL\"\ndocker stack deploy -c /work/stack.yml \"$STACK\"\necho deployed\n",
+    )?;
+    std::fs::write(
+        work.join("fail.sh"),
+        "echo about to fail\necho on stderr >&2\nexit 3\n",
+    )?;
+    let secret = write_secret(dir.path(), "secret", "deploy-secret")?;
+    let container = |name: &str, script: &str| {
+        format!(
+            r#"
+  - name: {name}
+    kind: github
+    secret_file: {secret}
+    allow: {{ repository: "e2e/home-stack-.+" }}
+    action:
+      container:
+        image: {image}
+        command: ["/bin/sh", "/work/{script}"]
+        env: {{ STACK: {stack} }}
+        mounts: ["/var/run/docker.sock:/var/run/docker.sock", "{work}:/work:ro"]
+        working_dir: /work
+        timeout: 120s
+"#,
+            work = work.display()
+        )
+    };
+    let drover = Drover::start(
+        &format!(
+            "{}{}",
+            container("deploy", "deploy.sh"),
+            container("broken", "fail.sh")
+        ),
+        false,
+    )?;
+    let push = github_push("e2e/home-stack-web");
+    let sig = hooks::sign(b"deploy-secret", push.as_bytes());
+    let send = |hook: &str, n: u32| {
+        drover.post(
+            &format!("/hooks/{hook}"),
+            &[
+                ("X-GitHub-Event", "push"),
+                ("X-GitHub-Delivery", &format!("{stack}-{n}")),
+                ("X-Hub-Signature-256", &sig),
+            ],
+            &push,
+        )
+    };
+
+    let (status, body) = send("deploy", 1)?;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job"].as_str().context("job id")?.to_owned();
+    let job = drover.wait_job(&id, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["exit_code"], 0, "{job}");
+    let tail = job["log_tail"].as_str().unwrap_or_default();
+    assert!(
+        tail.contains("deploying e2e/home-stack-web (2 commits) from https://github.com/e2e/home-stack-web.git"),
+        "{job}"
+    );
+    assert!(
+        tail.contains(&format!("Creating service {stack}_app")),
+        "{job}"
+    );
+    assert!(tail.ends_with("deployed"), "{job}");
+    wait_running(&format!("{stack}_app"), 1, Duration::from_secs(90))?;
+    let left = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=drover.job.id={id}"),
+    ])?;
+    assert!(
+        left.is_empty(),
+        "the action's container was not removed: {left}"
+    );
+
+    let (status, body) = send("broken", 2)?;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job"].as_str().context("job id")?.to_owned();
+    let job = drover.wait_job(&id, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["exit_code"], 3, "{job}");
+    assert_eq!(job["message"], "exit code 3", "{job}");
+    let tail = job["log_tail"].as_str().unwrap_or_default();
+    assert!(
+        tail.contains("about to fail") && tail.contains("on stderr"),
+        "{job}"
+    );
+    let left = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=drover.job.id={id}"),
+    ])?;
+    assert!(
+        left.is_empty(),
+        "the action's container was not removed: {left}"
+    );
+
+    let _ = docker(&["stack", "rm", &stack]);
+    let _ = docker(&["image", "rm", "-f", &image]);
+    Ok(())
+}
