@@ -546,7 +546,9 @@ fn build_deploy_image(tag: &str) -> Result<()> {
     let cli = Path::new("/usr/bin/docker");
     ensure!(
         cli.exists(),
-        "/usr/bin/docker missing: install Debian's docker.io package"
+        "/usr/bin/docker missing: this test copies Debian's docker CLI into its deploy image; \
+         it comes with Debian's docker.io (the Docker Engine package preinstalled on CI \
+         machines), so install docker.io (`apt-get install docker.io`)"
     );
     let mut files = vec![cli.to_path_buf()];
     let ldd = std::process::Command::new("ldd").arg(cli).output()?;
