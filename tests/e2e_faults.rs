@@ -25,6 +25,17 @@ const SWARM: Duration = Duration::from_secs(90);
 /// How long drover may take to notice and act (generous: 2 shared cores).
 const BOUND: Duration = Duration::from_secs(30);
 
+/// The fault tests stop registries, fill disks and proxy the socket: run them one at a time
+/// so one test's fault never lands in another's timing (seen once: a rollout found its
+/// service already on the new digest while the other two tests ran beside it).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn inspect(service: &str, format: &str) -> Result<String> {
     docker(&["service", "inspect", "--format", format, service])
 }
@@ -153,6 +164,7 @@ impl Drop for Registry {
 fn registry_down_during_an_update_fails_the_job_clearly_and_a_later_webhook_succeeds() -> Result<()>
 {
     require_e2e!();
+    let _serial = serial();
     let mut registry = Registry::start()?;
     let name = unique("flt-reg");
     let image = format!("{}/drover-e2e/{name}:latest", registry.addr);
@@ -283,6 +295,7 @@ fn write_errors(drover: &DroverProcess) -> f64 {
 #[test]
 fn a_full_or_read_only_output_dir_keeps_the_old_file_signals_nothing_and_recovers() -> Result<()> {
     require_e2e!();
+    let _serial = serial();
     let out = Tmpfs::mount("64k")?;
     let key = unique("flt-out");
     let dir = temp_dir("drover-faults")?;
@@ -566,6 +579,7 @@ fn raw_status(socket: &Path, method: &str, path: &str) -> Result<u16> {
 #[test]
 fn drover_routes_and_updates_through_a_socket_proxy_allowing_only_the_listed_calls() -> Result<()> {
     require_e2e!();
+    let _serial = serial();
     let proxy = SocketProxy::start(allowlist()?)?;
 
     // Calls outside the list are refused, whoever makes them.
