@@ -974,11 +974,9 @@ pub(crate) mod tests {
         let mut req = update("docker.io/o/r:latest");
         req.quiet = Duration::ZERO;
         // Polled once (the write is spawned), then dropped like a request whose client left.
-        let dropped = tokio::time::timeout(Duration::ZERO, jobs.submit(req)).await;
-        assert!(
-            dropped.is_err(),
-            "the submission finished before it was dropped"
-        );
+        // The blocking write may already be done by then, so the submission may also have
+        // finished: either way the job must be journalled and run exactly once.
+        let _ = tokio::time::timeout(Duration::ZERO, jobs.submit(req)).await;
         for _ in 0..100 {
             if runner.count() == 1 && jobs.active() == 0 {
                 break;
