@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use super::facts::{self, Facts};
+use super::facts::Facts;
 use crate::config::{FullMatch, HookAction, HookKind};
 use crate::jobs::Work;
 use crate::update::ImageRef;
 
 /// The first `allow` key the kind never produces.
 pub fn unknown_rule(kind: HookKind, allow: &BTreeMap<String, FullMatch>) -> Option<&str> {
-    let known = facts::known(kind);
+    let known = kind.facts();
     allow
         .keys()
         .map(String::as_str)
