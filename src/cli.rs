@@ -70,6 +70,9 @@ pub struct DefaultTarget {
     /// Address of the operator endpoints (status page, jobs, metrics).
     #[arg(long, env = "DROVER_OPS_LISTEN")]
     pub ops_listen: Option<std::net::SocketAddr>,
+    /// Name of the Swarm job journal (`jobs.journal`).
+    #[arg(long, env = "DROVER_JOURNAL")]
+    pub journal: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +119,15 @@ impl ConfigArgs {
         }
         if let Some(listen) = self.default.ops_listen {
             config.http.ops.listen = listen;
+        }
+        if let Some(journal) = &self.default.journal {
+            crate::config::check_journal(journal).map_err(|reason| {
+                crate::config::Error::Invalid {
+                    path: "--journal (DROVER_JOURNAL)".into(),
+                    reason,
+                }
+            })?;
+            config.jobs.journal.clone_from(journal);
         }
         Ok(config)
     }

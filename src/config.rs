@@ -654,6 +654,11 @@ pub struct Jobs {
     /// Give up following an update after this long.
     #[serde(default = "default_update_timeout", with = "humantime_serde")]
     pub update_timeout: Duration,
+    /// Name of this deployment's job journal in Swarm (the `drover.job` label value):
+    /// deployments sharing one Swarm need different names, or each resumes the other's
+    /// pending jobs.
+    #[serde(default = "default_journal")]
+    pub journal: String,
 }
 
 impl Default for Jobs {
@@ -663,6 +668,7 @@ impl Default for Jobs {
             history: default_history(),
             state_file: None,
             update_timeout: default_update_timeout(),
+            journal: default_journal(),
         }
     }
 }
@@ -675,6 +681,24 @@ fn default_history() -> usize {
 }
 fn default_update_timeout() -> Duration {
     Duration::from_secs(600)
+}
+
+fn default_journal() -> String {
+    "drover".into()
+}
+
+/// A journal name becomes a label value and part of log lines: short and plain.
+pub fn check_journal(name: &str) -> std::result::Result<(), String> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if (1..=32).contains(&name.len()) && plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "jobs.journal {name:?} must be 1-32 characters of [a-z0-9-]"
+        ))
+    }
 }
 
 /// A regex that must match the whole value: `latest` does not accept `latest-foo`
@@ -1020,6 +1044,7 @@ impl Config {
         let j = &self.jobs;
         size("jobs.queue", j.queue, 1, QUEUE).map_err(at("queue"))?;
         size("jobs.history", j.history, 0, HISTORY).map_err(at("history"))?;
+        check_journal(&j.journal).map_err(at("journal"))?;
         duration(
             "jobs.update_timeout",
             j.update_timeout,

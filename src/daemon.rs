@@ -96,7 +96,11 @@ async fn webhook_side(
             if !leader {
                 info!("not the swarm leader: pending jobs are left to the leader's instance");
             }
-            Journal::Swarm(engine.clone(), leader)
+            Journal::Swarm {
+                engine: engine.clone(),
+                scope: config.jobs.journal.clone(),
+                resume: leader,
+            }
         }
         Err(e) => {
             debug!(error = %e, "not a swarm manager");

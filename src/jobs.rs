@@ -256,10 +256,16 @@ pub enum Journal {
         path: PathBuf,
         pending: tokio::sync::Mutex<BTreeMap<JobId, JobView>>,
     },
-    /// Inside Swarm: one config object per pending job, replicated by Raft. The flag says
-    /// whether this instance re-runs the pending jobs at start: only the Raft leader's
-    /// instance does, so a job journalled once runs once however many managers there are.
-    Swarm(Engine, bool),
+    /// Inside Swarm: one config object per pending job, replicated by Raft, labelled
+    /// `drover.job=SCOPE` so that two drover deployments on one Swarm (`jobs.journal`)
+    /// never run each other's jobs. `resume` says whether this instance re-runs the
+    /// pending jobs at start: only the Raft leader's instance does, so a job journalled
+    /// once runs once however many managers there are.
+    Swarm {
+        engine: Engine,
+        scope: String,
+        resume: bool,
+    },
 }
 
 impl Journal {
@@ -274,7 +280,7 @@ impl Journal {
         match self {
             Journal::Memory => "memory",
             Journal::File { .. } => "file",
-            Journal::Swarm(..) => "swarm",
+            Journal::Swarm { .. } => "swarm",
         }
     }
 
@@ -296,10 +302,12 @@ impl Journal {
                 }
                 Ok(jobs)
             }
-            Journal::Swarm(_, false) => Ok(Vec::new()),
-            Journal::Swarm(api, true) => {
+            Journal::Swarm { resume: false, .. } => Ok(Vec::new()),
+            Journal::Swarm {
+                engine: api, scope, ..
+            } => {
                 let configs = api
-                    .list_configs(&format!("{JOB_LABEL}=1"))
+                    .list_configs(&format!("{JOB_LABEL}={scope}"))
                     .await
                     .map_err(|e| journal(&e))?;
                 let mut jobs = Vec::new();
@@ -330,10 +338,12 @@ impl Journal {
                 p.insert(job.id.clone(), job.clone());
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm(api, _) => {
+            Journal::Swarm {
+                engine: api, scope, ..
+            } => {
                 let data = serde_json::to_vec(job).map_err(|e| journal(&e))?;
                 let name = format!("{JOB_CONFIG_PREFIX}{}", job.id);
-                let labels = HashMap::from([(JOB_LABEL.to_owned(), "1".to_owned())]);
+                let labels = HashMap::from([(JOB_LABEL.to_owned(), scope.clone())]);
                 match api.create_config(&name, labels, &data).await {
                     Ok(()) => Ok(()),
                     // Already journalled (a job re-queued at start).
@@ -353,7 +363,7 @@ impl Journal {
                 p.remove(id);
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm(api, _) => {
+            Journal::Swarm { engine: api, .. } => {
                 match api.delete_config(&format!("{JOB_CONFIG_PREFIX}{id}")).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.is_not_found() => Ok(()),

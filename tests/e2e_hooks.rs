@@ -30,6 +30,8 @@ struct Drover {
     addr: String,
     shutdown: CancellationToken,
     thread: Option<JoinHandle<()>>,
+    /// This instance's Swarm job journal (tests run side by side on one Swarm).
+    journal: String,
     _dir: tempfile::TempDir,
 }
 
@@ -40,8 +42,9 @@ impl Drover {
         let token = dir.path().join("token");
         std::fs::write(&token, format!("{TOKEN}\n"))?;
         let state = dir.path().join("jobs.json");
+        let journal = unique("hooks");
         let yaml = format!(
-            "jobs: {{ update_timeout: 120s, state_file: {} }}\nhooks:\n{}",
+            "jobs: {{ update_timeout: 120s, state_file: {}, journal: {journal} }}\nhooks:\n{}",
             state.display(),
             hooks.replace("{token}", &token.display().to_string())
         );
@@ -65,7 +68,11 @@ impl Drover {
                 let started = async {
                     let engine = Engine::connect().await?;
                     let journal = if swarm_journal {
-                        Journal::Swarm(engine.clone(), true)
+                        Journal::Swarm {
+                            engine: engine.clone(),
+                            scope: config.jobs.journal.clone(),
+                            resume: true,
+                        }
                     } else {
                         Journal::file(state)
                     };
@@ -101,6 +108,7 @@ impl Drover {
             addr,
             shutdown,
             thread: Some(thread),
+            journal,
             _dir: dir,
         })
     }
@@ -398,7 +406,7 @@ fn pending_job_lives_in_a_swarm_config_until_it_is_done() -> Result<()> {
         "config",
         "ls",
         "--filter",
-        "label=drover.job=1",
+        &format!("label=drover.job={}", drover.journal),
         "--format",
         "{{.Name}}",
     ])?;

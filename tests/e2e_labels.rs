@@ -126,18 +126,24 @@ fn home_lab_labels_route_through_nginx_with_their_home_lab_meaning() -> Result<(
         Some(realm.as_str()),
         "the realm defaults to the service's name: {challenge:?}"
     );
-    // drover:secret
-    let authorized = http_request(
-        "GET",
-        &nginx.addr,
-        &logs,
-        "/x",
-        Some((&[("Authorization", "Basic ZHJvdmVyOnNlY3JldA==")], b"")),
-    )?;
-    assert_eq!(
-        (authorized.status, authorized.body.trim()),
-        (200, "at-x"),
-        "the file nginx reads is the one the label names"
+    // drover:secret. Asked until it holds: right after a reload, a worker still running
+    // the previous config may take the connection.
+    let mut authorized = None;
+    let ok = wait_until(BOUND, Duration::from_millis(250), || {
+        let r = http_request(
+            "GET",
+            &nginx.addr,
+            &logs,
+            "/x",
+            Some((&[("Authorization", "Basic ZHJvdmVyOnNlY3JldA==")], b"")),
+        );
+        let done = matches!(&r, Ok(r) if (r.status, r.body.trim()) == (200, "at-x"));
+        authorized = Some(r);
+        done
+    });
+    assert!(
+        ok,
+        "the file nginx reads is the one the label names: last answer {authorized:?}"
     );
     assert!(drover.is_running());
     Ok(())

@@ -1111,6 +1111,8 @@ impl DroverProcess {
                 std::env::var("DROVER_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
             )
             .env("RUST_BACKTRACE", "1")
+            // Tests run side by side on one Swarm: each drover its own job journal.
+            .env("DROVER_JOURNAL", unique("t"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
