@@ -155,7 +155,7 @@ pub fn write_file(path: &Path, content: &[u8]) -> Result<(), Error> {
 }
 
 /// The label `docker stack deploy` puts on every service and container of a stack.
-const STACK_LABEL: &str = "com.docker.stack.namespace";
+pub const STACK_LABEL: &str = "com.docker.stack.namespace";
 
 /// The stack drover itself was deployed in, from the labels of its own container, else of
 /// its own service; `None` outside a stack or when drover does not run in a container.

@@ -368,10 +368,7 @@ impl Drop for Stack {
     /// drover's and nginx's logs (captured: shown for failing tests only).
     fn drop(&mut self) {
         for svc in ["drover", "nginx"] {
-            let logs = self
-                .cluster
-                .docker(&["service", "logs", "--raw", "--timestamps", svc])
-                .unwrap_or_else(|e| format!("{e:#}"));
+            let logs = service_logs_of(&self.cluster, svc);
             eprintln!("----- {svc} logs -----\n{logs}\n----- end of {svc} logs -----");
         }
     }
@@ -384,30 +381,7 @@ impl Stack {
 
     /// Short container ids (the busybox backend's answer) of the running tasks of `be`.
     fn backend_hostnames(&self) -> Result<BTreeSet<String>> {
-        let ids = self.cluster.docker(&[
-            "service",
-            "ps",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            "desired-state=running",
-            "be",
-        ])?;
-        let mut out = BTreeSet::new();
-        for id in ids.lines() {
-            let state = self.cluster.docker(&[
-                "inspect",
-                "--type",
-                "task",
-                "--format",
-                "{{.Status.State}} {{.Status.ContainerStatus.ContainerID}}",
-                id,
-            ])?;
-            if let Some(cid) = state.strip_prefix("running ") {
-                out.insert(cid.chars().take(12).collect());
-            }
-        }
-        Ok(out)
+        running_container_ids(&self.cluster, "be")
     }
 
     /// Waits until requests through the nginx on w1 are answered by exactly the running
@@ -459,64 +433,215 @@ impl Stack {
     }
 }
 
+/// The shipped `stack.yml` with the shipped `deploy/drover.yml`, deployed on a Swarm of
+/// one manager and two workers, only the variables stack.yml documents set (images,
+/// ports, network, host, secrets dir). Removed with the cluster.
+struct ShippedStack {
+    cluster: Cluster,
+    _secrets: tempfile::TempDir,
+}
+
+const SHIPPED_HTTP_PORT: u16 = 8084;
+const SHIPPED_HOST: &str = "app.cluster.test";
+const SHIPPED: &str = "home";
+
+fn shipped_stack() -> Result<ShippedStack> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cluster = Cluster::new(1, 2)?;
+    let secrets = temp_dir("cl-shipped")?;
+    let out = std::process::Command::new(repo.join("deploy/gen-secrets.sh"))
+        .arg(secrets.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "deploy/gen-secrets.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manager = cluster.manager()?;
+    let out = std::process::Command::new("docker")
+        .args(["-H", &format!("unix://{}", manager.socket.display())])
+        .args(["stack", "deploy", "-c", "stack.yml", SHIPPED])
+        .current_dir(repo)
+        .envs([
+            ("DROVER_IMAGE", drover_image()),
+            ("NGINX_IMAGE", nginx_image()),
+            ("APP_IMAGE", busybox_image()),
+            ("APP_HOST", SHIPPED_HOST.to_owned()),
+            ("WEB_NETWORK", NET.to_owned()),
+            ("DROVER_SECRETS_DIR", secrets.path().display().to_string()),
+            ("HTTP_PORT", SHIPPED_HTTP_PORT.to_string()),
+            ("HTTPS_PORT", "8444".to_owned()),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker stack deploy: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(ShippedStack {
+        cluster,
+        _secrets: secrets,
+    })
+}
+
+impl Drop for ShippedStack {
+    /// drover's and nginx's logs (captured: shown for failing tests only).
+    fn drop(&mut self) {
+        for svc in ["drover", "nginx"] {
+            let name = format!("{SHIPPED}_{svc}");
+            let logs = service_logs_of(&self.cluster, &name);
+            eprintln!("----- {name} logs -----\n{logs}\n----- end of {name} logs -----");
+        }
+    }
+}
+
+impl ShippedStack {
+    /// Short container ids (the busybox app's answer) of the running tasks of the app.
+    fn app_hostnames(&self) -> Result<BTreeSet<String>> {
+        running_container_ids(&self.cluster, &format!("{SHIPPED}_app"))
+    }
+
+    /// Waits until the nginx on every node answers from exactly the running app tasks, on
+    /// whichever node they run.
+    fn wait_every_nginx_serves_every_task(&self, n: usize) -> Result<()> {
+        for node in &self.cluster.nodes {
+            let addr = format!("{}:{SHIPPED_HTTP_PORT}", node.addr);
+            let mut last = (BTreeSet::new(), BTreeSet::new());
+            let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
+                let Ok(want) = self.app_hostnames() else {
+                    return false;
+                };
+                if want.len() != n {
+                    return false;
+                }
+                let mut seen = BTreeSet::new();
+                for _ in 0..4 * n {
+                    if let Ok(r) = http_get_host(&addr, SHIPPED_HOST, "/") {
+                        if r.status == 200 {
+                            seen.insert(r.body.trim().to_string());
+                        }
+                    }
+                }
+                let done = seen == want;
+                last = (want, seen);
+                done
+            });
+            ensure!(
+                ok,
+                "nginx on {} answered from {:?}; running tasks are {:?}",
+                node.short,
+                last.1,
+                last.0
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A service's logs, stdout and stderr (drover and nginx log to stderr, which
+/// `Cluster::docker` does not return).
+fn service_logs_of(cluster: &Cluster, service: &str) -> String {
+    let Ok(manager) = cluster.manager() else {
+        return "no manager answers".into();
+    };
+    match std::process::Command::new("docker")
+        .args(["-H", &format!("unix://{}", manager.socket.display())])
+        .args(["service", "logs", "--raw", "--timestamps", service])
+        .output()
+    {
+        Ok(out) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Short container ids of the running tasks of `service`.
+fn running_container_ids(cluster: &Cluster, service: &str) -> Result<BTreeSet<String>> {
+    let ids = cluster.docker(&[
+        "service",
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        "desired-state=running",
+        service,
+    ])?;
+    let mut out = BTreeSet::new();
+    for id in ids.lines() {
+        let state = cluster.docker(&[
+            "inspect",
+            "--type",
+            "task",
+            "--format",
+            "{{.Status.State}} {{.Status.ContainerStatus.ContainerID}}",
+            id,
+        ])?;
+        if let Some(cid) = state.strip_prefix("running ") {
+            out.insert(cid.chars().take(12).collect());
+        }
+    }
+    Ok(out)
+}
+
 #[test]
-fn scaling_backends_spread_over_three_nodes_reaches_the_nginx_on_a_worker_through_its_agent()
+fn the_shipped_stack_on_a_manager_and_two_workers_serves_every_app_task_through_every_nodes_nginx()
 -> Result<()> {
     require_e2e!();
-    let s = stack()?;
-    s.wait_nginx_serves_every_task(3)?;
-    let placed: BTreeSet<String> = task_placement(&s.cluster, "be", NET)?
-        .into_iter()
-        .map(|(h, _)| h)
-        .collect();
-    eprintln!("backends on {placed:?}");
+    let s = shipped_stack()?;
+    s.wait_every_nginx_serves_every_task(2)?;
 
     s.cluster
-        .docker(&["service", "scale", "--detach", "be=6"])?;
-    s.wait_nginx_serves_every_task(6)?;
-    let ips: BTreeSet<String> = task_placement(&s.cluster, "be", NET)?
+        .docker(&["service", "scale", "--detach", &format!("{SHIPPED}_app=6")])?;
+    s.wait_every_nginx_serves_every_task(6)?;
+    let ips: BTreeSet<String> = task_placement(&s.cluster, &format!("{SHIPPED}_app"), NET)?
         .into_iter()
         .map(|(_, ip)| ip)
         .collect();
-    let file = s.nginx_file()?;
-    ensure!(
-        upstream_ips(&file).into_iter().collect::<BTreeSet<_>>() == ips,
-        "w1's file lists {:?}, running tasks have {ips:?}",
-        upstream_ips(&file)
-    );
+    let placed: BTreeSet<String> = task_placement(&s.cluster, &format!("{SHIPPED}_app"), NET)?
+        .into_iter()
+        .map(|(h, _)| h)
+        .collect();
+    eprintln!("app tasks on {placed:?}");
 
-    // The file got there through w1's agent: it applied (checked with nginx -t there) and
-    // nginx reloaded on w1.
-    let metrics = http_get(&format!("http://{}:{OPS_PORT}/metrics", s.w1().addr))?;
-    let applied = metric_value(
-        &metrics.body,
-        "drover_agent_requests_total",
-        &[("target", "nginx"), ("outcome", "applied")],
-    )
-    .unwrap_or(0.0);
-    ensure!(
-        applied >= 2.0,
-        "w1's agent applied {applied} times; metrics:\n{}",
-        metrics.body
-    );
-    let w1 = s.w1();
-    let nginx_id = containers_on(w1, "nginx")?
-        .pop()
-        .context("no nginx container on w1")?;
-    // nginx logs to stderr, which Node::docker does not return.
-    let out = std::process::Command::new("docker")
-        .args([
-            "-H",
-            &format!("unix://{}", w1.socket.display()),
-            "logs",
-            &nginx_id,
-        ])
-        .output()?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        log.contains("reconfiguring"),
-        "nginx on w1 never reloaded:\n{log}"
-    );
+    // Every node's nginx reads the same file, which got there through that node's agent
+    // (the workers have no Swarm API to render it themselves) and was checked and
+    // reloaded there.
+    for node in &s.cluster.nodes {
+        let id = containers_on(node, &format!("{SHIPPED}_nginx"))?
+            .pop()
+            .with_context(|| format!("no nginx container on {}", node.short))?;
+        let out = std::process::Command::new("docker")
+            .args(["-H", &format!("unix://{}", node.socket.display())])
+            .args(["exec", &id, "cat", "/etc/nginx/conf.d/drover.conf"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "cannot read the file on {}",
+            node.short
+        );
+        let file = String::from_utf8_lossy(&out.stdout);
+        let listed: BTreeSet<String> = upstream_ips(&file).into_iter().collect();
+        ensure!(
+            listed == ips,
+            "{}'s file lists {listed:?}, running tasks have {ips:?}",
+            node.short
+        );
+        // nginx logs to stderr, which Node::docker does not return.
+        let logs = std::process::Command::new("docker")
+            .args(["-H", &format!("unix://{}", node.socket.display())])
+            .args(["logs", &id])
+            .output()?;
+        let log = String::from_utf8_lossy(&logs.stderr);
+        ensure!(
+            log.contains("reconfiguring"),
+            "nginx on {} never reloaded:\n{log}",
+            node.short
+        );
+    }
     Ok(())
 }
 

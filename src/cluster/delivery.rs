@@ -51,13 +51,19 @@ pub fn consumer_services(target: &Target) -> BTreeSet<&str> {
         .collect()
 }
 
-/// Node ids running a live task of a consumer service.
+/// Node ids running a live task of a consumer service. A step's `service: nginx` names
+/// `nginx` or `STACK_nginx` of drover's own stack, as it does for local steps.
 pub fn consumer_nodes(target: &Target, snapshot: &Snapshot) -> BTreeSet<String> {
     let services = consumer_services(target);
+    let stack = crate::apply::own_stack(snapshot);
     snapshot
         .services
         .iter()
-        .filter(|s| services.contains(s.name.as_str()))
+        .filter(|s| {
+            services
+                .iter()
+                .any(|r| crate::apply::names_service(r, &s.name, stack))
+        })
         .flat_map(|s| s.tasks.iter().filter(|t| t.is_live()))
         .map(|t| t.node_id.clone())
         .collect()
@@ -228,6 +234,7 @@ pub fn overall(results: &[NodeResult]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::STACK_LABEL;
     use crate::state::{Own, Service, Task};
 
     fn target(delivery: &str) -> Target {
@@ -286,6 +293,31 @@ mod tests {
             consumer_nodes(&t, &snapshot()),
             BTreeSet::from(["w1".to_owned()])
         );
+    }
+
+    #[test]
+    fn a_step_naming_nginx_reaches_the_nodes_of_nginx_in_drovers_own_stack() {
+        let mut s = snapshot();
+        s.own = Some(Own {
+            container_id: "c".into(),
+            service: Some("home_drover".into()),
+        });
+        let stack = || BTreeMap::from([(STACK_LABEL.to_owned(), "home".to_owned())]);
+        s.services[0].name = "home_proxy".into();
+        s.services[0].labels = stack();
+        s.services.push(Service {
+            name: "home_drover".into(),
+            labels: stack(),
+            ..Service::default()
+        });
+        assert_eq!(
+            consumer_nodes(&target("auto"), &s),
+            BTreeSet::from(["w1".to_owned()])
+        );
+        // Another stack's proxy is not ours.
+        s.services[2].labels = BTreeMap::new();
+        s.services[0].name = "other_proxy".into();
+        assert!(consumer_nodes(&target("auto"), &s).is_empty());
     }
 
     #[test]
