@@ -116,7 +116,7 @@ while [ "$SECONDS" -lt "$end" ]; do
   fi
   hooks=$((hooks + 1))
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'X-Drover-Token: soak-token' \
-    -H 'Content-Type: application/json' -d "{\"image\":\"$image\"}" "http://127.0.0.1:$port/hooks/soak" || true)
+    -H 'Content-Type: application/json' -d "{\"image\":\"$image\",\"round\":$round}" "http://127.0.0.1:$port/hooks/soak" || true)
   [ "$code" = 202 ] && hooks_ok=$((hooks_ok + 1))
   converge "$what"
   sleep $((RANDOM % 3 + 1))

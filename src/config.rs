@@ -446,7 +446,23 @@ pub struct Hook {
     /// Requests per second allowed on this hook (token bucket, burst of the same size).
     #[serde(default = "default_rate")]
     pub rate: u32,
+    /// Docker Hub hooks and token requests of generic hooks: how long the SHA-256 of an
+    /// accepted body is remembered, so the same body again gets no second job (`0s`: not
+    /// remembered). GitHub deliveries are remembered by id, signed generic requests by
+    /// their timestamp, so it is refused on a GitHub hook. Default [`DEFAULT_REPLAY_WINDOW`].
+    #[serde(default, with = "humantime_serde")]
+    pub replay_window: Option<Duration>,
     pub action: HookAction,
+}
+
+/// How long a token hook remembers an accepted body when `replay_window` is not set.
+pub const DEFAULT_REPLAY_WINDOW: Duration = Duration::from_secs(3600);
+
+impl Hook {
+    /// `replay_window`, or its default.
+    pub fn replay_window(&self) -> Duration {
+        self.replay_window.unwrap_or(DEFAULT_REPLAY_WINDOW)
+    }
 }
 
 fn default_events() -> Vec<String> {
@@ -987,6 +1003,7 @@ mod bounds {
         (Duration::from_secs(1), Duration::from_secs(24 * 3600));
     pub const DEBOUNCE: Duration = Duration::from_secs(3600);
     pub const QUIET: Duration = Duration::from_secs(24 * 3600);
+    pub const REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
     pub const REQUEST_TIMEOUT: (Duration, Duration) =
         (Duration::from_millis(100), Duration::from_secs(3600));
     pub const UPDATE_TIMEOUT: (Duration, Duration) =
@@ -1069,6 +1086,14 @@ impl Config {
                 )
             };
             duration("quiet", hook.quiet, Duration::ZERO, QUIET).map_err(at)?;
+            if let Some(window) = hook.replay_window {
+                if hook.kind == HookKind::Github {
+                    return Err(at("replay_window does not apply to GitHub hooks (their \
+                                   deliveries are remembered by X-GitHub-Delivery for 24h)"
+                        .into()));
+                }
+                duration("replay_window", window, Duration::ZERO, REPLAY_WINDOW).map_err(at)?;
+            }
             if hook.rate > RATE {
                 return Err(at(format!(
                     "rate must be at most {RATE} (got {})",
@@ -1429,6 +1454,33 @@ hooks:
             .to_string();
         assert!(
             err.contains("per-repository secrets are for github hooks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn replay_window_defaults_to_an_hour_is_bounded_and_refused_on_github() {
+        let hub = |extra: &str| {
+            parse(&format!(
+                "hooks:\n  - name: hub\n    kind: dockerhub\n    token_file: /t\n{extra}    action: update-services\n"
+            ))
+        };
+        let config = hub("").expect("default");
+        assert_eq!(config.hooks[0].replay_window(), DEFAULT_REPLAY_WINDOW);
+        let config = hub("    replay_window: 0s\n").expect("off");
+        assert_eq!(config.hooks[0].replay_window(), Duration::ZERO);
+        let err = hub("    replay_window: 25h\n")
+            .expect_err("too long")
+            .to_string();
+        assert!(
+            err.contains("hook hub: replay_window must be between"),
+            "{err}"
+        );
+        let err = parse("hooks:\n  - name: gh\n    kind: github\n    secret_file: /s\n    replay_window: 1h\n    action: update-services\n")
+            .expect_err("github")
+            .to_string();
+        assert!(
+            err.contains("replay_window does not apply to GitHub"),
             "{err}"
         );
     }

@@ -52,10 +52,13 @@ fn hook_config(dir: &Path, http: &str, extra: &str) -> Result<String> {
     ))
 }
 
-/// POSTs `{"image": IMAGE}` to the generic hook and returns the job id of the 202.
+/// POSTs `{"image": IMAGE, "build": N}` to the generic hook and returns the job id of the
+/// 202. Each call is a new build, as a CI sends it: the same body again would be a replay.
 fn send_update(drover: &DroverProcess, image: &str) -> Result<String> {
+    static BUILD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let addr = drover.http.as_deref().context("http address")?;
-    let body = format!(r#"{{"image":"{image}"}}"#);
+    let build = BUILD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = format!(r#"{{"image":"{image}","build":{build}}}"#);
     let r = http_post(
         addr,
         "/hooks/ci",

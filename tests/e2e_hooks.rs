@@ -213,8 +213,13 @@ fn hub_burst_updates_the_service_once_and_a_repeat_is_skipped() -> Result<()> {
         false,
     )?;
     let repo = image.trim_end_matches(":latest");
-    let payload =
-        format!(r#"{{"push_data":{{"tag":"latest"}},"repository":{{"repo_name":"{repo}"}}}}"#);
+    // Docker Hub's bodies differ per delivery by `pushed_at`.
+    let pushed = |at: u32| {
+        format!(
+            r#"{{"push_data":{{"pushed_at":{at},"tag":"latest"}},"repository":{{"repo_name":"{repo}"}}}}"#
+        )
+    };
+    let payload = pushed(1);
 
     // A wrong token is refused and touches nothing.
     let version = inspect(&name, "{{.Version.Index}}")?;
@@ -231,9 +236,9 @@ fn hub_burst_updates_the_service_once_and_a_repeat_is_skipped() -> Result<()> {
     // Docker Hub's multi-arch burst: five deliveries within two seconds, one job.
     let path = format!("/hooks/hub?token={TOKEN}");
     let mut ids = Vec::new();
-    for _ in 0..5 {
+    for at in 1..=5 {
         let (status, body) =
-            drover.post(&path, &[("Content-Type", "application/json")], &payload)?;
+            drover.post(&path, &[("Content-Type", "application/json")], &pushed(at))?;
         assert_eq!(status, 202, "{body}");
         ids.push(body["job"].as_str().context("job id")?.to_owned());
         std::thread::sleep(Duration::from_millis(400));
@@ -254,9 +259,17 @@ fn hub_burst_updates_the_service_once_and_a_repeat_is_skipped() -> Result<()> {
         "exactly one rolling update: one old task, one new"
     );
 
-    // The same push again: nothing to do, no restart.
+    // A delivery replayed: answered, no job.
+    let (status, body) = drover.post(&path, &[], &pushed(3))?;
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &"duplicate".into()),
+        "{body}"
+    );
+
+    // The same image pushed again: nothing to do, no restart.
     let version = inspect(&name, "{{.Version.Index}}")?;
-    let (status, body) = drover.post(&path, &[], &payload)?;
+    let (status, body) = drover.post(&path, &[], &pushed(6))?;
     assert_eq!(status, 202, "{body}");
     let again = body["job"].as_str().context("job id")?.to_owned();
     assert_ne!(again, ids[0]);
@@ -376,6 +389,104 @@ fn restart_service_action_forces_one_new_task() -> Result<()> {
     wait_running(&name, 1, Duration::from_secs(60))?;
     assert_eq!(all_tasks(&name)?, 2);
     drop(service);
+    Ok(())
+}
+
+/// Replays over a real socket: an accepted request sent again gets 200 and no job, for a
+/// token body and for a signed request; a signed request with a stale or missing timestamp
+/// is refused 401.
+#[test]
+fn replayed_requests_get_no_job_and_stale_signatures_are_refused() -> Result<()> {
+    require_e2e!();
+    let drover = Drover::start(
+        r#"
+  - name: signed
+    kind: generic
+    secret_file: {token}
+    quiet: 1s
+    action: update-services
+  - name: bearer
+    kind: generic
+    token_file: {token}
+    quiet: 1s
+    action: update-services
+"#,
+        false,
+    )?;
+    // An image no service runs: every job ends `skipped` without touching anything.
+    let image = format!("127.0.0.1:5000/drover-e2e/{}:latest", unique("replay"));
+    let body = format!(r#"{{"image":"{image}"}}"#);
+    let secret = TOKEN.as_bytes();
+    let signed = |ts: i64, body: &str| {
+        let ts = ts.to_string();
+        let sig = hooks::sign_timestamped(secret, &ts, body.as_bytes());
+        drover.post(
+            "/hooks/signed",
+            &[
+                ("X-Drover-Timestamp", ts.as_str()),
+                ("X-Drover-Signature", sig.as_str()),
+            ],
+            body,
+        )
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+
+    let (status, first) = signed(now, &body)?;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = signed(now, &body)?;
+    assert_eq!(
+        (status, &again["status"]),
+        (200, &"duplicate".into()),
+        "{again}"
+    );
+    for ts in [now - 3600, now + 3600] {
+        let (status, answer) = signed(ts, &body)?;
+        assert_eq!(status, 401, "{answer}");
+        assert!(
+            answer.to_string().contains("X-Drover-Timestamp"),
+            "{answer}"
+        );
+    }
+    let unstamped = hooks::sign(secret, body.as_bytes());
+    let (status, _) = drover.post(
+        "/hooks/signed",
+        &[("X-Drover-Signature", unstamped.as_str())],
+        &body,
+    )?;
+    assert_eq!(status, 401, "a signature without a timestamp is refused");
+
+    let bearer = format!("Bearer {TOKEN}");
+    let by_token =
+        |body: &str| drover.post("/hooks/bearer", &[("Authorization", bearer.as_str())], body);
+    let (status, answer) = by_token(&body)?;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = by_token(&body)?;
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &"duplicate".into()),
+        "{answer}"
+    );
+    let (status, answer) = by_token(&format!(r#"{{"image":"{image}","build":"2"}}"#))?;
+    assert_eq!(status, 202, "a body naming a new build is new: {answer}");
+
+    let metrics = drover.metrics();
+    for (hook, outcome, n) in [
+        ("signed", "duplicate", 1.0),
+        ("signed", "stale", 3.0),
+        ("bearer", "duplicate", 1.0),
+    ] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "drover_webhook_requests_total",
+                &[("hook", hook), ("outcome", outcome)]
+            ),
+            Some(n),
+            "{hook} {outcome}: {metrics}"
+        );
+    }
     Ok(())
 }
 

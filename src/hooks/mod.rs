@@ -12,16 +12,25 @@
 //! compared in constant time (tokens through their SHA-256, so length does not leak).
 //! Rules are full-match regexes on payload facts; request data is only ever compared,
 //! stored as plain strings or passed as environment variables, never rendered as a
-//! template and never echoed in an answer. A GitHub delivery id is remembered for
-//! [`REPLAY_TTL`]; a repeat is answered 200 `{"duplicate": true}` without a job, so
-//! GitHub's redelivery of an already accepted event is harmless. Every request is counted
-//! in `webhook_requests{hook,outcome}` with a fixed outcome vocabulary.
+//! template and never echoed in an answer. Every request is counted in
+//! `webhook_requests{hook,outcome}` with a fixed outcome vocabulary.
+//!
+//! Replays: every kind remembers what it accepted, each by what its sender makes unique. A
+//! GitHub delivery id for [`REPLAY_TTL`]; a Docker Hub or token-authenticated generic body
+//! by its SHA-256 for the hook's `replay_window`; a signed generic request carries a signed
+//! `X-Drover-Timestamp` that must be within [`MAX_SKEW`] of drover's clock, and the
+//! timestamp with the body is remembered until it is stale anyway. A repeat of an accepted
+//! request is answered 200 `{"status": "duplicate"}` without a job: a sender that retries
+//! because it lost the first answer must not see a failure, and nothing new is done. A
+//! stale timestamp is a refusal (401): the request cannot be shown to be fresh. Memory is
+//! bounded: at most [`REPLAY_CAP`] entries per hook and kind of proof, oldest forgotten first.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +44,7 @@ pub mod rules;
 pub mod verify;
 
 pub use facts::Facts;
-pub use verify::{Presented, sign, sign_sha1, verify_signature};
+pub use verify::{Presented, sign, sign_sha1, sign_timestamped, verify_signature};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,11 +70,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How long a GitHub delivery id is remembered.
 pub const REPLAY_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Delivery ids remembered per hook; the oldest is forgotten first beyond this.
-const REPLAY_CAP: usize = 10_000;
+/// Accepted requests remembered per hook and kind of proof; the oldest is forgotten first
+/// beyond this (an entry is a 32-byte digest and an instant: about 1 MB at the cap).
+pub const REPLAY_CAP: usize = 10_000;
+/// How far a signed generic request's `X-Drover-Timestamp` may be from drover's clock.
+pub const MAX_SKEW: Duration = Duration::from_secs(300);
 
 pub const TOKEN_HEADER: &str = "x-drover-token";
 pub const SIGNATURE_HEADER: &str = "x-drover-signature";
+/// Unix seconds, covered by `X-Drover-Signature` on generic hooks (see [`sign_timestamped`]).
+pub const TIMESTAMP_HEADER: &str = "x-drover-timestamp";
 pub const GITHUB_SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const GITHUB_SHA1_HEADER: &str = "x-hub-signature";
 pub const GITHUB_EVENT_HEADER: &str = "x-github-event";
@@ -86,6 +100,8 @@ pub enum Reject {
     BodyRead,
     #[error("missing or wrong signature or token")]
     Unauthorized,
+    #[error("missing, invalid or stale X-Drover-Timestamp (unix seconds, within 300 s of now)")]
+    Stale,
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("payload does not match the rule on {0}")]
@@ -112,6 +128,7 @@ impl Reject {
             Reject::TooLarge => "too_large",
             Reject::BodyRead | Reject::BadRequest(_) => "bad_request",
             Reject::Unauthorized => "unauthorized",
+            Reject::Stale => "stale",
             Reject::RuleMismatch(_) | Reject::NoImage => "rejected",
             Reject::QueueFull => "queue_full",
             Reject::Busy => "busy",
@@ -130,7 +147,7 @@ pub enum Accepted {
     Ping,
     /// 200: an event the hook does not act on.
     Ignored,
-    /// 200: a GitHub delivery seen before.
+    /// 200: a request accepted before (same delivery id, body or signed timestamp and body).
     Duplicate,
 }
 
@@ -146,18 +163,29 @@ impl Accepted {
     }
 }
 
-/// Delivery ids seen within the TTL.
-#[derive(Default)]
+/// Digests of accepted requests, each remembered for `ttl`.
 struct Replay {
-    seen: HashMap<String, Instant>,
-    order: VecDeque<(Instant, String)>,
+    ttl: Duration,
+    seen: HashMap<[u8; 32], Instant>,
+    order: VecDeque<(Instant, [u8; 32])>,
 }
 
 impl Replay {
-    /// Remembers `id`; false if it was already there.
-    fn insert(&mut self, id: &str, now: Instant) -> bool {
+    fn new(ttl: Duration) -> Replay {
+        Replay {
+            ttl,
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Remembers `key`; false if it was already there.
+    fn insert(&mut self, key: [u8; 32], now: Instant) -> bool {
+        if self.ttl.is_zero() {
+            return true;
+        }
         while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < REPLAY_TTL && self.order.len() < REPLAY_CAP {
+            if now.duration_since(*at) < self.ttl && self.order.len() < REPLAY_CAP {
                 break;
             }
             if let Some((at, old)) = self.order.pop_front() {
@@ -166,27 +194,67 @@ impl Replay {
                 }
             }
         }
-        if self.seen.contains_key(id) {
+        if self.contains(&key, now) {
             return false;
         }
-        self.seen.insert(id.to_owned(), now);
-        self.order.push_back((now, id.to_owned()));
+        self.seen.insert(key, now);
+        self.order.push_back((now, key));
         true
     }
 
-    /// Whether `id` was remembered within the TTL.
-    fn contains(&self, id: &str, now: Instant) -> bool {
+    /// Whether `key` was remembered within the TTL.
+    fn contains(&self, key: &[u8; 32], now: Instant) -> bool {
         self.seen
-            .get(id)
-            .is_some_and(|at| now.duration_since(*at) < REPLAY_TTL)
+            .get(key)
+            .is_some_and(|at| now.duration_since(*at) < self.ttl)
     }
+}
+
+/// Which memory of a hook a request is looked up in.
+#[derive(Clone, Copy)]
+enum Memory {
+    /// GitHub delivery ids, Docker Hub and token bodies.
+    Accepted,
+    /// Signed generic requests: timestamp and body.
+    Signed,
+}
+
+fn digest(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// Unix seconds now; a clock before 1970 counts as 1970 (every timestamp is then stale).
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Whether `X-Drover-Timestamp` is plain unix seconds within [`MAX_SKEW`] of `now`.
+fn fresh(timestamp: &str, now: i64) -> bool {
+    if timestamp.is_empty()
+        || timestamp.len() > 12
+        || !timestamp.bytes().all(|b| b.is_ascii_digit())
+    {
+        return false;
+    }
+    timestamp
+        .parse::<i64>()
+        .is_ok_and(|ts| ts.abs_diff(now) <= MAX_SKEW.as_secs())
 }
 
 /// One configured hook with its secrets loaded.
 pub struct Hook {
     cfg: config::Hook,
     keys: verify::Keys,
-    replay: Mutex<Replay>,
+    /// Delivery ids (GitHub) or body digests (Docker Hub, generic tokens).
+    accepted: Mutex<Replay>,
+    /// Signed generic requests: kept until their timestamp is stale on either side.
+    signed: Mutex<Replay>,
 }
 
 /// What the intake reads of a request: headers by lower-case name, and the `token` query
@@ -207,9 +275,14 @@ impl Hook {
     }
 
     fn load(cfg: &config::Hook) -> Result<Hook> {
+        let accepted = match cfg.kind {
+            HookKind::Github => REPLAY_TTL,
+            HookKind::Dockerhub | HookKind::Generic => cfg.replay_window(),
+        };
         Ok(Hook {
             keys: verify::Keys::load(cfg)?,
-            replay: Mutex::default(),
+            accepted: Mutex::new(Replay::new(accepted)),
+            signed: Mutex::new(Replay::new(2 * MAX_SKEW + Duration::from_secs(1))),
             cfg: cfg.clone(),
         })
     }
@@ -223,6 +296,7 @@ impl Hook {
                 token: None,
                 sha256: header(GITHUB_SIGNATURE_HEADER),
                 sha1: header(GITHUB_SHA1_HEADER),
+                ..Presented::default()
             },
             HookKind::Dockerhub => Presented {
                 token: header(TOKEN_HEADER).map(str::to_owned).or_else(query_token),
@@ -232,6 +306,7 @@ impl Hook {
                 if let Some(sig) = header(SIGNATURE_HEADER) {
                     return Presented {
                         sha256: Some(sig),
+                        timestamp: header(TIMESTAMP_HEADER),
                         ..Presented::default()
                     };
                 }
@@ -254,6 +329,38 @@ impl Hook {
     /// Token, signature or both, by kind. Runs before the body is parsed.
     fn verify(&self, headers: &dyn Headers, body: &[u8]) -> bool {
         self.keys.verify(&self.presented(headers), body)
+    }
+
+    /// A generic request proven by `X-Drover-Signature` (rather than a token).
+    fn signed(&self, headers: &dyn Headers) -> bool {
+        self.cfg.kind == HookKind::Generic && headers.header(SIGNATURE_HEADER).is_some()
+    }
+
+    /// Where a verified request is remembered, and by what. GitHub's delivery id has been
+    /// checked for shape by the caller.
+    fn replay_key(
+        &self,
+        headers: &dyn Headers,
+        delivery: Option<&str>,
+        body: &[u8],
+    ) -> (Memory, [u8; 32]) {
+        if let Some(id) = delivery {
+            return (Memory::Accepted, digest(&[id.as_bytes()]));
+        }
+        if self.signed(headers) {
+            // Verified, so the header is there and covered by the signature.
+            let ts = headers.header(TIMESTAMP_HEADER).unwrap_or_default();
+            return (Memory::Signed, digest(&[ts.as_bytes(), b".", body]));
+        }
+        (Memory::Accepted, digest(&[body]))
+    }
+
+    fn memory(&self, which: Memory) -> std::sync::MutexGuard<'_, Replay> {
+        let m = match which {
+            Memory::Accepted => &self.accepted,
+            Memory::Signed => &self.signed,
+        };
+        m.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -310,9 +417,20 @@ impl Service {
         Ok(hook)
     }
 
-    /// The signature or token over the raw body, before anything of it is parsed.
+    /// The signature or token over the raw body, before anything of it is parsed; a signed
+    /// generic request's timestamp must also be fresh.
     pub fn verify(&self, hook: &Hook, headers: &dyn Headers, body: &[u8]) -> Result<(), Reject> {
+        let signed = hook.signed(headers);
+        let timestamp = headers.header(TIMESTAMP_HEADER);
+        if signed && timestamp.is_none() {
+            // Said apart from a wrong signature: a sender from before timestamps were
+            // required learns what to add.
+            return Err(Reject::Stale);
+        }
         if hook.verify(headers, body) {
+            if signed && !timestamp.is_some_and(|ts| fresh(ts, unix_now())) {
+                return Err(Reject::Stale);
+            }
             return Ok(());
         }
         metrics::get()
@@ -324,7 +442,8 @@ impl Service {
 
     /// Acts on a verified request: GitHub's ping and replays are answered without a job,
     /// events the hook does not act on are ignored, the rest must pass the rules and
-    /// becomes a job. A delivery id is remembered only once it got its job.
+    /// becomes a job. A request is remembered only once it got its job, so one refused for
+    /// a full queue can be sent again.
     pub async fn accept(
         &self,
         hook: &Hook,
@@ -347,22 +466,16 @@ impl Service {
             if id.is_empty() || id.len() > 100 {
                 return Err(Reject::BadRequest("invalid X-GitHub-Delivery"));
             }
-            let seen = hook
-                .replay
-                .lock()
-                .map(|r| r.contains(id, Instant::now()))
-                .unwrap_or(false);
-            if seen {
-                return Ok(Accepted::Duplicate);
-            }
             delivery = Some(id);
             event = Some(ev);
         }
+        let (memory, key) = hook.replay_key(headers, delivery, body);
+        if hook.memory(memory).contains(&key, Instant::now()) {
+            return Ok(Accepted::Duplicate);
+        }
         let result = self.decide(hook, event, body).await;
-        if let (Some(id), Ok(Accepted::Job(_))) = (delivery, &result) {
-            if let Ok(mut r) = hook.replay.lock() {
-                r.insert(id, Instant::now());
-            }
+        if let Ok(Accepted::Job(_)) = &result {
+            hook.memory(memory).insert(key, Instant::now());
         }
         result
     }
@@ -407,25 +520,153 @@ impl Service {
 mod tests {
     use super::*;
 
+    fn key(s: &str) -> [u8; 32] {
+        digest(&[s.as_bytes()])
+    }
+
     #[test]
     fn replay_cache_refuses_repeats_and_forgets_after_the_ttl() {
-        let mut r = Replay::default();
+        let mut r = Replay::new(REPLAY_TTL);
         let t0 = Instant::now();
-        assert!(r.insert("a", t0));
-        assert!(!r.insert("a", t0 + Duration::from_secs(60)));
-        assert!(r.contains("a", t0 + Duration::from_secs(60)));
-        assert!(!r.contains("a", t0 + REPLAY_TTL));
-        assert!(r.insert("a", t0 + REPLAY_TTL + Duration::from_secs(1)));
+        assert!(r.insert(key("a"), t0));
+        assert!(!r.insert(key("a"), t0 + Duration::from_secs(60)));
+        assert!(r.contains(&key("a"), t0 + Duration::from_secs(60)));
+        assert!(!r.contains(&key("a"), t0 + REPLAY_TTL));
+        assert!(r.insert(key("a"), t0 + REPLAY_TTL + Duration::from_secs(1)));
     }
 
     #[test]
     fn replay_cache_stays_bounded() {
-        let mut r = Replay::default();
+        let mut r = Replay::new(REPLAY_TTL);
         let t0 = Instant::now();
         for i in 0..REPLAY_CAP + 50 {
-            assert!(r.insert(&i.to_string(), t0));
+            assert!(r.insert(key(&i.to_string()), t0));
         }
         assert!(r.seen.len() <= REPLAY_CAP);
         assert!(r.order.len() <= REPLAY_CAP);
+        // The oldest went first; the newest are still refused.
+        assert!(!r.contains(&key("0"), t0));
+        assert!(r.contains(&key(&(REPLAY_CAP + 49).to_string()), t0));
+    }
+
+    #[test]
+    fn a_zero_replay_window_remembers_nothing() {
+        let mut r = Replay::new(Duration::ZERO);
+        let t0 = Instant::now();
+        assert!(r.insert(key("a"), t0));
+        assert!(r.insert(key("a"), t0));
+        assert!(!r.contains(&key("a"), t0));
+        assert!(r.seen.is_empty());
+    }
+
+    #[test]
+    fn a_timestamp_is_fresh_only_as_plain_seconds_within_the_skew() {
+        let now = 1_700_000_000;
+        let skew = MAX_SKEW.as_secs() as i64;
+        assert!(fresh(&now.to_string(), now));
+        assert!(fresh(&(now - skew).to_string(), now));
+        assert!(fresh(&(now + skew).to_string(), now));
+        assert!(!fresh(&(now - skew - 1).to_string(), now));
+        assert!(!fresh(&(now + skew + 1).to_string(), now));
+        for bad in [
+            "",
+            "+1700000000",
+            "-1",
+            "1700000000.5",
+            " 1700000000",
+            "1e9",
+            "9999999999999",
+        ] {
+            assert!(!fresh(bad, now), "{bad:?}");
+        }
+    }
+
+    struct Map(Vec<(&'static str, String)>);
+
+    impl Headers for Map {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str())
+        }
+        fn query_token(&self) -> Option<&str> {
+            None
+        }
+    }
+
+    fn generic_hook(dir: &std::path::Path) -> Hook {
+        let secret = dir.join("secret");
+        let token = dir.join("token");
+        std::fs::write(&secret, "s3cret").expect("write");
+        std::fs::write(&token, "t0ken").expect("write");
+        let yaml = format!(
+            "hooks:\n  - name: ci\n    kind: generic\n    secret_file: {}\n    token_file: {}\n    action: update-services\n",
+            secret.display(),
+            token.display()
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        Hook::load(&config.hooks[0]).expect("hook")
+    }
+
+    #[test]
+    fn the_signature_of_a_generic_hook_covers_its_timestamp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hook = generic_hook(dir.path());
+        let body = br#"{"image":"x/y"}"#;
+        let ts = unix_now().to_string();
+        let signed = |ts: &str, sig: String| {
+            Map(vec![
+                (TIMESTAMP_HEADER, ts.to_owned()),
+                (SIGNATURE_HEADER, sig),
+            ])
+        };
+        assert!(hook.verify(&signed(&ts, sign_timestamped(b"s3cret", &ts, body)), body));
+        let other = (unix_now() - 1).to_string();
+        assert!(
+            !hook.verify(
+                &signed(&other, sign_timestamped(b"s3cret", &ts, body)),
+                body
+            ),
+            "a timestamp changed after signing"
+        );
+        assert!(
+            !hook.verify(&signed(&ts, sign(b"s3cret", body)), body),
+            "a signature over the body alone"
+        );
+        let no_ts = Map(vec![(
+            SIGNATURE_HEADER,
+            sign_timestamped(b"s3cret", &ts, body),
+        )]);
+        assert!(!hook.verify(&no_ts, body));
+    }
+
+    #[test]
+    fn replays_are_keyed_by_what_each_proof_makes_unique() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hook = generic_hook(dir.path());
+        let body = br#"{"image":"x/y"}"#;
+        let token = Map(vec![(TOKEN_HEADER, "t0ken".to_owned())]);
+        let signed_at = |ts: &str| {
+            Map(vec![
+                (TIMESTAMP_HEADER, ts.to_owned()),
+                (SIGNATURE_HEADER, sign_timestamped(b"s3cret", ts, body)),
+            ])
+        };
+        let (m, by_token) = hook.replay_key(&token, None, body);
+        assert!(matches!(m, Memory::Accepted));
+        assert_eq!(by_token, hook.replay_key(&token, None, body).1);
+        assert_ne!(by_token, hook.replay_key(&token, None, b"{}").1);
+        let (m, first) = hook.replay_key(&signed_at("1700000000"), None, body);
+        assert!(matches!(m, Memory::Signed));
+        assert_ne!(
+            first,
+            hook.replay_key(&signed_at("1700000001"), None, body).1,
+            "the same body signed again later is a new request"
+        );
+        assert_ne!(
+            hook.replay_key(&token, Some("d1"), body).1,
+            hook.replay_key(&token, Some("d2"), body).1
+        );
     }
 }

@@ -27,6 +27,8 @@ pub struct Presented<'a> {
     pub sha256: Option<&'a str>,
     /// `sha1=<hex>` (GitHub's legacy `X-Hub-Signature`).
     pub sha1: Option<&'a str>,
+    /// Generic hooks: `X-Drover-Timestamp`, signed with the body.
+    pub timestamp: Option<&'a str>,
 }
 
 /// The secret of one repository (or of every repository matching a pattern).
@@ -130,7 +132,9 @@ impl Keys {
             }
             HookKind::Dockerhub => p.token.as_deref().is_some_and(|t| self.token_matches(t)),
             HookKind::Generic => match (p.sha256, &self.secret) {
-                (Some(sig), Some(secret)) => verify_signature(secret, Some(sig), body),
+                (Some(sig), Some(secret)) => p
+                    .timestamp
+                    .is_some_and(|ts| verify_parts(secret, sig, &[ts.as_bytes(), b".", body])),
                 (Some(_), None) => false,
                 (None, _) => p.token.as_deref().is_some_and(|t| self.token_matches(t)),
             },
@@ -140,7 +144,12 @@ impl Keys {
 
 /// `sha256=<hex>` over the raw body, compared in constant time.
 pub fn verify_signature(secret: &[u8], header: Option<&str>, body: &[u8]) -> bool {
-    let Some(hex_sig) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
+    header.is_some_and(|h| verify_parts(secret, h, &[body]))
+}
+
+/// `sha256=<hex>` over the concatenated parts, compared in constant time.
+fn verify_parts(secret: &[u8], header: &str, parts: &[&[u8]]) -> bool {
+    let Some(hex_sig) = header.trim().strip_prefix("sha256=") else {
         return false;
     };
     let Ok(sig) = hex::decode(hex_sig) else {
@@ -149,7 +158,9 @@ pub fn verify_signature(secret: &[u8], header: Option<&str>, body: &[u8]) -> boo
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
         return false;
     };
-    mac.update(body);
+    for p in parts {
+        mac.update(p);
+    }
     mac.verify_slice(&sig).is_ok()
 }
 
@@ -171,6 +182,17 @@ pub fn verify_sha1(secret: &[u8], header: &str, body: &[u8]) -> bool {
 /// `sha256=<hex>` of the body, as a sender computes it.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// `X-Drover-Signature` of a generic hook's request: `sha256=<hex>` of HMAC-SHA256 over
+/// `TIMESTAMP.BODY` (the `X-Drover-Timestamp` value, a dot, the raw body), as a sender
+/// computes it.
+pub fn sign_timestamped(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }

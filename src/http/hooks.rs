@@ -136,7 +136,16 @@ fn answer(intake: &Intake, name: &str, result: Result<Accepted, Reject>) -> Resp
                 .into_response()
         }
         Ok(a) => {
-            debug!(outcome, "webhook answered");
+            if a == Accepted::Duplicate {
+                // Shown to operators: a sender repeating a body by design (a CI without a
+                // build id in it) loses updates here.
+                info!(
+                    outcome,
+                    "webhook already accepted before (replay or retry): no job"
+                );
+            } else {
+                debug!(outcome, "webhook answered");
+            }
             let status = match a {
                 Accepted::Ping => "pong",
                 Accepted::Ignored => "ignored",
@@ -146,7 +155,9 @@ fn answer(intake: &Intake, name: &str, result: Result<Accepted, Reject>) -> Resp
         }
         Err(r) => {
             match r {
-                Reject::Unauthorized | Reject::Forbidden => warn!(outcome, "webhook refused"),
+                Reject::Unauthorized | Reject::Stale | Reject::Forbidden => {
+                    warn!(outcome, "webhook refused")
+                }
                 _ => debug!(outcome, "webhook refused"),
             }
             Error::Rejected(r).into_response()

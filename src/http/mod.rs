@@ -431,9 +431,11 @@ hooks:
         let f = fixture("").await;
         let (status, first) = send(&f.app, hub(&format!("?token={TOKEN}"), HUB_BODY)).await;
         assert_eq!(status, StatusCode::ACCEPTED);
+        // Another push of the same tag (Docker Hub's bodies differ by `pushed_at`).
+        let pushed = HUB_BODY.replace("\"tag\"", "\"pushed_at\":1417566161,\"tag\"");
         let req = axum::http::Request::post("/hooks/hub")
             .header("x-drover-token", TOKEN)
-            .body(Body::from(HUB_BODY))
+            .body(Body::from(pushed))
             .expect("req");
         let (status, second) = send(&f.app, req).await;
         assert_eq!(status, StatusCode::ACCEPTED);
@@ -463,27 +465,55 @@ hooks:
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     }
 
+    fn unix_now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64
+    }
+
+    /// A generic request signed over `TIMESTAMP.BODY`, as a sender makes it.
+    fn signed_ci(ts: i64, body: &str) -> axum::http::Request<Body> {
+        let ts = ts.to_string();
+        axum::http::Request::post("/hooks/ci")
+            .header("x-drover-timestamp", &ts)
+            .header(
+                "x-drover-signature",
+                crate::hooks::sign_timestamped(SECRET.as_bytes(), &ts, body.as_bytes()),
+            )
+            .body(Body::from(body.to_owned()))
+            .expect("req")
+    }
+
+    fn outcome_count(hook: &str, outcome: &str) -> f64 {
+        let text = crate::metrics::get().encode();
+        let want =
+            format!("drover_webhook_requests_total{{hook=\"{hook}\",outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(want.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     #[tokio::test]
     async fn generic_hook_takes_signature_or_bearer_token() {
         let f = fixture("").await;
         let body = r#"{"image":"127.0.0.1:5000/x/y:latest"}"#;
-        let req = axum::http::Request::post("/hooks/ci")
-            .header(
-                "x-drover-signature",
-                crate::hooks::sign(SECRET.as_bytes(), body.as_bytes()),
-            )
-            .body(Body::from(body))
-            .expect("req");
-        assert_eq!(send(&f.app, req).await.0, StatusCode::ACCEPTED);
+        assert_eq!(
+            send(&f.app, signed_ci(unix_now(), body)).await.0,
+            StatusCode::ACCEPTED
+        );
         let req = axum::http::Request::post("/hooks/ci")
             .header("authorization", format!("Bearer {TOKEN}"))
             .body(Body::from(r#"{"image":"owner/z"}"#))
             .expect("req");
         assert_eq!(send(&f.app, req).await.0, StatusCode::ACCEPTED);
+        let ts = unix_now().to_string();
         let req = axum::http::Request::post("/hooks/ci")
+            .header("x-drover-timestamp", &ts)
             .header(
                 "x-drover-signature",
-                crate::hooks::sign(b"wrong", body.as_bytes()),
+                crate::hooks::sign_timestamped(b"wrong", &ts, body.as_bytes()),
             )
             .header("authorization", format!("Bearer {TOKEN}"))
             .body(Body::from(body))
@@ -501,6 +531,113 @@ hooks:
     }
 
     #[tokio::test]
+    async fn a_replayed_docker_hub_or_token_body_gets_200_duplicate_and_no_job() {
+        let f = fixture("").await;
+        let (status, first) = send(&f.app, hub(&format!("?token={TOKEN}"), HUB_BODY)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+        let before = outcome_count("hub", "duplicate");
+        // The same body again, however the token is presented.
+        let req = axum::http::Request::post("/hooks/hub")
+            .header("x-drover-token", TOKEN)
+            .body(Body::from(HUB_BODY))
+            .expect("req");
+        let (status, body) = send(&f.app, req).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "duplicate");
+        assert_eq!(outcome_count("hub", "duplicate"), before + 1.0);
+        assert_eq!(f.service.jobs().list().len(), 1, "no second job");
+
+        let token = |body: &'static str| {
+            axum::http::Request::post("/hooks/ci")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::from(body))
+                .expect("req")
+        };
+        let body = r#"{"image":"owner/t:latest","build":"41"}"#;
+        assert_eq!(send(&f.app, token(body)).await.0, StatusCode::ACCEPTED);
+        let (status, answer) = send(&f.app, token(body)).await;
+        assert_eq!(
+            (status, &answer["status"]),
+            (StatusCode::OK, &"duplicate".into())
+        );
+        // The next build says so in its body: not a replay.
+        let next = r#"{"image":"owner/t:latest","build":"42"}"#;
+        assert_eq!(send(&f.app, token(next)).await.0, StatusCode::ACCEPTED);
+    }
+
+    #[tokio::test]
+    async fn a_token_body_refused_for_a_full_queue_is_not_remembered() {
+        let f = fixture("jobs: { queue: 1 }").await;
+        let req = |image: &str| {
+            axum::http::Request::post("/hooks/ci")
+                .header("x-drover-token", TOKEN)
+                .body(Body::from(format!(r#"{{"image":"{image}"}}"#)))
+                .expect("req")
+        };
+        assert_eq!(send(&f.app, req("owner/a")).await.0, StatusCode::ACCEPTED);
+        assert_eq!(
+            send(&f.app, req("owner/b")).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            send(&f.app, req("owner/b")).await.0,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a refused body is sent again and refused again, not answered as a duplicate"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signed_generic_request_needs_a_fresh_timestamp_and_is_accepted_once() {
+        let f = fixture("").await;
+        let body = r#"{"image":"owner/s:latest"}"#;
+        let now = unix_now();
+        let (status, first) = send(&f.app, signed_ci(now, body)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+        // The very request again (a replay, or a retry after a lost answer).
+        let (status, again) = send(&f.app, signed_ci(now, body)).await;
+        assert_eq!(
+            (status, &again["status"]),
+            (StatusCode::OK, &"duplicate".into())
+        );
+        assert_eq!(f.service.jobs().list().len(), 1, "no second job");
+        // The same body signed again later is a new request (it joins the queued job).
+        let (status, later) = send(&f.app, signed_ci(now + 1, body)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{later}");
+
+        let stale_before = outcome_count("ci", "stale");
+        let skew = crate::hooks::MAX_SKEW.as_secs() as i64;
+        for ts in [now - skew - 60, now + skew + 60] {
+            let (status, answer) = send(&f.app, signed_ci(ts, r#"{"image":"owner/old"}"#)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{ts}: {answer}");
+            let reason = answer["error"].as_str().unwrap_or_default();
+            assert!(reason.contains("X-Drover-Timestamp"), "{answer}");
+        }
+        // Signed over the body alone, as before timestamps: told what is missing.
+        let req = axum::http::Request::post("/hooks/ci")
+            .header(
+                "x-drover-signature",
+                crate::hooks::sign(SECRET.as_bytes(), body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .expect("req");
+        let (status, answer) = send(&f.app, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("X-Drover-Timestamp"),
+            "{answer}"
+        );
+        assert_eq!(outcome_count("ci", "stale"), stale_before + 3.0);
+        assert_eq!(
+            f.service.jobs().list().len(),
+            1,
+            "nothing refused made a job"
+        );
+    }
+
+    #[tokio::test]
     async fn unknown_hook_is_404() {
         let f = fixture("").await;
         let req = axum::http::Request::post("/hooks/nope")
@@ -513,10 +650,10 @@ hooks:
     async fn requests_beyond_the_rate_are_429() {
         let f = fixture("").await;
         let mut statuses = Vec::new();
-        for _ in 0..3 {
+        for i in 0..3 {
             let req = axum::http::Request::post("/hooks/slow")
                 .header("x-drover-token", TOKEN)
-                .body(Body::from(r#"{"image":"owner/r"}"#))
+                .body(Body::from(format!(r#"{{"image":"owner/r","build":{i}}}"#)))
                 .expect("req");
             statuses.push(send(&f.app, req).await.0);
         }
@@ -571,10 +708,15 @@ hooks:
     async fn a_swarm_worker_answers_verified_webhooks_503_with_the_reason_and_queues_nothing() {
         let f = fixture("").await;
         f.service.set_worker(true);
+        // Each request a new build: the same body again would be a replay.
+        let build = std::sync::atomic::AtomicU32::new(0);
         let req = |token: &str| {
+            let n = build.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             axum::http::Request::post("/hooks/ci")
                 .header("x-drover-token", token)
-                .body(Body::from(r#"{"image":"owner/a:latest"}"#))
+                .body(Body::from(format!(
+                    r#"{{"image":"owner/a:latest","build":{n}}}"#
+                )))
                 .expect("req")
         };
         assert_eq!(send(&f.app, req("wrong")).await.0, StatusCode::UNAUTHORIZED);
