@@ -4,7 +4,9 @@
 //! `docker.io/owner/repo` and `index.docker.io/owner/repo` are one image, single names
 //! live under `library/`, a missing tag is `latest`); anything with characters outside a
 //! reference's alphabet is refused, so a reference can never carry template or shell
-//! syntax into a job.
+//! syntax into a job. The alphabet is distribution's reference grammar's
+//! (distribution/reference, reference.go): `+` appears in it only as a separator of a
+//! digest's algorithm (`sha256+b64u:...`), never in a registry host, a path or a tag.
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid image reference")]
@@ -35,13 +37,24 @@ impl ImageRef {
         }
         let (name, digest) = match raw.split_once('@') {
             Some((n, d)) => {
-                if !d.contains(':') || d.contains('@') {
+                // `+` only between the algorithm's components, never in the encoded part.
+                let Some((algorithm, encoded)) = d.split_once(':') else {
+                    return Err(InvalidImage);
+                };
+                if d.contains('@')
+                    || algorithm.split('+').any(str::is_empty)
+                    || encoded.is_empty()
+                    || encoded.contains(['+', ':'])
+                {
                     return Err(InvalidImage);
                 }
                 (n, Some(d.to_owned()))
             }
             None => (raw, None),
         };
+        if name.contains('+') {
+            return Err(InvalidImage);
+        }
         // The tag is after the last ':' that follows the last '/' (a registry port is not a tag).
         let last_slash = name.rfind('/').map_or(0, |i| i + 1);
         let (path, tag) = match name[last_slash..].rfind(':') {
@@ -170,6 +183,32 @@ mod tests {
             assert_eq!(ImageRef::parse(bad), Err(InvalidImage), "{bad:?} accepted");
         }
         assert!(ImageRef::parse(&"a".repeat(600)).is_err());
+    }
+
+    #[test]
+    fn a_plus_is_refused_outside_a_digest_algorithm() {
+        for bad in [
+            // Found by the fuzz target webhook_payload: once parsed as registry `127.0.0.1:500+0`.
+            "127.0.0.1:500+0/app:latest",
+            "regi+stry.example.com/app",
+            "owner/ap+p",
+            "owner/app:v1+build",
+            "app+:latest",
+            "app@sha256:ab+cd",
+            "app@+sha256:abcd",
+            "app@sha256+:abcd",
+            "app@sha256++b64u:abcd",
+        ] {
+            assert_eq!(ImageRef::parse(bad), Err(InvalidImage), "{bad:?} accepted");
+        }
+        let r =
+            ImageRef::parse("owner/app:v1@sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564")
+                .expect("a separator inside the algorithm is the grammar's");
+        assert_eq!(r.tag, "v1");
+        assert_eq!(
+            r.digest.as_deref(),
+            Some("sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564")
+        );
     }
 
     #[test]
