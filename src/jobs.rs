@@ -27,6 +27,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config;
 use crate::docker::Engine;
 use crate::metrics;
+use crate::redact::{self, Redactor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -413,6 +414,8 @@ pub struct Jobs {
     workers: Semaphore,
     seq: AtomicU64,
     shutdown: CancellationToken,
+    /// Cuts loaded secrets out of, and bounds, what a finished job shows.
+    redactor: Redactor,
 }
 
 fn unix_ms() -> u64 {
@@ -430,6 +433,17 @@ impl Jobs {
         journal: Journal,
         shutdown: CancellationToken,
     ) -> Result<Arc<Jobs>> {
+        Jobs::start_redacting(limits, runner, journal, shutdown, Redactor::default()).await
+    }
+
+    /// [`Jobs::start`], with the secrets to cut out of job messages and output tails.
+    pub async fn start_redacting(
+        limits: config::Jobs,
+        runner: Arc<dyn Runner>,
+        journal: Journal,
+        shutdown: CancellationToken,
+        redactor: Redactor,
+    ) -> Result<Arc<Jobs>> {
         let mut pending = journal.load().await?;
         pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let jobs = Arc::new(Jobs {
@@ -440,6 +454,7 @@ impl Jobs {
             workers: Semaphore::new(WORKERS),
             seq: AtomicU64::new(1),
             shutdown,
+            redactor,
         });
         if !pending.is_empty() {
             info!(
@@ -629,8 +644,14 @@ impl Jobs {
         self.finish(&id, outcome, true).await;
     }
 
-    async fn finish(&self, id: &JobId, outcome: Outcome, journalled: bool) {
+    async fn finish(&self, id: &JobId, mut outcome: Outcome, journalled: bool) {
         let state = outcome.state;
+        let r = &self.redactor;
+        outcome.message = outcome.message.map(|m| r.clean(&m, redact::MESSAGE_MAX));
+        outcome.log_tail = outcome.log_tail.map(|t| r.clean(&t, redact::LOG_TAIL_MAX));
+        for s in &mut outcome.services {
+            s.message = r.clean(&s.message, redact::MESSAGE_MAX);
+        }
         {
             let mut inner = self.lock();
             let Some(e) = inner.jobs.get_mut(id) else {

@@ -69,5 +69,8 @@ pub mod fsutil;
 // the one local command runner
 pub mod process;
 
+// bounded, secret-free job messages
+pub mod redact;
+
 // the status board operators read
 pub mod status;

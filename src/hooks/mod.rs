@@ -382,10 +382,21 @@ impl Service {
         shutdown: CancellationToken,
     ) -> Result<Arc<Service>> {
         let mut hooks = HashMap::new();
+        let mut redactor = crate::redact::Redactor::default();
         for h in &config.hooks {
-            hooks.insert(h.name.clone(), Hook::load(h)?);
+            let hook = Hook::load(h)?;
+            hook.keys.redact_into(&mut redactor);
+            hooks.insert(h.name.clone(), hook);
         }
-        let jobs = Jobs::start(config.jobs.clone(), runner, journal, shutdown).await?;
+        for r in &config.registries {
+            // Read for redaction only; an unreadable file fails where it is used, with its
+            // path (update::Executor), not here.
+            if let Ok(password) = config::read_secret(&r.password_file) {
+                redactor.add(&password);
+            }
+        }
+        let jobs =
+            Jobs::start_redacting(config.jobs.clone(), runner, journal, shutdown, redactor).await?;
         Ok(Arc::new(Service {
             hooks,
             jobs,
@@ -667,6 +678,85 @@ mod tests {
         assert_ne!(
             hook.replay_key(&token, Some("d1"), body).1,
             hook.replay_key(&token, Some("d2"), body).1
+        );
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_show_a_bounded_tail_without_loaded_secrets() {
+        use crate::jobs::tests::FakeRunner;
+        use crate::jobs::{JobState, Outcome, ServiceResult, Work};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("{text}\n")).expect("write");
+            p.display().to_string()
+        };
+        let yaml = format!(
+            "hooks:\n  - name: ci\n    kind: generic\n    secret_file: {}\n    token_file: {}\n    action: update-services\n\
+             registries:\n  - {{ address: r.example.com, username: me, password_file: {} }}\n",
+            write("secret", "hmac-secret-value"),
+            write("token", "the-hook-token"),
+            write("password", "registry-password"),
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        let leak = "env: KEY=hmac-secret-value TOKEN=the-hook-token; login registry-password";
+        let runner = Arc::new(FakeRunner {
+            runs: Mutex::default(),
+            outcome: Outcome {
+                state: JobState::Failed,
+                message: Some(format!("{}{leak}", "x".repeat(10_000))),
+                services: vec![ServiceResult {
+                    service: "web".into(),
+                    from_image: None,
+                    to_image: None,
+                    outcome: JobState::Failed,
+                    message: leak.into(),
+                }],
+                exit_code: Some(1),
+                log_tail: Some(leak.repeat(1000)),
+            },
+            delay: Duration::ZERO,
+        });
+        let service = Service::new(&config, runner, Journal::Memory, CancellationToken::new())
+            .await
+            .expect("service");
+        let submitted = service
+            .jobs()
+            .submit(Request {
+                hook: "ci".into(),
+                work: Work::UpdateServices {
+                    image: "docker.io/o/r:latest".into(),
+                },
+                facts: Facts::default(),
+                quiet: Duration::ZERO,
+            })
+            .await
+            .expect("submit");
+        let mut view = None;
+        for _ in 0..200 {
+            view = service.jobs().get(&submitted.id.to_string());
+            if view.as_ref().is_some_and(|v| v.state.is_final()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let view = view.expect("the job");
+        assert_eq!(view.state, JobState::Failed);
+        let text = serde_json::to_string(&view).expect("json");
+        for secret in ["hmac-secret-value", "the-hook-token", "registry-password"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+        let message = view.message.expect("message");
+        assert!(
+            message.len() <= crate::redact::MESSAGE_MAX,
+            "{}",
+            message.len()
+        );
+        assert!(message.ends_with("login [redacted]"), "{message}");
+        assert!(view.log_tail.expect("tail").len() <= crate::redact::LOG_TAIL_MAX);
+        assert_eq!(
+            view.services[0].message,
+            "env: KEY=[redacted] TOKEN=[redacted]; login [redacted]"
         );
     }
 }

@@ -43,6 +43,8 @@ pub struct Keys {
     kind: HookKind,
     /// SHA-256 of the shared token.
     token: Option<[u8; 32]>,
+    /// Its length, so job output can be searched for it without keeping it.
+    token_len: usize,
     secret: Option<Vec<u8>>,
     repos: Vec<RepoKey>,
     sha1: bool,
@@ -64,9 +66,12 @@ impl Keys {
             }
             Ok(bytes)
         };
-        let token = match &cfg.token_file {
-            Some(p) => Some(Sha256::digest(read(p)?).into()),
-            None => None,
+        let (token, token_len) = match &cfg.token_file {
+            Some(p) => {
+                let t = read(p)?;
+                (Some(Sha256::digest(&t).into()), t.len())
+            }
+            None => (None, 0),
         };
         let secret = match &cfg.secret_file {
             Some(p) => Some(read(p)?),
@@ -83,10 +88,24 @@ impl Keys {
         Ok(Keys {
             kind: cfg.kind,
             token,
+            token_len,
             secret,
             repos,
             sha1: cfg.accept_sha1,
         })
+    }
+
+    /// Adds this hook's secrets to what job output is cleaned of.
+    pub fn redact_into(&self, r: &mut crate::redact::Redactor) {
+        if let Some(hash) = self.token {
+            r.add_hashed(self.token_len, hash);
+        }
+        if let Some(s) = &self.secret {
+            r.add(s);
+        }
+        for k in &self.repos {
+            r.add(&k.secret);
+        }
     }
 
     /// The one secret a GitHub delivery must be signed with: the entry naming its
