@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover::cluster::agent::{self, ApplyRequest, Key};
-use support::cluster::{Cluster, Node};
+use support::cluster::{Cluster, Node, ShippedStack};
 use support::*;
 
 /// How long Swarm may take to place and start tasks on namespace nodes (pulls included).
@@ -368,7 +368,7 @@ impl Drop for Stack {
     /// drover's and nginx's logs (captured: shown for failing tests only).
     fn drop(&mut self) {
         for svc in ["drover", "nginx"] {
-            let logs = service_logs_of(&self.cluster, svc);
+            let logs = self.cluster.service_logs(svc);
             eprintln!("----- {svc} logs -----\n{logs}\n----- end of {svc} logs -----");
         }
     }
@@ -433,83 +433,27 @@ impl Stack {
     }
 }
 
-/// The shipped `stack.yml` with the shipped `deploy/drover.yml`, deployed on a Swarm of
-/// one manager and two workers, only the variables stack.yml documents set (images,
-/// ports, network, host, secrets dir). Removed with the cluster.
-struct ShippedStack {
-    cluster: Cluster,
-    _secrets: tempfile::TempDir,
-}
-
 const SHIPPED_HTTP_PORT: u16 = 8084;
 const SHIPPED_HOST: &str = "app.cluster.test";
-const SHIPPED: &str = "home";
 
 fn shipped_stack() -> Result<ShippedStack> {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cluster = Cluster::new(1, 2)?;
-    let secrets = temp_dir("cl-shipped")?;
-    let out = std::process::Command::new(repo.join("deploy/gen-secrets.sh"))
-        .arg(secrets.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "deploy/gen-secrets.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let manager = cluster.manager()?;
-    let out = std::process::Command::new("docker")
-        .args(["-H", &format!("unix://{}", manager.socket.display())])
-        .args(["stack", "deploy", "-c", "stack.yml", SHIPPED])
-        .current_dir(repo)
-        .envs([
-            ("DROVER_IMAGE", drover_image()),
-            ("NGINX_IMAGE", nginx_image()),
-            ("APP_IMAGE", busybox_image()),
-            ("APP_HOST", SHIPPED_HOST.to_owned()),
-            ("WEB_NETWORK", NET.to_owned()),
-            ("DROVER_SECRETS_DIR", secrets.path().display().to_string()),
-            ("HTTP_PORT", SHIPPED_HTTP_PORT.to_string()),
-            ("HTTPS_PORT", "8444".to_owned()),
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "docker stack deploy: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(ShippedStack {
-        cluster,
-        _secrets: secrets,
-    })
+    ShippedStack::deploy(Cluster::new(1, 2)?, NET, SHIPPED_HOST, SHIPPED_HTTP_PORT)
 }
 
-impl Drop for ShippedStack {
-    /// drover's and nginx's logs (captured: shown for failing tests only).
-    fn drop(&mut self) {
-        for svc in ["drover", "nginx"] {
-            let name = format!("{SHIPPED}_{svc}");
-            let logs = service_logs_of(&self.cluster, &name);
-            eprintln!("----- {name} logs -----\n{logs}\n----- end of {name} logs -----");
-        }
-    }
+/// Short container ids (the busybox app's answer) of the running tasks of the app.
+fn app_hostnames(s: &ShippedStack) -> Result<BTreeSet<String>> {
+    running_container_ids(&s.cluster, &s.service("app"))
 }
 
-impl ShippedStack {
-    /// Short container ids (the busybox app's answer) of the running tasks of the app.
-    fn app_hostnames(&self) -> Result<BTreeSet<String>> {
-        running_container_ids(&self.cluster, &format!("{SHIPPED}_app"))
-    }
-
-    /// Waits until the nginx on every node answers from exactly the running app tasks, on
-    /// whichever node they run.
-    fn wait_every_nginx_serves_every_task(&self, n: usize) -> Result<()> {
-        for node in &self.cluster.nodes {
+/// Waits until the nginx on every node answers from exactly the running app tasks, on
+/// whichever node they run.
+fn wait_every_nginx_serves_every_task(s: &ShippedStack, n: usize) -> Result<()> {
+    {
+        for node in &s.cluster.nodes {
             let addr = format!("{}:{SHIPPED_HTTP_PORT}", node.addr);
             let mut last = (BTreeSet::new(), BTreeSet::new());
             let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
-                let Ok(want) = self.app_hostnames() else {
+                let Ok(want) = app_hostnames(s) else {
                     return false;
                 };
                 if want.len() != n {
@@ -536,26 +480,6 @@ impl ShippedStack {
             );
         }
         Ok(())
-    }
-}
-
-/// A service's logs, stdout and stderr (drover and nginx log to stderr, which
-/// `Cluster::docker` does not return).
-fn service_logs_of(cluster: &Cluster, service: &str) -> String {
-    let Ok(manager) = cluster.manager() else {
-        return "no manager answers".into();
-    };
-    match std::process::Command::new("docker")
-        .args(["-H", &format!("unix://{}", manager.socket.display())])
-        .args(["service", "logs", "--raw", "--timestamps", service])
-        .output()
-    {
-        Ok(out) => format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(e) => e.to_string(),
     }
 }
 
@@ -592,16 +516,20 @@ fn the_shipped_stack_on_a_manager_and_two_workers_serves_every_app_task_through_
 -> Result<()> {
     require_e2e!();
     let s = shipped_stack()?;
-    s.wait_every_nginx_serves_every_task(2)?;
+    wait_every_nginx_serves_every_task(&s, 2)?;
 
-    s.cluster
-        .docker(&["service", "scale", "--detach", &format!("{SHIPPED}_app=6")])?;
-    s.wait_every_nginx_serves_every_task(6)?;
-    let ips: BTreeSet<String> = task_placement(&s.cluster, &format!("{SHIPPED}_app"), NET)?
+    s.cluster.docker(&[
+        "service",
+        "scale",
+        "--detach",
+        &format!("{}=6", s.service("app")),
+    ])?;
+    wait_every_nginx_serves_every_task(&s, 6)?;
+    let ips: BTreeSet<String> = task_placement(&s.cluster, &s.service("app"), NET)?
         .into_iter()
         .map(|(_, ip)| ip)
         .collect();
-    let placed: BTreeSet<String> = task_placement(&s.cluster, &format!("{SHIPPED}_app"), NET)?
+    let placed: BTreeSet<String> = task_placement(&s.cluster, &s.service("app"), NET)?
         .into_iter()
         .map(|(h, _)| h)
         .collect();
@@ -611,7 +539,7 @@ fn the_shipped_stack_on_a_manager_and_two_workers_serves_every_app_task_through_
     // (the workers have no Swarm API to render it themselves) and was checked and
     // reloaded there.
     for node in &s.cluster.nodes {
-        let id = containers_on(node, &format!("{SHIPPED}_nginx"))?
+        let id = containers_on(node, &s.service("nginx"))?
             .pop()
             .with_context(|| format!("no nginx container on {}", node.short))?;
         let out = std::process::Command::new("docker")

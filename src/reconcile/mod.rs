@@ -173,6 +173,7 @@ impl Reconciler {
         let mut next_resync = Instant::now() + self.resync;
         let mut converge: Option<(Instant, Duration)> = None;
         let mut converging_since: Option<Instant> = None;
+        let mut last_seen: Option<Arc<Snapshot>> = None;
         // After a failed snapshot nothing is due before this instant, whatever arrives.
         let mut retry_at: Option<Instant> = None;
         let mut engine = Policy::default();
@@ -270,6 +271,12 @@ impl Reconciler {
             }
             full_pass = false;
             self.publish(&snapshot);
+            // Slow polling is for a Swarm stuck without progress (a task pending for want
+            // of a node), not for one kept busy by scaling: any change restarts the clock.
+            if last_seen.as_deref() != Some(&*snapshot) {
+                converging_since = None;
+            }
+            last_seen = Some(snapshot.clone());
             converge = if snapshot.is_converging() {
                 let since = *converging_since.get_or_insert(now);
                 let step = match converge {

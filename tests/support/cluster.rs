@@ -126,6 +126,102 @@ impl Cluster {
     pub fn docker(&self, args: &[&str]) -> Result<String> {
         self.manager()?.docker(args)
     }
+
+    /// A service's logs, stdout and stderr (drover and nginx log to stderr, which
+    /// [`Cluster::docker`] does not return).
+    pub fn service_logs(&self, service: &str) -> String {
+        let Ok(manager) = self.manager() else {
+            return "no manager answers".into();
+        };
+        match Command::new("docker")
+            .args(["-H", &format!("unix://{}", manager.socket.display())])
+            .args(["service", "logs", "--raw", "--timestamps", service])
+            .output()
+        {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+/// The shipped `stack.yml` with the shipped `deploy/drover.yml`, deployed as stack `home`
+/// on a cluster with only the variables stack.yml documents set: the test images, the
+/// shared network's name, the app's host name, nginx's host ports and the directory
+/// `deploy/gen-secrets.sh` wrote the secrets to. Goes away with the cluster.
+pub struct ShippedStack {
+    pub cluster: Cluster,
+    pub name: String,
+    _secrets: tempfile::TempDir,
+}
+
+impl ShippedStack {
+    pub fn deploy(
+        cluster: Cluster,
+        network: &str,
+        app_host: &str,
+        http_port: u16,
+    ) -> Result<ShippedStack> {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let secrets = super::temp_dir("cl-shipped")?;
+        let out = Command::new(repo.join("deploy/gen-secrets.sh"))
+            .arg(secrets.path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "deploy/gen-secrets.sh: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let name = "home".to_owned();
+        let manager = cluster.manager()?;
+        let out = Command::new("docker")
+            .args(["-H", &format!("unix://{}", manager.socket.display())])
+            .args(["stack", "deploy", "-c", "stack.yml", &name])
+            .current_dir(repo)
+            .envs([
+                ("DROVER_IMAGE", super::drover_image()),
+                ("NGINX_IMAGE", super::nginx_image()),
+                ("APP_IMAGE", super::busybox_image()),
+                ("APP_HOST", app_host.to_owned()),
+                ("WEB_NETWORK", network.to_owned()),
+                ("DROVER_SECRETS_DIR", secrets.path().display().to_string()),
+                ("HTTP_PORT", http_port.to_string()),
+                ("HTTPS_PORT", (http_port + 1).to_string()),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "docker stack deploy: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(ShippedStack {
+            cluster,
+            name,
+            _secrets: secrets,
+        })
+    }
+
+    /// The Swarm name of the stack's service `short` (`app` → `home_app`).
+    pub fn service(&self, short: &str) -> String {
+        format!("{}_{short}", self.name)
+    }
+}
+
+impl Drop for ShippedStack {
+    /// drover's and nginx's logs (captured by the test harness: shown for failures only).
+    fn drop(&mut self) {
+        for svc in ["drover", "nginx"] {
+            let name = self.service(svc);
+            let logs = self.cluster.service_logs(&name);
+            eprintln!("----- {name} logs -----\n{logs}\n----- end of {name} logs -----");
+        }
+    }
 }
 
 impl Drop for Cluster {
@@ -323,6 +419,12 @@ impl Node {
         let mut full = vec!["-H", host.as_str()];
         full.extend_from_slice(args);
         run("docker", &full)
+    }
+
+    /// The node engine's data root, on the host's file system: named volumes are under
+    /// `volumes/NAME/_data`, readable without asking the engine.
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.join("data")
     }
 
     /// This node's Swarm node id.
