@@ -285,7 +285,9 @@ impl Hook {
         Ok(Hook {
             keys: verify::Keys::load(cfg)?,
             accepted: Arc::new(Mutex::new(Replay::new(accepted))),
-            signed: Arc::new(Mutex::new(Replay::new(2 * MAX_SKEW + Duration::from_secs(1)))),
+            signed: Arc::new(Mutex::new(Replay::new(
+                2 * MAX_SKEW + Duration::from_secs(1),
+            ))),
             cfg: cfg.clone(),
         })
     }
