@@ -39,7 +39,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
     /// The YAML config file. Without it, a built-in nginx target is used.
     #[arg(long, short, env = "DROVER_CONFIG")]

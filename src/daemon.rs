@@ -24,6 +24,7 @@ use crate::status::Board;
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
+    let hangups = crate::reload::catch_hangups();
     let shutdown = CancellationToken::new();
     let board = Arc::new(Board::new());
     let Some(engine) = wait_for_engine(&config, board.clone(), &shutdown).await? else {
@@ -42,7 +43,12 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         config.resync,
         key.clone().map(|k| (k, config.cluster.listen.port())),
     );
-    tasks.spawn(reconciler.run(hint_rx, shutdown.clone()));
+    let (retarget, retargets) = crate::reload::channel(&config);
+    tasks.spawn(
+        reconciler
+            .with_retargets(retargets)
+            .run(hint_rx, shutdown.clone()),
+    );
     if let Some(key) = key {
         start_agent(&config, key, &engine, shutdown.clone(), &mut tasks).await?;
     }
@@ -50,6 +56,8 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let state = webhook_side(&config, engine, board, shutdown.clone())
         .await
         .context("starting the webhook intake")?;
+    let reloader = crate::reload::Reloader::new(args, config, state.hooks.clone(), retarget);
+    tasks.spawn(reloader.run(hangups, shutdown.clone()));
     // A port clash is a start-up error, not a log line.
     let server = crate::http::Server::bind(state).await?;
     tasks.spawn(server.run(shutdown.clone()));

@@ -18,6 +18,9 @@ pub mod cli;
 // typed config, validated once
 pub mod config;
 
+// SIGHUP: the config file again, swapped in whole or refused
+pub mod reload;
+
 // the only code that talks to the engine
 pub mod docker;
 

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub agent_requests: IntCounterVec,
     pub agent_refused: IntCounterVec,
     pub updates: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -225,6 +226,12 @@ impl Metrics {
                 "drover_updates_total",
                 "Service updates by webhooks, by service and outcome",
                 &["service", "outcome"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                "drover_config_reloads_total",
+                "Reloads of drover's own config file on SIGHUP, by outcome (applied, refused)",
+                &["outcome"],
             ),
             stream_reconnects,
             resyncs,

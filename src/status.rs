@@ -84,6 +84,13 @@ impl Board {
         }
     }
 
+    /// A target that a config reload removed.
+    pub fn remove_target(&self, name: &str) {
+        if let Ok(mut t) = self.targets.write() {
+            t.remove(name);
+        }
+    }
+
     pub fn update_target(&self, name: &str, f: impl FnOnce(&mut TargetStatus)) {
         if let Ok(mut t) = self.targets.write() {
             let entry = t.entry(name.to_owned()).or_insert_with(|| TargetStatus {

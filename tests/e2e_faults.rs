@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -680,5 +681,412 @@ fn drover_routes_and_updates_through_a_socket_proxy_allowing_only_the_listed_cal
         );
     }
     let _ = docker(&["image", "rm", "-f", &image]);
+    Ok(())
+}
+
+// ---- drover's own config reloaded on SIGHUP ---------------------------------------------
+
+/// A Tera template listing this test's services (by the `drover-faults` label) as
+/// `PREFIX NAME replicas=N` lines.
+fn labelled_template(dir: &Path, file: &str, prefix: &str, key: &str) -> Result<PathBuf> {
+    let path = dir.join(file);
+    std::fs::write(
+        &path,
+        format!(
+            "{{% for s in services | with_label(name=\"drover-faults\", value=\"{key}\") %}}{prefix} {{{{ s.name }}}} replicas={{{{ s.replicas }}}}\n{{% endfor %}}"
+        ),
+    )?;
+    Ok(path)
+}
+
+fn file_target(name: &str, template: &Path, output: &Path) -> String {
+    format!(
+        "  - name: {name}\n    template: {}\n    output: {}\n    debounce: {{ min: 100ms, max: 500ms }}\n",
+        template.display(),
+        output.display()
+    )
+}
+
+fn reloads(drover: &DroverProcess, outcome: &str) -> f64 {
+    drover
+        .scrape()
+        .ok()
+        .and_then(|m| m.get("drover_config_reloads_total", &[("outcome", outcome)]))
+        .unwrap_or(0.0)
+}
+
+fn file_is(path: &Path, want: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|s| s == want)
+}
+
+#[test]
+fn sighup_applies_a_valid_config_and_refuses_an_invalid_one_keeping_the_old() -> Result<()> {
+    require_e2e!();
+    let key = unique("flt-hup");
+    let dir = temp_dir("drover-faults")?;
+    let a_template = labelled_template(dir.path(), "a.tera", "a", &key)?;
+    let b_template = labelled_template(dir.path(), "b.tera", "b", &key)?;
+    let a_out = dir.path().join("a.conf");
+    let b_out = dir.path().join("b.conf");
+    let http = format!("127.0.0.1:{}", free_port());
+    let v1 = format!(
+        "http: {{ listen: {http} }}\nresync: 30s\ntargets:\n{}",
+        file_target("a", &a_template, &a_out)
+    );
+    let svc = ServiceBuilder::backend(&key)
+        .replicas(1)
+        .label("drover-faults", &key)
+        .create()?;
+    let mut drover = DroverProcess::start(&v1, Some(&http))?;
+    drover.wait_http_ok("/healthz", BOUND)?;
+    let a1 = format!("a {key} replicas=1\n");
+    wait_for("the first render", BOUND, || file_is(&a_out, &a1))?;
+    let hook = |token: &str| {
+        http_post(&http, "/hooks/ci", &[("X-Drover-Token", token)], b"{}").map(|r| r.status)
+    };
+    assert_eq!(hook(TOKEN)?, 404, "no hook configured yet");
+
+    // A valid edit: a second target, a hook, and a listener setting that needs a restart.
+    let with_hook = hook_config(dir.path(), &http, "")?;
+    let hooks_section = with_hook
+        .split_once("hooks:\n")
+        .map(|(_, h)| h)
+        .context("hooks section")?;
+    let v2 = format!(
+        "http: {{ listen: {http}, max_body: 100000 }}\nresync: 30s\ntargets:\n{}{}hooks:\n{hooks_section}",
+        file_target("a", &a_template, &a_out),
+        file_target("b", &b_template, &b_out),
+    );
+    std::fs::write(drover.config_path(), &v2)?;
+    drover.signal("HUP")?;
+    let b1 = format!("b {key} replicas=1\n");
+    wait_for("the new target's file", BOUND, || file_is(&b_out, &b1))?;
+    assert_eq!(reloads(&drover, "applied"), 1.0);
+    assert_eq!(
+        hook("wrong-token")?,
+        401,
+        "the reloaded hook exists and checks its token"
+    );
+    let logs = drover.logs();
+    assert!(logs.contains("config reloaded"), "{logs}");
+    assert!(
+        logs.contains("need a restart") && logs.contains("settings=http"),
+        "the changed listener settings are named as needing a restart: {logs}"
+    );
+
+    // An invalid edit: refused with file, line and reason; the old config keeps working.
+    let v3 = v2.replace("resync: 30s", "resync: 30s\ntargetz: []");
+    std::fs::write(drover.config_path(), &v3)?;
+    drover.signal("HUP")?;
+    wait_for("the refusal in the metrics", BOUND, || {
+        reloads(&drover, "refused") == 1.0
+    })?;
+    let logs = drover.logs();
+    let refusal = logs
+        .lines()
+        .find(|l| l.contains("config reload refused"))
+        .context("a refusal line")?;
+    let at = format!("{}:3:", drover.config_path().display());
+    assert!(
+        refusal.contains(&at) && refusal.contains("targetz"),
+        "the refusal names the file, line and reason: {refusal}"
+    );
+    scale(&key, 2)?;
+    let a2 = format!("a {key} replicas=2\n");
+    let b2 = format!("b {key} replicas=2\n");
+    wait_for("a scale after the refused reload", BOUND, || {
+        file_is(&a_out, &a2) && file_is(&b_out, &b2)
+    })?;
+    assert_eq!(
+        hook("wrong-token")?,
+        401,
+        "the hook of the running config stays"
+    );
+    assert_eq!(reloads(&drover, "applied"), 1.0);
+    assert!(drover.is_running());
+    drop(svc);
+    Ok(())
+}
+
+// ---- SIGTERM during an update job -------------------------------------------------------
+
+/// Sends the generic hook's request for `image` in two halves on one connection: the
+/// headers and half the body now; the rest when the returned closure is called, which
+/// returns the raw answer.
+fn half_sent_update(http: &str, image: &str) -> Result<Box<dyn FnOnce() -> Result<String>>> {
+    let body = format!(r#"{{"image":"{image}"}}"#);
+    let mut conn = std::net::TcpStream::connect(http)?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let head = format!(
+        "POST /hooks/ci HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\n\
+         X-Drover-Token: {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(first.as_bytes())?;
+    conn.flush()?;
+    let rest = rest.to_owned();
+    Ok(Box::new(move || {
+        conn.write_all(rest.as_bytes())?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)?;
+        Ok(answer)
+    }))
+}
+
+fn update_state(service: &str) -> String {
+    inspect(
+        service,
+        "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+    )
+    .unwrap_or_default()
+}
+
+#[test]
+fn sigterm_mid_rollout_drains_http_keeps_the_job_and_a_restarted_drover_finishes_it() -> Result<()>
+{
+    require_e2e!();
+    let _serial = serial();
+    let slow_name = unique("flt-term");
+    let slow_image = format!("127.0.0.1:5000/drover-e2e/{slow_name}:latest");
+    let other_name = unique("flt-term2");
+    let other_image = format!("127.0.0.1:5000/drover-e2e/{other_name}:latest");
+    build_push(&slow_image, "v1", "")?;
+    build_push(&other_image, "v1", "")?;
+    // Three tasks one at a time, 3 s apart: a rollout of ten seconds or more.
+    let slow = ServiceBuilder::new(&slow_name, &slow_image)
+        .replicas(3)
+        .update_config(1, "3s", "pause", "1s")
+        .create()?;
+    let other = ServiceBuilder::new(&other_name, &other_image)
+        .replicas(1)
+        .create()?;
+    wait_running(slow.name(), 3, SWARM)?;
+    wait_running(other.name(), 1, SWARM)?;
+    let slow_v2 = build_push(&slow_image, "v2", "")?;
+    let other_v2 = build_push(&other_image, "v2", "")?;
+    let digest = |repo_digest: &str| {
+        repo_digest
+            .split_once('@')
+            .map(|(_, d)| d.to_owned())
+            .context("digest")
+    };
+
+    let dir = temp_dir("drover-faults")?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let config = hook_config(dir.path(), &http, "")?;
+    // Both runs share one job journal: the restart must find what the first run kept.
+    let journal = unique("t");
+    let env = [("DROVER_JOURNAL", journal.as_str())];
+    let mut first = DroverProcess::start_with_env(&config, Some(&http), &[], &env)?;
+    first.wait_http_ok("/healthz", BOUND)?;
+
+    let slow_job = send_update(&first, &slow_image)?;
+    wait_for("the rollout under way", BOUND, || {
+        update_state(&slow_name) == "updating"
+    })?;
+    let finish_other = half_sent_update(&http, &other_image)?;
+    first.signal("TERM")?;
+    wait_for("the listener closed to new connections", BOUND, || {
+        std::net::TcpStream::connect(&http).is_err()
+    })?;
+    let answer = finish_other()?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 202"),
+        "the request in flight at SIGTERM is answered: {answer}"
+    );
+    let other_job = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+        .and_then(|v| v["job"].as_str().map(str::to_owned))
+        .context("job id in the answer")?;
+    let status = first.wait_exit(BOUND)?;
+    assert!(
+        status.success(),
+        "drover exits cleanly on SIGTERM: {status}"
+    );
+    let logs = first.logs();
+    assert!(logs.contains("job interrupted by shutdown"), "{logs}");
+    assert_eq!(
+        update_state(&slow_name),
+        "updating",
+        "the rollout was still under way when drover stopped"
+    );
+    drop(first);
+
+    let second = DroverProcess::start_with_env(&config, Some(&http), &[], &env)?;
+    for (job, name, v2) in [
+        (&slow_job, &slow_name, &slow_v2),
+        (&other_job, &other_name, &other_v2),
+    ] {
+        let done = wait_job(&second, job, Duration::from_secs(180))?;
+        assert_eq!(done["state"], "completed", "{done}");
+        assert_eq!(
+            inspect(name, "{{.Spec.TaskTemplate.ContainerSpec.Image}}")?,
+            format!("127.0.0.1:5000/drover-e2e/{name}:latest@{}", digest(v2)?),
+        );
+    }
+    assert_eq!(update_state(&slow_name), "completed");
+    assert!(
+        second
+            .logs()
+            .contains("following the rollout already under way"),
+        "the restarted drover followed the rollout it had started: {}",
+        second.logs()
+    );
+    Ok(())
+}
+
+// ---- The engine goes away and comes back ------------------------------------------------
+
+/// Lines of `log` from line `from` on.
+fn lines_since(log: &str, from: usize) -> Vec<&str> {
+    log.lines().skip(from).collect()
+}
+
+/// User plus system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat format")?
+        .1
+        .split_whitespace()
+        .collect();
+    let field =
+        |i: usize| -> Result<u64> { Ok(fields.get(i).context("stat field")?.parse::<u64>()?) };
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+    Ok(field(11)? + field(12)?)
+}
+
+/// Container ids a render lists per line as `NAME ID ID ...` (running tasks only).
+fn rendered_containers(path: &Path) -> BTreeSet<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn an_engine_outage_of_ten_seconds_mid_scale_is_logged_twice_and_converges_after() -> Result<()> {
+    require_e2e!();
+    let _serial = serial();
+    let mut cluster = support::cluster::Cluster::new(1, 0)?;
+    let node = cluster.nodes.first_mut().context("the manager node")?;
+    let key = unique("flt-eng");
+    let args = ServiceBuilder::backend(&key)
+        .replicas(1)
+        .label("drover-faults", &key)
+        .to_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    node.docker(&args)?;
+    let running = |node: &support::cluster::Node| -> BTreeSet<String> {
+        node.docker(&[
+            "ps",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={key}"),
+            "--format",
+            "{{.ID}}",
+        ])
+        .map(|out| out.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+    };
+    wait_for("the service's task", SWARM, || running(node).len() == 1)?;
+
+    let dir = temp_dir("drover-faults")?;
+    let template = dir.path().join("tasks.tera");
+    std::fs::write(
+        &template,
+        format!(
+            "{{% for s in services | with_label(name=\"drover-faults\", value=\"{key}\") %}}{{{{ s.name }}}}\
+             {{% for t in s.tasks %}}{{% if t.state == \"running\" and t.container_id %}} {{{{ t.container_id }}}}{{% endif %}}{{% endfor %}}\n{{% endfor %}}"
+        ),
+    )?;
+    let output = dir.path().join("tasks.conf");
+    // A debounce long enough that the scale's change is still pending when the engine stops.
+    let config = format!(
+        "resync: 10s\ntargets:\n  - name: tasks\n    template: {}\n    output: {}\n    debounce: {{ min: 2s, max: 4s }}\n",
+        template.display(),
+        output.display()
+    );
+    let docker_host = format!("unix://{}", node.socket.display());
+    let mut drover = DroverProcess::start_with_env(
+        &config,
+        None,
+        &[],
+        &[("DOCKER_HOST", &docker_host), ("DROVER_LOG", "info")],
+    )?;
+    drover.wait_ready(BOUND)?;
+    wait_for("the first render", BOUND, || {
+        rendered_containers(&output) == running(node)
+    })?;
+
+    node.docker(&["service", "scale", "--detach", &format!("{key}=3")])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = drover.logs().lines().count();
+    let cpu_before = cpu_ticks(drover.pid())?;
+    node.stop_engine();
+    std::thread::sleep(Duration::from_secs(10));
+    let gone_logs = drover.logs();
+    let during = lines_since(&gone_logs, before);
+    let cpu = cpu_ticks(drover.pid())? - cpu_before;
+    node.start_engine()?;
+    node.wait_engine(Duration::from_secs(60))?;
+    eprintln!(
+        "engine outage: {} log lines and {cpu} CPU ticks while gone:\n{}",
+        during.len(),
+        during.join("\n")
+    );
+
+    assert!(
+        during.len() <= 6,
+        "at most a few lines while the engine is gone, got {}:\n{}",
+        during.len(),
+        during.join("\n")
+    );
+    assert!(
+        during.iter().any(|l| l.contains("engine unreachable")),
+        "one line says the engine is unreachable:\n{}",
+        during.join("\n")
+    );
+    // Clock ticks are 1/100 s: a spinning loop would use about 1000 in these 10 s.
+    assert!(cpu < 300, "{cpu} ticks of CPU while the engine was gone");
+
+    wait_for("the three tasks after the outage", SWARM, || {
+        running(node).len() == 3
+    })?;
+    wait_for("the file to match the running containers", BOUND, || {
+        let want = running(node);
+        want.len() == 3 && rendered_containers(&output) == want
+    })?;
+    let logs = drover.logs();
+    let back = lines_since(&logs, before)
+        .into_iter()
+        .find(|l| l.contains("engine back"))
+        .context("a line says the engine is back")?
+        .to_owned();
+    assert!(
+        back.contains("down_ms="),
+        "with how long it was gone: {back}"
+    );
+    let down_ms: u64 = back
+        .split("down_ms=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("down_ms value")?
+        .parse()?;
+    assert!(
+        down_ms >= 10_000,
+        "gone at least the 10 s it was stopped: {back}"
+    );
+    assert!(drover.is_running());
+    drop(drover);
+    node.docker(&["service", "rm", &key])?;
     Ok(())
 }

@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -252,9 +252,12 @@ pub struct Hook {
     cfg: config::Hook,
     keys: verify::Keys,
     /// Delivery ids (GitHub) or body digests (Docker Hub, generic tokens).
-    accepted: Mutex<Replay>,
+    /// Both memories are shared with the hook of the same name after a config reload
+    /// (while its replay window stays): a request accepted before the reload is still a
+    /// duplicate after it.
+    accepted: Arc<Mutex<Replay>>,
     /// Signed generic requests: kept until their timestamp is stale on either side.
-    signed: Mutex<Replay>,
+    signed: Arc<Mutex<Replay>>,
 }
 
 /// What the intake reads of a request: headers by lower-case name, and the `token` query
@@ -281,8 +284,10 @@ impl Hook {
         };
         Ok(Hook {
             keys: verify::Keys::load(cfg)?,
-            accepted: Mutex::new(Replay::new(accepted)),
-            signed: Mutex::new(Replay::new(2 * MAX_SKEW + Duration::from_secs(1))),
+            accepted: Arc::new(Mutex::new(Replay::new(accepted))),
+            signed: Arc::new(Mutex::new(Replay::new(
+                2 * MAX_SKEW + Duration::from_secs(1),
+            ))),
             cfg: cfg.clone(),
         })
     }
@@ -366,7 +371,9 @@ impl Hook {
 
 /// The webhook intake: configured hooks and the job table behind them.
 pub struct Service {
-    hooks: HashMap<String, Hook>,
+    /// Swapped whole by [`Service::replace_hooks`]; a request holds the `Arc<Hook>` it was
+    /// admitted with until it is answered.
+    hooks: RwLock<Arc<HashMap<String, Arc<Hook>>>>,
     jobs: Arc<Jobs>,
     /// On a Swarm worker every job would fail for want of the Swarm API: verified
     /// requests are answered 503 with the reason instead of 202 and a failed job.
@@ -381,12 +388,10 @@ impl Service {
         journal: Journal,
         shutdown: CancellationToken,
     ) -> Result<Arc<Service>> {
-        let mut hooks = HashMap::new();
+        let hooks = load_hooks(&config.hooks, &HashMap::new())?;
         let mut redactor = crate::redact::Redactor::default();
-        for h in &config.hooks {
-            let hook = Hook::load(h)?;
+        for hook in hooks.values() {
             hook.keys.redact_into(&mut redactor);
-            hooks.insert(h.name.clone(), hook);
         }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
@@ -398,7 +403,7 @@ impl Service {
         let jobs =
             Jobs::start_redacting(config.jobs.clone(), runner, journal, shutdown, redactor).await?;
         Ok(Arc::new(Service {
-            hooks,
+            hooks: RwLock::new(Arc::new(hooks)),
             jobs,
             worker: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -414,13 +419,38 @@ impl Service {
         &self.jobs
     }
 
-    pub fn hooks(&self) -> impl Iterator<Item = &Hook> {
-        self.hooks.values()
+    /// The hooks configured now.
+    pub fn hooks(&self) -> Vec<Arc<Hook>> {
+        self.current().values().cloned().collect()
+    }
+
+    fn current(&self) -> Arc<HashMap<String, Arc<Hook>>> {
+        self.hooks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Swaps in the hooks of a reloaded config, all or nothing: when a secret file cannot
+    /// be read the old hooks stay. Requests already admitted finish with the hook they
+    /// were admitted with; queued jobs are not touched.
+    pub fn replace_hooks(&self, configs: &[config::Hook]) -> Result<()> {
+        let old = self.current();
+        let new = load_hooks(configs, &old)?;
+        *self
+            .hooks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(new);
+        Ok(())
     }
 
     /// The hook named `name`, if it exists and `peer` is in its source networks.
-    pub fn admit(&self, name: &str, peer: Option<IpAddr>) -> Result<&Hook, Reject> {
-        let hook = self.hooks.get(name).ok_or(Reject::UnknownHook)?;
+    pub fn admit(&self, name: &str, peer: Option<IpAddr>) -> Result<Arc<Hook>, Reject> {
+        let hook = self
+            .current()
+            .get(name)
+            .cloned()
+            .ok_or(Reject::UnknownHook)?;
         let cidrs = &hook.cfg.cidrs;
         if !cidrs.is_empty() && !peer.is_some_and(|ip| cidrs.iter().any(|c| c.contains(ip))) {
             return Err(Reject::Forbidden);
@@ -525,6 +555,29 @@ impl Service {
             Err(jobs::Error::Journal(_)) => Err(Reject::Journal),
         }
     }
+}
+
+/// Loads every hook's secrets; a hook named as one in `previous` keeps its replay memory.
+fn load_hooks(
+    configs: &[config::Hook],
+    previous: &HashMap<String, Arc<Hook>>,
+) -> Result<HashMap<String, Arc<Hook>>> {
+    let mut hooks = HashMap::new();
+    for h in configs {
+        let mut hook = Hook::load(h)?;
+        if let Some(old) = previous.get(&h.name) {
+            hook.signed = old.signed.clone();
+            let same_window = |a: &Mutex<Replay>, b: &Mutex<Replay>| {
+                let ttl = |m: &Mutex<Replay>| m.lock().map(|r| r.ttl).ok();
+                ttl(a) == ttl(b)
+            };
+            if same_window(&old.accepted, &hook.accepted) {
+                hook.accepted = old.accepted.clone();
+            }
+        }
+        hooks.insert(h.name.clone(), Arc::new(hook));
+    }
+    Ok(hooks)
 }
 
 #[cfg(test)]

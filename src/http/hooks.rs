@@ -34,7 +34,9 @@ const FAILURE_SOURCES: usize = 4096;
 /// The intake's own state: the hooks, their rate buckets, and failures per source.
 pub struct Intake {
     service: Arc<hooks::Service>,
-    buckets: HashMap<String, Mutex<Bucket>>,
+    /// Per hook name, made at the first verified request; a reload that changes a hook's
+    /// rate gives it a fresh bucket.
+    buckets: Mutex<HashMap<String, Bucket>>,
     failures: Mutex<HashMap<IpAddr, Bucket>>,
     failures_per_minute: u32,
     max_body: usize,
@@ -44,16 +46,9 @@ pub struct Intake {
 
 impl Intake {
     pub fn new(service: Arc<hooks::Service>, http: &crate::config::Http) -> Intake {
-        let buckets = service
-            .hooks()
-            .map(|h| {
-                let rate = f64::from(h.rate());
-                (h.name().to_owned(), Mutex::new(Bucket::new(rate, rate)))
-            })
-            .collect();
         Intake {
             service,
-            buckets,
+            buckets: Mutex::default(),
             failures: Mutex::default(),
             failures_per_minute: http.auth_failures_per_minute,
             max_body: http.max_body,
@@ -89,10 +84,18 @@ impl Intake {
             .take();
     }
 
-    fn take_rate(&self, hook: &str) -> bool {
-        self.buckets
-            .get(hook)
-            .is_some_and(|b| b.lock().map(|mut b| b.take()).unwrap_or(false))
+    fn take_rate(&self, hook: &hooks::Hook) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return false;
+        };
+        let rate = f64::from(hook.rate());
+        let bucket = buckets
+            .entry(hook.name().to_owned())
+            .or_insert_with(|| Bucket::new(rate, rate));
+        if bucket.rate != rate {
+            *bucket = Bucket::new(rate, rate);
+        }
+        bucket.take()
     }
 }
 
@@ -112,11 +115,12 @@ async fn hook(
     let result = intake_one(&intake, &name, peer.ip(), req)
         .instrument(span.clone())
         .await;
-    span.in_scope(|| answer(&intake, &name, result))
+    span.in_scope(|| answer(&name, result))
 }
 
-fn answer(intake: &Intake, name: &str, result: Result<Accepted, Reject>) -> Response {
-    let known = intake.buckets.contains_key(name);
+fn answer(name: &str, result: Result<Accepted, Reject>) -> Response {
+    // Only a configured name becomes a label value (bounded); request data never does.
+    let known = !matches!(result, Err(Reject::UnknownHook));
     let outcome = match &result {
         Ok(a) => a.outcome(),
         Err(r) => r.outcome(),
@@ -182,14 +186,14 @@ async fn intake_one(
         headers: &parts.headers,
         token: query_token(parts.uri.query()),
     };
-    if let Err(r) = service.verify(hook, &headers, &body) {
+    if let Err(r) = service.verify(&hook, &headers, &body) {
         intake.spend_failure(peer);
         return Err(r);
     }
-    if !intake.take_rate(name) {
+    if !intake.take_rate(&hook) {
         return Err(Reject::RateLimited);
     }
-    service.accept(hook, &headers, &body).await
+    service.accept(&hook, &headers, &body).await
 }
 
 /// The body in one buffer of at most `limit` bytes, with the share of `budget` it holds.

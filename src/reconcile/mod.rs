@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
@@ -109,6 +109,53 @@ pub struct Reconciler {
     targets: Vec<TargetState>,
     board: Arc<Board>,
     resync: Duration,
+    agents: Option<(Key, u16)>,
+    retargets: Option<watch::Receiver<Retarget>>,
+}
+
+/// What a config reload may change in the render loop without a restart.
+#[derive(Debug, Clone)]
+pub struct Retarget {
+    pub targets: Vec<Target>,
+    pub resync: Duration,
+}
+
+/// A target's state as at start: template compiled, last applied hash read back.
+fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)>) -> TargetState {
+    let template = Template::load(t).map_err(|e| e.to_string());
+    if let Err(e) = &template {
+        warn!(target = %t.name, error = %e, "template does not compile; target disabled");
+    }
+    let applier = Applier::new(t);
+    board.update_target(&t.name, |s| {
+        s.output = t.output.display().to_string();
+        s.hash = applier.current_hash().map(str::to_owned);
+        s.error = template.as_ref().err().cloned();
+    });
+    TargetState {
+        config: t.clone(),
+        template,
+        applier,
+        deliverer: agents.map(|(key, port)| Deliverer::new(key.clone(), *port)),
+        debounce: Debouncer::new(t.debounce),
+        last_skipped: Vec::new(),
+        settled: None,
+        known_bad: None,
+        unavailable: None,
+        check_backoff: Backoff::new(),
+        unavailable_reason: None,
+    }
+}
+
+/// The next reloaded config, or never when there is no reload channel (or it closed).
+async fn next_retarget(retargets: &mut Option<watch::Receiver<Retarget>>) -> Retarget {
+    if let Some(rx) = retargets {
+        if rx.changed().await.is_ok() {
+            return rx.borrow_and_update().clone();
+        }
+    }
+    *retargets = None;
+    std::future::pending().await
 }
 
 fn unix_now() -> u64 {
@@ -130,40 +177,43 @@ impl Reconciler {
     ) -> Reconciler {
         let targets = targets
             .iter()
-            .map(|t| {
-                let template = Template::load(t).map_err(|e| e.to_string());
-                if let Err(e) = &template {
-                    warn!(target = %t.name, error = %e, "template does not compile; target disabled");
-                }
-                let applier = Applier::new(t);
-                board.update_target(&t.name, |s| {
-                    s.output = t.output.display().to_string();
-                    s.hash = applier.current_hash().map(str::to_owned);
-                    s.error = template.as_ref().err().cloned();
-                });
-                TargetState {
-                    config: t.clone(),
-                    template,
-                    applier,
-                    deliverer: agents
-                        .as_ref()
-                        .map(|(key, port)| Deliverer::new(key.clone(), *port)),
-                    debounce: Debouncer::new(t.debounce),
-                    last_skipped: Vec::new(),
-                    settled: None,
-                    known_bad: None,
-                    unavailable: None,
-                    check_backoff: Backoff::new(),
-                    unavailable_reason: None,
-                }
-            })
+            .map(|t| target_state(t, &board, agents.as_ref()))
             .collect();
         Reconciler {
             engine,
             targets,
             board,
             resync,
+            agents,
+            retargets: None,
         }
+    }
+
+    /// Takes reloaded targets from `retargets` while running (see [`Retarget`]).
+    pub fn with_retargets(mut self, retargets: watch::Receiver<Retarget>) -> Reconciler {
+        self.retargets = Some(retargets);
+        self
+    }
+
+    /// Swaps in a reloaded config's targets: every template is compiled again (an edited
+    /// template file counts too) and the next pass covers every target, so nothing that
+    /// was waiting in a debounce window is lost. Targets no longer configured leave the
+    /// status page; their files stay as they are.
+    fn retarget(&mut self, new: &Retarget) {
+        let names: Vec<&str> = new.targets.iter().map(|t| t.name.as_str()).collect();
+        for gone in self
+            .targets
+            .iter()
+            .filter(|t| !names.contains(&t.config.name.as_str()))
+        {
+            self.board.remove_target(&gone.config.name);
+        }
+        self.targets = new
+            .targets
+            .iter()
+            .map(|t| target_state(t, &self.board, self.agents.as_ref()))
+            .collect();
+        self.resync = new.resync;
     }
 
     pub async fn run(mut self, mut hints: mpsc::Receiver<Hint>, shutdown: CancellationToken) {
@@ -204,6 +254,11 @@ impl Reconciler {
                         None => return,
                     },
                     _ = sleep_until(wake) => {}
+                    new = next_retarget(&mut self.retargets) => {
+                        self.retarget(&new);
+                        full_pass = true;
+                        next_resync = Instant::now() + self.resync;
+                    }
                 }
             }
             let now = Instant::now();

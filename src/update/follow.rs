@@ -4,8 +4,9 @@
 //! Invariants: the service's edit lock is held from the read of its spec to the end of
 //! the rollout, so a webhook rollout and a `notify: restart` of the same service never
 //! interleave and each reports its own rollout; the rollout followed is ours, told apart
-//! from an earlier one by `UpdateStatus.StartedAt`; drover never asks for a rollback,
-//! it reports the one Swarm did.
+//! from an earlier one by `UpdateStatus.StartedAt` (a job resumed after a restart whose
+//! spec change is already posted follows the rollout still under way); drover never asks
+//! for a rollback, it reports the one Swarm did.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::pin;
-use crate::docker::{self, Credentials, Edited, Engine};
+use crate::docker::{self, Credentials, Edited, Engine, UpdateStatus};
 
 /// How often a running update is inspected.
 const POLL: Duration = Duration::from_millis(500);
@@ -75,15 +76,31 @@ pub async fn roll(
         .await?;
     let to_image = pin::image(&edited.spec).map(str::to_owned);
     if !edited.changed {
+        // The spec already says what we want, but its rollout may still be under way: a
+        // job resumed after a restart started it before drover stopped, and it is done
+        // only when that rollout ends.
+        let under_way = match engine.update_status(&edited.id).await {
+            Ok(Some(s)) if s.state == "updating" => s.started_at,
+            _ => None,
+        };
+        let end = match under_way {
+            Some(at) => {
+                info!(service = %edited.name, image = ?to_image, "following the rollout already under way");
+                let ours = |s: &UpdateStatus| s.started_at.as_ref() == Some(&at);
+                follow(engine, &edited, ours, started + limit, limit).await
+            }
+            None => End::Unchanged,
+        };
         return Ok(Rolled {
             service: edited.name,
             from_image,
             to_image,
-            end: End::Unchanged,
+            end,
         });
     }
     info!(service = %edited.name, image = ?to_image, "service update started");
-    let end = follow(engine, &edited, started + limit, limit).await;
+    let ours = |s: &UpdateStatus| s.started_at.is_some() && s.started_at != edited.previous_update;
+    let end = follow(engine, &edited, ours, started + limit, limit).await;
     Ok(Rolled {
         service: edited.name.clone(),
         from_image,
@@ -92,9 +109,14 @@ pub async fn roll(
     })
 }
 
-/// Polls the service until Swarm reports the end of the rollout that started after
-/// `edited.previous_update`.
-async fn follow(engine: &Engine, edited: &Edited, deadline: Instant, limit: Duration) -> End {
+/// Polls the service until Swarm reports the end of the rollout `ours` picks.
+async fn follow(
+    engine: &Engine,
+    edited: &Edited,
+    ours: impl Fn(&UpdateStatus) -> bool,
+    deadline: Instant,
+    limit: Duration,
+) -> End {
     let replicas = pin::replicas(&edited.spec);
     let posted = Instant::now();
     loop {
@@ -110,9 +132,7 @@ async fn follow(engine: &Engine, edited: &Edited, deadline: Instant, limit: Dura
                 continue;
             }
         };
-        let ours =
-            status.filter(|s| s.started_at.is_some() && s.started_at != edited.previous_update);
-        let Some(status) = ours else {
+        let Some(status) = status.filter(&ours) else {
             if replicas == Some(0) && posted.elapsed() >= ZERO_REPLICA_GRACE {
                 return End::Completed("no tasks to update".into());
             }

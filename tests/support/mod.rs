@@ -1137,6 +1137,43 @@ impl DroverProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The process id (for `/proc` and signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, ...) with `kill(1)`.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?
+            .success();
+        ensure!(ok, "kill -{signal} {}", self.child.id());
+        Ok(())
+    }
+
+    /// Waits for the process to exit on its own (after a signal), at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "drover did not exit within {timeout:?}; log:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Where `drover.yml` is; rewrite it and send `HUP` to reload.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("drover.yml")
+    }
+
     /// `GET path` on drover's operator listener (health answers there too).
     pub fn get(&self, path: &str) -> std::io::Result<Response> {
         http_get_host(&self.ops, &self.ops, path)
