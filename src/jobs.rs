@@ -19,11 +19,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::backoff::Backoff;
+use crate::cluster::role::Role;
 use crate::config;
 use crate::docker::Engine;
 use crate::metrics;
@@ -259,14 +261,13 @@ pub enum Journal {
     },
     /// Inside Swarm: one config object per pending job, replicated by Raft, labelled
     /// `drover.job=SCOPE` so that two drover deployments on one Swarm (`jobs.journal`)
-    /// never run each other's jobs. `resume` says whether this instance re-runs the
-    /// pending jobs at start: only the Raft leader's instance does, so a job journalled
-    /// once runs once however many managers there are.
-    Swarm {
-        engine: Engine,
-        scope: String,
-        resume: bool,
-    },
+    /// never run each other's jobs. Shared by every manager: only the Raft leader's
+    /// instance re-runs pending jobs (when it becomes leader), so a job journalled once
+    /// runs once however many managers there are.
+    Swarm { engine: Engine, scope: String },
+    /// Unit tests: a journal in memory that several job tables share, like Swarm's.
+    #[cfg(test)]
+    Shared(Arc<Mutex<BTreeMap<JobId, JobView>>>),
 }
 
 impl Journal {
@@ -277,11 +278,23 @@ impl Journal {
         }
     }
 
+    /// Whether other instances write to the same journal (Swarm's).
+    fn is_shared(&self) -> bool {
+        match self {
+            Journal::Swarm { .. } => true,
+            #[cfg(test)]
+            Journal::Shared(_) => true,
+            _ => false,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Journal::Memory => "memory",
             Journal::File { .. } => "file",
             Journal::Swarm { .. } => "swarm",
+            #[cfg(test)]
+            Journal::Shared(_) => "shared",
         }
     }
 
@@ -303,10 +316,7 @@ impl Journal {
                 }
                 Ok(jobs)
             }
-            Journal::Swarm { resume: false, .. } => Ok(Vec::new()),
-            Journal::Swarm {
-                engine: api, scope, ..
-            } => {
+            Journal::Swarm { engine: api, scope } => {
                 let configs = api
                     .list_configs(&format!("{JOB_LABEL}={scope}"))
                     .await
@@ -327,6 +337,11 @@ impl Journal {
                 }
                 Ok(jobs)
             }
+            #[cfg(test)]
+            Journal::Shared(m) => Ok(m
+                .lock()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default()),
         }
     }
 
@@ -339,9 +354,7 @@ impl Journal {
                 p.insert(job.id.clone(), job.clone());
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm {
-                engine: api, scope, ..
-            } => {
+            Journal::Swarm { engine: api, scope } => {
                 let data = serde_json::to_vec(job).map_err(|e| journal(&e))?;
                 let name = format!("{JOB_CONFIG_PREFIX}{}", job.id);
                 let labels = HashMap::from([(JOB_LABEL.to_owned(), scope.clone())]);
@@ -351,6 +364,13 @@ impl Journal {
                     Err(e) if e.is_conflict() => Ok(()),
                     Err(e) => Err(journal(&e)),
                 }
+            }
+            #[cfg(test)]
+            Journal::Shared(m) => {
+                if let Ok(mut m) = m.lock() {
+                    m.insert(job.id.clone(), job.clone());
+                }
+                Ok(())
             }
         }
     }
@@ -370,6 +390,13 @@ impl Journal {
                     Err(e) if e.is_not_found() => Ok(()),
                     Err(e) => Err(journal(&e)),
                 }
+            }
+            #[cfg(test)]
+            Journal::Shared(m) => {
+                if let Ok(mut m) = m.lock() {
+                    m.remove(id);
+                }
+                Ok(())
             }
         }
     }
@@ -426,7 +453,9 @@ fn unix_ms() -> u64 {
 }
 
 impl Jobs {
-    /// Loads pending jobs from the journal and queues them to run at once.
+    /// The job table. A journal of this instance's own (a file) is loaded and its pending
+    /// jobs queued to run at once; Swarm's journal, shared by every manager, is loaded by
+    /// the leader's instance only, whenever it becomes leader ([`Jobs::follow_role`]).
     pub async fn start(
         limits: config::Jobs,
         runner: Arc<dyn Runner>,
@@ -444,8 +473,6 @@ impl Jobs {
         shutdown: CancellationToken,
         redactor: Redactor,
     ) -> Result<Arc<Jobs>> {
-        let mut pending = journal.load().await?;
-        pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let jobs = Arc::new(Jobs {
             inner: Mutex::default(),
             limits,
@@ -456,40 +483,100 @@ impl Jobs {
             shutdown,
             redactor,
         });
-        if !pending.is_empty() {
-            info!(
-                jobs = pending.len(),
-                journal = jobs.journal.name(),
-                "re-queueing pending jobs"
-            );
+        if !jobs.journal.is_shared() {
+            jobs.resume().await?;
         }
+        Ok(jobs)
+    }
+
+    /// Loads the journal and queues, to run at once, every pending job not already known
+    /// here (queued, running or finished on this instance): a job is never run twice by
+    /// one instance. Returns how many were queued.
+    pub async fn resume(self: &Arc<Self>) -> Result<usize> {
+        let mut pending = self.journal.load().await?;
+        pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let mut queued = Vec::new();
         for mut view in pending {
             view.state = JobState::Queued;
             view.started_at = None;
             let id = view.id.clone();
             let key = view.work.coalesce_key();
             let now = Instant::now();
-            {
-                let mut inner = jobs.lock();
-                if let Some(k) = &key {
-                    inner.waiting.insert(k.clone(), id.clone());
-                }
-                inner.jobs.insert(
-                    id.clone(),
-                    Entry {
-                        view,
-                        seq: jobs.seq.fetch_add(1, Ordering::SeqCst),
-                        first: now,
-                        deadline: now,
-                        key,
-                    },
-                );
-                inner.active += 1;
-                metrics::get().queue_depth.set(inner.active as i64);
+            let mut inner = self.lock();
+            if inner.jobs.contains_key(&id) {
+                continue;
             }
-            jobs.spawn(id);
+            if let Some(k) = &key {
+                inner.waiting.insert(k.clone(), id.clone());
+            }
+            inner.jobs.insert(
+                id.clone(),
+                Entry {
+                    view,
+                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
+                    first: now,
+                    deadline: now,
+                    key,
+                },
+            );
+            inner.active += 1;
+            metrics::get().queue_depth.set(inner.active as i64);
+            queued.push(id);
         }
-        Ok(jobs)
+        if !queued.is_empty() {
+            info!(
+                jobs = queued.len(),
+                journal = self.journal.name(),
+                "re-queueing pending jobs"
+            );
+        }
+        let n = queued.len();
+        for id in queued {
+            self.spawn(id);
+        }
+        Ok(n)
+    }
+
+    /// Follows this instance's role until shutdown: each time it becomes the controller
+    /// (the Raft leader's instance), the jobs journalled in Swarm and not finished — by a
+    /// leader that was lost or demoted, or by a manager that went away — are run here.
+    /// A journal that cannot be read is tried again with backoff while the role holds.
+    pub async fn follow_role(self: Arc<Self>, mut role: watch::Receiver<Role>) {
+        if !self.journal.is_shared() {
+            return;
+        }
+        let mut resumed = false;
+        let mut backoff = Backoff::new();
+        loop {
+            let now = *role.borrow_and_update();
+            let mut retry = None;
+            if !now.is_controller() {
+                resumed = false;
+            } else if !resumed {
+                match self.resume().await {
+                    Ok(n) => {
+                        info!(role = %now, jobs = n, "controller: journalled jobs resumed");
+                        resumed = true;
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the job journal; trying again");
+                        retry = Some(backoff.delay());
+                    }
+                }
+            }
+            let wait = async {
+                match retry {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = role.changed() => if changed.is_err() { return },
+                () = wait => {}
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -1045,6 +1132,120 @@ pub(crate) mod tests {
         assert!(jobs.list().is_empty());
         assert_eq!(jobs.active(), 0);
         assert_eq!(runner.count(), 0);
+    }
+
+    /// Two instances on one shared journal, as two managers on Swarm's: A leads and is
+    /// lost while its job waits; B stands by with a job of its own running, then becomes
+    /// leader.
+    #[tokio::test(start_paused = true)]
+    async fn leadership_that_moves_runs_the_pending_journalled_jobs_once_on_the_new_leader() {
+        let shared = Arc::new(Mutex::new(BTreeMap::new()));
+        let instance = |runner: Arc<FakeRunner>, role: Role| {
+            let shared = shared.clone();
+            async move {
+                let stop = CancellationToken::new();
+                let jobs = Jobs::start(
+                    config::Jobs::default(),
+                    runner,
+                    Journal::Shared(shared),
+                    stop.clone(),
+                )
+                .await
+                .expect("start");
+                let (tx, rx) = watch::channel(role);
+                tokio::spawn(jobs.clone().follow_role(rx));
+                (jobs, tx, stop)
+            }
+        };
+        let a_runner = FakeRunner::new(JobState::Completed);
+        let (a, _a_role, a_stop) = instance(a_runner.clone(), Role::Leader).await;
+        let b_runner = Arc::new(FakeRunner {
+            runs: Mutex::default(),
+            outcome: FakeRunner::new(JobState::Completed).outcome.clone(),
+            delay: Duration::from_secs(30),
+        });
+        let (b, b_role, _b_stop) = instance(b_runner.clone(), Role::Manager).await;
+
+        let lost = a
+            .submit(update("docker.io/o/lost:latest"))
+            .await
+            .expect("submit");
+        let mut req = update("docker.io/o/own:latest");
+        req.quiet = Duration::ZERO;
+        let own = b.submit(req).await.expect("submit");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(b.get(&own.id.0).expect("job").state, JobState::Running);
+        assert!(
+            b.get(&lost.id.0).is_none(),
+            "a standby runs no journalled job"
+        );
+
+        a_stop.cancel();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(a_runner.count(), 0, "the lost leader never ran its job");
+        assert!(shared.lock().expect("lock").contains_key(&lost.id));
+
+        b_role.send_replace(Role::Leader);
+        assert_eq!(settle(&b, &lost.id).await.state, JobState::Completed);
+        assert_eq!(settle(&b, &own.id).await.state, JobState::Completed);
+        let ran: Vec<JobId> = b_runner
+            .runs
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| r.id.clone())
+            .collect();
+        assert_eq!(ran, vec![own.id.clone(), lost.id.clone()], "each ran once");
+
+        // Leadership that flaps back and forth finds nothing left to run.
+        for role in [Role::Manager, Role::Leader, Role::Manager, Role::Leader] {
+            b_role.send_replace(role);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(b_runner.count(), 2);
+        assert!(shared.lock().expect("lock").is_empty(), "journal emptied");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_journal_is_not_resumed_at_start_but_when_this_instance_leads() {
+        let shared = Arc::new(Mutex::new(BTreeMap::new()));
+        let pending = JobView {
+            id: JobId::generate(),
+            hook: "hub".into(),
+            state: JobState::Queued,
+            work: Work::UpdateServices {
+                image: "docker.io/o/r:latest".into(),
+            },
+            facts: Facts::default(),
+            requests: 1,
+            created_at: 1,
+            started_at: None,
+            finished_at: None,
+            message: None,
+            services: Vec::new(),
+            exit_code: None,
+            log_tail: None,
+        };
+        Journal::Shared(shared.clone())
+            .put(&pending)
+            .await
+            .expect("put");
+        let runner = FakeRunner::new(JobState::Skipped);
+        let jobs = Jobs::start(
+            config::Jobs::default(),
+            runner.clone(),
+            Journal::Shared(shared.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
+        let (role, rx) = watch::channel(Role::Worker);
+        tokio::spawn(jobs.clone().follow_role(rx));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(runner.count(), 0);
+        role.send_replace(Role::Leader);
+        assert_eq!(settle(&jobs, &pending.id).await.state, JobState::Skipped);
+        assert_eq!(runner.count(), 1);
     }
 
     #[test]

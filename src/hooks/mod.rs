@@ -31,9 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::role::Role;
 use crate::config::{self, HookKind};
 use crate::jobs::{self, Jobs, Journal, Request, Runner, Submitted};
 use crate::metrics;
@@ -369,8 +371,9 @@ pub struct Service {
     hooks: HashMap<String, Hook>,
     jobs: Arc<Jobs>,
     /// On a Swarm worker every job would fail for want of the Swarm API: verified
-    /// requests are answered 503 with the reason instead of 202 and a failed job.
-    worker: std::sync::atomic::AtomicBool,
+    /// requests are answered 503 with the reason instead of 202 and a failed job. Live:
+    /// a node promoted or demoted changes the answer.
+    role: watch::Receiver<Role>,
 }
 
 impl Service {
@@ -379,6 +382,7 @@ impl Service {
         config: &config::Config,
         runner: Arc<dyn Runner>,
         journal: Journal,
+        role: watch::Receiver<Role>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Service>> {
         let mut hooks = HashMap::new();
@@ -397,17 +401,7 @@ impl Service {
         }
         let jobs =
             Jobs::start_redacting(config.jobs.clone(), runner, journal, shutdown, redactor).await?;
-        Ok(Arc::new(Service {
-            hooks,
-            jobs,
-            worker: std::sync::atomic::AtomicBool::new(false),
-        }))
-    }
-
-    /// Marks this instance as running on a Swarm worker (or not any more).
-    pub fn set_worker(&self, worker: bool) {
-        self.worker
-            .store(worker, std::sync::atomic::Ordering::Relaxed);
+        Ok(Arc::new(Service { hooks, jobs, role }))
     }
 
     pub fn jobs(&self) -> &Arc<Jobs> {
@@ -498,7 +492,7 @@ impl Service {
         body: &[u8],
     ) -> Result<Accepted, Reject> {
         let cfg = &hook.cfg;
-        if self.worker.load(std::sync::atomic::Ordering::Relaxed) {
+        if *self.role.borrow() == Role::Worker {
             return Err(Reject::Worker);
         }
         if let Some(ev) = event {
