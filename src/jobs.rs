@@ -119,8 +119,8 @@ pub enum Work {
     Command {
         argv: Vec<String>,
     },
-    /// A one-off container run through the Engine API (the spec is journalled with the
-    /// job, so a job re-queued after a restart runs what was configured when it came in).
+    /// A one-off container run through the Engine API (the spec is the hook's current
+    /// one: a job re-queued after a restart runs what is configured then).
     Container {
         spec: config::ContainerSpec,
     },
@@ -250,6 +250,37 @@ pub struct Submitted {
     pub coalesced: bool,
 }
 
+/// What the journal keeps of a pending job: the hook and the facts it verified, never
+/// the work. The work (argv, container spec, image) is derived again from the *current*
+/// config when the job is resumed, so a hook changed or removed since does not run what
+/// it used to. Older entries that also hold the work read as this (extra fields ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journalled {
+    pub id: JobId,
+    pub hook: String,
+    pub facts: Facts,
+    pub requests: u32,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+impl Journalled {
+    fn of(view: &JobView) -> Journalled {
+        Journalled {
+            id: view.id.clone(),
+            hook: view.hook.clone(),
+            facts: view.facts.clone(),
+            requests: view.requests,
+            created_at: view.created_at,
+        }
+    }
+}
+
+/// Derives a resumed job's work from the current config: the hook's action applied to
+/// the journalled facts, or why the job cannot run any more (unknown hook, facts its
+/// rules no longer allow). Given by `hooks`, which owns the hooks' config.
+pub type Resolve = Arc<dyn Fn(&str, &Facts) -> std::result::Result<Work, String> + Send + Sync>;
+
 /// Where pending jobs survive a restart.
 pub enum Journal {
     /// Tests, or no place configured: nothing survives.
@@ -257,7 +288,7 @@ pub enum Journal {
     /// Outside Swarm: one JSON file holding every pending job, rewritten atomically.
     File {
         path: PathBuf,
-        pending: tokio::sync::Mutex<BTreeMap<JobId, JobView>>,
+        pending: tokio::sync::Mutex<BTreeMap<JobId, Journalled>>,
     },
     /// Inside Swarm: one config object per pending job, replicated by Raft, labelled
     /// `drover.job=SCOPE` so that two drover deployments on one Swarm (`jobs.journal`)
@@ -267,7 +298,7 @@ pub enum Journal {
     Swarm { engine: Engine, scope: String },
     /// Unit tests: a journal in memory that several job tables share, like Swarm's.
     #[cfg(test)]
-    Shared(Arc<Mutex<BTreeMap<JobId, JobView>>>),
+    Shared(Arc<Mutex<BTreeMap<JobId, Journalled>>>),
 }
 
 impl Journal {
@@ -298,7 +329,7 @@ impl Journal {
         }
     }
 
-    async fn load(&self) -> Result<Vec<JobView>> {
+    async fn load(&self) -> Result<Vec<Journalled>> {
         let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
         match self {
             Journal::Memory => Ok(Vec::new()),
@@ -308,7 +339,7 @@ impl Journal {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
                     Err(e) => return Err(journal(&format!("{}: {e}", path.display()))),
                 };
-                let jobs: Vec<JobView> = serde_json::from_slice(&text)
+                let jobs: Vec<Journalled> = serde_json::from_slice(&text)
                     .map_err(|e| journal(&format!("{}: {e}", path.display())))?;
                 let mut p = pending.lock().await;
                 for j in &jobs {
@@ -329,7 +360,7 @@ impl Journal {
                     let decoded = base64::engine::general_purpose::STANDARD.decode(data.trim());
                     match decoded
                         .ok()
-                        .and_then(|d| serde_json::from_slice::<JobView>(&d).ok())
+                        .and_then(|d| serde_json::from_slice::<Journalled>(&d).ok())
                     {
                         Some(job) => jobs.push(job),
                         None => warn!(config = ?c.id, "ignoring unreadable job journal entry"),
@@ -345,7 +376,7 @@ impl Journal {
         }
     }
 
-    async fn put(&self, job: &JobView) -> Result<()> {
+    async fn put(&self, job: &Journalled) -> Result<()> {
         let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
         match self {
             Journal::Memory => Ok(()),
@@ -404,9 +435,9 @@ impl Journal {
 
 async fn write_file(
     path: &std::path::Path,
-    pending: &BTreeMap<JobId, JobView>,
+    pending: &BTreeMap<JobId, Journalled>,
 ) -> std::io::Result<()> {
-    let jobs: Vec<&JobView> = pending.values().collect();
+    let jobs: Vec<&Journalled> = pending.values().collect();
     let bytes = serde_json::to_vec_pretty(&jobs).map_err(std::io::Error::other)?;
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&path, &bytes))
@@ -437,6 +468,7 @@ pub struct Jobs {
     inner: Mutex<Inner>,
     limits: config::Jobs,
     runner: Arc<dyn Runner>,
+    resolve: Resolve,
     journal: Journal,
     workers: Semaphore,
     seq: AtomicU64,
@@ -459,16 +491,26 @@ impl Jobs {
     pub async fn start(
         limits: config::Jobs,
         runner: Arc<dyn Runner>,
+        resolve: Resolve,
         journal: Journal,
         shutdown: CancellationToken,
     ) -> Result<Arc<Jobs>> {
-        Jobs::start_redacting(limits, runner, journal, shutdown, Redactor::default()).await
+        Jobs::start_redacting(
+            limits,
+            runner,
+            resolve,
+            journal,
+            shutdown,
+            Redactor::default(),
+        )
+        .await
     }
 
     /// [`Jobs::start`], with the secrets to cut out of job messages and output tails.
     pub async fn start_redacting(
         limits: config::Jobs,
         runner: Arc<dyn Runner>,
+        resolve: Resolve,
         journal: Journal,
         shutdown: CancellationToken,
         redactor: Redactor,
@@ -477,6 +519,7 @@ impl Jobs {
             inner: Mutex::default(),
             limits,
             runner,
+            resolve,
             journal,
             workers: Semaphore::new(WORKERS),
             seq: AtomicU64::new(1),
@@ -496,9 +539,35 @@ impl Jobs {
         let mut pending = self.journal.load().await?;
         pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let mut queued = Vec::new();
-        for mut view in pending {
-            view.state = JobState::Queued;
-            view.started_at = None;
+        for entry in pending {
+            if self.lock().jobs.contains_key(&entry.id) {
+                continue;
+            }
+            let work = match (self.resolve)(&entry.hook, &entry.facts) {
+                Ok(work) => work,
+                Err(reason) => {
+                    warn!(job = %entry.id, hook = %entry.hook, %reason, "dropping journalled job");
+                    if let Err(e) = self.journal.remove(&entry.id).await {
+                        warn!(job = %entry.id, error = %e, "cannot remove dropped job from the journal");
+                    }
+                    continue;
+                }
+            };
+            let view = JobView {
+                id: entry.id,
+                hook: entry.hook,
+                state: JobState::Queued,
+                work,
+                facts: entry.facts,
+                requests: entry.requests,
+                created_at: entry.created_at,
+                started_at: None,
+                finished_at: None,
+                message: None,
+                services: Vec::new(),
+                exit_code: None,
+                log_tail: None,
+            };
             let id = view.id.clone();
             let key = view.work.coalesce_key();
             let now = Instant::now();
@@ -638,7 +707,7 @@ impl Jobs {
         key: Option<String>,
         quiet: Duration,
     ) -> Result<Submitted> {
-        if let Err(e) = self.journal.put(&view).await {
+        if let Err(e) = self.journal.put(&Journalled::of(&view)).await {
             error!(job = %view.id, error = %e, "cannot record job");
             let mut inner = self.lock();
             inner.active = inner.active.saturating_sub(1);
@@ -850,9 +919,23 @@ pub(crate) mod tests {
             work: Work::UpdateServices {
                 image: image.into(),
             },
-            facts: Facts::default(),
+            facts: Facts {
+                hook: "hub".into(),
+                image: Some(image.into()),
+                ..Facts::default()
+            },
             quiet: Duration::from_secs(10),
         }
+    }
+
+    /// The config these tests run with: one hook, `hub`, updating the image its facts name.
+    pub(crate) fn resolve() -> Resolve {
+        Arc::new(|hook: &str, facts: &Facts| match (hook, &facts.image) {
+            ("hub", Some(image)) => Ok(Work::UpdateServices {
+                image: image.clone(),
+            }),
+            _ => Err("the hook is no longer configured".into()),
+        })
     }
 
     async fn jobs(runner: Arc<FakeRunner>, queue: usize) -> Arc<Jobs> {
@@ -861,9 +944,15 @@ pub(crate) mod tests {
             history: 3,
             ..config::Jobs::default()
         };
-        Jobs::start(limits, runner, Journal::Memory, CancellationToken::new())
-            .await
-            .expect("start")
+        Jobs::start(
+            limits,
+            runner,
+            resolve(),
+            Journal::Memory,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start")
     }
 
     async fn settle(jobs: &Jobs, id: &JobId) -> JobView {
@@ -1034,35 +1123,34 @@ pub(crate) mod tests {
         assert_eq!(listed, vec![ids[4].clone(), ids[3].clone(), ids[2].clone()]);
     }
 
-    #[tokio::test]
-    async fn file_journal_requeues_pending_jobs_on_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("jobs.json");
-        let pending = JobView {
+    fn journalled(hook: &str, image: &str) -> Journalled {
+        Journalled {
             id: JobId::generate(),
-            hook: "hub".into(),
-            state: JobState::Running,
-            work: Work::UpdateServices {
-                image: "docker.io/o/r:latest".into(),
+            hook: hook.into(),
+            facts: Facts {
+                hook: hook.into(),
+                image: Some(image.into()),
+                ..Facts::default()
             },
-            facts: Facts::default(),
             requests: 2,
             created_at: 1,
-            started_at: Some(2),
-            finished_at: None,
-            message: None,
-            services: Vec::new(),
-            exit_code: None,
-            log_tail: None,
-        };
-        Journal::file(path.clone())
-            .put(&pending)
-            .await
-            .expect("put");
+        }
+    }
+
+    #[tokio::test]
+    async fn file_journal_requeues_pending_jobs_on_start_and_drops_unknown_hooks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jobs.json");
+        let pending = journalled("hub", "docker.io/o/r:latest");
+        let gone = journalled("removed-hook", "docker.io/o/r:latest");
+        let journal = Journal::file(path.clone());
+        journal.put(&pending).await.expect("put");
+        journal.put(&gone).await.expect("put");
         let runner = FakeRunner::new(JobState::Skipped);
         let jobs = Jobs::start(
             config::Jobs::default(),
             runner.clone(),
+            resolve(),
             Journal::file(path.clone()),
             CancellationToken::new(),
         )
@@ -1070,10 +1158,62 @@ pub(crate) mod tests {
         .expect("start");
         let done = settle(&jobs, &pending.id).await;
         assert_eq!(done.state, JobState::Skipped);
-        assert_eq!(runner.count(), 1);
-        let left: Vec<JobView> =
+        assert_eq!(done.requests, 2);
+        assert_eq!(
+            done.work,
+            Work::UpdateServices {
+                image: "docker.io/o/r:latest".into()
+            },
+            "the work is derived from the current config"
+        );
+        assert_eq!(runner.count(), 1, "the unknown hook's job did not run");
+        assert!(jobs.get(&gone.id.0).is_none());
+        let left: Vec<Journalled> =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
-        assert!(left.is_empty(), "finished job still journalled: {left:?}");
+        assert!(
+            left.is_empty(),
+            "finished or dropped job still journalled: {left:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_journal_keeps_the_hook_and_its_facts_not_the_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jobs.json");
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = Jobs::start(
+            config::Jobs::default(),
+            runner,
+            resolve(),
+            Journal::file(path.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
+        let mut req = update("docker.io/o/r:latest");
+        req.work = Work::Command {
+            argv: vec!["secret-argv".into()],
+        };
+        let s = jobs.submit(req).await.expect("submit");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).expect("json");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["id"], s.id.0.as_str());
+        assert_eq!(entries[0]["hook"], "hub");
+        assert_eq!(entries[0]["facts"]["image"], "docker.io/o/r:latest");
+        assert!(
+            !text.contains("secret-argv") && !text.contains("action"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_entry_journalled_with_its_work_by_an_older_version_still_reads() {
+        let old = r#"{"id":"abc-1","hook":"hub","state":"queued","action":"command",
+            "argv":["rm","-rf"],"facts":{"hook":"hub"},"requests":1,"created_at":5}"#;
+        let entry: Journalled = serde_json::from_str(old).expect("reads");
+        assert_eq!(entry.hook, "hub");
+        assert_eq!(entry.created_at, 5);
     }
 
     #[tokio::test]
@@ -1084,6 +1224,7 @@ pub(crate) mod tests {
         let jobs = Jobs::start(
             config::Jobs::default(),
             runner.clone(),
+            resolve(),
             Journal::file(path.clone()),
             CancellationToken::new(),
         )
@@ -1120,6 +1261,7 @@ pub(crate) mod tests {
         let jobs = Jobs::start(
             limits,
             runner.clone(),
+            resolve(),
             Journal::file(path),
             CancellationToken::new(),
         )
@@ -1147,6 +1289,7 @@ pub(crate) mod tests {
                 let jobs = Jobs::start(
                     config::Jobs::default(),
                     runner,
+                    resolve(),
                     Journal::Shared(shared),
                     stop.clone(),
                 )
@@ -1209,23 +1352,7 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_shared_journal_is_not_resumed_at_start_but_when_this_instance_leads() {
         let shared = Arc::new(Mutex::new(BTreeMap::new()));
-        let pending = JobView {
-            id: JobId::generate(),
-            hook: "hub".into(),
-            state: JobState::Queued,
-            work: Work::UpdateServices {
-                image: "docker.io/o/r:latest".into(),
-            },
-            facts: Facts::default(),
-            requests: 1,
-            created_at: 1,
-            started_at: None,
-            finished_at: None,
-            message: None,
-            services: Vec::new(),
-            exit_code: None,
-            log_tail: None,
-        };
+        let pending = journalled("hub", "docker.io/o/r:latest");
         Journal::Shared(shared.clone())
             .put(&pending)
             .await
@@ -1234,6 +1361,7 @@ pub(crate) mod tests {
         let jobs = Jobs::start(
             config::Jobs::default(),
             runner.clone(),
+            resolve(),
             Journal::Shared(shared.clone()),
             CancellationToken::new(),
         )

@@ -366,6 +366,25 @@ impl Hook {
     }
 }
 
+/// How a journalled job's work is derived again when it is resumed: from the hook as it
+/// is configured now. A hook that is gone, or whose rules no longer allow the journalled
+/// facts, runs nothing.
+fn resolver(config: &config::Config) -> jobs::Resolve {
+    let current: HashMap<String, config::Hook> = config
+        .hooks
+        .iter()
+        .map(|h| (h.name.clone(), h.clone()))
+        .collect();
+    Arc::new(move |name: &str, facts: &Facts| {
+        let cfg = current
+            .get(name)
+            .ok_or_else(|| "the hook is no longer configured".to_owned())?;
+        rules::check(&cfg.allow, facts)
+            .map_err(|rule| format!("the hook's rule on {rule} no longer allows it"))?;
+        rules::work(&cfg.action, facts).map_err(|e| e.to_string())
+    })
+}
+
 /// The webhook intake: configured hooks and the job table behind them.
 pub struct Service {
     hooks: HashMap<String, Hook>,
@@ -399,8 +418,15 @@ impl Service {
                 redactor.add(&password);
             }
         }
-        let jobs =
-            Jobs::start_redacting(config.jobs.clone(), runner, journal, shutdown, redactor).await?;
+        let jobs = Jobs::start_redacting(
+            config.jobs.clone(),
+            runner,
+            resolver(config),
+            journal,
+            shutdown,
+            redactor,
+        )
+        .await?;
         Ok(Arc::new(Service { hooks, jobs, role }))
     }
 
@@ -538,6 +564,39 @@ mod tests {
         assert!(r.contains(&key("a"), t0 + Duration::from_secs(60)));
         assert!(!r.contains(&key("a"), t0 + REPLAY_TTL));
         assert!(r.insert(key("a"), t0 + REPLAY_TTL + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn resumed_work_comes_from_the_current_hook_config() {
+        let yaml = r#"
+hooks:
+  - name: deploy
+    kind: generic
+    token_file: /dev/null
+    allow: { tag: "latest" }
+    action: { command: ["deploy", "--now"] }
+"#;
+        let config = config::Config::parse(std::path::Path::new("t.yml"), yaml).expect("config");
+        let resolve = resolver(&config);
+        let facts = Facts {
+            hook: "deploy".into(),
+            tag: Some("latest".into()),
+            ..Facts::default()
+        };
+        assert_eq!(
+            resolve("deploy", &facts),
+            Ok(jobs::Work::Command {
+                argv: vec!["deploy".into(), "--now".into()]
+            })
+        );
+        let err = resolve("gone", &facts).expect_err("unknown hook");
+        assert!(err.contains("no longer configured"), "{err}");
+        let stale = Facts {
+            tag: Some("old".into()),
+            ..facts
+        };
+        let err = resolve("deploy", &stale).expect_err("refused by the rule");
+        assert!(err.contains("tag"), "{err}");
     }
 
     #[test]
