@@ -770,9 +770,16 @@ hooks:
             },
             delay: Duration::ZERO,
         });
-        let service = Service::new(&config, runner, Journal::Memory, CancellationToken::new())
-            .await
-            .expect("service");
+        let (_, role) = watch::channel(Role::Standalone);
+        let service = Service::new(
+            &config,
+            runner,
+            Journal::Memory,
+            role,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("service");
         let submitted = service
             .jobs()
             .submit(Request {
