@@ -10,11 +10,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cli::ConfigArgs;
+use crate::cluster::role::{self, Role};
 use crate::config::Config;
 use crate::docker::Engine;
 use crate::jobs::Journal;
@@ -33,8 +35,14 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
 
     let mut tasks = JoinSet::new();
+    let (roles, role) = start_role(&config, &engine, board.clone(), &shutdown, &mut tasks).await;
     let (hint_tx, hint_rx) = tokio::sync::mpsc::channel(1024);
-    tasks.spawn(crate::watch::run(engine.clone(), hint_tx, shutdown.clone()));
+    tasks.spawn(crate::watch::run(
+        engine.clone(),
+        hint_tx,
+        roles,
+        shutdown.clone(),
+    ));
     let key = cluster_key(&config)?;
     let reconciler = Reconciler::new(
         engine.clone(),
@@ -42,6 +50,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         board.clone(),
         config.resync,
         key.clone().map(|k| (k, config.cluster.listen.port())),
+        role.clone(),
     );
     let (retarget, retargets) = crate::reload::channel(&config);
     tasks.spawn(
@@ -53,11 +62,12 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         start_agent(&config, key, &engine, shutdown.clone(), &mut tasks).await?;
     }
 
-    let state = webhook_side(&config, engine, board, shutdown.clone())
+    let state = webhook_side(&config, engine, board, role.clone(), shutdown.clone())
         .await
         .context("starting the webhook intake")?;
     let reloader = crate::reload::Reloader::new(args, config, state.hooks.clone(), retarget);
     tasks.spawn(reloader.run(hangups, shutdown.clone()));
+    tasks.spawn(state.hooks.jobs().clone().follow_role(role));
     // A port clash is a start-up error, not a log line.
     let server = crate::http::Server::bind(state).await?;
     tasks.spawn(server.run(shutdown.clone()));
@@ -88,6 +98,35 @@ async fn wait_for_engine(
     Ok(engine)
 }
 
+/// The live role (`cluster::role`): asked once now, then kept current by its own task,
+/// nudged by the event watcher (the returned `Notify`).
+async fn start_role(
+    config: &Config,
+    engine: &Engine,
+    board: Arc<Board>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> (Arc<Notify>, watch::Receiver<Role>) {
+    let initial = match role::probe(engine).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Standing by claims nothing; the watcher's first nudge asks again at once.
+            warn!(error = %e, "cannot read the role yet; standing by");
+            Role::Manager
+        }
+    };
+    let (publisher, rx) = role::channel(initial, board);
+    let nudge = Arc::new(Notify::new());
+    tasks.spawn(role::run(
+        engine.clone(),
+        publisher,
+        nudge.clone(),
+        config.resync,
+        shutdown.clone(),
+    ));
+    (nudge, rx)
+}
+
 /// The webhook side: hook secrets, registry passwords, the job journal and the job table.
 /// The journal is Swarm's store (config objects) when this engine is a Swarm manager,
 /// else `jobs.state_file`, else memory.
@@ -95,25 +134,17 @@ async fn webhook_side(
     config: &Config,
     engine: Engine,
     board: Arc<Board>,
+    role: watch::Receiver<Role>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<crate::http::AppState> {
-    let mut worker = false;
     let journal = match engine.inspect_swarm().await {
-        Ok(_) => {
-            let leader = is_swarm_leader(&engine).await;
-            if !leader {
-                info!("not the swarm leader: pending jobs are left to the leader's instance");
-            }
-            Journal::Swarm {
-                engine: engine.clone(),
-                scope: config.jobs.journal.clone(),
-                resume: leader,
-            }
-        }
+        Ok(_) => Journal::Swarm {
+            engine: engine.clone(),
+            scope: config.jobs.journal.clone(),
+        },
         Err(e) => {
             debug!(error = %e, "not a swarm manager");
-            worker = is_swarm_worker(&engine).await;
-            if worker {
+            if *role.borrow() == Role::Worker {
                 warn!("swarm worker: webhooks are answered 503, send them to a manager");
             }
             match &config.jobs.state_file {
@@ -128,42 +159,12 @@ async fn webhook_side(
         }
     };
     let runner = Arc::new(crate::update::Executor::new(engine, config)?);
-    let hooks = crate::hooks::Service::new(config, runner, journal, shutdown).await?;
-    hooks.set_worker(worker);
+    let hooks = crate::hooks::Service::new(config, runner, journal, role, shutdown).await?;
     Ok(crate::http::AppState::new(
         hooks,
         board,
         config.http.clone(),
     ))
-}
-
-/// Whether the local node is the Swarm Raft leader (roles come from Swarm, not from us).
-async fn is_swarm_leader(engine: &Engine) -> bool {
-    let Ok(info) = engine.info().await else {
-        return false;
-    };
-    let Some(node_id) = info.swarm.and_then(|s| s.node_id) else {
-        return false;
-    };
-    engine
-        .inspect_node(&node_id)
-        .await
-        .ok()
-        .and_then(|n| n.manager_status)
-        .and_then(|m| m.leader)
-        .unwrap_or(false)
-}
-
-/// Whether the local node is a Swarm worker: in a Swarm but without its API, so neither a
-/// service update nor a stack deploy can run here.
-async fn is_swarm_worker(engine: &Engine) -> bool {
-    let Ok(info) = engine.info().await else {
-        return false;
-    };
-    info.swarm.is_some_and(|s| {
-        s.local_node_state == Some(bollard::models::LocalNodeState::ACTIVE)
-            && s.control_available != Some(true)
-    })
 }
 
 /// The cluster key when its file is there (cluster mode); a key file that is there but

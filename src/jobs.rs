@@ -19,11 +19,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::backoff::Backoff;
+use crate::cluster::role::Role;
 use crate::config;
 use crate::docker::Engine;
 use crate::metrics;
@@ -117,8 +119,8 @@ pub enum Work {
     Command {
         argv: Vec<String>,
     },
-    /// A one-off container run through the Engine API (the spec is journalled with the
-    /// job, so a job re-queued after a restart runs what was configured when it came in).
+    /// A one-off container run through the Engine API (the spec is the hook's current
+    /// one: a job re-queued after a restart runs what is configured then).
     Container {
         spec: config::ContainerSpec,
     },
@@ -248,6 +250,37 @@ pub struct Submitted {
     pub coalesced: bool,
 }
 
+/// What the journal keeps of a pending job: the hook and the facts it verified, never
+/// the work. The work (argv, container spec, image) is derived again from the *current*
+/// config when the job is resumed, so a hook changed or removed since does not run what
+/// it used to. Older entries that also hold the work read as this (extra fields ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journalled {
+    pub id: JobId,
+    pub hook: String,
+    pub facts: Facts,
+    pub requests: u32,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+impl Journalled {
+    fn of(view: &JobView) -> Journalled {
+        Journalled {
+            id: view.id.clone(),
+            hook: view.hook.clone(),
+            facts: view.facts.clone(),
+            requests: view.requests,
+            created_at: view.created_at,
+        }
+    }
+}
+
+/// Derives a resumed job's work from the current config: the hook's action applied to
+/// the journalled facts, or why the job cannot run any more (unknown hook, facts its
+/// rules no longer allow). Given by `hooks`, which owns the hooks' config.
+pub type Resolve = Arc<dyn Fn(&str, &Facts) -> std::result::Result<Work, String> + Send + Sync>;
+
 /// Where pending jobs survive a restart.
 pub enum Journal {
     /// Tests, or no place configured: nothing survives.
@@ -255,18 +288,17 @@ pub enum Journal {
     /// Outside Swarm: one JSON file holding every pending job, rewritten atomically.
     File {
         path: PathBuf,
-        pending: tokio::sync::Mutex<BTreeMap<JobId, JobView>>,
+        pending: tokio::sync::Mutex<BTreeMap<JobId, Journalled>>,
     },
     /// Inside Swarm: one config object per pending job, replicated by Raft, labelled
     /// `drover.job=SCOPE` so that two drover deployments on one Swarm (`jobs.journal`)
-    /// never run each other's jobs. `resume` says whether this instance re-runs the
-    /// pending jobs at start: only the Raft leader's instance does, so a job journalled
-    /// once runs once however many managers there are.
-    Swarm {
-        engine: Engine,
-        scope: String,
-        resume: bool,
-    },
+    /// never run each other's jobs. Shared by every manager: only the Raft leader's
+    /// instance re-runs pending jobs (when it becomes leader), so a job journalled once
+    /// runs once however many managers there are.
+    Swarm { engine: Engine, scope: String },
+    /// Unit tests: a journal in memory that several job tables share, like Swarm's.
+    #[cfg(test)]
+    Shared(Arc<Mutex<BTreeMap<JobId, Journalled>>>),
 }
 
 impl Journal {
@@ -277,15 +309,27 @@ impl Journal {
         }
     }
 
+    /// Whether other instances write to the same journal (Swarm's).
+    fn is_shared(&self) -> bool {
+        match self {
+            Journal::Swarm { .. } => true,
+            #[cfg(test)]
+            Journal::Shared(_) => true,
+            _ => false,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Journal::Memory => "memory",
             Journal::File { .. } => "file",
             Journal::Swarm { .. } => "swarm",
+            #[cfg(test)]
+            Journal::Shared(_) => "shared",
         }
     }
 
-    async fn load(&self) -> Result<Vec<JobView>> {
+    async fn load(&self) -> Result<Vec<Journalled>> {
         let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
         match self {
             Journal::Memory => Ok(Vec::new()),
@@ -295,7 +339,7 @@ impl Journal {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
                     Err(e) => return Err(journal(&format!("{}: {e}", path.display()))),
                 };
-                let jobs: Vec<JobView> = serde_json::from_slice(&text)
+                let jobs: Vec<Journalled> = serde_json::from_slice(&text)
                     .map_err(|e| journal(&format!("{}: {e}", path.display())))?;
                 let mut p = pending.lock().await;
                 for j in &jobs {
@@ -303,10 +347,7 @@ impl Journal {
                 }
                 Ok(jobs)
             }
-            Journal::Swarm { resume: false, .. } => Ok(Vec::new()),
-            Journal::Swarm {
-                engine: api, scope, ..
-            } => {
+            Journal::Swarm { engine: api, scope } => {
                 let configs = api
                     .list_configs(&format!("{JOB_LABEL}={scope}"))
                     .await
@@ -319,7 +360,7 @@ impl Journal {
                     let decoded = base64::engine::general_purpose::STANDARD.decode(data.trim());
                     match decoded
                         .ok()
-                        .and_then(|d| serde_json::from_slice::<JobView>(&d).ok())
+                        .and_then(|d| serde_json::from_slice::<Journalled>(&d).ok())
                     {
                         Some(job) => jobs.push(job),
                         None => warn!(config = ?c.id, "ignoring unreadable job journal entry"),
@@ -327,10 +368,15 @@ impl Journal {
                 }
                 Ok(jobs)
             }
+            #[cfg(test)]
+            Journal::Shared(m) => Ok(m
+                .lock()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default()),
         }
     }
 
-    async fn put(&self, job: &JobView) -> Result<()> {
+    async fn put(&self, job: &Journalled) -> Result<()> {
         let journal = |e: &dyn std::fmt::Display| Error::Journal(e.to_string());
         match self {
             Journal::Memory => Ok(()),
@@ -339,9 +385,7 @@ impl Journal {
                 p.insert(job.id.clone(), job.clone());
                 write_file(path, &p).await.map_err(|e| journal(&e))
             }
-            Journal::Swarm {
-                engine: api, scope, ..
-            } => {
+            Journal::Swarm { engine: api, scope } => {
                 let data = serde_json::to_vec(job).map_err(|e| journal(&e))?;
                 let name = format!("{JOB_CONFIG_PREFIX}{}", job.id);
                 let labels = HashMap::from([(JOB_LABEL.to_owned(), scope.clone())]);
@@ -351,6 +395,13 @@ impl Journal {
                     Err(e) if e.is_conflict() => Ok(()),
                     Err(e) => Err(journal(&e)),
                 }
+            }
+            #[cfg(test)]
+            Journal::Shared(m) => {
+                if let Ok(mut m) = m.lock() {
+                    m.insert(job.id.clone(), job.clone());
+                }
+                Ok(())
             }
         }
     }
@@ -371,15 +422,22 @@ impl Journal {
                     Err(e) => Err(journal(&e)),
                 }
             }
+            #[cfg(test)]
+            Journal::Shared(m) => {
+                if let Ok(mut m) = m.lock() {
+                    m.remove(id);
+                }
+                Ok(())
+            }
         }
     }
 }
 
 async fn write_file(
     path: &std::path::Path,
-    pending: &BTreeMap<JobId, JobView>,
+    pending: &BTreeMap<JobId, Journalled>,
 ) -> std::io::Result<()> {
-    let jobs: Vec<&JobView> = pending.values().collect();
+    let jobs: Vec<&Journalled> = pending.values().collect();
     let bytes = serde_json::to_vec_pretty(&jobs).map_err(std::io::Error::other)?;
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&path, &bytes))
@@ -410,6 +468,7 @@ pub struct Jobs {
     inner: Mutex<Inner>,
     limits: config::Jobs,
     runner: Arc<dyn Runner>,
+    resolve: Resolve,
     journal: Journal,
     workers: Semaphore,
     seq: AtomicU64,
@@ -426,70 +485,167 @@ fn unix_ms() -> u64 {
 }
 
 impl Jobs {
-    /// Loads pending jobs from the journal and queues them to run at once.
+    /// The job table. A journal of this instance's own (a file) is loaded and its pending
+    /// jobs queued to run at once; Swarm's journal, shared by every manager, is loaded by
+    /// the leader's instance only, whenever it becomes leader ([`Jobs::follow_role`]).
     pub async fn start(
         limits: config::Jobs,
         runner: Arc<dyn Runner>,
+        resolve: Resolve,
         journal: Journal,
         shutdown: CancellationToken,
     ) -> Result<Arc<Jobs>> {
-        Jobs::start_redacting(limits, runner, journal, shutdown, Redactor::default()).await
+        Jobs::start_redacting(
+            limits,
+            runner,
+            resolve,
+            journal,
+            shutdown,
+            Redactor::default(),
+        )
+        .await
     }
 
     /// [`Jobs::start`], with the secrets to cut out of job messages and output tails.
     pub async fn start_redacting(
         limits: config::Jobs,
         runner: Arc<dyn Runner>,
+        resolve: Resolve,
         journal: Journal,
         shutdown: CancellationToken,
         redactor: Redactor,
     ) -> Result<Arc<Jobs>> {
-        let mut pending = journal.load().await?;
-        pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let jobs = Arc::new(Jobs {
             inner: Mutex::default(),
             limits,
             runner,
+            resolve,
             journal,
             workers: Semaphore::new(WORKERS),
             seq: AtomicU64::new(1),
             shutdown,
             redactor,
         });
-        if !pending.is_empty() {
-            info!(
-                jobs = pending.len(),
-                journal = jobs.journal.name(),
-                "re-queueing pending jobs"
-            );
+        if !jobs.journal.is_shared() {
+            jobs.resume().await?;
         }
-        for mut view in pending {
-            view.state = JobState::Queued;
-            view.started_at = None;
+        Ok(jobs)
+    }
+
+    /// Loads the journal and queues, to run at once, every pending job not already known
+    /// here (queued, running or finished on this instance): a job is never run twice by
+    /// one instance. Returns how many were queued.
+    pub async fn resume(self: &Arc<Self>) -> Result<usize> {
+        let mut pending = self.journal.load().await?;
+        pending.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let mut queued = Vec::new();
+        for entry in pending {
+            if self.lock().jobs.contains_key(&entry.id) {
+                continue;
+            }
+            let work = match (self.resolve)(&entry.hook, &entry.facts) {
+                Ok(work) => work,
+                Err(reason) => {
+                    warn!(job = %entry.id, hook = %entry.hook, %reason, "dropping journalled job");
+                    if let Err(e) = self.journal.remove(&entry.id).await {
+                        warn!(job = %entry.id, error = %e, "cannot remove dropped job from the journal");
+                    }
+                    continue;
+                }
+            };
+            let view = JobView {
+                id: entry.id,
+                hook: entry.hook,
+                state: JobState::Queued,
+                work,
+                facts: entry.facts,
+                requests: entry.requests,
+                created_at: entry.created_at,
+                started_at: None,
+                finished_at: None,
+                message: None,
+                services: Vec::new(),
+                exit_code: None,
+                log_tail: None,
+            };
             let id = view.id.clone();
             let key = view.work.coalesce_key();
             let now = Instant::now();
-            {
-                let mut inner = jobs.lock();
-                if let Some(k) = &key {
-                    inner.waiting.insert(k.clone(), id.clone());
-                }
-                inner.jobs.insert(
-                    id.clone(),
-                    Entry {
-                        view,
-                        seq: jobs.seq.fetch_add(1, Ordering::SeqCst),
-                        first: now,
-                        deadline: now,
-                        key,
-                    },
-                );
-                inner.active += 1;
-                metrics::get().queue_depth.set(inner.active as i64);
+            let mut inner = self.lock();
+            if inner.jobs.contains_key(&id) {
+                continue;
             }
-            jobs.spawn(id);
+            if let Some(k) = &key {
+                inner.waiting.insert(k.clone(), id.clone());
+            }
+            inner.jobs.insert(
+                id.clone(),
+                Entry {
+                    view,
+                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
+                    first: now,
+                    deadline: now,
+                    key,
+                },
+            );
+            inner.active += 1;
+            metrics::get().queue_depth.set(inner.active as i64);
+            queued.push(id);
         }
-        Ok(jobs)
+        if !queued.is_empty() {
+            info!(
+                jobs = queued.len(),
+                journal = self.journal.name(),
+                "re-queueing pending jobs"
+            );
+        }
+        let n = queued.len();
+        for id in queued {
+            self.spawn(id);
+        }
+        Ok(n)
+    }
+
+    /// Follows this instance's role until shutdown: each time it becomes the controller
+    /// (the Raft leader's instance), the jobs journalled in Swarm and not finished — by a
+    /// leader that was lost or demoted, or by a manager that went away — are run here.
+    /// A journal that cannot be read is tried again with backoff while the role holds.
+    pub async fn follow_role(self: Arc<Self>, mut role: watch::Receiver<Role>) {
+        if !self.journal.is_shared() {
+            return;
+        }
+        let mut resumed = false;
+        let mut backoff = Backoff::new();
+        loop {
+            let now = *role.borrow_and_update();
+            let mut retry = None;
+            if !now.is_controller() {
+                resumed = false;
+            } else if !resumed {
+                match self.resume().await {
+                    Ok(n) => {
+                        info!(role = %now, jobs = n, "controller: journalled jobs resumed");
+                        resumed = true;
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the job journal; trying again");
+                        retry = Some(backoff.delay());
+                    }
+                }
+            }
+            let wait = async {
+                match retry {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = role.changed() => if changed.is_err() { return },
+                () = wait => {}
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -551,7 +707,7 @@ impl Jobs {
         key: Option<String>,
         quiet: Duration,
     ) -> Result<Submitted> {
-        if let Err(e) = self.journal.put(&view).await {
+        if let Err(e) = self.journal.put(&Journalled::of(&view)).await {
             error!(job = %view.id, error = %e, "cannot record job");
             let mut inner = self.lock();
             inner.active = inner.active.saturating_sub(1);
@@ -763,9 +919,23 @@ pub(crate) mod tests {
             work: Work::UpdateServices {
                 image: image.into(),
             },
-            facts: Facts::default(),
+            facts: Facts {
+                hook: "hub".into(),
+                image: Some(image.into()),
+                ..Facts::default()
+            },
             quiet: Duration::from_secs(10),
         }
+    }
+
+    /// The config these tests run with: one hook, `hub`, updating the image its facts name.
+    pub(crate) fn resolve() -> Resolve {
+        Arc::new(|hook: &str, facts: &Facts| match (hook, &facts.image) {
+            ("hub", Some(image)) => Ok(Work::UpdateServices {
+                image: image.clone(),
+            }),
+            _ => Err("the hook is no longer configured".into()),
+        })
     }
 
     async fn jobs(runner: Arc<FakeRunner>, queue: usize) -> Arc<Jobs> {
@@ -774,9 +944,15 @@ pub(crate) mod tests {
             history: 3,
             ..config::Jobs::default()
         };
-        Jobs::start(limits, runner, Journal::Memory, CancellationToken::new())
-            .await
-            .expect("start")
+        Jobs::start(
+            limits,
+            runner,
+            resolve(),
+            Journal::Memory,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start")
     }
 
     async fn settle(jobs: &Jobs, id: &JobId) -> JobView {
@@ -947,35 +1123,34 @@ pub(crate) mod tests {
         assert_eq!(listed, vec![ids[4].clone(), ids[3].clone(), ids[2].clone()]);
     }
 
-    #[tokio::test]
-    async fn file_journal_requeues_pending_jobs_on_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("jobs.json");
-        let pending = JobView {
+    fn journalled(hook: &str, image: &str) -> Journalled {
+        Journalled {
             id: JobId::generate(),
-            hook: "hub".into(),
-            state: JobState::Running,
-            work: Work::UpdateServices {
-                image: "docker.io/o/r:latest".into(),
+            hook: hook.into(),
+            facts: Facts {
+                hook: hook.into(),
+                image: Some(image.into()),
+                ..Facts::default()
             },
-            facts: Facts::default(),
             requests: 2,
             created_at: 1,
-            started_at: Some(2),
-            finished_at: None,
-            message: None,
-            services: Vec::new(),
-            exit_code: None,
-            log_tail: None,
-        };
-        Journal::file(path.clone())
-            .put(&pending)
-            .await
-            .expect("put");
+        }
+    }
+
+    #[tokio::test]
+    async fn file_journal_requeues_pending_jobs_on_start_and_drops_unknown_hooks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jobs.json");
+        let pending = journalled("hub", "docker.io/o/r:latest");
+        let gone = journalled("removed-hook", "docker.io/o/r:latest");
+        let journal = Journal::file(path.clone());
+        journal.put(&pending).await.expect("put");
+        journal.put(&gone).await.expect("put");
         let runner = FakeRunner::new(JobState::Skipped);
         let jobs = Jobs::start(
             config::Jobs::default(),
             runner.clone(),
+            resolve(),
             Journal::file(path.clone()),
             CancellationToken::new(),
         )
@@ -983,10 +1158,62 @@ pub(crate) mod tests {
         .expect("start");
         let done = settle(&jobs, &pending.id).await;
         assert_eq!(done.state, JobState::Skipped);
-        assert_eq!(runner.count(), 1);
-        let left: Vec<JobView> =
+        assert_eq!(done.requests, 2);
+        assert_eq!(
+            done.work,
+            Work::UpdateServices {
+                image: "docker.io/o/r:latest".into()
+            },
+            "the work is derived from the current config"
+        );
+        assert_eq!(runner.count(), 1, "the unknown hook's job did not run");
+        assert!(jobs.get(&gone.id.0).is_none());
+        let left: Vec<Journalled> =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
-        assert!(left.is_empty(), "finished job still journalled: {left:?}");
+        assert!(
+            left.is_empty(),
+            "finished or dropped job still journalled: {left:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_journal_keeps_the_hook_and_its_facts_not_the_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jobs.json");
+        let runner = FakeRunner::new(JobState::Completed);
+        let jobs = Jobs::start(
+            config::Jobs::default(),
+            runner,
+            resolve(),
+            Journal::file(path.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
+        let mut req = update("docker.io/o/r:latest");
+        req.work = Work::Command {
+            argv: vec!["secret-argv".into()],
+        };
+        let s = jobs.submit(req).await.expect("submit");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).expect("json");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["id"], s.id.0.as_str());
+        assert_eq!(entries[0]["hook"], "hub");
+        assert_eq!(entries[0]["facts"]["image"], "docker.io/o/r:latest");
+        assert!(
+            !text.contains("secret-argv") && !text.contains("action"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_entry_journalled_with_its_work_by_an_older_version_still_reads() {
+        let old = r#"{"id":"abc-1","hook":"hub","state":"queued","action":"command",
+            "argv":["rm","-rf"],"facts":{"hook":"hub"},"requests":1,"created_at":5}"#;
+        let entry: Journalled = serde_json::from_str(old).expect("reads");
+        assert_eq!(entry.hook, "hub");
+        assert_eq!(entry.created_at, 5);
     }
 
     #[tokio::test]
@@ -997,6 +1224,7 @@ pub(crate) mod tests {
         let jobs = Jobs::start(
             config::Jobs::default(),
             runner.clone(),
+            resolve(),
             Journal::file(path.clone()),
             CancellationToken::new(),
         )
@@ -1033,6 +1261,7 @@ pub(crate) mod tests {
         let jobs = Jobs::start(
             limits,
             runner.clone(),
+            resolve(),
             Journal::file(path),
             CancellationToken::new(),
         )
@@ -1045,6 +1274,106 @@ pub(crate) mod tests {
         assert!(jobs.list().is_empty());
         assert_eq!(jobs.active(), 0);
         assert_eq!(runner.count(), 0);
+    }
+
+    /// Two instances on one shared journal, as two managers on Swarm's: A leads and is
+    /// lost while its job waits; B stands by with a job of its own running, then becomes
+    /// leader.
+    #[tokio::test(start_paused = true)]
+    async fn leadership_that_moves_runs_the_pending_journalled_jobs_once_on_the_new_leader() {
+        let shared = Arc::new(Mutex::new(BTreeMap::new()));
+        let instance = |runner: Arc<FakeRunner>, role: Role| {
+            let shared = shared.clone();
+            async move {
+                let stop = CancellationToken::new();
+                let jobs = Jobs::start(
+                    config::Jobs::default(),
+                    runner,
+                    resolve(),
+                    Journal::Shared(shared),
+                    stop.clone(),
+                )
+                .await
+                .expect("start");
+                let (tx, rx) = watch::channel(role);
+                tokio::spawn(jobs.clone().follow_role(rx));
+                (jobs, tx, stop)
+            }
+        };
+        let a_runner = FakeRunner::new(JobState::Completed);
+        let (a, _a_role, a_stop) = instance(a_runner.clone(), Role::Leader).await;
+        let b_runner = Arc::new(FakeRunner {
+            runs: Mutex::default(),
+            outcome: FakeRunner::new(JobState::Completed).outcome.clone(),
+            delay: Duration::from_secs(30),
+        });
+        let (b, b_role, _b_stop) = instance(b_runner.clone(), Role::Manager).await;
+
+        let lost = a
+            .submit(update("docker.io/o/lost:latest"))
+            .await
+            .expect("submit");
+        let mut req = update("docker.io/o/own:latest");
+        req.quiet = Duration::ZERO;
+        let own = b.submit(req).await.expect("submit");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(b.get(&own.id.0).expect("job").state, JobState::Running);
+        assert!(
+            b.get(&lost.id.0).is_none(),
+            "a standby runs no journalled job"
+        );
+
+        a_stop.cancel();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(a_runner.count(), 0, "the lost leader never ran its job");
+        assert!(shared.lock().expect("lock").contains_key(&lost.id));
+
+        b_role.send_replace(Role::Leader);
+        assert_eq!(settle(&b, &lost.id).await.state, JobState::Completed);
+        assert_eq!(settle(&b, &own.id).await.state, JobState::Completed);
+        let ran: Vec<JobId> = b_runner
+            .runs
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| r.id.clone())
+            .collect();
+        assert_eq!(ran, vec![own.id.clone(), lost.id.clone()], "each ran once");
+
+        // Leadership that flaps back and forth finds nothing left to run.
+        for role in [Role::Manager, Role::Leader, Role::Manager, Role::Leader] {
+            b_role.send_replace(role);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(b_runner.count(), 2);
+        assert!(shared.lock().expect("lock").is_empty(), "journal emptied");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_journal_is_not_resumed_at_start_but_when_this_instance_leads() {
+        let shared = Arc::new(Mutex::new(BTreeMap::new()));
+        let pending = journalled("hub", "docker.io/o/r:latest");
+        Journal::Shared(shared.clone())
+            .put(&pending)
+            .await
+            .expect("put");
+        let runner = FakeRunner::new(JobState::Skipped);
+        let jobs = Jobs::start(
+            config::Jobs::default(),
+            runner.clone(),
+            resolve(),
+            Journal::Shared(shared.clone()),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("start");
+        let (role, rx) = watch::channel(Role::Worker);
+        tokio::spawn(jobs.clone().follow_role(rx));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(runner.count(), 0);
+        role.send_replace(Role::Leader);
+        assert_eq!(settle(&jobs, &pending.id).await.state, JobState::Skipped);
+        assert_eq!(runner.count(), 1);
     }
 
     #[test]

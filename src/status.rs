@@ -37,8 +37,8 @@ pub struct SkippedService {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub version: &'static str,
-    /// `leader`, `manager`, `worker` or `standalone`.
-    pub role: String,
+    /// `None` until the engine has been asked.
+    pub role: Option<crate::cluster::role::Role>,
     pub node: String,
     pub engine: String,
     pub ready: bool,
@@ -57,7 +57,6 @@ impl Board {
         Board {
             inner: RwLock::new(Summary {
                 version: env!("CARGO_PKG_VERSION"),
-                role: "starting".into(),
                 ..Summary::default()
             }),
             targets: RwLock::default(),
@@ -72,6 +71,10 @@ impl Board {
             .map(|t| t.values().cloned().collect())
             .unwrap_or_default();
         s
+    }
+
+    pub fn role(&self) -> Option<crate::cluster::role::Role> {
+        self.inner.read().ok().and_then(|s| s.role)
     }
 
     pub fn is_ready(&self) -> bool {

@@ -3,12 +3,15 @@
 //! Events are hints, not truth: the render loop always refetches a whole snapshot. The
 //! stream is reopened with backoff (800 ms doubling to 30 s, with jitter, reset after two
 //! quiet minutes) whenever it ends or fails, resumes with `since` the last event seen, and
-//! every reconnect sends a resync hint. It never gives up and never exits the process.
+//! every reconnect sends a resync hint. Node events and reconnects also nudge the role
+//! check (`cluster::role`), which asks Swarm who leads. It never gives up and never exits
+//! the process.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -57,7 +60,12 @@ pub fn is_relevant(typ: &str, action: &str) -> bool {
 /// A stream open this long was a real connection, not a failed attempt.
 const STABLE: Duration = Duration::from_secs(5);
 
-pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: CancellationToken) {
+pub async fn run(
+    engine: Engine,
+    hints: mpsc::Sender<Hint>,
+    roles: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let metrics = crate::metrics::get();
     let mut since: Option<i64> = None;
     let mut backoff = Backoff::new();
@@ -69,6 +77,7 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
             &["service", "node", "network", "container", "config"],
         ));
         let _ = hints.try_send(Hint::Resync);
+        roles.notify_one();
         backoff.connected();
         let opened = Instant::now();
         if failing {
@@ -90,6 +99,9 @@ pub async fn run(engine: Engine, hints: mpsc::Sender<Hint>, shutdown: Cancellati
                         since = Some(since.map_or(t, |s| s.max(t)));
                     }
                     metrics.events.with_label_values(&[typ.as_str()]).inc();
+                    if typ == "node" {
+                        roles.notify_one();
+                    }
                     if is_relevant(&typ, &action) {
                         debug!(%typ, %action, "engine event");
                         // A full channel already holds a pending hint; dropping is fine.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use drover::cluster::role::Role;
 use drover::config::Config;
 use drover::docker::Engine;
 use drover::hooks;
@@ -71,14 +72,15 @@ impl Drover {
                         Journal::Swarm {
                             engine: engine.clone(),
                             scope: config.jobs.journal.clone(),
-                            resume: true,
                         }
                     } else {
                         Journal::file(state)
                     };
                     let runner = Arc::new(Executor::new(engine, &config)?);
+                    // A journal scoped to this test: nothing of others' to resume.
+                    let (_, role) = tokio::sync::watch::channel(Role::Standalone);
                     let service =
-                        hooks::Service::new(&config, runner, journal, token.clone()).await?;
+                        hooks::Service::new(&config, runner, journal, role, token.clone()).await?;
                     let app = drover::http::AppState::new(
                         service,
                         Arc::new(Board::new()),

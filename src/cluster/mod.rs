@@ -1,9 +1,12 @@
 //! Cluster mode: how the instances of drover's global service work together.
 //!
-//! The controller renders; `agent` is the API through which it puts a file in place on
+//! `role` says which part this instance plays, live from Swarm: the controller (the Raft
+//! leader's instance, or the only one outside Swarm) renders and runs journalled jobs;
+//! `agent` is the API through which it puts a file in place on
 //! the node that runs the consumer (every instance serves it, workers included).
 //! Everything an agent does is authenticated with the cluster key.
 
 pub mod agent;
 pub mod delivery;
 pub mod peers;
+pub mod role;

@@ -31,9 +31,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::role::Role;
 use crate::config::{self, HookKind};
 use crate::jobs::{self, Jobs, Journal, Request, Runner, Submitted};
 use crate::metrics;
@@ -369,6 +371,25 @@ impl Hook {
     }
 }
 
+/// How a journalled job's work is derived again when it is resumed: from the hook as it
+/// is configured now. A hook that is gone, or whose rules no longer allow the journalled
+/// facts, runs nothing.
+fn resolver(config: &config::Config) -> jobs::Resolve {
+    let current: HashMap<String, config::Hook> = config
+        .hooks
+        .iter()
+        .map(|h| (h.name.clone(), h.clone()))
+        .collect();
+    Arc::new(move |name: &str, facts: &Facts| {
+        let cfg = current
+            .get(name)
+            .ok_or_else(|| "the hook is no longer configured".to_owned())?;
+        rules::check(&cfg.allow, facts)
+            .map_err(|rule| format!("the hook's rule on {rule} no longer allows it"))?;
+        rules::work(&cfg.action, facts).map_err(|e| e.to_string())
+    })
+}
+
 /// The webhook intake: configured hooks and the job table behind them.
 pub struct Service {
     /// Swapped whole by [`Service::replace_hooks`]; a request holds the `Arc<Hook>` it was
@@ -376,8 +397,9 @@ pub struct Service {
     hooks: RwLock<Arc<HashMap<String, Arc<Hook>>>>,
     jobs: Arc<Jobs>,
     /// On a Swarm worker every job would fail for want of the Swarm API: verified
-    /// requests are answered 503 with the reason instead of 202 and a failed job.
-    worker: std::sync::atomic::AtomicBool,
+    /// requests are answered 503 with the reason instead of 202 and a failed job. Live:
+    /// a node promoted or demoted changes the answer.
+    role: watch::Receiver<Role>,
 }
 
 impl Service {
@@ -386,6 +408,7 @@ impl Service {
         config: &config::Config,
         runner: Arc<dyn Runner>,
         journal: Journal,
+        role: watch::Receiver<Role>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Service>> {
         let hooks = load_hooks(&config.hooks, &HashMap::new())?;
@@ -400,19 +423,20 @@ impl Service {
                 redactor.add(&password);
             }
         }
-        let jobs =
-            Jobs::start_redacting(config.jobs.clone(), runner, journal, shutdown, redactor).await?;
+        let jobs = Jobs::start_redacting(
+            config.jobs.clone(),
+            runner,
+            resolver(config),
+            journal,
+            shutdown,
+            redactor,
+        )
+        .await?;
         Ok(Arc::new(Service {
             hooks: RwLock::new(Arc::new(hooks)),
             jobs,
-            worker: std::sync::atomic::AtomicBool::new(false),
+            role,
         }))
-    }
-
-    /// Marks this instance as running on a Swarm worker (or not any more).
-    pub fn set_worker(&self, worker: bool) {
-        self.worker
-            .store(worker, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn jobs(&self) -> &Arc<Jobs> {
@@ -528,7 +552,7 @@ impl Service {
         body: &[u8],
     ) -> Result<Accepted, Reject> {
         let cfg = &hook.cfg;
-        if self.worker.load(std::sync::atomic::Ordering::Relaxed) {
+        if *self.role.borrow() == Role::Worker {
             return Err(Reject::Worker);
         }
         if let Some(ev) = event {
@@ -597,6 +621,39 @@ mod tests {
         assert!(r.contains(&key("a"), t0 + Duration::from_secs(60)));
         assert!(!r.contains(&key("a"), t0 + REPLAY_TTL));
         assert!(r.insert(key("a"), t0 + REPLAY_TTL + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn resumed_work_comes_from_the_current_hook_config() {
+        let yaml = r#"
+hooks:
+  - name: deploy
+    kind: generic
+    token_file: /dev/null
+    allow: { tag: "latest" }
+    action: { command: ["deploy", "--now"] }
+"#;
+        let config = config::Config::parse(std::path::Path::new("t.yml"), yaml).expect("config");
+        let resolve = resolver(&config);
+        let facts = Facts {
+            hook: "deploy".into(),
+            tag: Some("latest".into()),
+            ..Facts::default()
+        };
+        assert_eq!(
+            resolve("deploy", &facts),
+            Ok(jobs::Work::Command {
+                argv: vec!["deploy".into(), "--now".into()]
+            })
+        );
+        let err = resolve("gone", &facts).expect_err("unknown hook");
+        assert!(err.contains("no longer configured"), "{err}");
+        let stale = Facts {
+            tag: Some("old".into()),
+            ..facts
+        };
+        let err = resolve("deploy", &stale).expect_err("refused by the rule");
+        assert!(err.contains("tag"), "{err}");
     }
 
     #[test]
@@ -770,9 +827,16 @@ mod tests {
             },
             delay: Duration::ZERO,
         });
-        let service = Service::new(&config, runner, Journal::Memory, CancellationToken::new())
-            .await
-            .expect("service");
+        let (_, role) = watch::channel(Role::Standalone);
+        let service = Service::new(
+            &config,
+            runner,
+            Journal::Memory,
+            role,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("service");
         let submitted = service
             .jobs()
             .submit(Request {

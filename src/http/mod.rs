@@ -208,6 +208,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::cluster::role::Role;
     use crate::jobs::tests::FakeRunner;
     use crate::jobs::{JobState, Journal};
 
@@ -219,6 +220,7 @@ mod tests {
         state: AppState,
         service: Arc<crate::hooks::Service>,
         runner: Arc<FakeRunner>,
+        role: tokio::sync::watch::Sender<Role>,
         _dir: tempfile::TempDir,
     }
 
@@ -268,10 +270,12 @@ hooks:
         );
         let config = config::Config::parse(FsPath::new("test.yml"), &yaml).expect("config");
         let runner = FakeRunner::new(JobState::Completed);
+        let (role, role_rx) = tokio::sync::watch::channel(Role::Standalone);
         let service = crate::hooks::Service::new(
             &config,
             runner.clone(),
             Journal::Memory,
+            role_rx,
             CancellationToken::new(),
         )
         .await
@@ -285,6 +289,7 @@ hooks:
             state,
             service,
             runner,
+            role,
             _dir: dir,
         }
     }
@@ -707,7 +712,7 @@ hooks:
     #[tokio::test]
     async fn a_swarm_worker_answers_verified_webhooks_503_with_the_reason_and_queues_nothing() {
         let f = fixture("").await;
-        f.service.set_worker(true);
+        f.role.send_replace(Role::Worker);
         // Each request a new build: the same body again would be a replay.
         let build = std::sync::atomic::AtomicU32::new(0);
         let req = |token: &str| {
@@ -725,7 +730,7 @@ hooks:
         let reason = body["error"].as_str().unwrap_or_default();
         assert!(reason.contains("worker"), "the reason is given: {body}");
         assert!(f.service.jobs().list().is_empty(), "no job was created");
-        f.service.set_worker(false);
+        f.role.send_replace(Role::Manager);
         assert_eq!(send(&f.app, req(TOKEN)).await.0, StatusCode::ACCEPTED);
     }
 
@@ -737,8 +742,13 @@ hooks:
                 .body(Body::empty())
                 .expect("req")
         };
-        let res = f.app.clone().oneshot(get("/healthz")).await.expect("res");
-        assert_eq!(res.status(), StatusCode::OK);
+        let (status, health) = send(&f.app, get("/healthz")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(health["role"], "starting", "{health}");
+        f.state.board.update(|s| s.role = Some(Role::Manager));
+        let (_, health) = send(&f.app, get("/healthz")).await;
+        assert_eq!(health["status"], "ok");
+        assert_eq!(health["role"], "manager", "{health}");
         let res = f.app.clone().oneshot(get("/readyz")).await.expect("res");
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         let _ = send(&f.app, hub("?token=bad", HUB_BODY)).await;

@@ -65,11 +65,23 @@ pub fn router(state: OpsState) -> Router {
         .with_state(state)
 }
 
-/// `/healthz` and `/readyz`: on both listeners, they tell nothing private.
+/// `/healthz` and `/readyz`: on both listeners, they tell nothing private (the role is
+/// what Swarm's own node list says to anyone on the cluster).
 pub fn health() -> Router<OpsState> {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+}
+
+/// Alive, and in which role: `{"status":"ok","role":"leader"}` (`starting` until the
+/// engine has been asked).
+async fn healthz(State(state): State<OpsState>) -> Response {
+    let role = state.board.role();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "role": role.map_or("starting", |r| r.as_str()),
+    }))
+    .into_response()
 }
 
 async fn bearer(State(state): State<OpsState>, req: Request, next: Next) -> Response {

@@ -123,7 +123,7 @@ impl<'a> Page<'a> {
     fn new(s: &'a Summary, jobs: &Value, now: u64) -> Page<'a> {
         Page {
             version: s.version,
-            role: &s.role,
+            role: s.role.map_or("starting", |r| r.as_str()),
             node: &s.node,
             engine: &s.engine,
             ready: s.ready,
@@ -407,7 +407,7 @@ mod tests {
     fn summary() -> Summary {
         Summary {
             version: "0.1.0",
-            role: "leader".into(),
+            role: Some(crate::cluster::role::Role::Leader),
             node: "pine64-1".into(),
             engine: "unix:///var/run/docker.sock (29.0.1)".into(),
             ready: true,

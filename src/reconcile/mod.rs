@@ -20,6 +20,7 @@ use crate::apply::Applier;
 use crate::backoff::Backoff;
 use crate::cluster::agent::Key;
 use crate::cluster::delivery::{self, Deliverer};
+use crate::cluster::role::Role;
 use crate::config::Target;
 use crate::debounce::{Batch, Debouncer};
 use crate::docker::Engine;
@@ -111,6 +112,8 @@ pub struct Reconciler {
     resync: Duration,
     agents: Option<(Key, u16)>,
     retargets: Option<watch::Receiver<Retarget>>,
+    /// In cluster mode only the controller renders; a change of role is a full pass.
+    role: watch::Receiver<Role>,
 }
 
 /// What a config reload may change in the render loop without a restart.
@@ -174,6 +177,7 @@ impl Reconciler {
         board: Arc<Board>,
         resync: Duration,
         agents: Option<(Key, u16)>,
+        role: watch::Receiver<Role>,
     ) -> Reconciler {
         let targets = targets
             .iter()
@@ -186,6 +190,7 @@ impl Reconciler {
             resync,
             agents,
             retargets: None,
+            role,
         }
     }
 
@@ -227,6 +232,7 @@ impl Reconciler {
         // After a failed snapshot nothing is due before this instant, whatever arrives.
         let mut retry_at: Option<Instant> = None;
         let mut engine = Policy::default();
+        let mut role_open = true;
         loop {
             if !std::mem::take(&mut immediate) {
                 let wake = match retry_at {
@@ -252,6 +258,17 @@ impl Reconciler {
                         Some(Hint::Resync) => full_pass = true,
                         // The watcher only stops at shutdown.
                         None => return,
+                    },
+                    changed = self.role.changed(), if role_open => match changed {
+                        Ok(()) => {
+                            // A new controller renders everything, even an unchanged cluster.
+                            full_pass = true;
+                            for t in &mut self.targets {
+                                t.settled = None;
+                            }
+                        }
+                        // The role check is gone: the last role stays.
+                        Err(_) => role_open = false,
                     },
                     _ = sleep_until(wake) => {}
                     new = next_retarget(&mut self.retargets) => {
@@ -314,13 +331,14 @@ impl Reconciler {
                 }
             };
             let everyone = full_pass || converge_due;
+            let role = *self.role.borrow_and_update();
             for ((t, batch), check_due) in self.targets.iter_mut().zip(batches).zip(check_due) {
                 if everyone || batch.is_some() || check_due {
                     let span = info_span!("reconcile", target = %t.config.name);
                     // A check or notify step can take up to its timeout: shutdown does not wait.
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = pass(t, &snapshot, &self.engine, &self.board, batch).instrument(span) => {}
+                        _ = pass(t, &snapshot, &self.engine, &self.board, batch, role).instrument(span) => {}
                     }
                 }
             }
@@ -349,11 +367,6 @@ impl Reconciler {
     }
 
     fn publish(&self, snapshot: &Snapshot) {
-        let role = role(snapshot);
-        let m = crate::metrics::get();
-        for r in ["leader", "manager", "worker", "standalone"] {
-            m.role.with_label_values(&[r]).set(i64::from(r == role));
-        }
         let peers = peers(snapshot);
         let node = snapshot
             .nodes
@@ -363,27 +376,11 @@ impl Reconciler {
             .unwrap_or_default();
         let engine = self.engine.host().to_owned();
         self.board.update(|s| {
-            s.role = role.to_owned();
             s.peers = peers;
             s.node = node;
             s.engine = engine;
             s.ready = true;
         });
-    }
-}
-
-/// This instance's role, from Swarm itself: the Raft leader's instance leads.
-pub fn role(snapshot: &Snapshot) -> &'static str {
-    if snapshot.swarm {
-        let leader = snapshot
-            .nodes
-            .iter()
-            .any(|n| n.id == snapshot.node_id && n.leader);
-        if leader { "leader" } else { "manager" }
-    } else if snapshot.node_id.is_empty() {
-        "standalone"
-    } else {
-        "worker"
     }
 }
 
@@ -414,6 +411,7 @@ async fn pass(
     engine: &Engine,
     board: &Board,
     batch: Option<Batch>,
+    role: Role,
 ) {
     let m = crate::metrics::get();
     if t.settled.as_deref() == Some(&**snapshot) {
@@ -421,7 +419,7 @@ async fn pass(
     }
     // In cluster mode only the controller (the instance on the Raft leader) renders; the
     // others serve the agent API. Without the key every instance renders for its own node.
-    if t.deliverer.is_some() && matches!(role(snapshot), "manager" | "worker") {
+    if t.deliverer.is_some() && !role.is_controller() {
         return;
     }
     let name = t.config.name.clone();
