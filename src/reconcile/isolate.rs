@@ -158,15 +158,25 @@ fn line_in(line: &str, file_names: &[&str]) -> Option<usize> {
     number.parse().ok()
 }
 
-/// The first `[emerg]`/`[error]` line of the checker's output (the part an operator
-/// needs), else its first line.
+/// The first `[emerg]`/`[crit]`/`[error]` message of the checker's output, from its level
+/// on (without the time and process id nginx puts before it, so the same fault reads the
+/// same on every check), else the output's first line.
 fn first_error(output: &str) -> String {
     let lines = || output.lines().map(str::trim).filter(|l| !l.is_empty());
-    lines()
-        .find(|l| l.contains("[emerg]") || l.contains("[error]") || l.contains("[crit]"))
-        .or_else(|| lines().next())
-        .unwrap_or("check failed")
-        .to_owned()
+    for line in lines() {
+        for level in ["[emerg]", "[crit]", "[error]"] {
+            if let Some(at) = line.find(level) {
+                let rest = line[at + level.len()..].trim_start();
+                // `15#15: ` (pid#thread) when nginx logs through its error log.
+                let rest = match rest.split_once(": ") {
+                    Some((pid, msg)) if pid.split('#').all(|p| p.parse::<u64>().is_ok()) => msg,
+                    _ => rest,
+                };
+                return format!("{level} {rest}");
+            }
+        }
+    }
+    lines().next().unwrap_or("check failed").to_owned()
 }
 
 #[cfg(test)]
@@ -238,6 +248,19 @@ server {
         let last = without(FILE, &hosts(&["c.test"]));
         assert!(last.ends_with("# end of hosts\n"), "{last}");
         assert!(!last.contains("bad_directive"));
+    }
+
+    #[test]
+    fn the_reason_is_nginx_message_from_its_level_on_the_same_on_every_check() {
+        let a = "exited with 1: 2026/11/25 17:41:18 [emerg] 15#15: cannot load certificate \"/x\"\nnginx: configuration file test failed";
+        let b = "exited with 1: 2026/11/25 17:41:19 [emerg] 34#34: cannot load certificate \"/x\"";
+        assert_eq!(first_error(a), "[emerg] cannot load certificate \"/x\"");
+        assert_eq!(first_error(a), first_error(b));
+        assert_eq!(
+            first_error("nginx: [emerg] unknown directive \"x\" in /a.conf:3"),
+            "[emerg] unknown directive \"x\" in /a.conf:3"
+        );
+        assert_eq!(first_error("exited with 2: oops"), "exited with 2: oops");
     }
 
     #[test]
