@@ -99,6 +99,20 @@ impl Applier {
         self.current_hash.as_deref()
     }
 
+    /// The last content that passed its check.
+    pub fn good(&self) -> Option<&[u8]> {
+        self.good.as_deref()
+    }
+
+    /// The names a checker may call the file by in its messages.
+    pub fn file_names(&self) -> Vec<String> {
+        self.output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .into_iter()
+            .collect()
+    }
+
     /// Puts `content` where the consumer reads it, before its check.
     pub fn stage(&mut self, content: &[u8]) -> Result<(), Error> {
         // From here until commit or restore the file is unverified.
@@ -285,6 +299,62 @@ pub async fn run_action(
             }
             Ok(())
         }
+    }
+}
+
+/// Which of `hosts` have both certificate files (`fullchain.pem`, `privkey.pem`, not
+/// empty) under `dir/HOST/`, looked up where `check` runs: in the check's container (one
+/// `sh` loop for every host, names passed as arguments, never spliced into the script), or
+/// on drover's own host for a local command. `None` when the check runs nowhere a file
+/// can be looked up (no check, a signal or restart step).
+pub async fn existing_certificates(
+    check: &Action,
+    engine: Option<&Engine>,
+    snapshot: &Snapshot,
+    dir: &str,
+    hosts: &[String],
+) -> Option<Result<std::collections::BTreeSet<String>, Error>> {
+    const SCRIPT: &str = r#"d="$1"; shift; for h in "$@"; do [ -s "$d/$h/fullchain.pem" ] && [ -s "$d/$h/privkey.pem" ] && echo "$h"; done; exit 0"#;
+    match check {
+        Action::Command(_) => Some(Ok(hosts
+            .iter()
+            .filter(|h| {
+                let has = |f: &str| {
+                    std::fs::metadata(Path::new(dir).join(h.as_str()).join(f))
+                        .is_ok_and(|m| m.len() > 0)
+                };
+                has("fullchain.pem") && has("privkey.pem")
+            })
+            .cloned()
+            .collect())),
+        Action::Exec(e) => {
+            let run = async {
+                let engine = engine.ok_or_else(|| Error::NoContainer(e.on()))?;
+                let id = select_containers(&e.on(), snapshot)
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::NoContainer(e.on()))?;
+                let mut argv: Vec<String> =
+                    ["sh", "-c", SCRIPT, "sh", dir].map(str::to_owned).into();
+                argv.extend(hosts.iter().cloned());
+                let done = engine.exec(&id, &argv, STEP_TIMEOUT).await?;
+                if done.exit_code != 0 {
+                    return Err(Error::Failed {
+                        code: done.exit_code,
+                        output: tail(&done.output),
+                    });
+                }
+                Ok(done
+                    .output
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| hosts.iter().any(|h| h == l))
+                    .map(str::to_owned)
+                    .collect())
+            };
+            Some(run.await)
+        }
+        Action::Signal(_) | Action::Restart(_) => None,
     }
 }
 

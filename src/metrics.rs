@@ -27,6 +27,8 @@ pub struct Metrics {
     pub last_apply: IntGaugeVec,
     pub content_hash: IntGaugeVec,
     pub skipped_services: IntGaugeVec,
+    pub hosts_left_out: IntGaugeVec,
+    pub hosts_without_certificate: IntGaugeVec,
     pub webhook_requests: IntCounterVec,
     pub signature_failures: IntCounterVec,
     pub http_refused: IntCounterVec,
@@ -176,6 +178,18 @@ impl Metrics {
                 &r,
                 "drover_skipped_services",
                 "Services left out of the last render for bad labels, by target",
+                &["target"],
+            ),
+            hosts_left_out: gauge_vec(
+                &r,
+                "drover_hosts_left_out",
+                "Hosts left out of the applied file because their server blocks failed the check, by target",
+                &["target"],
+            ),
+            hosts_without_certificate: gauge_vec(
+                &r,
+                "drover_hosts_without_certificate",
+                "TLS hosts served on port 80 until their certificate files appear, by target",
                 &["target"],
             ),
             webhook_requests: counter_vec(

@@ -22,6 +22,10 @@ pub struct TargetStatus {
     pub check: String,
     pub error: Option<String>,
     pub skipped: Vec<SkippedService>,
+    /// Hosts whose server blocks failed the check, left out of the file in place.
+    pub left_out: Vec<LeftOutHost>,
+    /// TLS hosts served on port 80 until their certificate files appear.
+    pub without_certificate: Vec<String>,
     /// Per node, when the target is delivered through agents: outcome and hash there.
     pub nodes: Vec<crate::cluster::delivery::NodeResult>,
 }
@@ -31,6 +35,13 @@ pub struct SkippedService {
     pub service: String,
     pub label: String,
     pub value: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct LeftOutHost {
+    pub host: String,
+    /// The checker's message that made drover leave the host out.
     pub reason: String,
 }
 

@@ -916,3 +916,77 @@ fn short_host_names_leave_nginx_s_bucket_size_alone() {
     let out = render_builtin("nginx", &home_lab());
     assert!(!out.text.contains("server_names_hash_bucket_size"));
 }
+
+#[test]
+fn a_tls_host_without_its_certificate_is_served_on_port_80_until_it_appears() {
+    let snapshot = Snapshot {
+        services: vec![
+            service(
+                "shop",
+                &[("routing-host", "shop.test"), ("routing-port", "80")],
+                &["10.0.1.5"],
+            ),
+            service(
+                "blog",
+                &[("routing-host", "blog.test"), ("routing-port", "80")],
+                &["10.0.1.6"],
+            ),
+        ],
+        ..Snapshot::default()
+    };
+    let template = Template::load(&target("builtin:nginx")).expect("built-in compiles");
+    let render = |present: &[&str]| {
+        let options = drover::render::Options {
+            certificates: Some(present.iter().map(|h| (*h).to_owned()).collect()),
+        };
+        template.render_with(&snapshot, &options).expect("renders")
+    };
+    let host_block = |text: &str, host: &str| {
+        let start = text.find(&format!("# host {host}\n")).expect("host marker");
+        let rest = &text[start + 1..];
+        let end = rest
+            .find("\n# host ")
+            .or_else(|| rest.find("# end of hosts"))
+            .unwrap_or(rest.len());
+        rest[..end].to_owned()
+    };
+
+    let waiting = render(&["blog.test"]);
+    assert_eq!(waiting.tls_hosts, ["blog.test", "shop.test"]);
+    let shop = host_block(&waiting.text, "shop.test");
+    assert!(
+        !shop.contains("443") && !shop.contains("ssl_certificate"),
+        "{shop}"
+    );
+    assert!(
+        shop.contains("location /.well-known/acme-challenge/"),
+        "{shop}"
+    );
+    assert!(
+        shop.contains("proxy_pass http://shop_test/;"),
+        "plain proxy: {shop}"
+    );
+    assert!(
+        !shop.contains("return 301"),
+        "no redirect to a TLS port that is not there: {shop}"
+    );
+    let blog = host_block(&waiting.text, "blog.test");
+    assert!(
+        blog.contains("listen 443 ssl;") && blog.contains("return 301"),
+        "{blog}"
+    );
+
+    let both = render(&["blog.test", "shop.test"]);
+    let shop = host_block(&both.text, "shop.test");
+    assert!(
+        shop.contains("listen 443 ssl;"),
+        "switches to TLS once the files are there: {shop}"
+    );
+    assert!(
+        shop.contains("ssl_certificate /etc/letsencrypt/live/shop.test/fullchain.pem;"),
+        "{shop}"
+    );
+    // Nobody looked: every TLS host keeps its certificate, as before drover could look.
+    assert_eq!(template.render(&snapshot).expect("renders").text, both.text);
+    assert!(drover::render::CERT_DIR.ends_with("/live"));
+}

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::status::{SkippedService, Summary};
+use crate::status::{LeftOutHost, SkippedService, Summary};
 
 /// The template name ends in `.html` so Tera's autoescaping applies to it.
 const TEMPLATE_NAME: &str = "status.html";
@@ -92,6 +92,8 @@ struct TargetView<'a> {
     check_word: &'a str,
     error: Option<&'a str>,
     skipped: &'a [SkippedService],
+    left_out: &'a [LeftOutHost],
+    without_certificate: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -146,6 +148,8 @@ impl<'a> Page<'a> {
                         check_word,
                         error: t.error.as_deref().filter(|e| !e.is_empty()),
                         skipped: &t.skipped,
+                        left_out: &t.left_out,
+                        without_certificate: &t.without_certificate,
                     }
                 })
                 .collect(),
@@ -428,6 +432,11 @@ mod tests {
                     value: "10 GB".into(),
                     reason: "not a size".into(),
                 }],
+                left_out: vec![LeftOutHost {
+                    host: "shop.example.com".into(),
+                    reason: "nginx: [emerg] cannot load certificate <x>".into(),
+                }],
+                without_certificate: vec!["new.example.com".into()],
                 nodes: vec![],
             }],
         }
@@ -463,6 +472,9 @@ mod tests {
         assert!(html.contains("2024-05-01 11:57:55 UTC (2m ago)"), "{html}");
         assert!(html.contains("data-service=\"blog\" data-label=\"routing-max-body\""));
         assert!(html.contains("10 GB") && html.contains("not a size"));
+        assert!(html.contains("data-host=\"shop.example.com\""), "{html}");
+        assert!(html.contains("cannot load certificate &lt;x&gt;"), "{html}");
+        assert!(html.contains("data-waiting=\"new.example.com\""), "{html}");
         assert!(html.contains("id=\"jobs\""));
         assert!(html.contains(
             "class=\"job card\" id=\"job-j-42\" data-id=\"j-42\" data-state=\"rolled_back\""

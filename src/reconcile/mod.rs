@@ -8,6 +8,7 @@
 //! one target is logged, counted and shown on the status page; it never affects other
 //! targets and never stops the loop.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,7 @@ use crate::status::{Board, SkippedService};
 use crate::watch::Hint;
 
 mod executor;
+pub mod isolate;
 pub mod plan;
 mod policy;
 mod report;
@@ -63,6 +65,29 @@ struct TargetState {
     check_backoff: Backoff,
     /// The reason of the last unavailable check, so a lasting outage is logged once.
     unavailable_reason: Option<String>,
+    /// Hosts left out of the file in place, with the hash of the block that failed (left
+    /// out again without a check while it stays the same, tried again on a resync) and
+    /// nginx's message.
+    left_out: BTreeMap<String, LeftOut>,
+    /// What drover knows of the TLS hosts' certificate files; `None` when it cannot look
+    /// (not the built-in nginx template, or a check that runs no command).
+    certs: Option<Certs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LeftOut {
+    hash: String,
+    reason: String,
+}
+
+#[derive(Debug, Default)]
+struct Certs {
+    /// Hosts whose certificate files were there when last looked at.
+    present: BTreeSet<String>,
+    /// TLS hosts last reported as served on port 80.
+    missing: BTreeSet<String>,
+    /// Hosts looked at since they became TLS hosts.
+    probed: BTreeSet<String>,
 }
 
 impl TargetState {
@@ -147,6 +172,8 @@ fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)>) -> Targe
         unavailable: None,
         check_backoff: Backoff::new(),
         unavailable_reason: None,
+        left_out: BTreeMap::new(),
+        certs: probes_certificates(t).then(Certs::default),
     }
 }
 
@@ -335,10 +362,11 @@ impl Reconciler {
             for ((t, batch), check_due) in self.targets.iter_mut().zip(batches).zip(check_due) {
                 if everyone || batch.is_some() || check_due {
                     let span = info_span!("reconcile", target = %t.config.name);
+                    let retry = full_pass;
                     // A check or notify step can take up to its timeout: shutdown does not wait.
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = pass(t, &snapshot, &self.engine, &self.board, batch, role).instrument(span) => {}
+                        _ = pass(t, &snapshot, &self.engine, &self.board, batch, role, retry).instrument(span) => {}
                     }
                 }
             }
@@ -412,9 +440,17 @@ async fn pass(
     board: &Board,
     batch: Option<Batch>,
     role: Role,
+    resync: bool,
 ) {
     let m = crate::metrics::get();
-    if t.settled.as_deref() == Some(&**snapshot) {
+    // A resync looks again at what the cluster does not tell: certificate files that may
+    // have appeared, hosts left out that may pass now.
+    let outside = resync
+        && (!t.left_out.is_empty()
+            || t.certs
+                .as_ref()
+                .is_some_and(|c| c.probed.len() > c.present.len()));
+    if t.settled.as_deref() == Some(&**snapshot) && !outside {
         return;
     }
     // In cluster mode only the controller (the instance on the Raft leader) renders; the
@@ -431,10 +467,30 @@ async fn pass(
         }
     };
     let started = Instant::now();
-    let rendered = template.render(snapshot);
+    let options = |certs: &Option<Certs>| crate::render::Options {
+        certificates: certs.as_ref().map(|c| c.present.clone()),
+    };
+    let mut rendered = template.render_with(snapshot, &options(&t.certs));
     m.render_duration
         .with_label_values(&[name.as_str()])
         .observe(started.elapsed().as_secs_f64());
+    if let (Ok(r), Some(check)) = (&rendered, &t.config.check) {
+        if probe(&mut t.certs, check, engine, snapshot, &r.tls_hosts, resync).await {
+            rendered = template.render_with(snapshot, &options(&t.certs));
+        }
+    }
+    if let (Ok(r), Some(c)) = (&rendered, t.certs.as_mut()) {
+        let missing: BTreeSet<String> = r
+            .tls_hosts
+            .iter()
+            .filter(|h| !c.present.contains(*h))
+            .cloned()
+            .collect();
+        if missing != c.missing || t.settled.is_none() {
+            report::without_certificate(&name, board, &c.missing, &missing);
+            c.missing = missing;
+        }
+    }
     let rendered = match rendered {
         Ok(r) => r,
         Err(e) => {
@@ -487,6 +543,26 @@ async fn pass(
         });
         return;
     }
+    // Hosts that failed before with the same block stay out without another check; a
+    // resync tries them all again (a certificate fixed in place changes no block).
+    let blocks = isolate::blocks(&rendered.text);
+    let mut left: BTreeMap<String, LeftOut> = if resync {
+        BTreeMap::new()
+    } else {
+        blocks
+            .iter()
+            .filter_map(|b| {
+                let l = t.left_out.get(&b.host).filter(|l| l.hash == b.hash)?;
+                Some((b.host.clone(), l.clone()))
+            })
+            .collect()
+    };
+    let text = if left.is_empty() {
+        rendered.text.clone()
+    } else {
+        isolate::without(&rendered.text, &left.keys().cloned().collect())
+    };
+    let content = text.as_bytes();
     let memory = TargetMemory {
         current: t.applier.current_hash().map(str::to_owned),
         known_bad: t.known_bad.clone(),
@@ -494,7 +570,7 @@ async fn pass(
     };
     let now = Instant::now();
     let planned = plan::plan(&t.config, snapshot, content, &memory, now);
-    let outcome = match &planned {
+    let mut outcome = match &planned {
         Plan::Unchanged => Ok(Outcome::Unchanged),
         Plan::KnownBad => Ok(Outcome::KnownBad),
         Plan::Wait(_) => Ok(Outcome::Waiting),
@@ -505,6 +581,29 @@ async fn pass(
             executor::execute(&mut t.applier, w, content, Some(engine), snapshot).await
         }
     };
+    if let (Plan::Write(w), Ok(Outcome::CheckFailed(output))) = (&planned, &outcome) {
+        let output = output.clone();
+        outcome = leave_out_failing(
+            t,
+            w,
+            &rendered.text,
+            &text,
+            output,
+            &blocks,
+            &mut left,
+            engine,
+            snapshot,
+        )
+        .await;
+    }
+    // The hosts left out stay as they were while the file in place did not change.
+    let settled_file = matches!(
+        outcome,
+        Ok(Outcome::Applied | Outcome::NotifyFailed(_) | Outcome::Unchanged)
+    );
+    if settled_file {
+        report::left_out(t, board, left);
+    }
     t.remember(&planned, &outcome, now);
     let retry = matches!(
         outcome,
@@ -512,4 +611,141 @@ async fn pass(
     );
     t.settled = (!retry).then(|| snapshot.clone());
     report::outcome(t, board, &outcome, batch, rendered.skipped);
+}
+
+/// The check of `checked` failed with `output`: leaves out the hosts nginx blames (see
+/// [`isolate`]) and checks again, at most [`isolate::MAX_EXTRA_CHECKS`] times. Returns the
+/// last outcome; `left` ends as the hosts left out of the file in place.
+#[allow(clippy::too_many_arguments)]
+async fn leave_out_failing(
+    t: &mut TargetState,
+    write: &plan::Write,
+    full: &str,
+    checked: &str,
+    mut output: String,
+    full_blocks: &[isolate::Block],
+    left: &mut BTreeMap<String, LeftOut>,
+    engine: &Engine,
+    snapshot: &Snapshot,
+) -> Result<Outcome, crate::apply::Error> {
+    let failed = Ok(Outcome::CheckFailed(output.clone()));
+    if full_blocks.is_empty() {
+        return failed;
+    }
+    let good = t
+        .applier
+        .good()
+        .map(|g| isolate::blocks(&String::from_utf8_lossy(g)))
+        .unwrap_or_default();
+    let names = t.applier.file_names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let hash_of = |host: &str| {
+        full_blocks
+            .iter()
+            .find(|b| b.host == host)
+            .map(|b| b.hash.clone())
+            .unwrap_or_default()
+    };
+    let mut checked_blocks = isolate::blocks(checked);
+    for _ in 0..isolate::MAX_EXTRA_CHECKS {
+        let Some(more) = isolate::next(&checked_blocks, &good, &output, &names) else {
+            break;
+        };
+        for (host, reason) in more {
+            let hash = hash_of(&host);
+            left.insert(host, LeftOut { hash, reason });
+        }
+        let text = isolate::without(full, &left.keys().cloned().collect());
+        let hash = crate::apply::sha256_hex(text.as_bytes());
+        if t.applier.current_hash() == Some(hash.as_str()) {
+            return Ok(Outcome::Unchanged);
+        }
+        let attempt = plan::Write {
+            hash,
+            ..write.clone()
+        };
+        match executor::execute(
+            &mut t.applier,
+            &attempt,
+            text.as_bytes(),
+            Some(engine),
+            snapshot,
+        )
+        .await
+        {
+            Ok(Outcome::CheckFailed(o)) => {
+                output = o;
+                checked_blocks = isolate::blocks(&text);
+            }
+            other => return other,
+        }
+    }
+    failed
+}
+
+/// Whether drover can look up `target`'s certificate files: the built-in nginx template
+/// (it knows where they are) with a check that runs a command somewhere.
+fn probes_certificates(target: &Target) -> bool {
+    target.builtin() == Some("nginx")
+        && matches!(
+            target.check,
+            Some(crate::config::Action::Exec(_) | crate::config::Action::Command(_))
+        )
+}
+
+/// Looks up the certificate files of TLS hosts not looked at yet (on a resync: of every
+/// TLS host without them). Returns whether what is known changed for a host in `tls`.
+async fn probe(
+    certs: &mut Option<Certs>,
+    check: &crate::config::Action,
+    engine: &Engine,
+    snapshot: &Snapshot,
+    tls: &[String],
+    resync: bool,
+) -> bool {
+    let Some(c) = certs.as_mut() else {
+        return false;
+    };
+    let ask: Vec<String> = tls
+        .iter()
+        .filter(|h| !c.probed.contains(*h) || (resync && !c.present.contains(*h)))
+        .cloned()
+        .collect();
+    // Hosts no longer TLS are forgotten, so they are looked at again if they come back.
+    let tls_set: BTreeSet<&String> = tls.iter().collect();
+    c.probed.retain(|h| tls_set.contains(h));
+    c.present.retain(|h| tls_set.contains(h));
+    if ask.is_empty() {
+        return false;
+    }
+    let found = crate::apply::existing_certificates(
+        check,
+        Some(engine),
+        snapshot,
+        crate::render::CERT_DIR,
+        &ask,
+    )
+    .await;
+    match found {
+        Some(Ok(found)) => {
+            let mut changed = false;
+            for h in ask {
+                let now = found.contains(&h);
+                changed |= now != c.present.contains(&h);
+                if now {
+                    c.present.insert(h.clone());
+                } else {
+                    c.present.remove(&h);
+                }
+                c.probed.insert(h);
+            }
+            changed
+        }
+        Some(Err(e)) => {
+            // Asked again next pass; until then the hosts are served as before.
+            tracing::debug!(error = %e, "cannot look up certificate files");
+            false
+        }
+        None => false,
+    }
 }

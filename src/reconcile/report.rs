@@ -3,12 +3,14 @@
 //! Constant messages with data in fields; a check that stays unavailable is logged once
 //! per reason, not once per retry.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use tracing::{info, warn};
 
 use crate::debounce::Batch;
-use crate::status::{Board, SkippedService};
+use crate::status::{Board, LeftOutHost, SkippedService};
 
-use super::{Outcome, TargetState, unix_now};
+use super::{LeftOut, Outcome, TargetState, unix_now};
 
 pub(super) fn count(target: &str, outcome: &str) {
     crate::metrics::get()
@@ -101,4 +103,54 @@ pub(super) fn outcome(
         s.error = error;
         s.skipped = skipped;
     });
+}
+
+/// The hosts left out of the file now in place: one log line per host when it starts or
+/// stops being left out, the gauge, the status page.
+pub(super) fn left_out(t: &mut TargetState, board: &Board, now: BTreeMap<String, LeftOut>) {
+    let name = t.config.name.as_str();
+    for (host, l) in &now {
+        if !t.left_out.contains_key(host) {
+            warn!(host = %host, reason = %l.reason,
+                "host left out: its server blocks fail the check; the other hosts are applied");
+        }
+    }
+    for host in t.left_out.keys().filter(|h| !now.contains_key(*h)) {
+        info!(host = %host, "host back in the file");
+    }
+    crate::metrics::get()
+        .hosts_left_out
+        .with_label_values(&[name])
+        .set(now.len() as i64);
+    let shown = now
+        .iter()
+        .map(|(host, l)| LeftOutHost {
+            host: host.clone(),
+            reason: l.reason.clone(),
+        })
+        .collect();
+    board.update_target(name, |s| s.left_out = shown);
+    t.left_out = now;
+}
+
+/// The TLS hosts served on port 80 for want of certificate files: logged when the set
+/// changes, the gauge, the status page.
+pub(super) fn without_certificate(
+    target: &str,
+    board: &Board,
+    before: &BTreeSet<String>,
+    now: &BTreeSet<String>,
+) {
+    for host in now.difference(before) {
+        warn!(host = %host, "no certificate files yet: host served on port 80 until they appear");
+    }
+    for host in before.difference(now) {
+        info!(host = %host, "certificate files found: host served with TLS");
+    }
+    crate::metrics::get()
+        .hosts_without_certificate
+        .with_label_values(&[target])
+        .set(now.len() as i64);
+    let shown: Vec<String> = now.iter().cloned().collect();
+    board.update_target(target, |s| s.without_certificate = shown);
 }

@@ -72,6 +72,7 @@ mod filters;
 mod labels;
 mod model;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::config::{Action, Target};
@@ -155,6 +156,21 @@ pub struct Rendered {
     pub text: String,
     /// Services left out because of an invalid or clashing label value, sorted by name.
     pub skipped: Vec<SkippedService>,
+    /// The hosts that want TLS (sorted; empty when the template does not use `hosts`):
+    /// whose certificate files decide how they are served.
+    pub tls_hosts: Vec<String>,
+}
+
+/// Where the built-in nginx template expects a TLS host's certificate (`HOST/fullchain.pem`
+/// and `HOST/privkey.pem` under it), as certbot writes them.
+pub const CERT_DIR: &str = "/etc/letsencrypt/live";
+
+/// What a render knows beyond the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// The TLS hosts whose certificate files exist; `None` when nobody looked (every TLS
+    /// host is then rendered with its certificate, as before drover could look).
+    pub certificates: Option<BTreeSet<String>>,
 }
 
 impl Template {
@@ -210,13 +226,26 @@ impl Template {
     /// Pure: same snapshot → same bytes. Services with invalid label values are left out
     /// and reported.
     pub fn render(&self, snapshot: &Snapshot) -> Result<Rendered> {
+        self.render_with(snapshot, &Options::default())
+    }
+
+    /// [`Template::render`] with what drover knows about certificates.
+    pub fn render_with(&self, snapshot: &Snapshot, options: &Options) -> Result<Rendered> {
         let (root, mut skipped) = model::build(
             snapshot,
             &self.target,
             self.network.as_deref(),
             self.proxy.as_deref(),
             self.uses,
+            options.certificates.as_ref(),
         );
+        let tls_hosts = root
+            .hosts
+            .iter()
+            .flatten()
+            .filter(|h| h.tls)
+            .map(|h| h.name.clone())
+            .collect();
         let context = root
             .into_context()
             .map_err(|e| Error::Context(Box::new(e.into())))?;
@@ -229,7 +258,11 @@ impl Template {
                 source: Box::new(source),
             })?;
         skipped.sort_by(|a, b| a.service.cmp(&b.service));
-        Ok(Rendered { text, skipped })
+        Ok(Rendered {
+            text,
+            skipped,
+            tls_hosts,
+        })
     }
 
     /// `builtin:NAME` or the template's file path.

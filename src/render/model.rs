@@ -115,6 +115,9 @@ pub struct HostView {
     pub name: String,
     /// False only when every service on the host sets `routing-tls=false`.
     pub tls: bool,
+    /// Whether the certificate files of a TLS host are there (true when drover does not
+    /// know: nothing probed them). A TLS host without them is served on port 80.
+    pub cert: bool,
     pub locations: Vec<LocationView>,
 }
 
@@ -183,6 +186,7 @@ impl From<HostView> for Value {
         let mut m = Map::new();
         m.insert("name".into(), string(h.name));
         m.insert("tls".into(), Value::Bool(h.tls));
+        m.insert("cert".into(), Value::Bool(h.cert));
         m.insert(
             "locations".into(),
             Value::Array(h.locations.into_iter().map(Value::from).collect()),
@@ -274,6 +278,7 @@ pub fn build<'a>(
     target_network: Option<&'a str>,
     proxy: Option<&str>,
     uses: Uses,
+    certificates: Option<&BTreeSet<String>>,
 ) -> (Root<'a>, Vec<SkippedService>) {
     let mut skipped = Vec::new();
     let ingress: BTreeSet<&str> = snapshot
@@ -307,7 +312,12 @@ pub fn build<'a>(
         }
     }
 
-    let (hosts, upstreams) = routes(&services, &mut skipped);
+    let (mut hosts, upstreams) = routes(&services, &mut skipped);
+    if let Some(present) = certificates {
+        for h in hosts.iter_mut().filter(|h| h.tls) {
+            h.cert = present.contains(&h.name);
+        }
+    }
     let routed: BTreeSet<&str> = skipped.iter().map(|s| s.service.as_str()).collect();
     services.retain(|s| !routed.contains(s.name));
     let prometheus_jobs = uses
@@ -585,6 +595,7 @@ fn routes(
             HostView {
                 name,
                 tls: acc.tls,
+                cert: true,
                 locations,
             }
         })

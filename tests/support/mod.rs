@@ -993,17 +993,30 @@ impl Drop for NginxService {
 /// Starts an nginx service attached to `network` (and `extra_networks`) and waits (≤ 60 s)
 /// until its health port answers. `seed` files are written into conf.d before start.
 pub fn nginx_service(network: &str, seed: &[(&str, &str)]) -> Result<NginxService> {
+    nginx_service_mounting(network, seed, &[])
+}
+
+/// [`nginx_service`] with more host directories bind-mounted (`(host dir, container path)`),
+/// e.g. a certificate directory onto `/etc/letsencrypt`.
+pub fn nginx_service_mounting(
+    network: &str,
+    seed: &[(&str, &str)],
+    mounts: &[(&Path, &str)],
+) -> Result<NginxService> {
     let dir = temp_dir("nginx-conf")?;
     for (file, content) in seed {
         std::fs::write(dir.path().join(file), content)?;
     }
     let (port, health) = (free_port(), free_port());
-    let service = ServiceBuilder::new(&unique("nginx"), &nginx_image())
+    let mut builder = ServiceBuilder::new(&unique("nginx"), &nginx_image())
         .network(network)
         .publish_host(80, port)
         .publish_host(8080, health)
-        .mount_bind(dir.path(), "/etc/nginx/conf.d")
-        .create()?;
+        .mount_bind(dir.path(), "/etc/nginx/conf.d");
+    for (src, dst) in mounts {
+        builder = builder.mount_bind(src, dst);
+    }
+    let service = builder.create()?;
     let health_addr = format!("127.0.0.1:{health}");
     let up = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
         http_get_host(&health_addr, "health", "/")
