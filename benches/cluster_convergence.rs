@@ -47,7 +47,11 @@ fn main() -> Result<()> {
             .map(|t| upstream_ips(&t).into_iter().collect())
             .unwrap_or_default()
     };
-    wait(|| listed().len() == 2).context("the worker's file never listed the first 2 tasks")?;
+    // Every step starts from a steady cluster: the tasks before it all running and listed.
+    let steady = |n: usize| {
+        wait(|| listed().len() == n && running_tasks(&stack, &app).is_ok_and(|t| t.len() == n))
+    };
+    steady(2).context("the first 2 tasks never ran and reached the worker's file")?;
 
     let mut lags = Vec::with_capacity(steps);
     let mut replicas = 2;
@@ -55,8 +59,9 @@ fn main() -> Result<()> {
         if replicas == 6 {
             scale(&stack, &app, 2)?;
             replicas = 2;
-            wait(|| listed().len() == 2).context("scale down to 2 never reached the worker")?;
+            steady(2).context("scale down to 2 never reached the worker")?;
         }
+        steady(replicas).context("the cluster never settled")?;
         let before = running_tasks(&stack, &app)?;
         replicas += 1;
         scale(&stack, &app, replicas)?;
@@ -107,30 +112,12 @@ fn scale(stack: &ShippedStack, service: &str, replicas: usize) -> Result<()> {
 
 /// Ids of the tasks of `service` that run now.
 fn running_tasks(stack: &ShippedStack, service: &str) -> Result<BTreeSet<String>> {
-    let ids = stack.cluster.docker(&[
-        "service",
-        "ps",
-        "-q",
-        "--no-trunc",
-        "--filter",
-        "desired-state=running",
-        service,
-    ])?;
-    let mut out = BTreeSet::new();
-    for id in ids.lines() {
-        let state = stack.cluster.docker(&[
-            "inspect",
-            "--type",
-            "task",
-            "--format",
-            "{{.Status.State}}",
-            id,
-        ])?;
-        if state.trim() == "running" {
-            out.insert(id.to_owned());
-        }
-    }
-    Ok(out)
+    Ok(stack
+        .cluster
+        .running_tasks(service)?
+        .into_iter()
+        .map(|(task, _)| task)
+        .collect())
 }
 
 fn wait(mut done: impl FnMut() -> bool) -> Result<()> {

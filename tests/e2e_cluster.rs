@@ -388,33 +388,7 @@ impl Stack {
     /// backend tasks, on whichever node they run.
     fn wait_nginx_serves_every_task(&self, n: usize) -> Result<()> {
         let addr = format!("{}:{NGINX_PORT}", self.w1().addr);
-        let mut last = (BTreeSet::new(), BTreeSet::new());
-        let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
-            let Ok(want) = self.backend_hostnames() else {
-                return false;
-            };
-            if want.len() != n {
-                return false;
-            }
-            let mut seen = BTreeSet::new();
-            for _ in 0..4 * n {
-                if let Ok(r) = http_get_host(&addr, HOST, "/") {
-                    if r.status == 200 {
-                        seen.insert(r.body.trim().to_string());
-                    }
-                }
-            }
-            let done = seen == want;
-            last = (want, seen);
-            done
-        });
-        ensure!(
-            ok,
-            "nginx on w1 answered from {:?}; running tasks are {:?}",
-            last.1,
-            last.0
-        );
-        Ok(())
+        wait_nginx_answers_from("w1", &addr, HOST, n, || self.backend_hostnames())
     }
 
     /// The file as the nginx container on w1 sees it.
@@ -448,67 +422,59 @@ fn app_hostnames(s: &ShippedStack) -> Result<BTreeSet<String>> {
 /// Waits until the nginx on every node answers from exactly the running app tasks, on
 /// whichever node they run.
 fn wait_every_nginx_serves_every_task(s: &ShippedStack, n: usize) -> Result<()> {
-    {
-        for node in &s.cluster.nodes {
-            let addr = format!("{}:{SHIPPED_HTTP_PORT}", node.addr);
-            let mut last = (BTreeSet::new(), BTreeSet::new());
-            let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
-                let Ok(want) = app_hostnames(s) else {
-                    return false;
-                };
-                if want.len() != n {
-                    return false;
-                }
-                let mut seen = BTreeSet::new();
-                for _ in 0..4 * n {
-                    if let Ok(r) = http_get_host(&addr, SHIPPED_HOST, "/") {
-                        if r.status == 200 {
-                            seen.insert(r.body.trim().to_string());
-                        }
-                    }
-                }
-                let done = seen == want;
-                last = (want, seen);
-                done
-            });
-            ensure!(
-                ok,
-                "nginx on {} answered from {:?}; running tasks are {:?}",
-                node.short,
-                last.1,
-                last.0
-            );
-        }
-        Ok(())
+    for node in &s.cluster.nodes {
+        let addr = format!("{}:{SHIPPED_HTTP_PORT}", node.addr);
+        wait_nginx_answers_from(&node.short, &addr, SHIPPED_HOST, n, || app_hostnames(s))?;
     }
+    Ok(())
+}
+
+/// Waits until `n` tasks run (`running`: their short container ids, which the busybox
+/// backend answers with) and requests for `host` through the nginx at `addr` are answered
+/// by exactly those tasks.
+fn wait_nginx_answers_from(
+    node: &str,
+    addr: &str,
+    host: &str,
+    n: usize,
+    running: impl Fn() -> Result<BTreeSet<String>>,
+) -> Result<()> {
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
+        let Ok(want) = running() else {
+            return false;
+        };
+        if want.len() != n {
+            return false;
+        }
+        let mut seen = BTreeSet::new();
+        for _ in 0..4 * n {
+            if let Ok(r) = http_get_host(addr, host, "/") {
+                if r.status == 200 {
+                    seen.insert(r.body.trim().to_string());
+                }
+            }
+        }
+        let done = seen == want;
+        last = (want, seen);
+        done
+    });
+    ensure!(
+        ok,
+        "nginx on {node} answered from {:?}; running tasks are {:?}",
+        last.1,
+        last.0
+    );
+    Ok(())
 }
 
 /// Short container ids of the running tasks of `service`.
 fn running_container_ids(cluster: &Cluster, service: &str) -> Result<BTreeSet<String>> {
-    let ids = cluster.docker(&[
-        "service",
-        "ps",
-        "-q",
-        "--no-trunc",
-        "--filter",
-        "desired-state=running",
-        service,
-    ])?;
-    let mut out = BTreeSet::new();
-    for id in ids.lines() {
-        let state = cluster.docker(&[
-            "inspect",
-            "--type",
-            "task",
-            "--format",
-            "{{.Status.State}} {{.Status.ContainerStatus.ContainerID}}",
-            id,
-        ])?;
-        if let Some(cid) = state.strip_prefix("running ") {
-            out.insert(cid.chars().take(12).collect());
-        }
-    }
-    Ok(out)
+    Ok(cluster
+        .running_tasks(service)?
+        .into_iter()
+        .map(|(_, container)| container.chars().take(12).collect())
+        .collect())
 }
 
 #[test]

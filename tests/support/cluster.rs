@@ -127,6 +127,34 @@ impl Cluster {
         self.manager()?.docker(args)
     }
 
+    /// (task id, container id) of each task of `service` that runs now.
+    pub fn running_tasks(&self, service: &str) -> Result<Vec<(String, String)>> {
+        let ids = self.docker(&[
+            "service",
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "desired-state=running",
+            service,
+        ])?;
+        let mut out = Vec::new();
+        for id in ids.lines() {
+            let state = self.docker(&[
+                "inspect",
+                "--type",
+                "task",
+                "--format",
+                "{{.Status.State}} {{.Status.ContainerStatus.ContainerID}}",
+                id,
+            ])?;
+            if let Some(container) = state.strip_prefix("running ") {
+                out.push((id.to_owned(), container.to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
     /// A service's logs, stdout and stderr (drover and nginx log to stderr, which
     /// [`Cluster::docker`] does not return).
     pub fn service_logs(&self, service: &str) -> String {
