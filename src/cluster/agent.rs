@@ -56,6 +56,9 @@ pub const SIGNATURE_HEADER: &str = "x-drover-agent-signature";
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
 /// A check and each notify step may take 30 s (`apply`); leave room for both.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// A peer whose overlay path is not up yet drops SYNs; the kernel would retry for minutes
+/// while the controller's pass waits. Unreachable now means retried on the next pass.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Nonces remembered at most; beyond this (a flood of signed requests) the agent answers 503
 /// rather than forget a nonce whose timestamp is still valid.
 const NONCE_CAP: usize = 100_000;
@@ -486,8 +489,9 @@ pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<App
     let signature = key.sign(&timestamp, &nonce, &body);
     let transport = |reason: String| Error::Transport { addr, reason };
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .await
+            .map_err(|_| transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| transport(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
