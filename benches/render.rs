@@ -44,7 +44,7 @@ fn snapshot(services: usize, tasks: usize) -> Snapshot {
             name: format!("service-{i:04}"),
             image: "127.0.0.1:5000/app:latest".into(),
             labels,
-            mode: "replicated".into(),
+            mode: drover::state::ServiceMode::Replicated,
             replicas: Some(tasks as u64),
             networks: vec!["web".into()],
             tasks: (0..tasks)

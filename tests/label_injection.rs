@@ -137,7 +137,7 @@ fn victim(label: &str, value: &str) -> Service {
         name: "victim".into(),
         image: "127.0.0.1:5000/victim:latest".into(),
         labels,
-        mode: "replicated".into(),
+        mode: drover::state::ServiceMode::Replicated,
         replicas: Some(2),
         networks: vec!["web".into()],
         tasks: (1..=2)

@@ -72,7 +72,7 @@ fn service_on(
         name: name.into(),
         image: format!("127.0.0.1:5000/{name}:latest"),
         labels: labels(label_pairs),
-        mode: "replicated".into(),
+        mode: drover::state::ServiceMode::Replicated,
         replicas: Some(ips.len() as u64),
         networks: std::iter::once("ingress")
             .chain(networks.iter().copied())
