@@ -18,8 +18,7 @@ pub struct TargetStatus {
     pub last_apply: Option<u64>,
     /// SHA-256 (hex) of the config currently in place.
     pub hash: Option<String>,
-    /// `passed`, `failed: ...`, `unchanged` or `none`.
-    pub check: String,
+    pub check: CheckResult,
     pub error: Option<String>,
     pub skipped: Vec<SkippedService>,
     /// Hosts whose server blocks failed the check, left out of the file in place.
@@ -28,6 +27,49 @@ pub struct TargetStatus {
     pub without_certificate: Vec<String>,
     /// Per node, when the target is delivered through agents: outcome and hash there.
     pub nodes: Vec<crate::cluster::delivery::NodeResult>,
+}
+
+/// The last check of a target's file. Shown (status page, JSON) as `none`, `passed`,
+/// `failed: OUTPUT` or `unavailable: WHY`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CheckResult {
+    /// No check configured, or none run yet.
+    #[default]
+    None,
+    Passed,
+    /// The checker rejected the file; its output.
+    Failed(String),
+    /// The check could not run (container missing, exec failed); why.
+    Unavailable(String),
+}
+
+impl CheckResult {
+    /// One word, for badges and metric labels.
+    pub fn word(&self) -> &'static str {
+        match self {
+            CheckResult::None => "none",
+            CheckResult::Passed => "passed",
+            CheckResult::Failed(_) => "failed",
+            CheckResult::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckResult::None | CheckResult::Passed => f.write_str(self.word()),
+            CheckResult::Failed(why) | CheckResult::Unavailable(why) => {
+                write!(f, "{}: {why}", self.word())
+            }
+        }
+    }
+}
+
+impl Serialize for CheckResult {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -109,7 +151,7 @@ impl Board {
         if let Ok(mut t) = self.targets.write() {
             let entry = t.entry(name.to_owned()).or_insert_with(|| TargetStatus {
                 name: name.to_owned(),
-                check: "none".into(),
+                check: CheckResult::None,
                 ..TargetStatus::default()
             });
             f(entry);

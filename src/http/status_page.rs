@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::status::{LeftOutHost, SkippedService, Summary};
+use crate::status::{CheckResult, LeftOutHost, SkippedService, Summary};
 
 /// The template name ends in `.html` so Tera's autoescaping applies to it.
 const TEMPLATE_NAME: &str = "status.html";
@@ -86,10 +86,10 @@ struct TargetView<'a> {
     last_apply: String,
     hash: Option<&'a str>,
     hash_short: Option<&'a str>,
-    check: &'a str,
+    check: String,
     /// `ok`, `bad` or `neutral`: drives the badge colour and `data-check`.
     check_class: &'static str,
-    check_word: &'a str,
+    check_word: &'static str,
     error: Option<&'a str>,
     skipped: &'a [SkippedService],
     left_out: &'a [LeftOutHost],
@@ -143,7 +143,7 @@ impl<'a> Page<'a> {
                         last_apply: format_time(t.last_apply, now),
                         hash: t.hash.as_deref(),
                         hash_short: t.hash.as_deref().map(|h| h.get(..12).unwrap_or(h)),
-                        check: &t.check,
+                        check: t.check.to_string(),
                         check_class,
                         check_word,
                         error: t.error.as_deref().filter(|e| !e.is_empty()),
@@ -285,16 +285,14 @@ fn text(v: &Value, key: &str) -> String {
     }
 }
 
-/// `passed`/`unchanged` are good, `failed...` is bad, `none` and anything else neutral.
-fn check_class(check: &str) -> (&'static str, &str) {
-    let word = check.split(':').next().unwrap_or(check).trim();
-    let word = if word.is_empty() { "none" } else { word };
-    let class = match word {
-        "passed" | "unchanged" => "ok",
-        "failed" => "bad",
-        _ => "neutral",
+/// A passed check is good, a failed one bad, none or unavailable neutral.
+fn check_class(check: &CheckResult) -> (&'static str, &'static str) {
+    let class = match check {
+        CheckResult::Passed => "ok",
+        CheckResult::Failed(_) => "bad",
+        CheckResult::None | CheckResult::Unavailable(_) => "neutral",
     };
-    (class, word)
+    (class, check.word())
 }
 
 fn outcome_class(outcome: &str) -> &'static str {
@@ -377,7 +375,7 @@ fn fallback(page: &Page<'_>) -> String {
         out.push_str(&format!(
             "<li class=\"target\" data-name=\"{0}\">{0}: {1}</li>",
             escape(t.name),
-            escape(t.check)
+            escape(&t.check)
         ));
     }
     out.push_str("</ul></body></html>");
@@ -424,7 +422,7 @@ mod tests {
                 hash: Some(
                     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
                 ),
-                check: "passed".into(),
+                check: CheckResult::Passed,
                 error: None,
                 skipped: vec![SkippedService {
                     service: "blog".into(),
@@ -565,7 +563,7 @@ mod tests {
     #[test]
     fn failed_check_is_marked_bad() {
         let mut s = summary();
-        s.targets[0].check = "failed: nginx: [emerg] unknown directive".into();
+        s.targets[0].check = CheckResult::Failed("nginx: [emerg] unknown directive".into());
         let html = render_at(&s, &Value::Null, NOW);
         assert!(html.contains("data-check=\"bad\""), "{html}");
         assert!(html.contains("class=\"badge bad\">failed<"), "{html}");

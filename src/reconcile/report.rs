@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tracing::{info, warn};
 
 use crate::debounce::Batch;
-use crate::status::{Board, LeftOutHost, SkippedService};
+use crate::status::{Board, CheckResult, LeftOutHost, SkippedService};
 
 use super::{LeftOut, Outcome, TargetState, unix_now};
 
@@ -32,7 +32,7 @@ pub(super) fn outcome(
     let has_check = t.config.check.is_some();
     let has_notify = !t.config.notify.is_empty();
     let mut error = None;
-    let mut check_text = None;
+    let mut check = None;
     match outcome {
         Ok(o) => {
             if !matches!(o, Outcome::Waiting) {
@@ -42,8 +42,7 @@ pub(super) fn outcome(
                 Outcome::Unchanged | Outcome::KnownBad | Outcome::Waiting => {}
                 Outcome::Applied | Outcome::NotifyFailed(_) => {
                     if has_check {
-                        m.checks.with_label_values(&[name, "passed"]).inc();
-                        check_text = Some("passed".to_owned());
+                        check = Some(CheckResult::Passed);
                     }
                     let hash = t.applier.current_hash().unwrap_or_default();
                     m.last_apply
@@ -69,17 +68,15 @@ pub(super) fn outcome(
                     }
                 }
                 Outcome::CheckFailed(output) => {
-                    m.checks.with_label_values(&[name, "failed"]).inc();
                     warn!(output = %output, "check failed; previous config restored, not notified");
-                    check_text = Some(format!("failed: {output}"));
+                    check = Some(CheckResult::Failed(output.clone()));
                 }
                 Outcome::CheckUnavailable(why) => {
-                    m.checks.with_label_values(&[name, "unavailable"]).inc();
                     if t.unavailable_reason.as_deref() != Some(why.as_str()) {
                         warn!(reason = %why, "check could not run; the file stays as it was");
                         t.unavailable_reason = Some(why.clone());
                     }
-                    check_text = Some(format!("unavailable: {why}"));
+                    check = Some(CheckResult::Unavailable(why.clone()));
                 }
             }
         }
@@ -89,6 +86,9 @@ pub(super) fn outcome(
             error = Some(e.to_string());
         }
     }
+    if let Some(c) = &check {
+        m.checks.with_label_values(&[name, c.word()]).inc();
+    }
     let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
     let hash = t.applier.current_hash().map(str::to_owned);
     board.update_target(name, |s| {
@@ -97,7 +97,7 @@ pub(super) fn outcome(
             s.last_apply = Some(unix_now());
         }
         s.hash = hash;
-        if let Some(c) = check_text {
+        if let Some(c) = check {
             s.check = c;
         }
         s.error = error;
