@@ -175,6 +175,27 @@ pub struct JobView {
     pub log_tail: Option<String>,
 }
 
+impl JobView {
+    /// A job waiting in the queue: accepted now, or resumed from the journal.
+    fn queued(id: JobId, hook: String, work: Work, facts: Facts) -> JobView {
+        JobView {
+            id,
+            hook,
+            state: JobState::Queued,
+            work,
+            facts,
+            requests: 1,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            message: None,
+            services: Vec::new(),
+            exit_code: None,
+            log_tail: None,
+        }
+    }
+}
+
 /// A job's result, from the runner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {

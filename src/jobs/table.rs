@@ -110,19 +110,9 @@ impl Jobs {
                 }
             };
             let view = JobView {
-                id: entry.id,
-                hook: entry.hook,
-                state: JobState::Queued,
-                work,
-                facts: entry.facts,
                 requests: entry.requests,
                 created_at: entry.created_at,
-                started_at: None,
-                finished_at: None,
-                message: None,
-                services: Vec::new(),
-                exit_code: None,
-                log_tail: None,
+                ..JobView::queued(entry.id, entry.hook, work, entry.facts)
             };
             let id = view.id.clone();
             let key = view.work.coalesce_key();
@@ -234,19 +224,8 @@ impl Jobs {
             inner.active += 1;
             metrics::get().queue_depth.set(inner.active as i64);
             JobView {
-                id: JobId::generate(),
-                hook: req.hook,
-                state: JobState::Queued,
-                work: req.work,
-                facts: req.facts,
-                requests: 1,
                 created_at: unix_ms(),
-                started_at: None,
-                finished_at: None,
-                message: None,
-                services: Vec::new(),
-                exit_code: None,
-                log_tail: None,
+                ..JobView::queued(JobId::generate(), req.hook, req.work, req.facts)
             }
         };
         let jobs = self.clone();

@@ -80,6 +80,10 @@ async fn jobs(runner: Arc<FakeRunner>, queue: usize) -> Arc<Jobs> {
     .expect("start")
 }
 
+async fn submit(jobs: &Arc<Jobs>, image: &str) -> Submitted {
+    jobs.submit(update(image)).await.expect("submit")
+}
+
 async fn settle(jobs: &Jobs, id: &JobId) -> JobView {
     for _ in 0..1000 {
         if let Some(j) = jobs.get(&id.0) {
@@ -96,17 +100,11 @@ async fn settle(jobs: &Jobs, id: &JobId) -> JobView {
 async fn a_burst_within_the_quiet_window_becomes_one_run() {
     let runner = FakeRunner::new(JobState::Completed);
     let jobs = jobs(runner.clone(), 8).await;
-    let first = jobs
-        .submit(update("docker.io/o/r:latest"))
-        .await
-        .expect("submit");
+    let first = submit(&jobs, "docker.io/o/r:latest").await;
     assert!(!first.coalesced);
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let s = jobs
-            .submit(update("docker.io/o/r:latest"))
-            .await
-            .expect("submit");
+        let s = submit(&jobs, "docker.io/o/r:latest").await;
         assert_eq!(s.id, first.id);
         assert!(s.coalesced);
     }
@@ -121,14 +119,8 @@ async fn a_burst_within_the_quiet_window_becomes_one_run() {
 async fn different_tags_are_not_coalesced() {
     let runner = FakeRunner::new(JobState::Completed);
     let jobs = jobs(runner.clone(), 8).await;
-    let a = jobs
-        .submit(update("docker.io/o/r:latest"))
-        .await
-        .expect("submit");
-    let b = jobs
-        .submit(update("docker.io/o/r:stable"))
-        .await
-        .expect("submit");
+    let a = submit(&jobs, "docker.io/o/r:latest").await;
+    let b = submit(&jobs, "docker.io/o/r:stable").await;
     assert_ne!(a.id, b.id);
     settle(&jobs, &a.id).await;
     settle(&jobs, &b.id).await;
@@ -139,19 +131,14 @@ async fn different_tags_are_not_coalesced() {
 async fn a_steady_stream_cannot_postpone_the_run_forever() {
     let runner = FakeRunner::new(JobState::Completed);
     let jobs = jobs(runner.clone(), 8).await;
-    let first = jobs
-        .submit(update("docker.io/o/r:latest"))
-        .await
-        .expect("submit");
+    let first = submit(&jobs, "docker.io/o/r:latest").await;
     let started = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         if jobs.get(&first.id.0).expect("job").state != JobState::Queued {
             break;
         }
-        jobs.submit(update("docker.io/o/r:latest"))
-            .await
-            .expect("submit");
+        submit(&jobs, "docker.io/o/r:latest").await;
     }
     assert!(
         started.elapsed() <= Duration::from_secs(35),
@@ -164,15 +151,9 @@ async fn a_steady_stream_cannot_postpone_the_run_forever() {
 async fn a_request_after_the_run_started_gets_a_new_job() {
     let runner = FakeRunner::new(JobState::Completed);
     let jobs = jobs(runner.clone(), 8).await;
-    let a = jobs
-        .submit(update("docker.io/o/r:latest"))
-        .await
-        .expect("submit");
+    let a = submit(&jobs, "docker.io/o/r:latest").await;
     settle(&jobs, &a.id).await;
-    let b = jobs
-        .submit(update("docker.io/o/r:latest"))
-        .await
-        .expect("submit");
+    let b = submit(&jobs, "docker.io/o/r:latest").await;
     assert_ne!(a.id, b.id);
     settle(&jobs, &b.id).await;
     assert_eq!(runner.count(), 2);
@@ -182,10 +163,7 @@ async fn a_request_after_the_run_started_gets_a_new_job() {
 async fn a_full_queue_refuses_new_jobs_but_still_coalesces() {
     let runner = FakeRunner::new(JobState::Completed);
     let jobs = jobs(runner, 1).await;
-    let a = jobs
-        .submit(update("docker.io/o/a:latest"))
-        .await
-        .expect("submit");
+    let a = submit(&jobs, "docker.io/o/a:latest").await;
     assert!(matches!(
         jobs.submit(update("docker.io/o/b:latest")).await,
         Err(Error::QueueFull)
@@ -215,10 +193,7 @@ async fn job_moves_from_queued_through_running_to_its_outcome() {
         delay: Duration::from_secs(30),
     });
     let jobs = jobs(runner, 8).await;
-    let a = jobs
-        .submit(update("docker.io/o/r:latest"))
-        .await
-        .expect("submit");
+    let a = submit(&jobs, "docker.io/o/r:latest").await;
     assert_eq!(jobs.get(&a.id.0).expect("job").state, JobState::Queued);
     tokio::time::sleep(Duration::from_secs(11)).await;
     let running = jobs.get(&a.id.0).expect("job");
