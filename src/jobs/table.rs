@@ -124,16 +124,8 @@ impl Jobs {
             if let Some(k) = &key {
                 inner.waiting.insert(k.clone(), id.clone());
             }
-            inner.jobs.insert(
-                id.clone(),
-                Entry {
-                    view,
-                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
-                    first: now,
-                    deadline: now,
-                    key,
-                },
-            );
+            let entry = self.entry(view, now, key);
+            inner.jobs.insert(id.clone(), entry);
             inner.active += 1;
             metrics::get().queue_depth.set(inner.active as i64);
             queued.push(id);
@@ -258,23 +250,27 @@ impl Jobs {
                 // requests join the older one, this one runs on its own.
                 inner.waiting.entry(k.clone()).or_insert_with(|| id.clone());
             }
-            inner.jobs.insert(
-                id.clone(),
-                Entry {
-                    view,
-                    seq: self.seq.fetch_add(1, Ordering::SeqCst),
-                    first: now,
-                    // Only coalescable work waits for company.
-                    deadline: if key.is_some() { now + quiet } else { now },
-                    key,
-                },
-            );
+            // Only coalescable work waits for company.
+            let deadline = if key.is_some() { now + quiet } else { now };
+            let entry = self.entry(view, deadline, key);
+            inner.jobs.insert(id.clone(), entry);
         }
         self.spawn(id.clone());
         Ok(Submitted {
             id,
             coalesced: false,
         })
+    }
+
+    /// A table entry due at `deadline`, numbered after every earlier one.
+    fn entry(&self, view: JobView, deadline: Instant, key: Option<String>) -> Entry {
+        Entry {
+            view,
+            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            first: Instant::now(),
+            deadline,
+            key,
+        }
     }
 
     fn spawn(self: &Arc<Self>, id: JobId) {

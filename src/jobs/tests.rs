@@ -69,15 +69,18 @@ async fn jobs(runner: Arc<FakeRunner>, queue: usize) -> Arc<Jobs> {
         history: 3,
         ..config::Jobs::default()
     };
-    Jobs::start(
-        limits,
-        runner,
-        resolve(),
-        Journal::Memory,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("start")
+    start(limits, runner, Journal::Memory, CancellationToken::new()).await
+}
+
+async fn start(
+    limits: config::Jobs,
+    runner: Arc<FakeRunner>,
+    journal: Journal,
+    stop: CancellationToken,
+) -> Arc<Jobs> {
+    Jobs::start(limits, runner, resolve(), journal, stop)
+        .await
+        .expect("start")
 }
 
 async fn submit(jobs: &Arc<Jobs>, image: &str) -> Submitted {
@@ -247,15 +250,13 @@ async fn file_journal_requeues_pending_jobs_on_start_and_drops_unknown_hooks() {
     journal.put(&pending).await.expect("put");
     journal.put(&gone).await.expect("put");
     let runner = FakeRunner::new(JobState::Skipped);
-    let jobs = Jobs::start(
+    let jobs = start(
         config::Jobs::default(),
         runner.clone(),
-        resolve(),
         Journal::file(path.clone()),
         CancellationToken::new(),
     )
-    .await
-    .expect("start");
+    .await;
     let done = settle(&jobs, &pending.id).await;
     assert_eq!(done.state, JobState::Skipped);
     assert_eq!(done.requests, 2);
@@ -281,15 +282,13 @@ async fn the_journal_keeps_the_hook_and_its_facts_not_the_work() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("jobs.json");
     let runner = FakeRunner::new(JobState::Completed);
-    let jobs = Jobs::start(
+    let jobs = start(
         config::Jobs::default(),
         runner,
-        resolve(),
         Journal::file(path.clone()),
         CancellationToken::new(),
     )
-    .await
-    .expect("start");
+    .await;
     let mut req = update("docker.io/o/r:latest");
     req.work = Work::Command {
         argv: vec!["secret-argv".into()],
@@ -321,15 +320,13 @@ async fn a_submission_dropped_mid_write_leaves_a_journalled_job_or_none() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("jobs.json");
     let runner = FakeRunner::new(JobState::Completed);
-    let jobs = Jobs::start(
+    let jobs = start(
         config::Jobs::default(),
         runner.clone(),
-        resolve(),
         Journal::file(path.clone()),
         CancellationToken::new(),
     )
-    .await
-    .expect("start");
+    .await;
     let mut req = update("docker.io/o/r:latest");
     req.quiet = Duration::ZERO;
     // Polled once (the write is spawned), then dropped like a request whose client left.
@@ -358,15 +355,13 @@ async fn a_failed_journal_write_creates_no_job_and_frees_its_slot() {
         queue: 1,
         ..config::Jobs::default()
     };
-    let jobs = Jobs::start(
+    let jobs = start(
         limits,
         runner.clone(),
-        resolve(),
         Journal::file(path),
         CancellationToken::new(),
     )
-    .await
-    .expect("start");
+    .await;
     for _ in 0..2 {
         let r = jobs.submit(update("docker.io/o/r:latest")).await;
         assert!(matches!(r, Err(Error::Journal(_))), "{r:?}");
@@ -386,15 +381,13 @@ async fn leadership_that_moves_runs_the_pending_journalled_jobs_once_on_the_new_
         let shared = shared.clone();
         async move {
             let stop = CancellationToken::new();
-            let jobs = Jobs::start(
+            let jobs = start(
                 config::Jobs::default(),
                 runner,
-                resolve(),
                 Journal::Shared(shared),
                 stop.clone(),
             )
-            .await
-            .expect("start");
+            .await;
             let (tx, rx) = watch::channel(role);
             tokio::spawn(jobs.clone().follow_role(rx));
             (jobs, tx, stop)
@@ -458,15 +451,13 @@ async fn a_shared_journal_is_not_resumed_at_start_but_when_this_instance_leads()
         .await
         .expect("put");
     let runner = FakeRunner::new(JobState::Skipped);
-    let jobs = Jobs::start(
+    let jobs = start(
         config::Jobs::default(),
         runner.clone(),
-        resolve(),
         Journal::Shared(shared.clone()),
         CancellationToken::new(),
     )
-    .await
-    .expect("start");
+    .await;
     let (role, rx) = watch::channel(Role::Worker);
     tokio::spawn(jobs.clone().follow_role(rx));
     tokio::time::sleep(Duration::from_secs(5)).await;
