@@ -3,7 +3,6 @@
 //! `cargo bench --bench render -- --warm-up-time 1 --measurement-time 3`
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use drover::config::Target;
@@ -49,19 +48,17 @@ fn snapshot(services: usize, tasks: usize) -> Snapshot {
             networks: vec!["web".into()],
             tasks: (0..tasks)
                 .map(|t| Task {
-                    id: format!("task{i}-{t}"),
-                    service_id: format!("id{i}"),
                     slot: Some(t as i64 + 1),
                     node_id: "node".into(),
-                    state: "running".into(),
-                    desired_state: "running".into(),
-                    ips: [(
-                        "web".to_owned(),
-                        format!("10.{}.{}.{}", i / 250, i % 250, t + 2),
-                    )]
-                    .into_iter()
-                    .collect(),
-                    ..Task::default()
+                    ..Task::running(
+                        &format!("task{i}-{t}"),
+                        &format!("id{i}"),
+                        [(
+                            "web".to_owned(),
+                            format!("10.{}.{}.{}", i / 250, i % 250, t + 2),
+                        )]
+                        .into(),
+                    )
                 })
                 .collect(),
             ..Service::default()
@@ -72,16 +69,7 @@ fn snapshot(services: usize, tasks: usize) -> Snapshot {
 }
 
 fn bench(c: &mut Criterion) {
-    let target = Target {
-        name: "nginx".into(),
-        template: "builtin:nginx".into(),
-        output: PathBuf::from("/dev/null"),
-        network: None,
-        debounce: Default::default(),
-        check: None,
-        notify: Vec::new(),
-        delivery: Default::default(),
-    };
+    let target = Target::new("nginx", "builtin:nginx", "/dev/null");
     let template = Template::load(&target).expect("built-in nginx compiles");
     let snapshot = snapshot(1_000, 5);
     let out = template.render(&snapshot).expect("renders");

@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{Action, Config, Debounce, ExecSpec, SignalSpec, Target};
+use crate::config::{Action, Config, ExecSpec, SignalSpec, Target};
 use crate::docker::Engine;
 use crate::render::Template;
 
@@ -139,11 +139,7 @@ impl DefaultTarget {
         let on = Some(self.nginx_service.clone());
         let mut config: Config = serde_yaml_ng::from_str("{}").unwrap_or_else(|_| unreachable!());
         config.targets.push(Target {
-            name: "nginx".into(),
-            template: "builtin:nginx".into(),
-            output: self.nginx_output.clone(),
             network: self.network.clone(),
-            debounce: Debounce::default(),
             check: Some(Action::Exec(ExecSpec {
                 service: on.clone(),
                 container: None,
@@ -156,7 +152,7 @@ impl DefaultTarget {
                 label: None,
                 signal: "HUP".into(),
             })],
-            delivery: Default::default(),
+            ..Target::new("nginx", "builtin:nginx", &self.nginx_output)
         });
         config
     }

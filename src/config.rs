@@ -249,6 +249,20 @@ pub enum Delivery {
 }
 
 impl Target {
+    /// A target with no check, no notify, default debounce and delivery; callers add the rest.
+    pub fn new(name: &str, template: &str, output: impl Into<PathBuf>) -> Target {
+        Target {
+            name: name.into(),
+            template: template.into(),
+            output: output.into(),
+            network: None,
+            debounce: Debounce::default(),
+            check: None,
+            notify: Vec::new(),
+            delivery: Delivery::default(),
+        }
+    }
+
     pub fn builtin(&self) -> Option<&str> {
         self.template.strip_prefix("builtin:")
     }

@@ -8,31 +8,22 @@
 //! output. The nginx binary comes from Debian's nginx-light (scripts/test installs it).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use drover::config::Target;
-use drover::render::{Rendered, Template};
+use drover::render::{INTERPRETED_LABELS, Rendered, Template};
 use drover::state::{Network, Service, Snapshot, Task};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
 /// Labels the built-in templates read, plus one they do not (it must never be rendered).
-const LABELS: &[&str] = &[
-    "routing-host",
-    "routing-context",
-    "routing-internal-context",
-    "routing-port",
-    "routing-max-body",
-    "routing-auth",
-    "routing-auth-realm",
-    "routing-on-https",
-    "routing-tls",
-    "routing-network",
-    "prometheus-job",
-    "prometheus-port",
-    "com.example.note",
-];
+fn labels() -> impl Iterator<Item = &'static str> {
+    INTERPRETED_LABELS
+        .iter()
+        .copied()
+        .chain(std::iter::once("com.example.note"))
+}
 
 /// Hostile values: directive and block terminators, quotes, variables, comments, line and
 /// unicode separators, control bytes, path tricks, numbers past every limit, long values.
@@ -142,17 +133,14 @@ fn victim(label: &str, value: &str) -> Service {
         networks: vec!["web".into()],
         tasks: (1..=2)
             .map(|slot| Task {
-                id: format!("victim-task-{slot}"),
-                service_id: "victim-id".into(),
                 slot: Some(slot),
                 node_id: "node-a".into(),
-                state: "running".into(),
-                desired_state: "running".into(),
                 container_id: Some(format!("victim-c{slot}")),
-                ips: [("web".to_owned(), format!("10.0.9.{slot}"))]
-                    .into_iter()
-                    .collect(),
-                ..Task::default()
+                ..Task::running(
+                    &format!("victim-task-{slot}"),
+                    "victim-id",
+                    [("web".to_owned(), format!("10.0.9.{slot}"))].into(),
+                )
             })
             .collect(),
         ..Service::default()
@@ -178,16 +166,11 @@ fn snapshot(service: Service) -> Snapshot {
 }
 
 fn template(name: &str) -> Template {
-    Template::load(&Target {
-        name: "injection".into(),
-        template: format!("builtin:{name}"),
-        output: PathBuf::from("/tmp/unused"),
-        network: None,
-        debounce: Default::default(),
-        check: None,
-        notify: Vec::new(),
-        delivery: Default::default(),
-    })
+    Template::load(&Target::new(
+        "injection",
+        &format!("builtin:{name}"),
+        "/tmp/unused",
+    ))
     .expect("built-in compiles")
 }
 
@@ -324,7 +307,7 @@ fn every_hostile_label_value_is_skipped_with_a_reason_or_renders_harmlessly() {
     let mut tally = Tally::default();
     let mut nginx_accepted: BTreeMap<String, String> = BTreeMap::new();
     for value in corpus() {
-        for label in LABELS {
+        for label in labels() {
             let snap = snapshot(victim(label, &value));
             for (name, t) in &templates {
                 let rendered = t

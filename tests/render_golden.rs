@@ -354,19 +354,13 @@ fn home_lab() -> Snapshot {
 /// the routing networks.
 fn target(template: &str) -> Target {
     Target {
-        name: "test".into(),
-        template: template.into(),
-        output: PathBuf::from("/tmp/unused"),
-        network: None,
-        debounce: Default::default(),
         check: Some(Action::Exec(ExecSpec {
             service: Some("nginx".into()),
             container: None,
             label: None,
             command: vec!["nginx".into(), "-t".into()],
         })),
-        notify: Vec::new(),
-        delivery: Default::default(),
+        ..Target::new("test", template, "/tmp/unused")
     }
 }
 

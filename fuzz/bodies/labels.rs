@@ -6,40 +6,15 @@
 //! Shared by the cargo-fuzz target (fuzz/fuzz_targets/) and the smoke run in
 //! tests/fuzz_smoke.rs, so both exercise one body.
 
-use std::path::PathBuf;
 use std::sync::LazyLock;
 
 use drover::config::Target;
-use drover::render::Template;
+use drover::render::{INTERPRETED_LABELS, Template};
 use drover::state::{Network, Service, Snapshot, Task};
 
-const LABELS: &[&str] = &[
-    "routing-host",
-    "routing-context",
-    "routing-internal-context",
-    "routing-port",
-    "routing-max-body",
-    "routing-auth",
-    "routing-auth-realm",
-    "routing-on-https",
-    "routing-tls",
-    "routing-network",
-    "prometheus-job",
-    "prometheus-port",
-];
-
 static NGINX: LazyLock<Template> = LazyLock::new(|| {
-    Template::load(&Target {
-        name: "fuzz".into(),
-        template: "builtin:nginx".into(),
-        output: PathBuf::from("/dev/null"),
-        network: None,
-        debounce: Default::default(),
-        check: None,
-        notify: Vec::new(),
-        delivery: Default::default(),
-    })
-    .expect("the built-in template compiles")
+    Template::load(&Target::new("fuzz", "builtin:nginx", "/dev/null"))
+        .expect("the built-in template compiles")
 });
 
 pub fn run(data: &[u8]) {
@@ -50,7 +25,7 @@ pub fn run(data: &[u8]) {
     let Ok(value) = std::str::from_utf8(value) else {
         return;
     };
-    let label = LABELS[usize::from(which) % LABELS.len()];
+    let label = INTERPRETED_LABELS[usize::from(which) % INTERPRETED_LABELS.len()];
     let mut service = Service {
         id: "fuzz-id".into(),
         name: "fuzz".into(),
@@ -61,16 +36,11 @@ pub fn run(data: &[u8]) {
         .into_iter()
         .collect(),
         networks: vec!["web".into()],
-        tasks: vec![Task {
-            id: "t1".into(),
-            service_id: "fuzz-id".into(),
-            state: "running".into(),
-            desired_state: "running".into(),
-            ips: [("web".to_owned(), "10.0.0.2".to_owned())]
-                .into_iter()
-                .collect(),
-            ..Task::default()
-        }],
+        tasks: vec![Task::running(
+            "t1",
+            "fuzz-id",
+            [("web".to_owned(), "10.0.0.2".to_owned())].into(),
+        )],
         ..Service::default()
     };
     service.labels.insert(label.to_owned(), value.to_owned());

@@ -99,14 +99,8 @@ mod tests {
 
     fn target(dir: &Path, check: Option<Action>) -> Target {
         Target {
-            name: "t".into(),
-            template: "builtin:nginx".into(),
-            output: dir.join("out.conf"),
-            network: None,
-            debounce: Default::default(),
             check,
-            notify: vec![],
-            delivery: Default::default(),
+            ..Target::new("t", "builtin:nginx", dir.join("out.conf"))
         }
     }
 

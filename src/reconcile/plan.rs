@@ -146,12 +146,6 @@ mod tests {
     fn nginx_target() -> Target {
         let (service, container, label) = on_service("nginx");
         Target {
-            name: "nginx".into(),
-            template: "builtin:nginx".into(),
-            output: "/tmp/never-written.conf".into(),
-            network: None,
-            delivery: Default::default(),
-            debounce: Default::default(),
             check: Some(Action::Exec(ExecSpec {
                 service: service.clone(),
                 container: container.clone(),
@@ -172,6 +166,7 @@ mod tests {
                     signal: "HUP".into(),
                 }),
             ],
+            ..Target::new("nginx", "builtin:nginx", "/tmp/never-written.conf")
         }
     }
 

@@ -24,6 +24,23 @@ pub const NETWORK: &str = "routing-network";
 pub const PROMETHEUS_JOB: &str = "prometheus-job";
 pub const PROMETHEUS_PORT: &str = "prometheus-port";
 
+/// Every label the built-in templates read.
+pub const INTERPRETED: &[&str] = &[
+    HOST,
+    CONTEXT,
+    INTERNAL_CONTEXT,
+    PRIVATE_CONTEXT,
+    PORT,
+    MAX_BODY,
+    AUTH,
+    AUTH_REALM,
+    ON_HTTPS,
+    TLS,
+    NETWORK,
+    PROMETHEUS_JOB,
+    PROMETHEUS_PORT,
+];
+
 type Rule = fn(&str) -> Result<(), String>;
 
 /// The rule for a label drover interprets, `None` for any other label.

@@ -70,6 +70,8 @@
 
 mod filters;
 mod labels;
+
+pub use labels::INTERPRETED as INTERPRETED_LABELS;
 mod model;
 
 use std::collections::BTreeSet;

@@ -34,13 +34,8 @@ pub(super) fn services_from_containers(containers: &[Container]) -> Vec<Service>
             }
         }
         service.tasks.push(Task {
-            id: c.id.clone(),
-            service_id: service.id.clone(),
-            state: TaskState::Running,
-            desired_state: TaskState::Running,
             container_id: Some(c.id.clone()),
-            ips: c.ips.clone(),
-            ..Task::default()
+            ..Task::running(&c.id, &service.id, c.ips.clone())
         });
     }
     by_name.into_values().collect()

@@ -215,6 +215,18 @@ pub struct Task {
 }
 
 impl Task {
+    /// A task running as it should, with its address per network.
+    pub fn running(id: &str, service_id: &str, ips: BTreeMap<String, String>) -> Task {
+        Task {
+            id: id.into(),
+            service_id: service_id.into(),
+            state: TaskState::Running,
+            desired_state: TaskState::Running,
+            ips,
+            ..Task::default()
+        }
+    }
+
     /// Running now and meant to keep running: the only tasks that should receive traffic.
     pub fn is_live(&self) -> bool {
         self.state == TaskState::Running && self.desired_state == TaskState::Running
