@@ -21,13 +21,6 @@ const BOUND: Duration = Duration::from_secs(15);
 /// How long Swarm itself may take to converge a scale (not drover's time).
 const SWARM: Duration = Duration::from_secs(90);
 
-fn config(http: &str, targets: &[String]) -> String {
-    format!(
-        "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
-        targets.concat()
-    )
-}
-
 #[test]
 fn test_images_route_through_nginx_to_every_task_without_drover() -> Result<()> {
     require_e2e!();
@@ -69,19 +62,7 @@ fn every_running_task_answers_through_nginx_while_scaling_2_5_1_0_3() -> Result<
     let be = routed_backend(&be_name, &host, net.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
 
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut drover = DroverProcess::start(
-        &config(
-            &http,
-            &[nginx_target(
-                &nginx.conf("drover.conf"),
-                net.name(),
-                nginx.name(),
-            )],
-        ),
-        Some(&http),
-    )?;
-    drover.wait_http_ok("/healthz", BOUND)?;
+    let mut drover = DroverProcess::start_with_targets(&[routing_target(&nginx, net.name())])?;
     drover.wait_ready(BOUND)?;
 
     let output = nginx.conf("drover.conf");
@@ -152,18 +133,8 @@ fn a_broken_template_on_another_target_does_not_stop_the_nginx_target() -> Resul
         template.display(),
         broken_out.display()
     );
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut drover = DroverProcess::start(
-        &config(
-            &http,
-            &[
-                broken,
-                nginx_target(&nginx.conf("drover.conf"), net.name(), nginx.name()),
-            ],
-        ),
-        Some(&http),
-    )?;
-    drover.wait_http_ok("/healthz", BOUND)?;
+    let mut drover =
+        DroverProcess::start_with_targets(&[broken, routing_target(&nginx, net.name())])?;
 
     wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)
         .context("the nginx target renders despite the broken one")?;
@@ -249,9 +220,7 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
         ),
     ];
     let prober = Prober::start(&guarded.addr, "previous.test", Duration::from_millis(50));
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut drover = DroverProcess::start(&config(&http, &targets), Some(&http))?;
-    drover.wait_http_ok("/healthz", BOUND)?;
+    let mut drover = DroverProcess::start_with_targets(&targets)?;
     wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)
         .context("the nginx target is unaffected")?;
 

@@ -17,13 +17,6 @@ const BOUND: Duration = Duration::from_secs(30);
 /// How long Swarm itself may take to start tasks (not drover's time).
 const SWARM: Duration = Duration::from_secs(90);
 
-fn config(http: &str, targets: &[String]) -> String {
-    format!(
-        "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
-        targets.concat()
-    )
-}
-
 /// A busybox backend serving `/x` as `at-x` and `/api/x` as `at-api-x` (and `/` as its
 /// hostname), so the body says which path the backend saw.
 fn path_backend(name: &str, network: &str) -> ServiceBuilder {
@@ -99,19 +92,7 @@ fn home_lab_labels_route_through_nginx_with_their_home_lab_meaning() -> Result<(
         wait_running(s.name(), 1, SWARM)?;
     }
 
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut drover = DroverProcess::start(
-        &config(
-            &http,
-            &[nginx_target(
-                &nginx.conf("drover.conf"),
-                net.name(),
-                nginx.name(),
-            )],
-        ),
-        Some(&http),
-    )?;
-    drover.wait_http_ok("/healthz", BOUND)?;
+    let mut drover = DroverProcess::start_with_targets(&[routing_target(&nginx, net.name())])?;
 
     wait_answer(&nginx, &api, "/webhook/x", 200, Some("at-x"))
         .context("routing-context /webhook: GET /webhook/x reaches the backend as /x")?;

@@ -380,14 +380,7 @@ fn start_first_webhook_rollout_with_a_health_check_drops_no_request_through_ngin
         .create()?;
     wait_running(service.name(), 1, Duration::from_secs(90))?;
 
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut drover = DroverProcess::start(
-        &format!(
-            "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
-            nginx_target(&nginx.conf("drover.conf"), net.name(), nginx.name())
-        ),
-        Some(&http),
-    )?;
+    let mut drover = DroverProcess::start_with_targets(&[routing_target(&nginx, net.name())])?;
     drover.wait_ready(Duration::from_secs(30))?;
     let serves = |version: &str| {
         nginx

@@ -1089,6 +1089,19 @@ impl DroverProcess {
         Self::start_with_args(config, http, &[])
     }
 
+    /// drover with `targets` (YAML list items, e.g. [`routing_target`]) and a 10 s resync,
+    /// its HTTP on a free loopback port; returns once `/healthz` answers.
+    pub fn start_with_targets(targets: &[String]) -> Result<DroverProcess> {
+        let http = format!("127.0.0.1:{}", free_port());
+        let config = format!(
+            "http: {{ listen: {http} }}\nresync: 10s\ntargets:{}",
+            targets.concat()
+        );
+        let mut drover = Self::start(&config, Some(&http))?;
+        drover.wait_http_ok("/healthz", Duration::from_secs(15))?;
+        Ok(drover)
+    }
+
     /// Like [`DroverProcess::start`], with extra CLI arguments after `run --config FILE`.
     pub fn start_with_args(
         config: &str,
@@ -1303,6 +1316,11 @@ impl Drop for Prober {
 // ---- Routing scenarios shared by the e2e tests ----
 
 /// A builtin nginx target writing `output`, checked and reloaded in the `nginx` service.
+/// The routing target of `nginx`: its `drover.conf`, the backends on `network`.
+pub fn routing_target(nginx: &NginxService, network: &str) -> String {
+    nginx_target(&nginx.conf("drover.conf"), network, nginx.name())
+}
+
 pub fn nginx_target(output: &std::path::Path, network: &str, nginx: &str) -> String {
     format!(
         r#"
