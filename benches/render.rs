@@ -81,6 +81,7 @@ fn bench(c: &mut Criterion) {
         check: None,
         notify: Vec::new(),
         delivery: Default::default(),
+        private_networks: Default::default(),
     };
     let template = Template::load(&target).expect("built-in nginx compiles");
     let snapshot = snapshot(1_000, 5);

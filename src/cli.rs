@@ -157,6 +157,7 @@ impl DefaultTarget {
                 signal: "HUP".into(),
             })],
             delivery: Default::default(),
+            private_networks: Default::default(),
         });
         config
     }

@@ -187,6 +187,7 @@ fn template(name: &str) -> Template {
         check: None,
         notify: Vec::new(),
         delivery: Default::default(),
+        private_networks: Default::default(),
     })
     .expect("built-in compiles")
 }

@@ -38,6 +38,7 @@ static NGINX: LazyLock<Template> = LazyLock::new(|| {
         check: None,
         notify: Vec::new(),
         delivery: Default::default(),
+        private_networks: Default::default(),
     })
     .expect("the built-in template compiles")
 });

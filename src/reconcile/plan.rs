@@ -151,6 +151,7 @@ mod tests {
             output: "/tmp/never-written.conf".into(),
             network: None,
             delivery: Default::default(),
+            private_networks: Default::default(),
             debounce: Default::default(),
             check: Some(Action::Exec(ExecSpec {
                 service: service.clone(),
