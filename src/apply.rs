@@ -62,6 +62,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// path must reach it in the check's container).
 pub const FILE_PLACEHOLDER: &str = "{file}";
 
+/// How [`NGINX_STAGED_CHECK`] says the container cannot see the candidate.
+pub const CANDIDATE_UNSEEN: i64 = 3;
+
 /// The `sh` script an `nginx -t` check runs as, in the check's container (or locally for
 /// a `command`): it finds the candidate (in the directory drover writes to, else under a
 /// mount point of the container: a host directory may be mounted elsewhere in nginx's
@@ -72,15 +75,17 @@ pub const FILE_PLACEHOLDER: &str = "{file}";
 /// outside the temp directory is written; the live file is never touched. nginx's
 /// messages name the staged file by the live file's name, so blame by line still works.
 /// Arguments: live name, candidate name, main config (empty: nginx's compiled-in one),
-/// drover's output directory, then nginx's argv without `-c`.
+/// drover's output directory, then nginx's argv without `-c`. Exits with
+/// [`CANDIDATE_UNSEEN`] when the container cannot see the candidate (a single file
+/// bind-mounted into it, rather than its directory).
 pub const NGINX_STAGED_CHECK: &str = r#"live="$1"; cand="$2"; main="$3"; hint="$4"; shift 4
 dir=""
 for d in "$hint" $(cut -d' ' -f5 /proc/self/mountinfo 2>/dev/null); do
   if [ -n "$d" ] && [ -f "$d/$cand" ]; then dir="$d"; break; fi
 done
 if [ -z "$dir" ]; then
-  echo "drover: the candidate $cand is not in $hint nor under a mount point of this container; mount the output directory into it" >&2
-  exit 2
+  echo "drover: the candidate $cand is not in $hint nor under a mount point of this container" >&2
+  exit 3
 fi
 [ -n "$main" ] || main=$("$1" -V 2>&1 | sed -n 's/.*--conf-path=\([^ ]*\).*/\1/p')
 [ -n "$main" ] || main=/etc/nginx/nginx.conf
@@ -185,9 +190,12 @@ impl Applier {
         }
     }
 
-    /// Runs `check` on the staged candidate (see [`Applier::stage`]).
+    /// Runs `check` on the staged candidate (see [`Applier::stage`]). When the check's
+    /// container cannot see the candidate (only the live file is mounted into it), the
+    /// candidate moves to the live path and this target is checked in place from then on,
+    /// as before staged checks existed.
     pub async fn check(
-        &self,
+        &mut self,
         check: &Action,
         engine: Option<&Engine>,
         snapshot: &Snapshot,
@@ -204,7 +212,23 @@ impl Applier {
             Action::Command(c) => Action::Command(argv(c)),
             other => other.clone(),
         };
-        run_action(&staged, engine, snapshot).await
+        match run_action(&staged, engine, snapshot).await {
+            Err(Error::Failed { code, output })
+                if code == CANDIDATE_UNSEEN && output.contains("drover: the candidate") =>
+            {
+                tracing::warn!(path = %self.output.display(), reason = %output,
+                    "the check cannot see the staged candidate; it is checked at the live path from now on");
+                let content = std::fs::read(&self.candidate).map_err(|source| Error::Write {
+                    path: self.candidate.clone(),
+                    source,
+                })?;
+                self.in_place = true;
+                self.stage(&content)?;
+                let _ = std::fs::remove_file(&self.candidate);
+                run_action(check, engine, snapshot).await
+            }
+            other => other,
+        }
     }
 
     /// The staged content passed its check: it goes live and is the new last good content.
@@ -928,6 +952,32 @@ mod tests {
         a.restore().expect("restore");
         assert_eq!(std::fs::read(&out).expect("read"), b"good");
         assert_eq!(a.current_hash(), Some(sha256_hex(b"good").as_str()));
+    }
+
+    #[tokio::test]
+    async fn a_check_that_cannot_see_the_candidate_falls_back_to_checking_the_live_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("out.conf");
+        // Says what the staged nginx check says when only the live file is mounted into
+        // its container, and otherwise checks the live path.
+        let script = format!(
+            "case \"$0\" in *candidate) echo 'drover: the candidate is not here' >&2; exit 3;; esac; grep -q good {}",
+            out.display()
+        );
+        let t = local_target(dir.path(), strings(&["sh", "-c", &script, "{file}"]));
+        let check = t.check.clone().expect("check");
+        let mut a = Applier::new(&t);
+        a.stage(b"good 1").expect("stage");
+        a.check(&check, None, &Snapshot::default())
+            .await
+            .expect("checked at the live path");
+        a.commit(b"good 1").expect("commit");
+        assert_eq!(std::fs::read(&out).expect("read"), b"good 1");
+        assert!(!dir.path().join(".out.conf.drover-candidate").exists());
+        a.stage(b"bad").expect("stage");
+        assert!(a.check(&check, None, &Snapshot::default()).await.is_err());
+        a.restore().expect("restore");
+        assert_eq!(std::fs::read(&out).expect("read"), b"good 1");
     }
 
     /// Runs [`NGINX_STAGED_CHECK`] with a stand-in for nginx that prints every file the
