@@ -233,6 +233,51 @@ pub struct Target {
     /// Who writes the file: see [`Delivery`].
     #[serde(default)]
     pub delivery: Delivery,
+    /// The source networks, besides loopback, the built-in nginx template lets into a
+    /// `routing-private-context` location.
+    #[serde(default)]
+    pub private_networks: PrivateNetworks,
+}
+
+/// The networks that count as private (see [`Target::private_networks`]).
+///
+/// The default is a home LAN's ranges, and deliberately not 10.0.0.0/8:
+/// that is Swarm's default address pool, so the ingress network (10.0.0.0/24) and every
+/// overlay network live there, and a request through the routing mesh arrives from an
+/// ingress address whoever sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct PrivateNetworks(pub Vec<Cidr>);
+
+/// The default of [`PrivateNetworks`].
+pub const DEFAULT_PRIVATE_NETWORKS: &[&str] = &["192.168.0.0/16", "172.16.0.0/12"];
+
+impl Default for PrivateNetworks {
+    fn default() -> Self {
+        PrivateNetworks(
+            DEFAULT_PRIVATE_NETWORKS
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect(),
+        )
+    }
+}
+
+impl PrivateNetworks {
+    /// Refuses a network with host bits set (`192.168.1.5/16`): nginx would silently widen
+    /// it, and the operator most likely meant something narrower or a single address.
+    fn validate(&self) -> std::result::Result<(), String> {
+        for c in &self.0 {
+            let network = c.network();
+            if network != c.addr {
+                return Err(format!(
+                    "private_networks: {}/{} has host bits set (the network is {network}/{})",
+                    c.addr, c.prefix, c.prefix
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a target's file reaches its consumer (see `cluster::delivery`).
@@ -260,6 +305,7 @@ impl Target {
             check: None,
             notify: Vec::new(),
             delivery: Delivery::default(),
+            private_networks: PrivateNetworks::default(),
         }
     }
 
@@ -782,11 +828,44 @@ impl Cidr {
     }
 }
 
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        let bad = || serde::de::Error::custom(format!("invalid CIDR {raw:?}"));
-        let (addr, prefix) = raw.split_once('/').unwrap_or((raw.as_str(), ""));
+impl Cidr {
+    /// The address with its host bits cleared.
+    pub fn network(&self) -> std::net::IpAddr {
+        use std::net::IpAddr::*;
+        match self.addr {
+            V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                V4((u32::from(a) & mask).into())
+            }
+            V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+}
+
+/// `ADDR/PREFIX`, or the bare address for a single host: the form nginx's `allow` takes.
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let max = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == max {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let bad = || format!("invalid CIDR {raw:?}");
+        let (addr, prefix) = raw.split_once('/').unwrap_or((raw, ""));
         let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if prefix.is_empty() {
@@ -798,6 +877,13 @@ impl<'de> Deserialize<'de> for Cidr {
             return Err(bad());
         }
         Ok(Cidr { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        raw.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -906,6 +992,9 @@ impl Config {
                 a.validate()
                     .map_err(|r| (format!("target {}: {r}", t.name), at.clone()))?;
             }
+            t.private_networks
+                .validate()
+                .map_err(|r| (format!("target {}: {r}", t.name), at.clone()))?;
         }
         let mut names = std::collections::HashSet::new();
         for h in &self.hooks {
@@ -1554,6 +1643,58 @@ hooks:
     #[test]
     fn the_default_values_are_within_their_bounds() {
         parse("{}\n").expect("an empty config is valid");
+    }
+
+    #[test]
+    fn private_networks_default_to_a_home_lan_without_the_swarm_pool_and_refuse_bad_cidrs() {
+        let target = |extra: &str| {
+            format!("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n{extra}")
+        };
+        let c = parse(&target("")).expect("default");
+        let shown: Vec<String> = c.targets[0]
+            .private_networks
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["192.168.0.0/16", "172.16.0.0/12"]);
+        let swarm: std::net::IpAddr = "10.0.0.2".parse().expect("ip");
+        assert!(
+            !c.targets[0]
+                .private_networks
+                .0
+                .iter()
+                .any(|n| n.contains(swarm))
+        );
+        let c = parse(&target(
+            "    private_networks: [192.168.1.0/24, 10.20.0.0/16, 192.168.5.9, \"fd00::/8\"]\n",
+        ))
+        .expect("custom");
+        let shown: Vec<String> = c.targets[0]
+            .private_networks
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shown,
+            ["192.168.1.0/24", "10.20.0.0/16", "192.168.5.9", "fd00::/8"]
+        );
+        for (bad, says) in [
+            (
+                "[192.168.1.5/16]",
+                "host bits set (the network is 192.168.0.0/16)",
+            ),
+            ("[192.168.0.0/33]", "invalid CIDR"),
+            ("[\"192.168.0.0/16; allow all\"]", "invalid CIDR"),
+            ("[lan]", "invalid CIDR"),
+            ("192.168.0.0/16", "invalid type"),
+        ] {
+            let err = parse(&target(&format!("    private_networks: {bad}\n")))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -134,9 +134,15 @@ pub async fn run(
     }
 }
 
-/// Reads `r` to its end, keeping only the last `tail` bytes.
+/// Reads `r` to its end, keeping only the last `tail` bytes, marked with a leading `...`
+/// when anything before them was dropped.
 async fn read_tail(mut r: impl AsyncRead + Unpin, tail: usize) -> String {
     let mut kept: Vec<u8> = Vec::new();
+    // Whether bytes were dropped is counted, not inferred from `kept` at the end: how
+    // much `kept` holds then depends on how the pipe happened to split the output (a
+    // drain right before EOF leaves exactly `tail` bytes, which looked like "nothing
+    // dropped" and lost the mark under load).
+    let mut dropped = 0usize;
     let mut buf = [0u8; 8192];
     loop {
         match r.read(&mut buf).await {
@@ -144,14 +150,17 @@ async fn read_tail(mut r: impl AsyncRead + Unpin, tail: usize) -> String {
             Ok(n) => {
                 kept.extend_from_slice(&buf[..n]);
                 if kept.len() > tail.saturating_mul(2).max(buf.len()) {
-                    kept.drain(..kept.len() - tail);
+                    let excess = kept.len() - tail;
+                    kept.drain(..excess);
+                    dropped += excess;
                 }
             }
         }
     }
     let start = kept.len().saturating_sub(tail);
+    dropped += start;
     let mut text = String::from_utf8_lossy(&kept[start..]).into_owned();
-    if start > 0 {
+    if dropped > 0 {
         text.insert_str(0, "...");
     }
     text
@@ -218,7 +227,7 @@ mod tests {
                 "yes abcdefgh | head -c 999999; echo END >&2; exit 3",
             ]),
             &[],
-            Duration::from_secs(20),
+            Duration::from_secs(120),
             100,
         )
         .await
@@ -229,6 +238,42 @@ mod tests {
         assert!(out.stdout.ends_with("abcdefgh\n"));
         assert_eq!(out.stderr, "END\n");
         assert!(out.summary().starts_with("exit code 3; stdout: ..."));
+    }
+
+    /// Hands out its chunks one `read` at a time, the way a pipe splits output.
+    struct Chunks(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if let Some(mut chunk) = self.0.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.0.push_front(chunk.split_off(n));
+                }
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tail_is_marked_as_cut_however_the_output_was_split() {
+        let tail = 100;
+        // 8192 + 1: the second read crosses the drain threshold and the output ends
+        // right after the drain, leaving exactly `tail` bytes.
+        let splits: [&[usize]; 4] = [&[8192, 1], &[8193], &[1; 9000], &[101]];
+        for split in splits {
+            let chunks = split.iter().map(|n| vec![b'x'; *n]).collect();
+            let text = read_tail(Chunks(chunks), tail).await;
+            assert_eq!(text.len(), 3 + tail, "{split:?}");
+            assert!(text.starts_with("..."), "{split:?}");
+        }
+        let whole = read_tail(Chunks([vec![b'x'; 100]].into()), tail).await;
+        assert_eq!(whole, "x".repeat(100));
     }
 
     #[tokio::test]

@@ -8,6 +8,8 @@
 //! and are matched as they are. Values shorter than [`MIN_SECRET`] bytes are not looked
 //! for: cutting every `a` out of a message helps no one.
 
+use std::sync::{Arc, RwLock};
+
 use sha2::{Digest, Sha256};
 
 /// Bytes of a job or service message kept (its end: errors come last).
@@ -20,8 +22,18 @@ pub const MIN_SECRET: usize = 4;
 pub const REDACTED: &str = "[redacted]";
 
 /// The secret values to cut out of job output.
+///
+/// A handle: clones share one set of secrets, so the intake can add the secrets of hooks
+/// a reload brings in while the job table, which holds a clone, keeps cleaning with the
+/// same set. Secrets are only ever added: output of a job run before a reload may still
+/// hold a removed hook's secret.
 #[derive(Default, Clone)]
 pub struct Redactor {
+    secrets: Arc<RwLock<Secrets>>,
+}
+
+#[derive(Default)]
+struct Secrets {
     plain: Vec<String>,
     /// (length, SHA-256) of secrets known only by their hash.
     hashed: Vec<(usize, [u8; 32])>,
@@ -29,30 +41,46 @@ pub struct Redactor {
 
 impl std::fmt::Debug for Redactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.read();
         write!(
             f,
             "Redactor({} plain, {} hashed)",
-            self.plain.len(),
-            self.hashed.len()
+            s.plain.len(),
+            s.hashed.len()
         )
     }
 }
 
 impl Redactor {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Secrets> {
+        // A panic while adding leaves at worst a secret not added yet; still usable.
+        self.secrets
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Secrets> {
+        self.secrets
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// A secret held as its value.
-    pub fn add(&mut self, secret: &[u8]) {
+    pub fn add(&self, secret: &[u8]) {
         // A secret that is not UTF-8 cannot appear in a `str` as such.
         if let Ok(s) = std::str::from_utf8(secret) {
-            if s.len() >= MIN_SECRET && !self.plain.iter().any(|p| p == s) {
-                self.plain.push(s.to_owned());
+            let mut secrets = self.write();
+            if s.len() >= MIN_SECRET && !secrets.plain.iter().any(|p| p == s) {
+                secrets.plain.push(s.to_owned());
             }
         }
     }
 
     /// A secret known only by its length and SHA-256.
-    pub fn add_hashed(&mut self, len: usize, sha256: [u8; 32]) {
-        if len >= MIN_SECRET {
-            self.hashed.push((len, sha256));
+    pub fn add_hashed(&self, len: usize, sha256: [u8; 32]) {
+        let mut secrets = self.write();
+        if len >= MIN_SECRET && !secrets.hashed.contains(&(len, sha256)) {
+            secrets.hashed.push((len, sha256));
         }
     }
 
@@ -60,12 +88,13 @@ impl Redactor {
     /// `max` bytes (at a character boundary, marked with a leading `…`).
     pub fn clean(&self, text: &str, max: usize) -> String {
         let mut out = text.to_owned();
-        for secret in &self.plain {
+        let secrets = self.read();
+        for secret in &secrets.plain {
             if out.contains(secret.as_str()) {
                 out = out.replace(secret.as_str(), REDACTED);
             }
         }
-        for (len, hash) in &self.hashed {
+        for (len, hash) in &secrets.hashed {
             out = replace_hashed(&out, *len, hash);
         }
         tail(&out, max)
@@ -113,7 +142,7 @@ mod tests {
     use super::*;
 
     fn redactor() -> Redactor {
-        let mut r = Redactor::default();
+        let r = Redactor::default();
         r.add(b"hmac-key-1");
         r.add(b"registry-pw");
         r.add(b"abc"); // too short to look for
@@ -138,6 +167,15 @@ mod tests {
             r.clean("hub-token-0123hub-token-0123", 100),
             "[redacted][redacted]"
         );
+    }
+
+    #[test]
+    fn a_secret_added_through_one_handle_is_cut_out_by_every_clone() {
+        let r = Redactor::default();
+        let held_by_jobs = r.clone();
+        assert_eq!(held_by_jobs.clean("key new-secret", 100), "key new-secret");
+        r.add(b"new-secret");
+        assert_eq!(held_by_jobs.clean("key new-secret", 100), "key [redacted]");
     }
 
     #[test]

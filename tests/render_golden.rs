@@ -550,6 +550,43 @@ fn a_private_context_is_drovers_extension_for_private_networks_only() {
         private.contains("proxy_pass http://api_viktoradam_net_backend;"),
         "the path goes through unchanged: {private}"
     );
+    let allowed: Vec<&str> = private
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("allow "))
+        .collect();
+    assert_eq!(
+        allowed,
+        ["192.168.0.0/16;", "172.16.0.0/12;", "127.0.0.1;"],
+        "by default a home LAN and loopback, not Swarm's 10.0.0.0/8 pool: {private}"
+    );
+}
+
+#[test]
+fn private_locations_allow_the_configured_networks_and_loopback_only() {
+    let mut t = target("builtin:nginx");
+    t.private_networks = drover::config::PrivateNetworks(vec![
+        "192.168.1.0/24".parse().expect("cidr"),
+        "10.20.30.40".parse().expect("cidr"),
+    ]);
+    let out = Template::load(&t)
+        .expect("compiles")
+        .render(&home_lab())
+        .expect("renders");
+    let private = location_block(&out.text, "api.viktoradam.net", "/metrics/");
+    let rules: Vec<&str> = private
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("allow ") || l.starts_with("deny "))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "allow 192.168.1.0/24;",
+            "allow 10.20.30.40;",
+            "allow 127.0.0.1;",
+            "deny all;"
+        ]
+    );
 }
 
 #[test]

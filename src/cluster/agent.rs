@@ -307,7 +307,7 @@ impl Local {
         }
         self.applier.stage(content)?;
         if let Some(check) = &self.config.check {
-            if let Err(e) = apply::run_action(check, engine, snapshot).await {
+            if let Err(e) = self.applier.check(check, engine, snapshot).await {
                 self.applier.restore()?;
                 return Ok(match e {
                     apply::Error::Failed { .. } => {
@@ -318,7 +318,7 @@ impl Local {
                 });
             }
         }
-        self.applier.commit(content);
+        self.applier.commit(content)?;
         self.known_bad = None;
         let mut failures = Vec::new();
         for step in &self.config.notify {

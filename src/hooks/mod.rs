@@ -400,6 +400,9 @@ pub struct Service {
     /// requests are answered 503 with the reason instead of 202 and a failed job. Live:
     /// a node promoted or demoted changes the answer.
     role: watch::Receiver<Role>,
+    /// Shared with the job table: the secrets of hooks a reload brings in are added here,
+    /// so their jobs' output is cleaned like that of the hooks loaded at start.
+    redactor: crate::redact::Redactor,
 }
 
 impl Service {
@@ -412,9 +415,9 @@ impl Service {
         shutdown: CancellationToken,
     ) -> Result<Arc<Service>> {
         let hooks = load_hooks(&config.hooks, &HashMap::new())?;
-        let mut redactor = crate::redact::Redactor::default();
+        let redactor = crate::redact::Redactor::default();
         for hook in hooks.values() {
-            hook.keys.redact_into(&mut redactor);
+            hook.keys.redact_into(&redactor);
         }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
@@ -429,13 +432,14 @@ impl Service {
             resolver(config),
             journal,
             shutdown,
-            redactor,
+            redactor.clone(),
         )
         .await?;
         Ok(Arc::new(Service {
             hooks: RwLock::new(Arc::new(hooks)),
             jobs,
             role,
+            redactor,
         }))
     }
 
@@ -461,6 +465,10 @@ impl Service {
     pub fn replace_hooks(&self, configs: &[config::Hook]) -> Result<()> {
         let old = self.current();
         let new = load_hooks(configs, &old)?;
+        // Before the swap: a request admitted with a new hook may already produce output.
+        for hook in new.values() {
+            hook.keys.redact_into(&self.redactor);
+        }
         *self
             .hooks
             .write()
@@ -875,5 +883,89 @@ hooks:
             view.services[0].message,
             "env: KEY=[redacted] TOKEN=[redacted]; login [redacted]"
         );
+    }
+
+    #[tokio::test]
+    async fn secrets_of_hooks_added_by_a_reload_are_cut_out_of_job_output() {
+        use crate::jobs::tests::FakeRunner;
+        use crate::jobs::{JobState, Outcome, Work};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("{text}\n")).expect("write");
+            p.display().to_string()
+        };
+        let hook = |name: &str, secret: &str, token: &str| {
+            format!(
+                "  - name: {name}\n    kind: generic\n    secret_file: {}\n    token_file: {}\n    action: update-services\n",
+                write(&format!("{name}-secret"), secret),
+                write(&format!("{name}-token"), token),
+            )
+        };
+        let parse = |yaml: &str| {
+            config::Config::parse(std::path::Path::new("t.yml"), yaml).expect("config")
+        };
+        let at_start = parse(&format!(
+            "hooks:\n{}",
+            hook("ci", "first-secret", "first-token")
+        ));
+        let reloaded = parse(&format!(
+            "hooks:\n{}{}",
+            hook("ci", "first-secret", "first-token"),
+            hook("cd", "reloaded-secret", "reloaded-token")
+        ));
+        let leak = "KEY=reloaded-secret TOKEN=reloaded-token OLD=first-secret";
+        let runner = Arc::new(FakeRunner {
+            runs: Mutex::default(),
+            outcome: Outcome {
+                state: JobState::Failed,
+                message: Some(leak.into()),
+                services: vec![],
+                exit_code: Some(1),
+                log_tail: Some(leak.into()),
+            },
+            delay: Duration::ZERO,
+        });
+        let (_, role) = watch::channel(Role::Standalone);
+        let service = Service::new(
+            &at_start,
+            runner,
+            Journal::Memory,
+            role,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("service");
+        service.replace_hooks(&reloaded.hooks).expect("reload");
+        let submitted = service
+            .jobs()
+            .submit(Request {
+                hook: "cd".into(),
+                work: Work::UpdateServices {
+                    image: "docker.io/o/r:latest".into(),
+                },
+                facts: Facts::default(),
+                quiet: Duration::ZERO,
+            })
+            .await
+            .expect("submit");
+        let mut view = None;
+        for _ in 0..200 {
+            view = service.jobs().get(&submitted.id.to_string());
+            if view.as_ref().is_some_and(|v| v.state.is_final()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let view = view.expect("the job");
+        assert_eq!(view.state, JobState::Failed);
+        assert_eq!(
+            view.message.as_deref(),
+            Some("KEY=[redacted] TOKEN=[redacted] OLD=[redacted]")
+        );
+        let text = serde_json::to_string(&view).expect("json");
+        for secret in ["reloaded-secret", "reloaded-token", "first-secret"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
     }
 }

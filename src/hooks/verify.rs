@@ -96,7 +96,7 @@ impl Keys {
     }
 
     /// Adds this hook's secrets to what job output is cleaned of.
-    pub fn redact_into(&self, r: &mut crate::redact::Redactor) {
+    pub fn redact_into(&self, r: &crate::redact::Redactor) {
         if let Some(hash) = self.token {
             r.add_hashed(self.token_len, hash);
         }

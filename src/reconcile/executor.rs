@@ -1,8 +1,9 @@
-//! Carries out a [`Write`] plan: stage → check → commit or restore → notify, and says
+//! Carries out a [`Write`] plan: stage → check → commit or discard → notify, and says
 //! what happened as an [`Outcome`].
 //!
-//! Invariants: content whose check fails (or cannot run) never stays in place, and
-//! nothing is notified for it; a notify step that fails does not undo a file that passed
+//! Invariants: content whose check fails (or cannot run) never becomes the live file
+//! (checks that can look at a staged candidate never see it there at all, see `apply`),
+//! and nothing is notified for it; a notify step that fails does not undo a file that passed
 //! its check. The file work is `apply`'s, the steps run through `apply::run_action`.
 
 use crate::apply::{self, Applier};
@@ -54,7 +55,11 @@ pub async fn execute(
 ) -> Result<Outcome, apply::Error> {
     applier.stage(content)?;
     if let Some(check) = &write.check {
-        if let Err(e) = run(check, engine, snapshot).await {
+        let checked = match &check.reach {
+            Reach::Nobody(on) => Err(apply::Error::NoContainer(on.clone())),
+            _ => applier.check(&check.action, engine, snapshot).await,
+        };
+        if let Err(e) = checked {
             applier.restore()?;
             return Ok(match e {
                 apply::Error::Failed { .. } => Outcome::CheckFailed(e.to_string()),
@@ -62,7 +67,7 @@ pub async fn execute(
             });
         }
     }
-    applier.commit(content);
+    applier.commit(content)?;
     let mut failures = Vec::new();
     for step in &write.notify {
         if let Err(e) = run(step, engine, snapshot).await {

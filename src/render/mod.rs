@@ -10,6 +10,7 @@
 //! | name | content |
 //! |---|---|
 //! | `target` | `{name, network}` of the target being rendered (`network` may be null) |
+//! | `private_networks` | the target's `private_networks` setting as `ADDR/PREFIX` strings (a single address without `/32`); the built-in nginx template allows these and loopback into private locations |
 //! | `swarm`, `node_id` | whether the engine is a Swarm manager; the local node id |
 //! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
 //! | `services[].tasks[]` | `id, service_id, slot, node_id, state, desired_state, container_id, ips` (map network → address)`, message, error`, plus `live` (state and desired state are `running`) and `ip` (address on the service's `network`, or null) |
@@ -140,6 +141,8 @@ pub struct Template {
     /// networks, as in the home lab's template.
     proxy: Option<String>,
     uses: model::Uses,
+    /// `private_networks` of the context, as nginx writes them.
+    private_networks: Vec<String>,
 }
 
 impl std::fmt::Debug for Template {
@@ -161,6 +164,10 @@ pub struct Rendered {
     /// The hosts that want TLS (sorted; empty when the template does not use `hosts`):
     /// whose certificate files decide how they are served.
     pub tls_hosts: Vec<String>,
+}
+
+fn private_networks(networks: &crate::config::PrivateNetworks) -> Vec<String> {
+    networks.0.iter().map(ToString::to_string).collect()
 }
 
 /// Where the built-in nginx template expects a TLS host's certificate (`HOST/fullchain.pem`
@@ -200,6 +207,7 @@ impl Template {
         let mut template =
             Template::compile(&name, &source, &target.name, target.network.as_deref())?;
         template.proxy = proxy_service(target);
+        template.private_networks = private_networks(&target.private_networks);
         Ok(template)
     }
 
@@ -222,6 +230,7 @@ impl Template {
             network: network.map(str::to_owned),
             proxy: None,
             uses: model::Uses::scan(source),
+            private_networks: private_networks(&Default::default()),
         })
     }
 
@@ -248,9 +257,10 @@ impl Template {
             .filter(|h| h.tls)
             .map(|h| h.name.clone())
             .collect();
-        let context = root
+        let mut context = root
             .into_context()
             .map_err(|e| Error::Context(Box::new(e.into())))?;
+        context.insert("private_networks", &self.private_networks);
         let text = self
             .tera
             .render(&self.name, &context)
