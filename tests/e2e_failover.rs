@@ -218,6 +218,15 @@ fn wait_nginx_serves_app_within(
     Ok(())
 }
 
+/// The file drover delivered to the nginx on `node`, as that nginx reads it.
+fn nginx_file(stack: &ShippedStack, node: &Node) -> Result<String> {
+    let id = node
+        .containers(&stack.service("nginx"))?
+        .pop()
+        .with_context(|| format!("no nginx container on {}", node.short))?;
+    node.docker(&["exec", &id, "cat", "/etc/nginx/conf.d/drover.conf"])
+}
+
 /// Waits until a node whose engine was started again is `Ready` in the Swarm and runs
 /// drover and nginx again.
 fn wait_back(stack: &ShippedStack, node: &Node) -> Result<()> {
@@ -433,7 +442,12 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
     let back = stack.cluster.node(&old);
     wait_role(back, "manager", SWARM)?;
     wait_back(&stack, back)?;
+    let running = Instant::now();
     wait_nginx_serves_app_within(&stack, &[back], 4, BOUND)?;
+    eprintln!(
+        "{old}'s nginx served every task {:?} after drover and nginx ran there again",
+        running.elapsed()
+    );
     wait_role(stack.cluster.node(&new), "leader", BOUND)?;
     Ok(())
 }
@@ -559,7 +573,19 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
         Ok(())
     };
     serves_every(&others, 3)?;
-    let w2_id = stack.cluster.node("w2").node_id()?;
+    let w2 = stack.cluster.node("w2");
+    let w2_id = w2.node_id()?;
+    let on_w2 = w2
+        .containers(&every)?
+        .pop()
+        .context("no task of the global service on w2")?;
+    let w2_ip = w2.docker(&[
+        "inspect",
+        "--format",
+        &format!("{{{{(index .NetworkSettings.Networks \"{NET}\").IPAddress}}}}"),
+        &on_w2,
+    ])?;
+    ensure!(!w2_ip.is_empty(), "no {NET} address for w2's task");
     let index = stack
         .cluster
         .nodes
@@ -596,6 +622,14 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
         "w2's task left every nginx {:?} after its engine stopped",
         stopped.elapsed()
     );
+    for node in stack.cluster.nodes.iter().filter(|n| n.short != "w2") {
+        let file = nginx_file(&stack, node)?;
+        ensure!(
+            !upstream_ips(&file).contains(&w2_ip),
+            "{}'s nginx still routes to w2's task at {w2_ip}:\n{file}",
+            node.short
+        );
+    }
 
     stack.cluster.nodes[index].start_engine()?;
     stack.cluster.nodes[index].wait_engine(Duration::from_secs(60))?;
@@ -606,6 +640,7 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
             .running_container_ids(&every)
             .is_ok_and(|ids| ids.len() == 3)
     })?;
+    let running = Instant::now();
     // Bounded by BOUND from here, not by the resync: a returning node's agent that was
     // unreachable for a moment must not wait for the next minute.
     for node in &stack.cluster.nodes {
@@ -613,5 +648,9 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
             stack.cluster.running_container_ids(&every)
         })?;
     }
+    eprintln!(
+        "w2's new task answered through every nginx {:?} after it ran",
+        running.elapsed()
+    );
     Ok(())
 }
