@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover::cluster::agent::{self, ApplyRequest, Key};
-use support::cluster::{Cluster, Node, ShippedStack};
+use support::cluster::{self, Cluster, Node, ShippedStack};
 use support::*;
 
 /// How long Swarm may take to place and start tasks on namespace nodes (pulls included).
@@ -27,13 +27,7 @@ const OPS_PORT: u16 = 9093;
 
 /// Ids of the running containers of `service` on `node`.
 fn containers_on(node: &Node, service: &str) -> Result<Vec<String>> {
-    let out = node.docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=com.docker.swarm.service.name={service}"),
-    ])?;
-    Ok(out.lines().map(str::to_string).collect())
+    node.containers(service)
 }
 
 /// (hostname of the node, IP on `network`) of each running task of `service`.
@@ -429,9 +423,6 @@ fn wait_every_nginx_serves_every_task(s: &ShippedStack, n: usize) -> Result<()> 
     Ok(())
 }
 
-/// Waits until `n` tasks run (`running`: their short container ids, which the busybox
-/// backend answers with) and requests for `host` through the nginx at `addr` are answered
-/// by exactly those tasks.
 fn wait_nginx_answers_from(
     node: &str,
     addr: &str,
@@ -439,42 +430,12 @@ fn wait_nginx_answers_from(
     n: usize,
     running: impl Fn() -> Result<BTreeSet<String>>,
 ) -> Result<()> {
-    let mut last = (BTreeSet::new(), BTreeSet::new());
-    let ok = wait_until(SWARM + BOUND, Duration::from_millis(300), || {
-        let Ok(want) = running() else {
-            return false;
-        };
-        if want.len() != n {
-            return false;
-        }
-        let mut seen = BTreeSet::new();
-        for _ in 0..4 * n {
-            if let Ok(r) = http_get_host(addr, host, "/") {
-                if r.status == 200 {
-                    seen.insert(r.body.trim().to_string());
-                }
-            }
-        }
-        let done = seen == want;
-        last = (want, seen);
-        done
-    });
-    ensure!(
-        ok,
-        "nginx on {node} answered from {:?}; running tasks are {:?}",
-        last.1,
-        last.0
-    );
-    Ok(())
+    cluster::wait_nginx_answers_from(node, addr, host, n, SWARM + BOUND, running)
 }
 
 /// Short container ids of the running tasks of `service`.
 fn running_container_ids(cluster: &Cluster, service: &str) -> Result<BTreeSet<String>> {
-    Ok(cluster
-        .running_tasks(service)?
-        .into_iter()
-        .map(|(_, container)| container.chars().take(12).collect())
-        .collect())
+    cluster.running_container_ids(service)
 }
 
 #[test]

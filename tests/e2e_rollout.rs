@@ -303,49 +303,6 @@ fn notify_restart_and_webhook_rollout_of_one_service_are_serialised() -> Result<
     Ok(())
 }
 
-/// GETs `path` through nginx about 60 times a second until stopped; returns the number
-/// of requests and every answer that was not a 200 (or no answer at all).
-struct Client {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<(u64, Vec<String>, Duration)>,
-}
-
-impl Client {
-    fn start(addr: &str, host: &str, path: &str) -> Client {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (addr, host, path, flag) = (
-            addr.to_owned(),
-            host.to_owned(),
-            path.to_owned(),
-            stop.clone(),
-        );
-        let handle = std::thread::spawn(move || {
-            let started = Instant::now();
-            let (mut n, mut failures) = (0u64, Vec::new());
-            while !flag.load(Ordering::Relaxed) {
-                let due = started + Duration::from_millis(16) * (n as u32 + 1);
-                n += 1;
-                match http_get_host(&addr, &host, &path) {
-                    Ok(r) if r.status == 200 => {}
-                    Ok(r) => failures.push(format!("request {n}: {} {}", r.status, r.body.trim())),
-                    Err(e) => failures.push(format!("request {n}: {e}")),
-                }
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            (n, failures, started.elapsed())
-        });
-        Client { stop, handle }
-    }
-
-    fn finish(self) -> (u64, Vec<String>, Duration) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().unwrap_or_default()
-    }
-}
-
 #[test]
 fn start_first_webhook_rollout_with_a_health_check_drops_no_request_through_nginx() -> Result<()> {
     require_e2e!();
@@ -392,7 +349,7 @@ fn start_first_webhook_rollout_with_a_health_check_drops_no_request_through_ngin
     })?;
 
     build_push(&image, "v2", "")?;
-    let client = Client::start(&nginx.addr, &host, "/version");
+    let client = LoadClient::start(&nginx.addr, &host, "/version", 60);
     std::thread::sleep(Duration::from_secs(1));
     let rt = runtime()?;
     let outcome = rt.block_on(async {

@@ -37,6 +37,22 @@ pub struct NodeResult {
     pub message: Option<String>,
 }
 
+impl NodeResult {
+    /// The node still lacks the content for want of an answer (no agent, unreachable, its
+    /// consumer not running yet, an error): worth sending again.
+    pub fn owed(&self) -> bool {
+        retried(&self.outcome)
+    }
+}
+
+/// Outcomes of a node that was not brought up to date and is tried again.
+fn retried(outcome: &str) -> bool {
+    matches!(
+        outcome,
+        "no_agent" | "unreachable" | "check_unavailable" | "error"
+    )
+}
+
 /// Services whose containers the target's check and notify steps reach.
 pub fn consumer_services(target: &Target) -> BTreeSet<&str> {
     target
@@ -212,14 +228,8 @@ pub fn overall(results: &[NodeResult]) -> Outcome {
     if any("check_failed") || any("known_bad") {
         return Outcome::CheckFailed(messages(&|o| o == "check_failed" || o == "known_bad"));
     }
-    let retry = |o: &str| {
-        matches!(
-            o,
-            "no_agent" | "unreachable" | "check_unavailable" | "error"
-        )
-    };
-    if results.iter().any(|r| retry(&r.outcome)) {
-        return Outcome::CheckUnavailable(messages(&retry));
+    if results.iter().any(NodeResult::owed) {
+        return Outcome::CheckUnavailable(messages(&retried));
     }
     if any("notify_failed") {
         return Outcome::NotifyFailed(messages(&|o| o == "notify_failed"));

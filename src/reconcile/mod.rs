@@ -63,6 +63,13 @@ struct TargetState {
     /// The last check that could not run, and when to try it again.
     unavailable: Option<Unavailable>,
     check_backoff: Backoff,
+    /// When the nodes an agents delivery did not reach are due again. A node whose agent
+    /// comes up (its engine back, its drover task just started) sends no event of its own,
+    /// so without this it would wait for the next change or resync with a stale file.
+    redeliver_at: Option<Instant>,
+    /// (node id, outcome) of the nodes last owed the content: when that changes (a node's
+    /// agent appeared, one went away) the retry starts again from the shortest delay.
+    owed: BTreeSet<(String, String)>,
     /// The reason of the last unavailable check, so a lasting outage is logged once.
     unavailable_reason: Option<String>,
     /// Hosts left out of the file in place, with the hash of the block that failed (left
@@ -124,9 +131,11 @@ impl TargetState {
         }
     }
 
-    /// When a check that could not run is due again.
+    /// When a check that could not run, or a delivery that did not reach every node, is
+    /// due again.
     fn retry_at(&self) -> Option<Instant> {
-        self.unavailable.as_ref().map(|u| u.retry_at)
+        let check = self.unavailable.as_ref().map(|u| u.retry_at);
+        check.into_iter().chain(self.redeliver_at).min()
     }
 }
 
@@ -171,6 +180,8 @@ fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)>) -> Targe
         known_bad: None,
         unavailable: None,
         check_backoff: Backoff::new(),
+        redeliver_at: None,
+        owed: BTreeSet::new(),
         unavailable_reason: None,
         left_out: BTreeMap::new(),
         certs: probes_certificates(t).then(Certs::default),
@@ -443,6 +454,8 @@ async fn pass(
     resync: bool,
 ) {
     let m = crate::metrics::get();
+    // Due now (or moot: this instance no longer delivers); set again below if still owed.
+    t.redeliver_at = None;
     // A resync looks again at what the cluster does not tell: certificate files that may
     // have appeared, hosts left out that may pass now.
     let outside = resync
@@ -529,6 +542,17 @@ async fn pass(
         let outcome = Ok(delivery::overall(&nodes));
         let retry = matches!(outcome, Ok(Outcome::CheckUnavailable(_)));
         t.settled = (!retry).then(|| snapshot.clone());
+        // No consumer at all is not retried: one appearing is a Swarm change, with events.
+        let owed: BTreeSet<(String, String)> = nodes
+            .iter()
+            .filter(|n| n.owed())
+            .map(|n| (n.node_id.clone(), n.outcome.clone()))
+            .collect();
+        if owed != t.owed {
+            t.check_backoff.reset();
+        }
+        t.redeliver_at = (!owed.is_empty()).then(|| Instant::now() + t.check_backoff.delay());
+        t.owed = owed;
         report::outcome(t, board, &outcome, batch, rendered.skipped);
         let hash = matches!(
             outcome,

@@ -16,11 +16,12 @@
 //! engine (SIGTERM, then SIGKILL to whatever is left in the namespace), removes the
 //! namespaces, the forwarders and the state directories, panicking or not.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Context, Result, bail, wait_for};
+use super::{Context, Result, bail, ensure, http_get_host, wait_for, wait_until};
 
 /// Where slots live; a slot directory holds the node's engine state and logs.
 const ROOT: &str = "/tmp/drover-cluster";
@@ -155,6 +156,16 @@ impl Cluster {
         Ok(out)
     }
 
+    /// Short container ids of the running tasks of `service`: what the busybox backend
+    /// answers with.
+    pub fn running_container_ids(&self, service: &str) -> Result<BTreeSet<String>> {
+        Ok(self
+            .running_tasks(service)?
+            .into_iter()
+            .map(|(_, container)| container.chars().take(12).collect())
+            .collect())
+    }
+
     /// A service's logs, stdout and stderr (drover and nginx log to stderr, which
     /// [`Cluster::docker`] does not return).
     pub fn service_logs(&self, service: &str) -> String {
@@ -183,7 +194,8 @@ impl Cluster {
 pub struct ShippedStack {
     pub cluster: Cluster,
     pub name: String,
-    _secrets: tempfile::TempDir,
+    /// The secrets deploy/gen-secrets.sh wrote (and the edited config, if any).
+    dir: tempfile::TempDir,
 }
 
 impl ShippedStack {
@@ -193,8 +205,24 @@ impl ShippedStack {
         app_host: &str,
         http_port: u16,
     ) -> Result<ShippedStack> {
+        Self::deploy_editing(cluster, network, app_host, http_port, |c| c)
+    }
+
+    /// [`ShippedStack::deploy`] with `deploy/drover.yml` passed through `edit` first and
+    /// given as DROVER_CONFIG_FILE (the knob stack.yml documents): for the one line a test
+    /// must change, such as a hook's `allow` rule naming the test registry's images.
+    pub fn deploy_editing(
+        cluster: Cluster,
+        network: &str,
+        app_host: &str,
+        http_port: u16,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<ShippedStack> {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let secrets = super::temp_dir("cl-shipped")?;
+        let shipped = std::fs::read_to_string(repo.join("deploy/drover.yml"))?;
+        let config = secrets.path().join("drover.yml");
+        std::fs::write(&config, edit(shipped))?;
         let out = Command::new(repo.join("deploy/gen-secrets.sh"))
             .arg(secrets.path())
             .output()?;
@@ -217,6 +245,7 @@ impl ShippedStack {
                 ("APP_HOST", app_host.to_owned()),
                 ("WEB_NETWORK", network.to_owned()),
                 ("DROVER_SECRETS_DIR", secrets.path().display().to_string()),
+                ("DROVER_CONFIG_FILE", config.display().to_string()),
                 ("HTTP_PORT", http_port.to_string()),
                 ("HTTPS_PORT", (http_port + 1).to_string()),
             ])
@@ -231,13 +260,20 @@ impl ShippedStack {
         Ok(ShippedStack {
             cluster,
             name,
-            _secrets: secrets,
+            dir: secrets,
         })
     }
 
     /// The Swarm name of the stack's service `short` (`app` → `home_app`).
     pub fn service(&self, short: &str) -> String {
         format!("{}_{short}", self.name)
+    }
+
+    /// The value of a secret deploy/gen-secrets.sh made (`ci-secret`, ...).
+    pub fn secret(&self, name: &str) -> Result<String> {
+        Ok(std::fs::read_to_string(self.dir.path().join(name))?
+            .trim()
+            .to_owned())
     }
 }
 
@@ -260,6 +296,46 @@ impl Drop for Cluster {
             node.signal_engine();
         }
     }
+}
+
+/// Waits up to `timeout` until `n` tasks run (`running`: their short container ids, which
+/// the busybox backend answers with) and requests for `host` through the nginx at `addr`
+/// (on node `node`, for the message) are answered by exactly those tasks.
+pub fn wait_nginx_answers_from(
+    node: &str,
+    addr: &str,
+    host: &str,
+    n: usize,
+    timeout: Duration,
+    running: impl Fn() -> Result<BTreeSet<String>>,
+) -> Result<()> {
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    let ok = wait_until(timeout, Duration::from_millis(300), || {
+        let Ok(want) = running() else {
+            return false;
+        };
+        if want.len() != n {
+            return false;
+        }
+        let mut seen = BTreeSet::new();
+        for _ in 0..4 * n {
+            if let Ok(r) = http_get_host(addr, host, "/") {
+                if r.status == 200 {
+                    seen.insert(r.body.trim().to_string());
+                }
+            }
+        }
+        let done = seen == want;
+        last = (want, seen);
+        done
+    });
+    ensure!(
+        ok,
+        "nginx on {node} answered from {:?}; running tasks are {:?}",
+        last.1,
+        last.0
+    );
+    Ok(())
 }
 
 /// One namespace node of a [`Cluster`].
@@ -453,6 +529,40 @@ impl Node {
     /// `volumes/NAME/_data`, readable without asking the engine.
     pub fn data_root(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Ids of the running containers of `service` on this node.
+    pub fn containers(&self, service: &str) -> Result<Vec<String>> {
+        let out = self.docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={service}"),
+        ])?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
+    /// `GET http://127.0.0.1:PORT/PATH` inside the network namespace of a running
+    /// container of `service` on this node (the nodes' engines share the host's pid
+    /// namespace): for listeners that are not published, like drover's operator port.
+    /// Returns the body of a 2xx answer.
+    pub fn get_inside(&self, service: &str, port: u16, path: &str) -> Result<String> {
+        let id = self
+            .containers(service)?
+            .pop()
+            .with_context(|| format!("no {service} container on {}", self.short))?;
+        let pid = self.docker(&["inspect", "--format", "{{.State.Pid}}", &id])?;
+        run(
+            "nsenter",
+            &[
+                &format!("--net=/proc/{pid}/ns/net"),
+                "curl",
+                "-sSf",
+                "-m",
+                "5",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ],
+        )
     }
 
     /// This node's Swarm node id.

@@ -751,6 +751,71 @@ pub fn http_request(
     })
 }
 
+/// GETs `path` from `addr` with `Host: host` at about `rate` requests a second, spread
+/// over one thread per 50 requests a second (each request is a new connection), until
+/// [`LoadClient::finish`]; then returns the number of requests, every answer that was not
+/// a 200 (or no answer at all), and how long it ran.
+pub struct LoadClient {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+    started: Instant,
+}
+
+impl LoadClient {
+    pub fn start(addr: &str, host: &str, path: &str, rate: u32) -> LoadClient {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n_threads = rate.div_ceil(50).max(1);
+        let period = Duration::from_secs(1) * n_threads / rate.max(1);
+        let started = Instant::now();
+        let threads = (0..n_threads)
+            .map(|t| {
+                let (addr, host, path, flag) = (
+                    addr.to_owned(),
+                    host.to_owned(),
+                    path.to_owned(),
+                    stop.clone(),
+                );
+                std::thread::spawn(move || {
+                    let (mut n, mut failures) = (0u64, Vec::new());
+                    while !flag.load(Ordering::Relaxed) {
+                        let due = started + period * (n as u32 + 1);
+                        n += 1;
+                        match http_get_host(&addr, &host, &path) {
+                            Ok(r) if r.status == 200 => {}
+                            Ok(r) => failures.push(format!(
+                                "thread {t} request {n}: {} {}",
+                                r.status,
+                                r.body.trim()
+                            )),
+                            Err(e) => failures.push(format!("thread {t} request {n}: {e}")),
+                        }
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    (n, failures)
+                })
+            })
+            .collect();
+        LoadClient {
+            stop,
+            threads,
+            started,
+        }
+    }
+
+    pub fn finish(self) -> (u64, Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut total, mut failures) = (0, Vec::new());
+        for t in self.threads {
+            let (n, f) = t.join().unwrap_or_default();
+            total += n;
+            failures.extend(f);
+        }
+        (total, failures, self.started.elapsed())
+    }
+}
+
 /// The sum of the Prometheus samples of `name` whose labels include every `labels` pair
 /// (in any order), or `None` when no sample matches. E.g.
 /// `metric_value(&text, "drover_renders_total", &[("target", "nginx"), ("outcome", "applied")])`.
