@@ -193,6 +193,18 @@ impl ShippedStack {
         app_host: &str,
         http_port: u16,
     ) -> Result<ShippedStack> {
+        ShippedStack::deploy_with(cluster, network, app_host, http_port, &[])
+    }
+
+    /// [`ShippedStack::deploy`] with more of the variables stack.yml documents set
+    /// (`APP_IMAGE`, `DROVER_CONFIG_FILE`, ...); these win over the defaults above.
+    pub fn deploy_with(
+        cluster: Cluster,
+        network: &str,
+        app_host: &str,
+        http_port: u16,
+        vars: &[(&str, String)],
+    ) -> Result<ShippedStack> {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let secrets = super::temp_dir("cl-shipped")?;
         let out = Command::new(repo.join("deploy/gen-secrets.sh"))
@@ -220,6 +232,7 @@ impl ShippedStack {
                 ("HTTP_PORT", http_port.to_string()),
                 ("HTTPS_PORT", (http_port + 1).to_string()),
             ])
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
             .output()?;
         if !out.status.success() {
             bail!(
@@ -233,6 +246,13 @@ impl ShippedStack {
             name,
             _secrets: secrets,
         })
+    }
+
+    /// A secret `deploy/gen-secrets.sh` wrote for this stack (`ci-secret`, ...), as the
+    /// hooks read it (surrounding whitespace is not part of it).
+    pub fn secret(&self, name: &str) -> Result<Vec<u8>> {
+        let raw = std::fs::read(self._secrets.path().join(name))?;
+        Ok(raw.trim_ascii().to_vec())
     }
 
     /// The Swarm name of the stack's service `short` (`app` → `home_app`).
