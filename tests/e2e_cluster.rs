@@ -710,7 +710,17 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
             ("DROVER_CONFIG_FILE", config.display().to_string()),
         ],
     )?;
-    wait_every_nginx_serves_every_task(&s, 2)?;
+    if let Err(e) = wait_every_nginx_serves_every_task(&s, 2) {
+        let ps = s.cluster.docker(&[
+            "service",
+            "ps",
+            "--no-trunc",
+            "--format",
+            "{{.Node}} {{.CurrentState}} {{.Error}}",
+            &s.service("drover"),
+        ]);
+        return Err(e.context(format!("drover tasks: {ps:?}")));
+    }
     let m1 = s.cluster.node("m1");
     let w1 = s.cluster.node("w1");
     let hooks_on_w1 = format!("{}:9090", w1.addr);

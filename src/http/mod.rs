@@ -1053,4 +1053,143 @@ hooks:
             assert_eq!(send(&public, req).await.0, StatusCode::NOT_FOUND, "{p}");
         }
     }
+
+    /// A controller serving the agent API (with the forwarded routes) on a real port, and a
+    /// worker whose intake forwards to it.
+    async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, CancellationToken) {
+        use crate::cluster::{agent, contacts, forward};
+        let key = agent::Key::from_bytes(b"cluster key");
+        let controller = fixture("").await;
+        let agent = Arc::new(agent::Agent::new(
+            agent::Guard::new(key.clone(), Duration::from_secs(30)),
+            None,
+            &[],
+        ));
+        let app = agent::router(agent.clone()).merge(
+            agent_routes(&controller.state, agent, controller.role.subscribe()).expect("routes"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        tokio::spawn(agent::serve(listener, app, stop.clone()));
+
+        let worker = fixture("").await;
+        worker.role.send_replace(Role::Worker);
+        let seen = Arc::new(contacts::Contacts::default());
+        if known {
+            seen.heard(&contacts::Heartbeat {
+                node: "m1".into(),
+                hostname: "m1".into(),
+                address: addr,
+            });
+        }
+        let forwarder =
+            forward::Forwarder::new(key, worker.role.subscribe(), seen, Duration::from_secs(5));
+        let app = router(worker.state.clone().with_forward(Some(Arc::new(forwarder))))
+            .expect("router")
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40001))));
+        (controller, worker, app, stop)
+    }
+
+    #[tokio::test]
+    async fn a_webhook_on_a_worker_is_answered_by_the_controller_with_the_same_job_id() {
+        let (controller, worker, app, stop) = controller_and_worker(true).await;
+        let body = r#"{"image":"owner/app:latest"}"#;
+        let ts = unix_now();
+        let res = app
+            .clone()
+            .oneshot(signed_ci(ts, body))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let location = res.headers()["location"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let bytes = res.into_body().collect().await.expect("body").to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let id = answer["job"].as_str().expect("job id").to_owned();
+        assert_eq!(location, format!("/jobs/{id}"));
+        // The job is the controller's; the worker took none of its own.
+        assert!(controller.service.jobs().get(&id).is_some());
+        assert!(worker.service.jobs().list().is_empty());
+        // And the worker shows it, read from the controller.
+        let (status, job) = send(
+            &app,
+            axum::http::Request::get(format!("/jobs/{id}"))
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{job}");
+        assert_eq!(job["id"], id.as_str());
+        let (_, jobs) = send(
+            &app,
+            axum::http::Request::get("/jobs")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(1));
+
+        // The same request again meets the controller's replay memory, relayed.
+        let (status, again) = send(&app, signed_ci(ts, body)).await;
+        assert_eq!(
+            (status, &again["status"]),
+            (StatusCode::OK, &"duplicate".into())
+        );
+
+        // A forged one stops on the worker: 401, nothing reaches the controller.
+        let before = controller.service.jobs().list().len();
+        let ts = unix_now().to_string();
+        let forged = axum::http::Request::post("/hooks/ci")
+            .header("x-drover-timestamp", &ts)
+            .header(
+                "x-drover-signature",
+                crate::hooks::sign_timestamped(b"guess", &ts, body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .expect("req");
+        assert_eq!(send(&app, forged).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(controller.service.jobs().list().len(), before);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_a_controller_a_verified_webhook_is_503_with_retry_after_and_nothing_accepted()
+    {
+        let (controller, worker, app, stop) = controller_and_worker(false).await;
+        let res = app
+            .clone()
+            .oneshot(signed_ci(unix_now(), r#"{"image":"owner/app:latest"}"#))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()["retry-after"], "5");
+        assert!(controller.service.jobs().list().is_empty());
+        assert!(worker.service.jobs().list().is_empty());
+        let (status, _) = send(
+            &app,
+            axum::http::Request::get("/jobs")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_is_no_longer_the_controller_refuses_forwarded_webhooks() {
+        let (controller, _worker, app, stop) = controller_and_worker(true).await;
+        controller.role.send_replace(Role::Manager);
+        let (status, _) = send(
+            &app,
+            signed_ci(unix_now(), r#"{"image":"owner/app:latest"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(controller.service.jobs().list().is_empty());
+        stop.cancel();
+    }
 }
