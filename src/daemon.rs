@@ -58,13 +58,37 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
             .with_retargets(retargets)
             .run(hint_rx, shutdown.clone()),
     );
-    if let Some(key) = key {
-        start_agent(&config, key, &engine, shutdown.clone(), &mut tasks).await?;
-    }
 
-    let state = webhook_side(&config, engine, board, role.clone(), shutdown.clone())
-        .await
-        .context("starting the webhook intake")?;
+    let forward = key.clone().map(|k| {
+        Arc::new(crate::cluster::forward::Forwarder::new(
+            k,
+            role.clone(),
+            crate::cluster::contacts::global().clone(),
+            forward_timeout(&config.http),
+        ))
+    });
+    let state = webhook_side(
+        &config,
+        engine.clone(),
+        board,
+        role.clone(),
+        forward.is_some(),
+        shutdown.clone(),
+    )
+    .await
+    .context("starting the webhook intake")?
+    .with_forward(forward);
+    if let Some(key) = key {
+        let agent = Agent {
+            config: &config,
+            key,
+            engine: &engine,
+            state: &state,
+            role: role.clone(),
+            retargets: retarget.subscribe(),
+        };
+        start_agent(agent, shutdown.clone(), &mut tasks).await?;
+    }
     let reloader = crate::reload::Reloader::new(args, config, state.hooks.clone(), retarget);
     tasks.spawn(reloader.run(hangups, shutdown.clone()));
     tasks.spawn(state.hooks.jobs().clone().follow_role(role));
@@ -135,6 +159,7 @@ async fn webhook_side(
     engine: Engine,
     board: Arc<Board>,
     role: watch::Receiver<Role>,
+    forwarding: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<crate::http::AppState> {
     let journal = match engine.inspect_swarm().await {
@@ -144,8 +169,10 @@ async fn webhook_side(
         },
         Err(e) => {
             debug!(error = %e, "not a swarm manager");
-            if *role.borrow() == Role::Worker {
-                warn!("swarm worker: webhooks are answered 503, send them to a manager");
+            if *role.borrow() == Role::Worker && !forwarding {
+                warn!(
+                    "swarm worker without the cluster key: webhooks are answered 503, send them to a manager"
+                );
             }
             match &config.jobs.state_file {
                 Some(p) => Journal::file(p.clone()),
@@ -178,30 +205,78 @@ fn cluster_key(config: &Config) -> anyhow::Result<Option<crate::cluster::agent::
     Ok(Some(crate::cluster::agent::Key::load(path)?))
 }
 
-/// Serves the agent API on the cluster network; a port clash is a start-up error.
-async fn start_agent(
-    config: &Config,
+/// A forwarded webhook must be answered before the caller's own request times out (408):
+/// the forward gets the request timeout less a second.
+fn forward_timeout(http: &crate::config::Http) -> std::time::Duration {
+    let second = std::time::Duration::from_secs(1);
+    http.request_timeout.saturating_sub(second).max(second)
+}
+
+/// What the agent API is built from.
+struct Agent<'a> {
+    config: &'a Config,
     key: crate::cluster::agent::Key,
-    engine: &Engine,
+    engine: &'a Engine,
+    state: &'a crate::http::AppState,
+    role: watch::Receiver<Role>,
+    /// Reloaded targets (SIGHUP): the agent applies what the config says now.
+    retargets: watch::Receiver<crate::reconcile::Retarget>,
+}
+
+/// Serves the agent API on the cluster network (files, heartbeats, and forwarded webhooks
+/// and job reads while this instance is the controller), and sends the heartbeats while
+/// it is; a port clash is a start-up error.
+async fn start_agent(
+    a: Agent<'_>,
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
-    use crate::cluster::agent;
-    let cluster = &config.cluster;
+    use crate::cluster::{agent, contacts};
+    let cluster = &a.config.cluster;
     let listener = tokio::net::TcpListener::bind(cluster.listen)
         .await
         .with_context(|| format!("cannot listen on {} (agent API)", cluster.listen))?;
     let agent = Arc::new(agent::Agent::new(
-        agent::Guard::new(key, cluster.max_skew),
-        Some(engine.clone()),
-        &config.targets,
+        agent::Guard::new(a.key.clone(), cluster.max_skew),
+        Some(a.engine.clone()),
+        &a.config.targets,
     ));
+    let app = agent::router(agent.clone()).merge(crate::http::agent_routes(
+        a.state,
+        agent.clone(),
+        a.role.clone(),
+    )?);
+    let stop = shutdown.clone();
     tasks.spawn(async move {
-        if let Err(e) = agent::serve(listener, agent, shutdown).await {
+        if let Err(e) = agent::serve(listener, app, stop).await {
             tracing::error!(error = %e, "agent API stopped");
         }
     });
+    tasks.spawn(follow_retargets(agent, a.retargets, shutdown.clone()));
+    tasks.spawn(contacts::run(
+        contacts::global().clone(),
+        a.key,
+        a.role,
+        shutdown,
+    ));
     Ok(())
+}
+
+/// Gives the agent each reloaded config's targets, as the render loop gets them.
+async fn follow_retargets(
+    agent: Arc<crate::cluster::agent::Agent>,
+    mut retargets: watch::Receiver<crate::reconcile::Retarget>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = retargets.changed() => if changed.is_err() { return },
+        }
+        let targets = retargets.borrow_and_update().targets.clone();
+        agent.retarget(&targets).await;
+        info!(targets = targets.len(), "agent targets reloaded");
+    }
 }
 
 async fn wait_for_signal() {

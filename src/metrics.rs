@@ -38,6 +38,7 @@ pub struct Metrics {
     pub rollbacks: IntCounter,
     pub agent_requests: IntCounterVec,
     pub agent_refused: IntCounterVec,
+    pub peer_contact: IntGaugeVec,
     pub updates: IntCounterVec,
     pub config_reloads: IntCounterVec,
 }
@@ -234,6 +235,12 @@ impl Metrics {
                 "drover_agent_refused_total",
                 "Agent API requests refused, by reason",
                 &["reason"],
+            ),
+            peer_contact: gauge_vec(
+                &r,
+                "drover_peer_last_contact_timestamp_seconds",
+                "Unix time of the last successful contact with a peer (on the controller) or heartbeat from the controller (elsewhere), by node host name",
+                &["peer"],
             ),
             updates: counter_vec(
                 &r,

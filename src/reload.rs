@@ -3,7 +3,8 @@
 //! The file is read and validated exactly as at start (path, line and reason on error),
 //! and every hook's secret files are read again. Only then is anything swapped in, all
 //! or nothing: targets (their templates compiled again) and `resync` go to the render
-//! loop, hooks to the webhook intake. Settings bound to something opened at start — the
+//! loop and to the agent API (a target added or changed is delivered and applied as
+//! the new config says), hooks to the webhook intake. Settings bound to something opened at start — the
 //! listeners and HTTP limits, `jobs`, `registries`, `cluster` — keep their running values;
 //! a changed one is named in a log line that says it needs a restart. A refused reload
 //! changes nothing and is counted. A reload never touches the job queue (queued and

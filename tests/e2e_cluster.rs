@@ -604,3 +604,203 @@ fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> R
     }
     Ok(())
 }
+
+/// `GET path` of drover's operator listener on `node`, from inside that node's nginx
+/// container (the operator port is on the overlay network only): (status, body).
+fn ops_get_on(s: &ShippedStack, node: &Node, path: &str) -> Result<(u16, String)> {
+    let drover_ip = task_placement(&s.cluster, &s.service("drover"), NET)?
+        .into_iter()
+        .find(|(host, _)| *host == node.hostname)
+        .map(|(_, ip)| ip)
+        .with_context(|| format!("no drover task on {}", node.short))?;
+    let nginx = containers_on(node, &s.service("nginx"))?
+        .pop()
+        .with_context(|| format!("no nginx container on {}", node.short))?;
+    let out = node.docker(&[
+        "exec",
+        &nginx,
+        "sh",
+        "-c",
+        &format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {drover_ip} 9091"),
+    ])?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status line from {}: {out}", node.short))?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((status, body))
+}
+
+#[test]
+fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_the_controller()
+-> Result<()> {
+    require_e2e!();
+    // The app runs an image of its own, so pushing a new build of it touches no other test.
+    let image = format!(
+        "127.0.0.1:5000/drover-test/{}:latest",
+        unique("fwd-app").to_lowercase()
+    );
+    build_push(&image, "1", "")?;
+    // The shipped config, deployed through the variable stack.yml documents for it; the
+    // only change is the `ci` hook's image rule, which names the test registry's images.
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/drover.yml"),
+    )?;
+    let rule = r#"image: "rycus86/.+:(latest|stable)""#;
+    ensure!(
+        shipped.contains(rule),
+        "deploy/drover.yml has no ci rule {rule}"
+    );
+    let dir = temp_dir("cl-forward")?;
+    let config = dir.path().join("drover.yml");
+    std::fs::write(
+        &config,
+        shipped.replace(
+            rule,
+            r#"image: "127.0.0.1:5000/drover-test/.+:(latest|stable)""#,
+        ),
+    )?;
+    let s = ShippedStack::deploy_with(
+        Cluster::new(1, 2)?,
+        NET,
+        SHIPPED_HOST,
+        SHIPPED_HTTP_PORT,
+        &[
+            ("APP_IMAGE", image.clone()),
+            ("DROVER_CONFIG_FILE", config.display().to_string()),
+        ],
+        |c| c,
+    )?;
+    if let Err(e) = wait_every_nginx_serves_every_task(&s, 2) {
+        let ps = s.cluster.docker(&[
+            "service",
+            "ps",
+            "--no-trunc",
+            "--format",
+            "{{.Node}} {{.CurrentState}} {{.Error}}",
+            &s.service("drover"),
+        ]);
+        return Err(e.context(format!("drover tasks: {ps:?}")));
+    }
+    let m1 = s.cluster.node("m1");
+    let w1 = s.cluster.node("w1");
+    let hooks_on_w1 = format!("{}:9090", w1.addr);
+
+    // The worker has heard from the controller, recently.
+    let mut health = serde_json::Value::Null;
+    wait_for("w1's drover to know the controller", BOUND, || {
+        health = http_get(&format!("http://{hooks_on_w1}/healthz"))
+            .ok()
+            .and_then(|r| serde_json::from_str(&r.body).ok())
+            .unwrap_or_default();
+        health["controller"]["hostname"] == m1.hostname.as_str()
+    })
+    .with_context(|| format!("w1 /healthz: {health}"))?;
+    ensure!(health["role"] == "worker", "{health}");
+    let ago = health["controller"]["last_contact_ms_ago"]
+        .as_u64()
+        .context("no last contact")?;
+    ensure!(ago < 15_000, "w1 last heard of the controller {ago} ms ago");
+    // And the controller lists the worker with its last contact.
+    let controller: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("http://{}:9090/healthz", m1.addr))?.body)?;
+    let w1_seen = controller["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["hostname"] == w1.hostname.as_str())
+        .with_context(|| format!("the controller does not list w1: {controller}"))?;
+    ensure!(
+        w1_seen["last_contact_ms_ago"]
+            .as_u64()
+            .is_some_and(|ms| ms < 15_000),
+        "{controller}"
+    );
+
+    let secret = s.secret("ci-secret")?;
+    let body = format!(r#"{{"image":"{image}"}}"#);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)?
+        .as_secs()
+        .to_string();
+    let post = |signature: &str| {
+        http_post(
+            &hooks_on_w1,
+            "/hooks/ci",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Drover-Timestamp", now.as_str()),
+                ("X-Drover-Signature", signature),
+            ],
+            body.as_bytes(),
+        )
+    };
+
+    // A bad signature is refused on the worker itself, and nothing reaches a job.
+    let forged = drover::hooks::sign_timestamped(b"not the secret", &now, body.as_bytes());
+    let r = post(&forged)?;
+    ensure!(r.status == 401, "forged: {} {}", r.status, r.body);
+    let (status, jobs) = ops_get_on(&s, w1, "/jobs")?;
+    ensure!(status == 200, "w1 /jobs: {status} {jobs}");
+    let jobs: serde_json::Value = serde_json::from_str(&jobs)?;
+    ensure!(
+        jobs["jobs"].as_array().is_some_and(Vec::is_empty),
+        "a forged webhook made a job: {jobs}"
+    );
+
+    // A new build of the image, announced to the worker with the right signature.
+    let pushed = build_push(&image, "2", "")?;
+    let digest = pushed
+        .split_once('@')
+        .map(|(_, d)| d.to_owned())
+        .context("no digest")?;
+    let r = post(&drover::hooks::sign_timestamped(
+        &secret,
+        &now,
+        body.as_bytes(),
+    ))?;
+    ensure!(r.status == 202, "signed: {} {}", r.status, r.body);
+    let answer: serde_json::Value = serde_json::from_str(&r.body)?;
+    let id = answer["job"].as_str().context("no job id")?.to_owned();
+    ensure!(
+        r.header("location") == Some(format!("/jobs/{id}").as_str()),
+        "{:?}",
+        r.headers
+    );
+
+    // The job is the controller's, and the worker shows it under the same id.
+    let mut last = String::new();
+    wait_for(&format!("job {id} completed, read on w1"), SWARM, || {
+        let Ok((_, job)) = ops_get_on(&s, w1, &format!("/jobs/{id}")) else {
+            return false;
+        };
+        last = job;
+        serde_json::from_str::<serde_json::Value>(&last)
+            .is_ok_and(|j| j["id"] == id.as_str() && j["state"] == "completed")
+    })
+    .with_context(|| format!("last: {last}"))?;
+    let (_, on_controller) = ops_get_on(&s, m1, &format!("/jobs/{id}"))?;
+    ensure!(on_controller.contains("completed"), "{on_controller}");
+    let spec = s.cluster.docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+        &s.service("app"),
+    ])?;
+    ensure!(spec.ends_with(&digest), "app runs {spec}, pushed {digest}");
+    // The rolled tasks are served again through the worker's nginx.
+    wait_every_nginx_serves_every_task(&s, 2)?;
+
+    let metrics = ops_get_on(&s, w1, "/metrics")?.1;
+    ensure!(
+        metric_value(
+            &metrics,
+            "drover_webhook_requests_total",
+            &[("hook", "ci"), ("outcome", "forwarded")]
+        ) == Some(1.0),
+        "w1 counts one forwarded webhook"
+    );
+    Ok(())
+}

@@ -45,11 +45,12 @@ fn ci_allows_test_images(shipped: String) -> String {
 }
 
 fn deploy(managers: usize, workers: usize) -> Result<ShippedStack> {
-    ShippedStack::deploy_editing(
+    ShippedStack::deploy_with(
         Cluster::new(managers, workers)?,
         NET,
         APP_HOST,
         HTTP_PORT,
+        &[],
         ci_allows_test_images,
     )
 }

@@ -49,6 +49,14 @@ use crate::state::Snapshot;
 
 /// Where the controller posts a file.
 pub const APPLY_PATH: &str = "/agent/v1/apply";
+/// Where the controller says it is there (`contacts`).
+pub const HEARTBEAT_PATH: &str = "/agent/v1/heartbeat";
+/// Where another instance hands a verified webhook to the controller (`forward`).
+pub const HOOKS_PATH: &str = "/agent/v1/hooks";
+/// Where another instance reads the controller's jobs (`forward`).
+pub const JOBS_PATH: &str = "/agent/v1/jobs";
+/// A heartbeat's answer is a few bytes; anything longer is not one.
+pub const HEARTBEAT_ANSWER_MAX: usize = 4096;
 pub const TIMESTAMP_HEADER: &str = "x-drover-timestamp";
 pub const NONCE_HEADER: &str = "x-drover-nonce";
 pub const SIGNATURE_HEADER: &str = "x-drover-agent-signature";
@@ -128,6 +136,24 @@ impl Key {
         format!("sha256={}", hex::encode(tag))
     }
 
+    /// The signature of an answer to the request signed with `timestamp` and `nonce`: bound
+    /// to that request, and apart from any request's signature (a request cannot be
+    /// reflected as an answer).
+    pub fn sign_answer(&self, timestamp: &str, nonce: &str, body: &[u8]) -> String {
+        self.sign(timestamp, &format!("answer:{nonce}"), body)
+    }
+
+    /// Whether `signature` is [`Key::sign_answer`]'s for this request and answer body.
+    pub fn verify_answer(
+        &self,
+        timestamp: &str,
+        nonce: &str,
+        body: &[u8],
+        signature: &str,
+    ) -> bool {
+        self.verify(timestamp, &format!("answer:{nonce}"), body, signature)
+    }
+
     fn verify(&self, timestamp: &str, nonce: &str, body: &[u8], signature: &str) -> bool {
         let Some(tag) = signature
             .strip_prefix("sha256=")
@@ -163,13 +189,15 @@ pub enum Refusal {
     HashMismatch,
     #[error("unknown target")]
     UnknownTarget,
+    #[error("this instance is not the controller")]
+    NotController,
 }
 
 impl Refusal {
     pub fn status(self) -> StatusCode {
         match self {
             Refusal::Unauthorized | Refusal::Stale | Refusal::Replayed => StatusCode::UNAUTHORIZED,
-            Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Busy | Refusal::NotController => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadRequest | Refusal::HashMismatch => StatusCode::BAD_REQUEST,
             Refusal::UnknownTarget => StatusCode::NOT_FOUND,
         }
@@ -220,6 +248,44 @@ impl Guard {
             max_skew,
             nonces: Mutex::default(),
         }
+    }
+
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// [`Guard::verify`] now, counting and logging a refusal.
+    pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Refusal> {
+        self.verify(headers, body, unix_now())
+            .inspect_err(|r| count_refusal(*r))
+    }
+
+    /// The answer to a verified request, signed for it ([`Key::sign_answer`]).
+    pub fn answer(&self, request: &HeaderMap, status: StatusCode, body: Vec<u8>) -> Response {
+        let header = |name: &str| {
+            request
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        let signature = self
+            .key
+            .sign_answer(header(TIMESTAMP_HEADER), header(NONCE_HEADER), &body);
+        (
+            status,
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "application/json".to_owned(),
+                ),
+                (
+                    axum::http::HeaderName::from_static(SIGNATURE_HEADER),
+                    signature,
+                ),
+            ],
+            body,
+        )
+            .into_response()
     }
 
     /// Checks a request's headers and body at `now` (unix seconds).
@@ -334,11 +400,23 @@ impl Local {
     }
 }
 
+type Targets = HashMap<String, Arc<tokio::sync::Mutex<Local>>>;
+
 /// The agent's side: its own copies of the targets, applied with the local engine.
 pub struct Agent {
     guard: Guard,
     engine: Option<Engine>,
-    targets: HashMap<String, tokio::sync::Mutex<Local>>,
+    /// Swapped whole by [`Agent::retarget`] (a config reload); a request in flight keeps
+    /// the target it started with.
+    targets: std::sync::RwLock<Arc<Targets>>,
+}
+
+fn local(t: &Target) -> Arc<tokio::sync::Mutex<Local>> {
+    Arc::new(tokio::sync::Mutex::new(Local {
+        config: t.clone(),
+        applier: Applier::new(t),
+        known_bad: None,
+    }))
 }
 
 impl Agent {
@@ -346,18 +424,42 @@ impl Agent {
         Agent {
             guard,
             engine,
-            targets: targets
-                .iter()
-                .map(|t| {
-                    let local = Local {
-                        config: t.clone(),
-                        applier: Applier::new(t),
-                        known_bad: None,
-                    };
-                    (t.name.clone(), tokio::sync::Mutex::new(local))
-                })
-                .collect(),
+            targets: std::sync::RwLock::new(Arc::new(
+                targets.iter().map(|t| (t.name.clone(), local(t))).collect(),
+            )),
         }
+    }
+
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// The targets of a reloaded config: an unchanged target keeps its state (the hash of
+    /// its file, its last bad content); a new or changed one starts afresh from its file;
+    /// a removed one is refused from now on (its file stays).
+    pub async fn retarget(&self, targets: &[Target]) {
+        let old = self.current();
+        let mut new = Targets::new();
+        for t in targets {
+            let mut kept = None;
+            if let Some(l) = old.get(&t.name) {
+                // `Target` has no `PartialEq` (it holds regexes); its `Debug` form holds
+                // every field, so equal forms mean equal settings.
+                let same = format!("{:?}", l.lock().await.config) == format!("{t:?}");
+                if same {
+                    kept = Some(l.clone());
+                }
+            }
+            new.insert(t.name.clone(), kept.unwrap_or_else(|| local(t)));
+        }
+        *self.targets.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+    }
+
+    fn current(&self) -> Arc<Targets> {
+        self.targets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Verifies and carries out one request.
@@ -371,8 +473,9 @@ impl Agent {
             return Err(Refusal::HashMismatch);
         }
         let applier = self
-            .targets
+            .current()
             .get(&req.target)
+            .cloned()
             .ok_or(Refusal::UnknownTarget)?;
         // One request per target at a time: a check must see the file it was asked about.
         let mut applier = applier.lock().await;
@@ -425,6 +528,7 @@ fn unix_now() -> i64 {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route(APPLY_PATH, post(apply))
+        .route(HEARTBEAT_PATH, post(heartbeat))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -437,18 +541,43 @@ async fn apply(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Bytes)
     match agent.handle(&headers, &body).await {
         Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
         Err(refusal) => {
-            warn!(reason = %refusal, "agent request refused");
-            crate::metrics::get()
-                .agent_refused
-                .with_label_values(&[refusal_label(refusal)])
-                .inc();
-            (
-                refusal.status(),
-                axum::Json(serde_json::json!({ "error": refusal.to_string() })),
-            )
-                .into_response()
+            count_refusal(refusal);
+            refused(refusal)
         }
     }
+}
+
+/// A heartbeat from the controller: remembered in `contacts`, answered with this node.
+async fn heartbeat(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = agent.guard.check(&headers, &body) {
+        return refused(r);
+    }
+    let Ok(beat) = serde_json::from_slice::<super::contacts::Heartbeat>(&body) else {
+        return refused(Refusal::BadRequest);
+    };
+    let contacts = super::contacts::global();
+    contacts.heard(&beat);
+    let answer = serde_json::json!({ "node": contacts.own_node() });
+    agent
+        .guard
+        .answer(&headers, StatusCode::OK, answer.to_string().into_bytes())
+}
+
+/// A refusal's answer: its status and fixed words.
+pub fn refused(refusal: Refusal) -> Response {
+    (
+        refusal.status(),
+        axum::Json(serde_json::json!({ "error": refusal.to_string() })),
+    )
+        .into_response()
+}
+
+fn count_refusal(refusal: Refusal) {
+    warn!(reason = %refusal, "agent request refused");
+    crate::metrics::get()
+        .agent_refused
+        .with_label_values(&[refusal_label(refusal)])
+        .inc();
 }
 
 fn refusal_label(r: Refusal) -> &'static str {
@@ -460,19 +589,17 @@ fn refusal_label(r: Refusal) -> &'static str {
         Refusal::BadRequest => "bad_request",
         Refusal::HashMismatch => "hash_mismatch",
         Refusal::UnknownTarget => "unknown_target",
+        Refusal::NotController => "not_controller",
     }
 }
 
-/// Serves the agent API on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    agent: Arc<Agent>,
-    shutdown: CancellationToken,
-) -> Result<()> {
+/// Serves the agent API (`app`: [`router`] and what the daemon adds to it) on `listener`
+/// until `shutdown`.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> Result<()> {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "agent API listening");
     }
-    axum::serve(listener, router(agent))
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .map_err(Error::Serve)
@@ -538,6 +665,81 @@ pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<App
             addr,
             timeout: REQUEST_TIMEOUT,
         })?
+}
+
+/// A signed request to the agent API at `addr` and its answer (status, body), bounded by
+/// `timeout` in all and `max_answer` bytes. A 200 answer must be signed for this request
+/// ([`Key::sign_answer`]): what another instance relays as the controller's word (a job
+/// id) cannot be forged on the way. Other statuses are refusals, returned as errors.
+pub async fn call(
+    addr: SocketAddr,
+    key: &Key,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+    max_answer: usize,
+) -> Result<Bytes> {
+    let timestamp = unix_now().to_string();
+    let nonce = new_nonce();
+    let signature = key.sign(&timestamp, &nonce, &body);
+    let transport = |reason: String| Error::Transport { addr, reason };
+    let exchange = async {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| transport(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = hyper::Request::post(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header(TIMESTAMP_HEADER, &timestamp)
+            .header(NONCE_HEADER, &nonce)
+            .header(SIGNATURE_HEADER, &signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| transport(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        let status = response.status();
+        let answer_signature = response
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = http_body_util::Limited::new(response.into_body(), max_answer)
+            .collect()
+            .await
+            .map_err(|e| transport(format!("answer: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+            return Err(Error::Status {
+                addr,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        if !answer_signature.is_some_and(|sig| key.verify_answer(&timestamp, &nonce, &bytes, &sig))
+        {
+            return Err(transport(
+                "the answer is not signed for this request".into(),
+            ));
+        }
+        Ok(bytes)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Error::Timeout { addr, timeout })?
 }
 
 /// 128 random bits, hex: from the OS, through the standard library's hasher seeds, so no
@@ -649,6 +851,114 @@ mod tests {
         );
         std::fs::write(&path, " \n").unwrap();
         assert!(matches!(Key::load(&path), Err(Error::EmptyKey(_))));
+    }
+
+    #[test]
+    fn an_answer_is_signed_for_its_request_only_and_is_no_request_signature() {
+        let key = Key::from_bytes(b"cluster key");
+        let sig = key.sign_answer("1000", "n1", b"{}");
+        assert!(key.verify_answer("1000", "n1", b"{}", &sig));
+        assert!(!key.verify_answer("1000", "n2", b"{}", &sig));
+        assert!(!key.verify_answer("1000", "n1", b"{ }", &sig));
+        assert!(!Key::from_bytes(b"other").verify_answer("1000", "n1", b"{}", &sig));
+        // A request's own signature does not pass as its answer's (no reflection).
+        assert!(!key.verify_answer("1000", "n1", b"{}", &key.sign("1000", "n1", b"{}")));
+        let g = guard();
+        assert_eq!(
+            g.verify(&signed(&key, 1000, "n1", b"{}"), b"{}", 1000),
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_gets_a_signed_answer_and_refuses_an_unsigned_one() {
+        let key = Key::from_bytes(b"cluster key");
+        let agent = Arc::new(Agent::new(
+            Guard::new(key.clone(), Duration::from_secs(30)),
+            None,
+            &[],
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let app = router(agent).route(
+            "/unsigned",
+            post(|| async { axum::Json(serde_json::json!({})) }),
+        );
+        let server = tokio::spawn(serve(listener, app, stop.clone()));
+        let beat = serde_json::to_vec(&super::super::contacts::Heartbeat {
+            node: "n1".into(),
+            hostname: "h1".into(),
+            address: "10.0.0.1:9092".parse().unwrap(),
+        })
+        .unwrap();
+        let secs = Duration::from_secs(5);
+        let answer = call(addr, &key, HEARTBEAT_PATH, beat.clone(), secs, 4096)
+            .await
+            .unwrap();
+        assert!(serde_json::from_slice::<serde_json::Value>(&answer).is_ok());
+        let wrong = call(
+            addr,
+            &Key::from_bytes(b"x"),
+            HEARTBEAT_PATH,
+            beat,
+            secs,
+            4096,
+        )
+        .await;
+        assert!(
+            matches!(wrong, Err(Error::Status { status: 401, .. })),
+            "{wrong:?}"
+        );
+        let unsigned = call(addr, &key, "/unsigned", b"{}".to_vec(), secs, 4096).await;
+        assert!(
+            matches!(unsigned, Err(Error::Transport { .. })),
+            "{unsigned:?}"
+        );
+        stop.cancel();
+        let _ = server.await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_replaces_changed_targets_and_keeps_unchanged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |name: &str, file: &str| -> Target {
+            serde_yaml_ng::from_str(&format!(
+                "name: {name}\ntemplate: builtin:nginx\noutput: {}\n",
+                dir.path().join(file).display()
+            ))
+            .unwrap()
+        };
+        let key = Key::from_bytes(b"k");
+        let agent = Agent::new(
+            Guard::new(key.clone(), Duration::from_secs(30)),
+            None,
+            &[t("a", "a")],
+        );
+        let now = unix_now();
+        let body = serde_json::to_vec(&ApplyRequest::new("b", b"x")).unwrap();
+        assert_eq!(
+            agent.handle(&signed(&key, now, "1", &body), &body).await,
+            Err(Refusal::UnknownTarget)
+        );
+        let kept = agent.current()["a"].clone();
+        agent.retarget(&[t("a", "a"), t("b", "b")]).await;
+        assert!(
+            Arc::ptr_eq(&kept, &agent.current()["a"]),
+            "unchanged: same state"
+        );
+        let answer = agent
+            .handle(&signed(&key, now, "2", &body), &body)
+            .await
+            .unwrap();
+        assert_eq!(answer.outcome, "applied");
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"x");
+        agent.retarget(&[t("a", "a2")]).await;
+        assert!(
+            !Arc::ptr_eq(&kept, &agent.current()["a"]),
+            "changed: fresh state"
+        );
+        assert!(!agent.current().contains_key("b"));
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl Deliverer {
         for (peer, answer) in futures_util::future::join_all(sends).await {
             let result = match answer {
                 Ok(a) => {
+                    super::contacts::global().touch(&peer.node_id);
                     if matches!(
                         a.outcome.as_str(),
                         "applied" | "unchanged" | "notify_failed"

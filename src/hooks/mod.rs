@@ -118,6 +118,8 @@ pub enum Reject {
     Journal,
     #[error("this node is a swarm worker without the swarm api: send webhooks to a manager")]
     Worker,
+    #[error("no controller reachable from this node: try again shortly")]
+    NoController,
 }
 
 impl Reject {
@@ -136,6 +138,7 @@ impl Reject {
             Reject::Busy => "busy",
             Reject::Journal => "error",
             Reject::Worker => "worker",
+            Reject::NoController => "no_controller",
         }
     }
 }

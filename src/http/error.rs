@@ -40,9 +40,14 @@ pub enum Error {
     Busy,
     #[error("not ready")]
     NotReady,
+    #[error("no controller reachable from this node: try again shortly")]
+    NoController,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A controller is elected and heard of within seconds (heartbeats are 3 s apart).
+const RETRY_AFTER_SECS: &str = "5";
 
 impl Error {
     pub fn status(&self) -> StatusCode {
@@ -58,13 +63,15 @@ impl Error {
                 Reject::BodyRead | Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
                 Reject::Unauthorized | Reject::Stale => StatusCode::UNAUTHORIZED,
                 Reject::RuleMismatch(_) | Reject::NoImage => StatusCode::UNPROCESSABLE_ENTITY,
-                Reject::QueueFull | Reject::Journal | Reject::Busy | Reject::Worker => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                Reject::QueueFull
+                | Reject::Journal
+                | Reject::Busy
+                | Reject::Worker
+                | Reject::NoController => StatusCode::SERVICE_UNAVAILABLE,
             },
             Error::NoSuchJob => StatusCode::NOT_FOUND,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::Busy | Error::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Busy | Error::NotReady | Error::NoController => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -74,14 +81,28 @@ impl IntoResponse for Error {
         let status = self.status();
         // A worker's 503 is an answer to the caller (where to send webhooks), not a
         // failure detail.
-        let message =
-            if status.is_server_error() && !matches!(self, Error::Rejected(Reject::Worker)) {
-                error!(error = %self, status = status.as_u16(), "request failed");
-                status.canonical_reason().unwrap_or("error").to_lowercase()
-            } else {
-                self.to_string()
-            };
+        // No controller right now is an answer too: when to try again. Its cause (which
+        // address did not answer) is logged where the forward failed.
+        let no_controller = matches!(
+            self,
+            Error::NoController | Error::Rejected(Reject::NoController)
+        );
+        let message = if status.is_server_error()
+            && !no_controller
+            && !matches!(self, Error::Rejected(Reject::Worker))
+        {
+            error!(error = %self, status = status.as_u16(), "request failed");
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        } else {
+            self.to_string()
+        };
         let mut res = (status, axum::Json(json!({ "error": message }))).into_response();
+        if no_controller {
+            res.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
         if matches!(self, Error::Unauthorized) {
             res.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

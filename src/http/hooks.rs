@@ -7,6 +7,11 @@
 //! signature or token. Only a verified request spends the hook's `rate`, so a forged flood
 //! cannot starve real deliveries; a failed verification spends its source's budget
 //! instead. Every request is counted in `webhook_requests{hook,outcome}`.
+//!
+//! In cluster mode an instance that is not the controller stops after verification and
+//! hands the request to the controller (`cluster::forward`), which runs [`forwarded`] —
+//! this same intake from the verification on, with the sender's address — and whose
+//! answer is relayed unchanged; no controller reachable is 503 with `Retry-After`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +30,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
+use crate::cluster::forward::{Envelope, Forwarder, Relay};
 use crate::hooks::{self, Accepted, Reject};
 use crate::metrics;
 
@@ -42,6 +48,8 @@ pub struct Intake {
     max_body: usize,
     /// Bytes of bodies held at once, over all requests.
     budget: Arc<Semaphore>,
+    /// Cluster mode: where verified requests go while this instance is not the controller.
+    forward: Option<Arc<Forwarder>>,
 }
 
 impl Intake {
@@ -57,7 +65,13 @@ impl Intake {
                     .min(Semaphore::MAX_PERMITS)
                     .min(u32::MAX as usize),
             )),
+            forward: None,
         }
+    }
+
+    pub fn with_forward(mut self, forward: Option<Arc<Forwarder>>) -> Intake {
+        self.forward = forward;
+        self
     }
 
     pub fn service(&self) -> &Arc<hooks::Service> {
@@ -115,6 +129,64 @@ async fn hook(
     let result = intake_one(&intake, &name, peer.ip(), req)
         .instrument(span.clone())
         .await;
+    match result {
+        Ok(Step::Forward(forward, envelope)) => {
+            let relay = forward
+                .send(crate::cluster::agent::HOOKS_PATH, &envelope)
+                .instrument(span.clone())
+                .await;
+            span.in_scope(|| relayed(&name, relay))
+        }
+        Ok(Step::Done(accepted)) => span.in_scope(|| answer(&name, Ok(accepted))),
+        Err(r) => span.in_scope(|| answer(&name, Err(r))),
+    }
+}
+
+/// The controller's answer to a forwarded request, or 503 when there was none.
+fn relayed(name: &str, relay: Result<Relay, crate::cluster::forward::Error>) -> Response {
+    match relay {
+        Ok(relay) => {
+            metrics::get()
+                .webhook_requests
+                .with_label_values(&[name, "forwarded"])
+                .inc();
+            info!(status = relay.status, "webhook forwarded to the controller");
+            relay.into_response()
+        }
+        Err(e) => {
+            warn!(error = %e, "webhook not forwarded: no controller answered");
+            answer(name, Err(Reject::NoController))
+        }
+    }
+}
+
+/// A request another instance verified and forwarded ([`Envelope`]): the intake from the
+/// verification on, as if it had arrived here from `envelope.source`. The caller has
+/// authenticated the envelope and checked that this instance is the controller.
+pub async fn forwarded(intake: &Intake, envelope: Envelope) -> Response {
+    let span =
+        info_span!("webhook", hook = ?envelope.hook, peer = %envelope.source, forwarded = true);
+    let name = envelope.hook.clone();
+    let result = async {
+        let body = envelope
+            .body()
+            .ok_or(Reject::BadRequest("forwarded body is not base64"))?;
+        if body.len() > intake.max_body {
+            return Err(Reject::TooLarge);
+        }
+        let headers = envelope.header_map();
+        let hook = intake.service.admit(&name, Some(envelope.source))?;
+        if !intake.failure_budget_left(envelope.source) {
+            return Err(Reject::RateLimited);
+        }
+        let headers = RequestHeaders {
+            headers: &headers,
+            token: envelope.query_token.clone(),
+        };
+        verified(intake, &hook, envelope.source, &headers, &body).await
+    }
+    .instrument(span.clone())
+    .await;
     span.in_scope(|| answer(&name, result))
 }
 
@@ -169,12 +241,19 @@ fn answer(name: &str, result: Result<Accepted, Reject>) -> Response {
     }
 }
 
+/// Where a request that passed this instance's checks goes.
+enum Step {
+    Done(Accepted),
+    /// Verified here, to be carried out by the controller.
+    Forward(Arc<Forwarder>, Envelope),
+}
+
 async fn intake_one(
     intake: &Intake,
     name: &str,
     peer: IpAddr,
     req: Request,
-) -> Result<Accepted, Reject> {
+) -> Result<Step, Reject> {
     let service = &intake.service;
     let hook = service.admit(name, Some(peer))?;
     if !intake.failure_budget_left(peer) {
@@ -182,18 +261,43 @@ async fn intake_one(
     }
     let (parts, body) = req.into_parts();
     let (body, _held) = read_body(&parts.headers, body, intake.max_body, &intake.budget).await?;
+    let token = query_token(parts.uri.query());
     let headers = RequestHeaders {
         headers: &parts.headers,
-        token: query_token(parts.uri.query()),
+        token: token.clone(),
     };
-    if let Err(r) = service.verify(&hook, &headers, &body) {
+    if let Some(forward) = intake.forward.as_ref().filter(|f| f.active()) {
+        // A forged request stops here, spending its source's budget on this instance;
+        // the controller verifies again and applies its rate and replay memory.
+        if let Err(r) = service.verify(&hook, &headers, &body) {
+            intake.spend_failure(peer);
+            return Err(r);
+        }
+        let envelope = Envelope::new(name, peer, &parts.headers, token, &body);
+        return Ok(Step::Forward(forward.clone(), envelope));
+    }
+    verified(intake, &hook, peer, &headers, &body)
+        .await
+        .map(Step::Done)
+}
+
+/// Verification, the hook's rate and acceptance: the steps after the body is read.
+async fn verified(
+    intake: &Intake,
+    hook: &hooks::Hook,
+    peer: IpAddr,
+    headers: &RequestHeaders<'_>,
+    body: &[u8],
+) -> Result<Accepted, Reject> {
+    let service = &intake.service;
+    if let Err(r) = service.verify(hook, headers, body) {
         intake.spend_failure(peer);
         return Err(r);
     }
-    if !intake.take_rate(&hook) {
+    if !intake.take_rate(hook) {
         return Err(Reject::RateLimited);
     }
-    service.accept(&hook, &headers, &body).await
+    service.accept(hook, headers, body).await
 }
 
 /// The body in one buffer of at most `limit` bytes, with the share of `budget` it holds.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
@@ -37,6 +37,9 @@ pub use error::{Error, Result};
 pub use hooks::Intake;
 pub use ops::OpsState;
 
+use crate::cluster::agent::Agent;
+use crate::cluster::forward::{Envelope, Forwarder, JobsQuery, Relay};
+use crate::cluster::role::Role;
 use crate::config;
 use crate::status::Board;
 
@@ -46,6 +49,10 @@ pub struct AppState {
     pub hooks: Arc<crate::hooks::Service>,
     pub board: Arc<Board>,
     pub http: config::Http,
+    /// One intake for every listener (the public one and forwarded requests), so rate
+    /// buckets and failure budgets are shared.
+    intake: Arc<Intake>,
+    forward: Option<Arc<Forwarder>>,
 }
 
 impl AppState {
@@ -54,16 +61,132 @@ impl AppState {
         board: Arc<Board>,
         http: config::Http,
     ) -> AppState {
-        AppState { hooks, board, http }
+        AppState {
+            intake: Arc::new(Intake::new(hooks.clone(), &http)),
+            hooks,
+            board,
+            http,
+            forward: None,
+        }
+    }
+
+    /// Cluster mode: webhooks and job reads go to the controller while this instance is not it.
+    pub fn with_forward(mut self, forward: Option<Arc<Forwarder>>) -> AppState {
+        self.intake =
+            Arc::new(Intake::new(self.hooks.clone(), &self.http).with_forward(forward.clone()));
+        self.forward = forward;
+        self
     }
 
     fn ops(&self) -> Result<OpsState> {
-        OpsState::new(
+        Ok(OpsState::new(
             self.board.clone(),
             Some(self.hooks.jobs().clone()),
             &self.http.ops,
-        )
+        )?
+        .with_forward(self.forward.clone()))
     }
+}
+
+/// What the agent API adds for the controller: forwarded webhooks and job reads.
+#[derive(Clone)]
+struct AgentSide {
+    intake: Arc<Intake>,
+    ops: OpsState,
+    agent: Arc<Agent>,
+    role: tokio::sync::watch::Receiver<Role>,
+}
+
+/// The agent API routes through which other instances reach this one's intake and jobs
+/// while it is the controller (`cluster::forward`); merged into the agent's router.
+pub fn agent_routes(
+    state: &AppState,
+    agent: Arc<Agent>,
+    role: tokio::sync::watch::Receiver<Role>,
+) -> Result<Router> {
+    let side = AgentSide {
+        intake: state.intake.clone(),
+        // Reads here are the controller's own, never forwarded again.
+        ops: state.ops()?.with_forward(None),
+        agent,
+        role,
+    };
+    Ok(Router::new()
+        .route(
+            crate::cluster::agent::HOOKS_PATH,
+            axum::routing::post(forwarded_hook),
+        )
+        .route(
+            crate::cluster::agent::JOBS_PATH,
+            axum::routing::post(forwarded_jobs),
+        )
+        // An envelope is the hook's body, base64, and a few headers.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state
+                .http
+                .max_body
+                .saturating_mul(2)
+                .saturating_add(64 * 1024),
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.http.request_timeout,
+        ))
+        .with_state(side))
+}
+
+/// Authenticates a forwarded request and checks that this instance is the controller (a
+/// request to an instance that no longer is must not be accepted here).
+fn admit_forwarded(side: &AgentSide, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
+    use crate::cluster::agent::{Refusal, refused};
+    if let Err(r) = side.agent.guard().check(headers, body) {
+        return Some(refused(r));
+    }
+    if !side.role.borrow().is_controller() {
+        return Some(refused(Refusal::NotController));
+    }
+    None
+}
+
+async fn signed_relay(side: &AgentSide, headers: &HeaderMap, response: Response) -> Response {
+    let relay = Relay::of(response).await;
+    match serde_json::to_vec(&relay) {
+        Ok(body) => side.agent.guard().answer(headers, StatusCode::OK, body),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn forwarded_hook(
+    State(side): State<AgentSide>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refusal) = admit_forwarded(&side, &headers, &body) {
+        return refusal;
+    }
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) else {
+        return crate::cluster::agent::refused(crate::cluster::agent::Refusal::BadRequest);
+    };
+    let response = hooks::forwarded(&side.intake, envelope).await;
+    signed_relay(&side, &headers, response).await
+}
+
+async fn forwarded_jobs(
+    State(side): State<AgentSide>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refusal) = admit_forwarded(&side, &headers, &body) {
+        return refusal;
+    }
+    let Ok(query) = serde_json::from_slice::<JobsQuery>(&body) else {
+        return crate::cluster::agent::refused(crate::cluster::agent::Refusal::BadRequest);
+    };
+    let response = match query.id {
+        Some(id) => jobs::one_here(&side.ops, &id).into_response(),
+        None => jobs::list_here(&side.ops),
+    };
+    signed_relay(&side, &headers, response).await
 }
 
 /// How long shutdown waits for requests in flight.
@@ -75,7 +198,7 @@ pub fn drain_limit(http: &config::Http) -> Duration {
 /// operator endpoints behind the bearer token (so Prometheus can scrape through the one
 /// published port).
 pub fn public_router(state: &AppState) -> Result<Router> {
-    let intake = Arc::new(Intake::new(state.hooks.clone(), &state.http));
+    let intake = state.intake.clone();
     let ops = state.ops()?;
     let rest = if ops.token.is_some() {
         ops::router(ops)
@@ -93,7 +216,7 @@ pub fn ops_router(state: OpsState, http: &config::Http) -> Router {
 /// Public and operator routes on one router: for tests (`app().oneshot(..)`) and for
 /// embedding drover's intake where the caller guards the listener itself.
 pub fn router(state: AppState) -> Result<Router> {
-    let intake = Arc::new(Intake::new(state.hooks.clone(), &state.http));
+    let intake = state.intake.clone();
     let app = hooks::router(intake).merge(ops::router(state.ops()?));
     Ok(bounded(app, &state.http))
 }
@@ -929,5 +1052,144 @@ hooks:
                 .expect("req");
             assert_eq!(send(&public, req).await.0, StatusCode::NOT_FOUND, "{p}");
         }
+    }
+
+    /// A controller serving the agent API (with the forwarded routes) on a real port, and a
+    /// worker whose intake forwards to it.
+    async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, CancellationToken) {
+        use crate::cluster::{agent, contacts, forward};
+        let key = agent::Key::from_bytes(b"cluster key");
+        let controller = fixture("").await;
+        let agent = Arc::new(agent::Agent::new(
+            agent::Guard::new(key.clone(), Duration::from_secs(30)),
+            None,
+            &[],
+        ));
+        let app = agent::router(agent.clone()).merge(
+            agent_routes(&controller.state, agent, controller.role.subscribe()).expect("routes"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        tokio::spawn(agent::serve(listener, app, stop.clone()));
+
+        let worker = fixture("").await;
+        worker.role.send_replace(Role::Worker);
+        let seen = Arc::new(contacts::Contacts::default());
+        if known {
+            seen.heard(&contacts::Heartbeat {
+                node: "m1".into(),
+                hostname: "m1".into(),
+                address: addr,
+            });
+        }
+        let forwarder =
+            forward::Forwarder::new(key, worker.role.subscribe(), seen, Duration::from_secs(5));
+        let app = router(worker.state.clone().with_forward(Some(Arc::new(forwarder))))
+            .expect("router")
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40001))));
+        (controller, worker, app, stop)
+    }
+
+    #[tokio::test]
+    async fn a_webhook_on_a_worker_is_answered_by_the_controller_with_the_same_job_id() {
+        let (controller, worker, app, stop) = controller_and_worker(true).await;
+        let body = r#"{"image":"owner/app:latest"}"#;
+        let ts = unix_now();
+        let res = app
+            .clone()
+            .oneshot(signed_ci(ts, body))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let location = res.headers()["location"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let bytes = res.into_body().collect().await.expect("body").to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let id = answer["job"].as_str().expect("job id").to_owned();
+        assert_eq!(location, format!("/jobs/{id}"));
+        // The job is the controller's; the worker took none of its own.
+        assert!(controller.service.jobs().get(&id).is_some());
+        assert!(worker.service.jobs().list().is_empty());
+        // And the worker shows it, read from the controller.
+        let (status, job) = send(
+            &app,
+            axum::http::Request::get(format!("/jobs/{id}"))
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{job}");
+        assert_eq!(job["id"], id.as_str());
+        let (_, jobs) = send(
+            &app,
+            axum::http::Request::get("/jobs")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(1));
+
+        // The same request again meets the controller's replay memory, relayed.
+        let (status, again) = send(&app, signed_ci(ts, body)).await;
+        assert_eq!(
+            (status, &again["status"]),
+            (StatusCode::OK, &"duplicate".into())
+        );
+
+        // A forged one stops on the worker: 401, nothing reaches the controller.
+        let before = controller.service.jobs().list().len();
+        let ts = unix_now().to_string();
+        let forged = axum::http::Request::post("/hooks/ci")
+            .header("x-drover-timestamp", &ts)
+            .header(
+                "x-drover-signature",
+                crate::hooks::sign_timestamped(b"guess", &ts, body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .expect("req");
+        assert_eq!(send(&app, forged).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(controller.service.jobs().list().len(), before);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_a_controller_a_verified_webhook_is_503_with_retry_after_and_nothing_accepted()
+    {
+        let (controller, worker, app, stop) = controller_and_worker(false).await;
+        let res = app
+            .clone()
+            .oneshot(signed_ci(unix_now(), r#"{"image":"owner/app:latest"}"#))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()["retry-after"], "5");
+        assert!(controller.service.jobs().list().is_empty());
+        assert!(worker.service.jobs().list().is_empty());
+        let (status, _) = send(
+            &app,
+            axum::http::Request::get("/jobs")
+                .body(Body::empty())
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_is_no_longer_the_controller_refuses_forwarded_webhooks() {
+        let (controller, _worker, app, stop) = controller_and_worker(true).await;
+        controller.role.send_replace(Role::Manager);
+        let (status, _) = send(
+            &app,
+            signed_ci(unix_now(), r#"{"image":"owner/app:latest"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(controller.service.jobs().list().is_empty());
+        stop.cancel();
     }
 }

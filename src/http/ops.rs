@@ -28,6 +28,8 @@ pub struct OpsState {
     pub jobs: Option<Arc<Jobs>>,
     /// SHA-256 of the bearer token, when one is required.
     pub token: Option<[u8; 32]>,
+    /// Cluster mode: job reads go to the controller while this instance is not it.
+    pub forward: Option<Arc<crate::cluster::forward::Forwarder>>,
 }
 
 impl OpsState {
@@ -50,7 +52,20 @@ impl OpsState {
                 Some(Sha256::digest(&bytes).into())
             }
         };
-        Ok(OpsState { board, jobs, token })
+        Ok(OpsState {
+            board,
+            jobs,
+            token,
+            forward: None,
+        })
+    }
+
+    pub fn with_forward(
+        mut self,
+        forward: Option<Arc<crate::cluster::forward::Forwarder>>,
+    ) -> OpsState {
+        self.forward = forward;
+        self
     }
 }
 
@@ -73,13 +88,19 @@ pub fn health() -> Router<OpsState> {
         .route("/readyz", get(readyz))
 }
 
-/// Alive, and in which role: `{"status":"ok","role":"leader"}` (`starting` until the
-/// engine has been asked).
+/// Alive, in which role, and the cluster as this instance sees it: the controller and,
+/// on the controller, every peer with its last contact
+/// (`{"status":"ok","role":"worker","controller":{"node":..,"hostname":..,"address":..,
+/// "last_contact_ms_ago":..},"peers":[..]}`; role `starting` until the engine has been
+/// asked, controller `null` until one was heard of).
 async fn healthz(State(state): State<OpsState>) -> Response {
     let role = state.board.role();
+    let cluster = crate::cluster::contacts::global().view(role);
     axum::Json(serde_json::json!({
         "status": "ok",
         "role": role.map_or("starting", |r| r.as_str()),
+        "controller": cluster.controller,
+        "peers": cluster.peers,
     }))
     .into_response()
 }
@@ -128,5 +149,10 @@ async fn index(State(state): State<OpsState>) -> Html<String> {
         .as_ref()
         .and_then(|j| serde_json::to_value(j.list()).ok())
         .unwrap_or_default();
-    Html(status_page::render(&state.board.summary(), &jobs))
+    let mut summary = state.board.summary();
+    let cluster = crate::cluster::contacts::global().view(summary.role);
+    if cluster.controller.is_some() || !cluster.peers.is_empty() {
+        summary.peers = status_page::contact_lines(&cluster);
+    }
+    Html(status_page::render(&summary, &jobs))
 }

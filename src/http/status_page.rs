@@ -43,6 +43,42 @@ fn tera() -> Option<&'static tera::Tera> {
     .as_ref()
 }
 
+/// The peers line of the page from what `contacts` knows: the controller first, then each
+/// peer, with how long ago it last answered.
+pub fn contact_lines(view: &crate::cluster::contacts::View) -> Vec<String> {
+    let ago = |ms: Option<u64>| match ms {
+        None => "never reached".to_owned(),
+        Some(ms) if ms < 1000 => "last contact just now".to_owned(),
+        Some(ms) => format!("last contact {} s ago", ms / 1000),
+    };
+    let name = |p: &crate::cluster::contacts::PeerView| {
+        if p.hostname.is_empty() {
+            p.node.clone()
+        } else {
+            p.hostname.clone()
+        }
+    };
+    view.controller
+        .iter()
+        .map(|c| {
+            format!(
+                "{} (controller, {}, {})",
+                name(c),
+                c.address,
+                ago(c.last_contact_ms_ago)
+            )
+        })
+        .chain(view.peers.iter().map(|p| {
+            format!(
+                "{} ({}, {})",
+                name(p),
+                p.address,
+                ago(p.last_contact_ms_ago)
+            )
+        }))
+        .collect()
+}
+
 /// Renders the status page for `summary` and the job list `jobs` (a JSON array of job
 /// objects; anything else shows as no jobs).
 pub fn render(summary: &Summary, jobs: &Value) -> String {
@@ -454,6 +490,29 @@ mod tests {
                 "message": "task failed: exit 1"
             }]
         }])
+    }
+
+    #[test]
+    fn contacts_show_the_controller_then_each_peer_with_its_last_contact() {
+        use crate::cluster::contacts::{PeerView, View};
+        let peer = |host: &str, ms: Option<u64>| PeerView {
+            node: format!("id-{host}"),
+            hostname: host.into(),
+            address: "10.0.0.1:9092".into(),
+            last_contact_ms_ago: ms,
+        };
+        let lines = contact_lines(&View {
+            controller: Some(peer("rock64", Some(0))),
+            peers: vec![peer("pine64", Some(2500)), peer("", None)],
+        });
+        assert_eq!(
+            lines,
+            vec![
+                "rock64 (controller, 10.0.0.1:9092, last contact just now)",
+                "pine64 (10.0.0.1:9092, last contact 2 s ago)",
+                "id- (10.0.0.1:9092, never reached)",
+            ]
+        );
     }
 
     #[test]

@@ -414,6 +414,13 @@ impl Reconciler {
             .map(|n| n.hostname.clone())
             .unwrap_or_default();
         let engine = self.engine.host().to_owned();
+        if let Some((_, port)) = &self.agents {
+            // Who the controller sends heartbeats to, and from which address.
+            crate::cluster::contacts::global().set_peers(
+                &snapshot.node_id,
+                crate::cluster::peers::peers(snapshot, *port),
+            );
+        }
         self.board.update(|s| {
             s.peers = peers;
             s.node = node;

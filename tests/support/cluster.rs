@@ -205,17 +205,20 @@ impl ShippedStack {
         app_host: &str,
         http_port: u16,
     ) -> Result<ShippedStack> {
-        Self::deploy_editing(cluster, network, app_host, http_port, |c| c)
+        ShippedStack::deploy_with(cluster, network, app_host, http_port, &[], |c| c)
     }
 
-    /// [`ShippedStack::deploy`] with `deploy/drover.yml` passed through `edit` first and
-    /// given as DROVER_CONFIG_FILE (the knob stack.yml documents): for the one line a test
-    /// must change, such as a hook's `allow` rule naming the test registry's images.
-    pub fn deploy_editing(
+    /// [`ShippedStack::deploy`] with more of the variables stack.yml documents set
+    /// (`APP_IMAGE`, ...; these win over the defaults below) and `deploy/drover.yml` passed
+    /// through `edit` first and given as DROVER_CONFIG_FILE (the knob stack.yml documents):
+    /// for the one line a test must change, such as a hook's `allow` rule naming the test
+    /// registry's images.
+    pub fn deploy_with(
         cluster: Cluster,
         network: &str,
         app_host: &str,
         http_port: u16,
+        vars: &[(&str, String)],
         edit: impl FnOnce(String) -> String,
     ) -> Result<ShippedStack> {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -249,6 +252,7 @@ impl ShippedStack {
                 ("HTTP_PORT", http_port.to_string()),
                 ("HTTPS_PORT", (http_port + 1).to_string()),
             ])
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
             .output()?;
         if !out.status.success() {
             bail!(
