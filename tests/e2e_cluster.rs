@@ -756,7 +756,7 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
         .map(|(_, d)| d.to_owned())
         .context("no digest")?;
     let r = post(&drover::hooks::sign_timestamped(
-        &secret,
+        secret.as_bytes(),
         &now,
         body.as_bytes(),
     ))?;
