@@ -796,7 +796,9 @@ mod tests {
 
     #[test]
     fn nginx_config_tests_are_recognised_with_the_main_config_they_name() {
-        let cases: [(&[&str], Option<(&str, &[&str])>); 8] = [
+        /// (argv, expected (main config, argv without `-c`))
+        type Case<'a> = (&'a [&'a str], Option<(&'a str, &'a [&'a str])>);
+        let cases: [Case; 8] = [
             (&["nginx", "-t"], Some(("", &["nginx", "-t"]))),
             (
                 &["/usr/sbin/nginx", "-tq"],
