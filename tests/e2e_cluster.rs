@@ -692,12 +692,15 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
     let w1 = s.cluster.node("w1");
     let hooks_on_w1 = format!("{}:9090", w1.addr);
 
-    // The worker has heard from the controller, recently.
+    // The worker has heard from the controller, recently (the cluster view is on the
+    // operator port, which the stack does not publish; the public /healthz has the role).
+    let drover_service = s.service("drover");
     let mut health = serde_json::Value::Null;
     wait_for("w1's drover to know the controller", BOUND, || {
-        health = http_get(&format!("http://{hooks_on_w1}/healthz"))
+        health = w1
+            .get_inside(&drover_service, 9091, "/healthz")
             .ok()
-            .and_then(|r| serde_json::from_str(&r.body).ok())
+            .and_then(|body| serde_json::from_str(&body).ok())
             .unwrap_or_default();
         health["controller"]["hostname"] == m1.hostname.as_str()
     })
@@ -709,7 +712,13 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
     ensure!(ago < 15_000, "w1 last heard of the controller {ago} ms ago");
     // And the controller lists the worker with its last contact.
     let controller: serde_json::Value =
-        serde_json::from_str(&http_get(&format!("http://{}:9090/healthz", m1.addr))?.body)?;
+        serde_json::from_str(&m1.get_inside(&drover_service, 9091, "/healthz")?)?;
+    let public: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("http://{hooks_on_w1}/healthz"))?.body)?;
+    ensure!(
+        public["role"] == "worker" && public.get("peers").is_none(),
+        "the public /healthz says only the role: {public}"
+    );
     let w1_seen = controller["peers"]
         .as_array()
         .into_iter()

@@ -116,9 +116,16 @@ impl Relay {
     /// Reads an answer of drover's own HTTP surface, its body bounded by [`MAX_ANSWER`].
     pub async fn of(response: Response) -> Relay {
         let (parts, body) = response.into_parts();
-        let bytes = axum::body::to_bytes(body, MAX_ANSWER)
-            .await
-            .unwrap_or_default();
+        let Ok(bytes) = axum::body::to_bytes(body, MAX_ANSWER).await else {
+            // Never a silent empty 200: the caller learns the answer was too large.
+            return Relay {
+                status: StatusCode::BAD_GATEWAY.as_u16(),
+                headers: Vec::new(),
+                body: format!(
+                    r#"{{"error":"the controller's answer is larger than {MAX_ANSWER} bytes"}}"#
+                ),
+            };
+        };
         Relay {
             status: parts.status.as_u16(),
             headers: RELAYED_HEADERS

@@ -120,6 +120,13 @@ pub enum Reject {
     Worker,
     #[error("no controller reachable from this node: try again shortly")]
     NoController,
+    /// The request reached the controller but its answer did not come back in time: it
+    /// may have been accepted, so the sender must look at `/jobs` before sending again
+    /// (a re-signed repeat is a new request to the replay memory).
+    #[error(
+        "the controller did not answer in time: the request may have been accepted; see /jobs before sending it again"
+    )]
+    OutcomeUnknown,
 }
 
 impl Reject {
@@ -139,6 +146,7 @@ impl Reject {
             Reject::Journal => "error",
             Reject::Worker => "worker",
             Reject::NoController => "no_controller",
+            Reject::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

@@ -68,6 +68,7 @@ impl Error {
                 | Reject::Busy
                 | Reject::Worker
                 | Reject::NoController => StatusCode::SERVICE_UNAVAILABLE,
+                Reject::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
             },
             Error::NoSuchJob => StatusCode::NOT_FOUND,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -89,6 +90,7 @@ impl IntoResponse for Error {
         );
         let message = if status.is_server_error()
             && !no_controller
+            && !matches!(self, Error::Rejected(Reject::OutcomeUnknown))
             && !matches!(self, Error::Rejected(Reject::Worker))
         {
             error!(error = %self, status = status.as_u16(), "request failed");

@@ -142,7 +142,8 @@ async fn hook(
     }
 }
 
-/// The controller's answer to a forwarded request, or 503 when there was none.
+/// The controller's answer to a forwarded request; 503 when none could be asked, 504 when
+/// it was asked and did not answer in time.
 fn relayed(name: &str, relay: Result<Relay, crate::cluster::forward::Error>) -> Response {
     match relay {
         Ok(relay) => {
@@ -152,6 +153,15 @@ fn relayed(name: &str, relay: Result<Relay, crate::cluster::forward::Error>) -> 
                 .inc();
             info!(status = relay.status, "webhook forwarded to the controller");
             relay.into_response()
+        }
+        // Sent, but no answer in time: the controller may have accepted it.
+        Err(
+            e @ crate::cluster::forward::Error::Agent(crate::cluster::agent::Error::Timeout {
+                ..
+            }),
+        ) => {
+            warn!(error = %e, "webhook forwarded; the controller's answer did not come in time");
+            answer(name, Err(Reject::OutcomeUnknown))
         }
         Err(e) => {
             warn!(error = %e, "webhook not forwarded: no controller answered");

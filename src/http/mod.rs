@@ -201,7 +201,7 @@ pub fn public_router(state: &AppState) -> Result<Router> {
     let intake = state.intake.clone();
     let ops = state.ops()?;
     let rest = if ops.token.is_some() {
-        ops::router(ops)
+        ops::behind_token(ops)
     } else {
         ops::health().with_state(ops)
     };
@@ -1046,12 +1046,35 @@ hooks:
         let public = public_router(&f.state)
             .expect("router")
             .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
-        for p in ["/", "/jobs", "/metrics"] {
+        for p in ["/", "/jobs", "/metrics", "/cluster"] {
             let req = axum::http::Request::get(p)
                 .body(Body::empty())
                 .expect("req");
             assert_eq!(send(&public, req).await.0, StatusCode::NOT_FOUND, "{p}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_cluster_view_is_on_the_operator_healthz_and_not_the_public_one() {
+        let f = fixture("").await;
+        let get = || {
+            axum::http::Request::get("/healthz")
+                .body(Body::empty())
+                .expect("req")
+        };
+        let public = public_router(&f.state)
+            .expect("router")
+            .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let (status, health) = send(&public, get()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(health["status"], "ok", "{health}");
+        assert!(health.get("controller").is_none(), "{health}");
+        assert!(health.get("peers").is_none(), "{health}");
+        let ops = ops_router(f.state.ops().expect("ops"), &f.state.http);
+        let (status, health) = send(&ops, get()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(health.get("controller").is_some(), "{health}");
+        assert!(health.get("peers").is_some(), "{health}");
     }
 
     /// A controller serving the agent API (with the forwarded routes) on a real port, and a

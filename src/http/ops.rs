@@ -69,31 +69,56 @@ impl OpsState {
     }
 }
 
+/// The operator listener's router: the operator endpoints (behind the token when one is
+/// set), and health open, `/healthz` with the cluster view.
 pub fn router(state: OpsState) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/metrics", get(metrics_text))
-        .merge(super::jobs::router())
-        .layer(middleware::from_fn_with_state(state.clone(), bearer))
+    operator(&state)
         // Health stays open: the container's health check has no token.
-        .merge(health())
+        .route("/healthz", get(healthz_with_cluster))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
-/// `/healthz` and `/readyz`: on both listeners, they tell nothing private (the role is
-/// what Swarm's own node list says to anyone on the cluster).
+/// The public listener's share of the operator endpoints when a token is set, so
+/// Prometheus can scrape through the one published port; health there is [`health`].
+pub fn behind_token(state: OpsState) -> Router {
+    operator(&state).merge(health()).with_state(state)
+}
+
+/// Status page, metrics, jobs and the cluster view, behind the bearer token when set.
+fn operator(state: &OpsState) -> Router<OpsState> {
+    Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics_text))
+        .route("/cluster", get(cluster))
+        .merge(super::jobs::router())
+        .layer(middleware::from_fn_with_state(state.clone(), bearer))
+}
+
+/// `/healthz` and `/readyz` as the public listener serves them to anyone: alive and in
+/// which role (what Swarm's own node list says to anyone on the cluster), never the
+/// cluster's addresses.
 pub fn health() -> Router<OpsState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
 }
 
-/// Alive, in which role, and the cluster as this instance sees it: the controller and,
-/// on the controller, every peer with its last contact
-/// (`{"status":"ok","role":"worker","controller":{"node":..,"hostname":..,"address":..,
-/// "last_contact_ms_ago":..},"peers":[..]}`; role `starting` until the engine has been
-/// asked, controller `null` until one was heard of).
+/// `{"status":"ok","role":"worker"}`; role `starting` until the engine has been asked.
 async fn healthz(State(state): State<OpsState>) -> Response {
+    let role = state.board.role();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "role": role.map_or("starting", |r| r.as_str()),
+    }))
+    .into_response()
+}
+
+/// [`healthz`] plus the cluster as this instance sees it: the controller and, on the
+/// controller, every peer with its last contact (`"controller":{"node":..,"hostname":..,
+/// "address":..,"last_contact_ms_ago":..},"peers":[..]`; controller `null` until one was
+/// heard of). Only on the operator listener: it names every node's address.
+async fn healthz_with_cluster(State(state): State<OpsState>) -> Response {
     let role = state.board.role();
     let cluster = crate::cluster::contacts::global().view(role);
     axum::Json(serde_json::json!({
@@ -103,6 +128,11 @@ async fn healthz(State(state): State<OpsState>) -> Response {
         "peers": cluster.peers,
     }))
     .into_response()
+}
+
+/// The cluster view of [`healthz_with_cluster`], for the public listener behind the token.
+async fn cluster(state: State<OpsState>) -> Response {
+    healthz_with_cluster(state).await
 }
 
 async fn bearer(State(state): State<OpsState>, req: Request, next: Next) -> Response {
