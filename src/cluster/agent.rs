@@ -412,11 +412,15 @@ pub struct Agent {
 }
 
 fn local(t: &Target) -> Arc<tokio::sync::Mutex<Local>> {
-    Arc::new(tokio::sync::Mutex::new(Local {
+    Arc::new(tokio::sync::Mutex::new(fresh(t)))
+}
+
+fn fresh(t: &Target) -> Local {
+    Local {
         config: t.clone(),
         applier: Applier::new(t),
         known_bad: None,
-    }))
+    }
 }
 
 impl Agent {
@@ -435,20 +439,23 @@ impl Agent {
     }
 
     /// The targets of a reloaded config: an unchanged target keeps its state (the hash of
-    /// its file, its last bad content); a new or changed one starts afresh from its file;
-    /// a removed one is refused from now on (its file stays).
+    /// its file, its last bad content); a changed one starts afresh from its file, under
+    /// the same lock, so a request still applying the old settings finishes before the
+    /// new ones stage anything at that path; a removed one is refused from now on (its
+    /// file stays).
     pub async fn retarget(&self, targets: &[Target]) {
         let old = self.current();
         let mut new = Targets::new();
         for t in targets {
             let mut kept = None;
             if let Some(l) = old.get(&t.name) {
+                let mut state = l.lock().await;
                 // `Target` has no `PartialEq` (it holds regexes); its `Debug` form holds
                 // every field, so equal forms mean equal settings.
-                let same = format!("{:?}", l.lock().await.config) == format!("{t:?}");
-                if same {
-                    kept = Some(l.clone());
+                if format!("{:?}", state.config) != format!("{t:?}") {
+                    *state = fresh(t);
                 }
+                kept = Some(l.clone());
             }
             new.insert(t.name.clone(), kept.unwrap_or_else(|| local(t)));
         }
@@ -954,8 +961,13 @@ mod tests {
         assert_eq!(answer.outcome, "applied");
         assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"x");
         agent.retarget(&[t("a", "a2")]).await;
+        let now_a = agent.current()["a"].clone();
         assert!(
-            !Arc::ptr_eq(&kept, &agent.current()["a"]),
+            Arc::ptr_eq(&kept, &now_a),
+            "changed: the same lock, so an apply in flight finishes first"
+        );
+        assert!(
+            now_a.lock().await.config.output.ends_with("a2"),
             "changed: fresh state"
         );
         assert!(!agent.current().contains_key("b"));
