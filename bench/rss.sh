@@ -53,7 +53,10 @@ pid=$!
 sleep 15
 rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
+anon=$(awk '/RssAnon/ {print $2}' /proc/$pid/status)
+file=$(awk '/RssFile/ {print $2}' /proc/$pid/status)
+threads=$(awk '/Threads/ {print $2}' /proc/$pid/status)
 upstreams=$(grep -c 'server 10\.' "$work/nginx.conf" || true)
-echo "services=21 tasks=$upstreams rss_kib=$rss peak_rss_kib=$hwm"
+echo "services=21 tasks=$upstreams rss_kib=$rss peak_rss_kib=$hwm anon_kib=$anon file_kib=$file threads=$threads"
 awk -v r="$rss" -v h="$hwm" -v t="$upstreams" \
   'BEGIN { printf "drover idle RSS: %.1f MiB (peak %.1f MiB) with 21 services / %s running tasks\n", r/1024, h/1024, t }'
