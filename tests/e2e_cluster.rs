@@ -404,8 +404,36 @@ impl Stack {
 const SHIPPED_HTTP_PORT: u16 = 8084;
 const SHIPPED_HOST: &str = "app.cluster.test";
 
+/// The shipped stack with its monitoring add-on, Prometheus placed on w2 (the test
+/// busybox image stands in for it: it stays up and counts HUPs).
 fn shipped_stack() -> Result<ShippedStack> {
-    ShippedStack::deploy(Cluster::new(1, 2)?, NET, SHIPPED_HOST, SHIPPED_HTTP_PORT)
+    let cluster = Cluster::new(1, 2)?;
+    let placement = format!("node.hostname == {}", cluster.node("w2").hostname);
+    ShippedStack::deploy_with_monitoring(
+        cluster,
+        NET,
+        SHIPPED_HOST,
+        SHIPPED_HTTP_PORT,
+        &[
+            ("PROMETHEUS_IMAGE", busybox_image()),
+            ("PROMETHEUS_PLACEMENT", placement),
+        ],
+    )
+}
+
+/// The addresses `job` scrapes in a file of the built-in prometheus template.
+fn prometheus_targets(file: &str, job: &str) -> BTreeSet<String> {
+    let header = format!("job_name: \"{job}\"");
+    let Some(start) = file.find(&header) else {
+        return BTreeSet::new();
+    };
+    let block = &file[start + header.len()..];
+    let block = &block[..block.find("job_name:").unwrap_or(block.len())];
+    block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- \"")?.strip_suffix('"'))
+        .filter_map(|t| t.rsplit_once(':').map(|(ip, _)| ip.to_owned()))
+        .collect()
 }
 
 /// Short container ids (the busybox app's answer) of the running tasks of the app.
@@ -494,6 +522,53 @@ fn the_shipped_stack_on_a_manager_and_two_workers_serves_every_app_task_through_
         ensure!(
             log.contains("reconfiguring"),
             "nginx on {} never reloaded:\n{log}",
+            node.short
+        );
+    }
+
+    // Prometheus runs on w2 only: its file reaches w2 through w2's agent, follows the app
+    // once the operator labels it for scraping, and Prometheus gets its HUP there.
+    let w2 = s.cluster.node("w2");
+    let prometheus = s.service("prometheus");
+    s.cluster.docker(&[
+        "service",
+        "update",
+        "--detach",
+        "--label-add",
+        "prometheus-job=app",
+        "--label-add",
+        "prometheus-port=80",
+        &s.service("app"),
+    ])?;
+    let mut file = String::new();
+    wait_for(
+        "w2's prometheus file to scrape every app task",
+        SWARM + BOUND,
+        || {
+            let Some(id) = containers_on(w2, &prometheus)
+                .ok()
+                .and_then(|mut c| c.pop())
+            else {
+                return false;
+            };
+            file = w2
+                .docker(&["exec", &id, "cat", "/etc/prometheus/drover/prometheus.yml"])
+                .unwrap_or_default();
+            prometheus_targets(&file, "app") == ips
+        },
+    )
+    .with_context(|| format!("w2's prometheus.yml, app tasks at {ips:?}:\n{file}"))?;
+    let id = containers_on(w2, &prometheus)?
+        .pop()
+        .context("no prometheus container on w2")?;
+    wait_for("Prometheus on w2 to get a HUP", BOUND, || {
+        w2.docker(&["exec", &id, "cat", "/tmp/reloads"])
+            .is_ok_and(|r| r.contains("reload"))
+    })?;
+    for node in [s.cluster.node("m1"), s.cluster.node("w1")] {
+        ensure!(
+            containers_on(node, &prometheus)?.is_empty(),
+            "prometheus is placed on w2 only, found on {}",
             node.short
         );
     }

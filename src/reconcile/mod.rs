@@ -40,6 +40,13 @@ pub use executor::Outcome;
 pub use plan::{Plan, Reach, TargetMemory, Unavailable};
 pub use policy::{Failure, Policy};
 
+/// The longest wait before a node the last delivery did not reach is tried again. A node
+/// that comes back (its engine restarted) looks the same to the controller as one still
+/// away until its agent answers, so the backoff alone would grow to its 30 s ceiling while
+/// it was down and keep the returning node's file stale that long; a try costs one
+/// connection attempt of at most 3 s per owed node.
+const REDELIVER_MAX: Duration = Duration::from_secs(5);
+
 /// First and largest delay of the convergence re-check.
 const CONVERGE_FIRST: Duration = Duration::from_millis(100);
 const CONVERGE_MAX: Duration = Duration::from_millis(250);
@@ -558,7 +565,8 @@ async fn pass(
         if owed != t.owed {
             t.check_backoff.reset();
         }
-        t.redeliver_at = (!owed.is_empty()).then(|| Instant::now() + t.check_backoff.delay());
+        let delay = t.check_backoff.delay().min(REDELIVER_MAX);
+        t.redeliver_at = (!owed.is_empty()).then(|| Instant::now() + delay);
         t.owed = owed;
         report::outcome(t, board, &outcome, batch, rendered.skipped);
         let hash = matches!(

@@ -221,6 +221,33 @@ impl ShippedStack {
         vars: &[(&str, String)],
         edit: impl FnOnce(String) -> String,
     ) -> Result<ShippedStack> {
+        let files = ["stack.yml"];
+        Self::deploy_files(&files, cluster, network, app_host, http_port, vars, edit)
+    }
+
+    /// [`ShippedStack::deploy`] together with the monitoring add-on
+    /// (`deploy/stack.monitoring.yml`, as its header says to deploy it), with these of
+    /// the variables both files document set (`PROMETHEUS_IMAGE`, `PROMETHEUS_PLACEMENT`).
+    pub fn deploy_with_monitoring(
+        cluster: Cluster,
+        network: &str,
+        app_host: &str,
+        http_port: u16,
+        vars: &[(&str, String)],
+    ) -> Result<ShippedStack> {
+        let files = ["stack.yml", "deploy/stack.monitoring.yml"];
+        Self::deploy_files(&files, cluster, network, app_host, http_port, vars, |c| c)
+    }
+
+    fn deploy_files(
+        files: &[&str],
+        cluster: Cluster,
+        network: &str,
+        app_host: &str,
+        http_port: u16,
+        vars: &[(&str, String)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<ShippedStack> {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let secrets = super::temp_dir("cl-shipped")?;
         let shipped = std::fs::read_to_string(repo.join("deploy/drover.yml"))?;
@@ -239,7 +266,9 @@ impl ShippedStack {
         let manager = cluster.manager()?;
         let out = Command::new("docker")
             .args(["-H", &format!("unix://{}", manager.socket.display())])
-            .args(["stack", "deploy", "-c", "stack.yml", &name])
+            .args(["stack", "deploy"])
+            .args(files.iter().flat_map(|f| ["-c", f]))
+            .arg(&name)
             .current_dir(repo)
             .envs([
                 ("DROVER_IMAGE", super::drover_image()),
