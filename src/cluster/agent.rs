@@ -614,64 +614,19 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
 
 /// The controller's side: posts `req` to the agent at `addr`, signed with `key`.
 pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<ApplyAnswer> {
-    let body = serde_json::to_vec(req).map_err(|e| Error::Transport {
-        addr,
-        reason: e.to_string(),
-    })?;
-    let timestamp = unix_now().to_string();
-    let nonce = new_nonce();
-    let signature = key.sign(&timestamp, &nonce, &body);
     let transport = |reason: String| Error::Transport { addr, reason };
-    let exchange = async {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| transport(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| transport(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let request = hyper::Request::post(APPLY_PATH)
-            .header("host", addr.to_string())
-            .header("content-type", "application/json")
-            .header(TIMESTAMP_HEADER, &timestamp)
-            .header(NONCE_HEADER, &nonce)
-            .header(SIGNATURE_HEADER, &signature)
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| transport(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| transport(e.to_string()))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| transport(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(Error::Status {
-                addr,
-                status: status.as_u16(),
-                message,
-            });
-        }
-        serde_json::from_slice(&bytes).map_err(|e| transport(format!("bad answer: {e}")))
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| Error::Timeout {
-            addr,
-            timeout: REQUEST_TIMEOUT,
-        })?
+    let body = serde_json::to_vec(req).map_err(|e| transport(e.to_string()))?;
+    let bytes = exchange(
+        addr,
+        key,
+        APPLY_PATH,
+        body,
+        REQUEST_TIMEOUT,
+        MAX_BODY,
+        false,
+    )
+    .await?;
+    serde_json::from_slice(&bytes).map_err(|e| transport(format!("bad answer: {e}")))
 }
 
 /// A signed request to the agent API at `addr` and its answer (status, body), bounded by
@@ -685,6 +640,19 @@ pub async fn call(
     body: Vec<u8>,
     timeout: Duration,
     max_answer: usize,
+) -> Result<Bytes> {
+    exchange(addr, key, path, body, timeout, max_answer, true).await
+}
+
+/// One signed POST and its answer; `signed_answer`: a 200 must be signed for this request.
+async fn exchange(
+    addr: SocketAddr,
+    key: &Key,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+    max_answer: usize,
+    signed_answer: bool,
 ) -> Result<Bytes> {
     let timestamp = unix_now().to_string();
     let nonce = new_nonce();
@@ -736,7 +704,9 @@ pub async fn call(
                 message,
             });
         }
-        if !answer_signature.is_some_and(|sig| key.verify_answer(&timestamp, &nonce, &bytes, &sig))
+        if signed_answer
+            && !answer_signature
+                .is_some_and(|sig| key.verify_answer(&timestamp, &nonce, &bytes, &sig))
         {
             return Err(transport(
                 "the answer is not signed for this request".into(),
