@@ -627,6 +627,31 @@ fn load_hooks(
 mod tests {
     use super::*;
 
+    /// Submits an update of `docker.io/o/r:latest` on `hook` and waits for its end.
+    async fn run_update(service: &Service, hook: &str) -> crate::jobs::JobView {
+        let submitted = service
+            .jobs()
+            .submit(Request {
+                hook: hook.into(),
+                work: crate::jobs::Work::UpdateServices {
+                    image: "docker.io/o/r:latest".into(),
+                },
+                facts: Facts::default(),
+                quiet: Duration::ZERO,
+            })
+            .await
+            .expect("submit");
+        for _ in 0..200 {
+            if let Some(view) = service.jobs().get(&submitted.id.to_string()) {
+                if view.state.is_final() {
+                    return view;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("job {} never finished", submitted.id);
+    }
+
     fn key(s: &str) -> [u8; 32] {
         digest(&[s.as_bytes()])
     }
@@ -813,7 +838,7 @@ hooks:
     #[tokio::test]
     async fn finished_jobs_show_a_bounded_tail_without_loaded_secrets() {
         use crate::jobs::tests::FakeRunner;
-        use crate::jobs::{JobState, Outcome, ServiceResult, Work};
+        use crate::jobs::{JobState, Outcome, ServiceResult};
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, text: &str| {
             let p = dir.path().join(name);
@@ -856,27 +881,7 @@ hooks:
         )
         .await
         .expect("service");
-        let submitted = service
-            .jobs()
-            .submit(Request {
-                hook: "ci".into(),
-                work: Work::UpdateServices {
-                    image: "docker.io/o/r:latest".into(),
-                },
-                facts: Facts::default(),
-                quiet: Duration::ZERO,
-            })
-            .await
-            .expect("submit");
-        let mut view = None;
-        for _ in 0..200 {
-            view = service.jobs().get(&submitted.id.to_string());
-            if view.as_ref().is_some_and(|v| v.state.is_final()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let view = view.expect("the job");
+        let view = run_update(&service, "ci").await;
         assert_eq!(view.state, JobState::Failed);
         let text = serde_json::to_string(&view).expect("json");
         for secret in ["hmac-secret-value", "the-hook-token", "registry-password"] {
@@ -899,7 +904,7 @@ hooks:
     #[tokio::test]
     async fn secrets_of_hooks_added_by_a_reload_are_cut_out_of_job_output() {
         use crate::jobs::tests::FakeRunner;
-        use crate::jobs::{JobState, Outcome, Work};
+        use crate::jobs::{JobState, Outcome};
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, text: &str| {
             let p = dir.path().join(name);
@@ -948,27 +953,7 @@ hooks:
         .await
         .expect("service");
         service.replace_hooks(&reloaded.hooks).expect("reload");
-        let submitted = service
-            .jobs()
-            .submit(Request {
-                hook: "cd".into(),
-                work: Work::UpdateServices {
-                    image: "docker.io/o/r:latest".into(),
-                },
-                facts: Facts::default(),
-                quiet: Duration::ZERO,
-            })
-            .await
-            .expect("submit");
-        let mut view = None;
-        for _ in 0..200 {
-            view = service.jobs().get(&submitted.id.to_string());
-            if view.as_ref().is_some_and(|v| v.state.is_final()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let view = view.expect("the job");
+        let view = run_update(&service, "cd").await;
         assert_eq!(view.state, JobState::Failed);
         assert_eq!(
             view.message.as_deref(),
