@@ -11,8 +11,8 @@
 //! Invariants: a cluster is only ever built from namespace nodes, never joined to the
 //! host's Swarm (other tests' services must not land on these nodes, and a test may stop
 //! any node's engine); every slot (namespace, veth, address range, state directory) is
-//! claimed atomically by creating its directory, so concurrent tests and processes never
-//! share one, and a slot whose owner died is reclaimed; [`Cluster`]'s drop stops every
+//! claimed under one lock file by creating its directory, so concurrent tests and
+//! processes never share one, and a slot whose owner died is reclaimed by exactly one; [`Cluster`]'s drop stops every
 //! engine (SIGTERM, then SIGKILL to whatever is left in the namespace), removes the
 //! namespaces, the forwarders and the state directories, panicking or not.
 
@@ -667,19 +667,32 @@ fn allow_forwarding() -> Result<()> {
     Ok(())
 }
 
-/// Claims a free slot by creating its directory (atomic); a slot whose owner process is
-/// gone is cleaned up and taken over.
+/// Claims a free slot; a slot whose owner process is gone is cleaned up and taken over.
+/// Claims are serialised by a lock file across threads and test binaries: without it two
+/// claimants that find the same stale slot both clean it up, and the slower one tears
+/// down the namespace the faster one has just set up.
 fn claim_slot() -> Result<(u32, PathBuf)> {
     std::fs::create_dir_all(ROOT)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(format!("{ROOT}/.claim.lock"))?;
+    // Released when `lock` closes at return.
+    // SAFETY: flock on a descriptor this function owns for the call's duration.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("locking the cluster slots");
+    }
     for slot in 1..=MAX_SLOT {
         let dir = PathBuf::from(format!("{ROOT}/{slot}"));
         if std::fs::create_dir(&dir).is_err() {
             let owner = std::fs::read_to_string(dir.join("owner"))
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
+            // Under the lock, a directory without an owner was left by a claimant that
+            // died between creating it and writing the owner.
             let alive = owner.is_some_and(|pid| PathBuf::from(format!("/proc/{pid}")).exists());
-            // A directory without an owner file may be being claimed right now.
-            if alive || owner.is_none() {
+            if alive {
                 continue;
             }
             release_slot(slot, &dir);
@@ -687,6 +700,8 @@ fn claim_slot() -> Result<(u32, PathBuf)> {
                 continue;
             }
         }
+        // A namespace may outlive its directory (a run killed mid-release).
+        clear_namespace(slot);
         std::fs::write(dir.join("owner"), std::process::id().to_string())?;
         return Ok((slot, dir));
     }
@@ -696,14 +711,7 @@ fn claim_slot() -> Result<(u32, PathBuf)> {
 /// Removes everything a slot may hold: processes in its namespace, the namespace (which
 /// takes the veth pair with it), the state directory.
 fn release_slot(slot: u32, dir: &PathBuf) {
-    let ns = format!("drvn{slot}");
-    if let Ok(out) = run("ip", &["netns", "pids", &ns]) {
-        for pid in out.lines().filter_map(|l| l.trim().parse().ok()) {
-            kill(pid, "KILL");
-        }
-    }
-    let _ = run("ip", &["netns", "del", &ns]);
-    let _ = run("ip", &["link", "del", &format!("drvh{slot}")]);
+    clear_namespace(slot);
     // Engine mounts live in the node's private mount namespace, gone with its processes;
     // retry briefly while the last of them exit.
     for _ in 0..20 {
@@ -713,6 +721,17 @@ fn release_slot(slot: u32, dir: &PathBuf) {
         std::thread::sleep(Duration::from_millis(250));
     }
     eprintln!("cluster: could not remove {}", dir.display());
+}
+
+fn clear_namespace(slot: u32) {
+    let ns = format!("drvn{slot}");
+    if let Ok(out) = run("ip", &["netns", "pids", &ns]) {
+        for pid in out.lines().filter_map(|l| l.trim().parse().ok()) {
+            kill(pid, "KILL");
+        }
+    }
+    let _ = run("ip", &["netns", "del", &ns]);
+    let _ = run("ip", &["link", "del", &format!("drvh{slot}")]);
 }
 
 fn kill(pid: u32, signal: &str) {
