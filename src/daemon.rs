@@ -28,6 +28,9 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
     let hangups = crate::reload::catch_hangups();
     let shutdown = CancellationToken::new();
+    // Listening from the first moment: a signal that arrives while drover starts (reads
+    // the engine, loads the journal, binds) is acted on once start-up is through, not lost.
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
     let board = Arc::new(Board::new());
     let Some(engine) = wait_for_engine(&config, board.clone(), &shutdown).await? else {
         return Ok(ExitCode::SUCCESS);
@@ -96,7 +99,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let server = crate::http::Server::bind(state).await?;
     tasks.spawn(server.run(shutdown.clone()));
 
-    wait_for_signal().await;
+    shutdown.cancelled().await;
     info!("shutting down");
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
@@ -113,10 +116,7 @@ async fn wait_for_engine(
     let server = crate::http::Server::waiting(&config.http, board).await?;
     let waiting = CancellationToken::new();
     let server = tokio::spawn(server.run(waiting.clone()));
-    let engine = tokio::select! {
-        engine = Engine::connect_waiting(shutdown) => engine?,
-        _ = wait_for_signal() => None,
-    };
+    let engine = Engine::connect_waiting(shutdown).await?;
     waiting.cancel();
     let _ = server.await;
     Ok(engine)
@@ -279,17 +279,28 @@ async fn follow_retargets(
     }
 }
 
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Cancels `shutdown` at SIGTERM or SIGINT. Both handlers are installed before this
+/// returns its future, so no signal falls between start-up steps.
+fn cancel_on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let next = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for a signal");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(_) => std::future::pending().await,
+        };
+        tokio::select! {
+            () = next(term) => {}
+            () = next(int) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        shutdown.cancel();
     }
 }

@@ -431,6 +431,12 @@ struct SocketProxy {
 
 impl SocketProxy {
     fn start(rules: Vec<(String, regex::Regex)>) -> Result<SocketProxy> {
+        Self::start_slow(rules, Duration::ZERO)
+    }
+
+    /// Like [`SocketProxy::start`], each request held for `delay` before it is forwarded:
+    /// a slow engine, so that drover's start-up takes seconds.
+    fn start_slow(rules: Vec<(String, regex::Regex)>, delay: Duration) -> Result<SocketProxy> {
         let dir = temp_dir("drover-faults-proxy")?;
         let path = dir.path().join("docker.sock");
         let listener = UnixListener::bind(&path)?;
@@ -449,6 +455,7 @@ impl SocketProxy {
                     let (rules, refused, allowed) =
                         (rules.clone(), refused.clone(), allowed.clone());
                     std::thread::spawn(move || {
+                        std::thread::sleep(delay);
                         let _ = proxy_one(conn, &rules, &refused, &allowed);
                     });
                 }
@@ -936,6 +943,41 @@ fn sigterm_mid_rollout_drains_http_keeps_the_job_and_a_restarted_drover_finishes
         "the restarted drover followed the rollout it had started: {}",
         second.logs()
     );
+    Ok(())
+}
+
+/// `docker stop` while drover is still starting (reading the engine, loading the journal,
+/// binding) must stop it, not wait for the kill 10 s later: a signal at any moment of
+/// start-up is acted on. Found by bench/webhook.sh, whose drover ignored a SIGTERM sent
+/// while its waiting listener handed over to the full one. Through an engine that takes
+/// 150 ms a call, start-up lasts long enough for the signals to land in every step.
+#[test]
+fn a_sigterm_at_any_moment_of_start_up_stops_drover() -> Result<()> {
+    require_e2e!();
+    let proxy = SocketProxy::start_slow(allowlist()?, Duration::from_millis(150))?;
+    let dir = temp_dir("drover-faults")?;
+    let template = labelled_template(dir.path(), "start.tmpl", "svc", "none")?;
+    for delay_ms in [0u64, 100, 200, 350, 500, 700, 900, 1200, 1600, 2000] {
+        let http = format!("127.0.0.1:{}", free_port());
+        let output = dir.path().join(format!("start-{delay_ms}.txt"));
+        let config = format!(
+            "{}targets:\n{}",
+            hook_config(dir.path(), &http, "")?,
+            file_target("start", &template, &output)
+        );
+        let host = proxy.docker_host();
+        let mut drover =
+            DroverProcess::start_with_env(&config, Some(&http), &[], &[("DOCKER_HOST", &host)])?;
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        drover.signal("TERM")?;
+        let status = drover.wait_exit(Duration::from_secs(10))?;
+        // Before its handlers are installed the default action ends the process: stopped too.
+        let by_default = std::os::unix::process::ExitStatusExt::signal(&status) == Some(15);
+        assert!(
+            status.success() || by_default,
+            "SIGTERM {delay_ms} ms after start: {status}"
+        );
+    }
     Ok(())
 }
 

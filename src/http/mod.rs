@@ -37,7 +37,7 @@ pub use error::{Error, Result};
 pub use hooks::Intake;
 pub use ops::OpsState;
 
-use crate::cluster::agent::Agent;
+use crate::cluster::agent::{Agent, Refusal, refused};
 use crate::cluster::forward::{Envelope, Forwarder, JobsQuery, Relay};
 use crate::cluster::role::Role;
 use crate::config;
@@ -135,17 +135,18 @@ pub fn agent_routes(
         .with_state(side))
 }
 
-/// Authenticates a forwarded request and checks that this instance is the controller (a
-/// request to an instance that no longer is must not be accepted here).
-fn admit_forwarded(side: &AgentSide, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
-    use crate::cluster::agent::{Refusal, refused};
-    if let Err(r) = side.agent.guard().check(headers, body) {
-        return Some(refused(r));
-    }
+/// Authenticates a forwarded request, checks that this instance is the controller (a
+/// request to an instance that no longer is must not be accepted here), then parses it.
+fn admitted<T: serde::de::DeserializeOwned>(
+    side: &AgentSide,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> std::result::Result<T, Refusal> {
+    side.agent.guard().check(headers, body)?;
     if !side.role.borrow().is_controller() {
-        return Some(refused(Refusal::NotController));
+        return Err(Refusal::NotController);
     }
-    None
+    serde_json::from_slice(body).map_err(|_| Refusal::BadRequest)
 }
 
 async fn signed_relay(side: &AgentSide, headers: &HeaderMap, response: Response) -> Response {
@@ -161,11 +162,9 @@ async fn forwarded_hook(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(refusal) = admit_forwarded(&side, &headers, &body) {
-        return refusal;
-    }
-    let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) else {
-        return crate::cluster::agent::refused(crate::cluster::agent::Refusal::BadRequest);
+    let envelope: Envelope = match admitted(&side, &headers, &body) {
+        Ok(envelope) => envelope,
+        Err(refusal) => return refused(refusal),
     };
     let response = hooks::forwarded(&side.intake, envelope).await;
     signed_relay(&side, &headers, response).await
@@ -176,11 +175,9 @@ async fn forwarded_jobs(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(refusal) = admit_forwarded(&side, &headers, &body) {
-        return refusal;
-    }
-    let Ok(query) = serde_json::from_slice::<JobsQuery>(&body) else {
-        return crate::cluster::agent::refused(crate::cluster::agent::Refusal::BadRequest);
+    let query: JobsQuery = match admitted(&side, &headers, &body) {
+        Ok(query) => query,
+        Err(refusal) => return refused(refusal),
     };
     let response = match query.id {
         Some(id) => jobs::one_here(&side.ops, &id).into_response(),
@@ -280,7 +277,11 @@ impl Server {
     /// the operator router without jobs on the private one.
     pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<Server> {
         let state = OpsState::new(board, None, &http.ops)?;
-        let public = bounded(ops::health().with_state(state.clone()), http);
+        // Hooks sent now get 503 (try again), not 404 (no such hook).
+        let public = ops::health()
+            .fallback(|| async { Error::NotReady })
+            .with_state(state.clone());
+        let public = bounded(public, http);
         let ops = ops_router(state, http);
         Server::bind_routers(http.clone(), public, ops).await
     }
