@@ -101,7 +101,6 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
 
     shutdown.cancelled().await;
     info!("shutting down");
-    shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(ExitCode::SUCCESS)
 }

@@ -277,11 +277,7 @@ impl Server {
     /// the operator router without jobs on the private one.
     pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<Server> {
         let state = OpsState::new(board, None, &http.ops)?;
-        // Hooks sent now get 503 (try again), not 404 (no such hook).
-        let public = ops::health()
-            .fallback(|| async { Error::NotReady })
-            .with_state(state.clone());
-        let public = bounded(public, http);
+        let public = waiting_public(state.clone(), http);
         let ops = ops_router(state, http);
         Server::bind_routers(http.clone(), public, ops).await
     }
@@ -308,6 +304,15 @@ impl Server {
             conn::serve(ops.0, ops.1, limits(&http), shutdown),
         );
     }
+}
+
+/// The public router while drover waits for the engine: health, and 503 (try again) for
+/// anything else, so a webhook sent now is not told that its hook does not exist.
+fn waiting_public(state: OpsState, http: &config::Http) -> Router {
+    let public = ops::health()
+        .fallback(|| async { Error::NotReady })
+        .with_state(state);
+    bounded(public, http)
 }
 
 /// Serves public and operator routes on one bound listener (embedding and tests).
@@ -856,6 +861,25 @@ hooks:
         assert!(f.service.jobs().list().is_empty(), "no job was created");
         f.role.send_replace(Role::Manager);
         assert_eq!(send(&f.app, req(TOKEN)).await.0, StatusCode::ACCEPTED);
+    }
+
+    #[tokio::test]
+    async fn while_waiting_for_the_engine_hooks_get_503_and_health_answers() {
+        let http = config::Http::default();
+        let state = OpsState::new(Arc::new(Board::new()), None, &http.ops).expect("state");
+        let app = waiting_public(state, &http);
+        let (status, _) = send(&app, hub("?token=t", HUB_BODY)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let get = |p: &str| {
+            axum::http::Request::get(p)
+                .body(Body::empty())
+                .expect("req")
+        };
+        assert_eq!(send(&app, get("/healthz")).await.0, StatusCode::OK);
+        assert_eq!(
+            send(&app, get("/readyz")).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[tokio::test]

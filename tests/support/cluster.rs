@@ -12,9 +12,10 @@
 //! host's Swarm (other tests' services must not land on these nodes, and a test may stop
 //! any node's engine); every slot (namespace, veth, address range, state directory) is
 //! claimed under one lock file by creating its directory, so concurrent tests and
-//! processes never share one, and a slot whose owner died is reclaimed by exactly one; [`Cluster`]'s drop stops every
-//! engine (SIGTERM, then SIGKILL to whatever is left in the namespace), removes the
-//! namespaces, the forwarders and the state directories, panicking or not.
+//! processes never share one, and a slot whose owner died is reclaimed by exactly one;
+//! [`Cluster`]'s drop stops every engine (SIGTERM, then SIGKILL to whatever is left in the
+//! namespace), removes the namespaces, the forwarders and the state directories, panicking
+//! or not.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -685,7 +686,10 @@ fn claim_slot() -> Result<(u32, PathBuf)> {
     }
     for slot in 1..=MAX_SLOT {
         let dir = PathBuf::from(format!("{ROOT}/{slot}"));
-        if std::fs::create_dir(&dir).is_err() {
+        if std::fs::create_dir(&dir).is_ok() {
+            // A namespace may outlive its directory (a run killed mid-release).
+            clear_namespace(slot);
+        } else {
             let owner = std::fs::read_to_string(dir.join("owner"))
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
@@ -700,8 +704,6 @@ fn claim_slot() -> Result<(u32, PathBuf)> {
                 continue;
             }
         }
-        // A namespace may outlive its directory (a run killed mid-release).
-        clear_namespace(slot);
         std::fs::write(dir.join("owner"), std::process::id().to_string())?;
         return Ok((slot, dir));
     }
