@@ -245,12 +245,8 @@ async fn start_agent(
         agent.clone(),
         a.role.clone(),
     )?);
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = agent::serve(listener, app, stop).await {
-            tracing::error!(error = %e, "agent API stopped");
-        }
-    });
+    let (http, stop) = (a.config.http.clone(), shutdown.clone());
+    tasks.spawn(async move { crate::http::serve_agent(listener, app, &http, stop).await });
     tasks.spawn(follow_retargets(agent, a.retargets, shutdown.clone()));
     tasks.spawn(contacts::run(
         contacts::global().clone(),

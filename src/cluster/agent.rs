@@ -36,8 +36,6 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 use tracing::{info, warn};
 
@@ -91,8 +89,6 @@ pub enum Error {
     },
     #[error("agent {addr} timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
-    #[error("agent server: {0}")]
-    Serve(std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -600,18 +596,6 @@ fn refusal_label(r: Refusal) -> &'static str {
     }
 }
 
-/// Serves the agent API (`app`: [`router`] and what the daemon adds to it) on `listener`
-/// until `shutdown`.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "agent API listening");
-    }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(Error::Serve)
-}
-
 /// The controller's side: posts `req` to the agent at `addr`, signed with `key`.
 pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<ApplyAnswer> {
     let transport = |reason: String| Error::Transport { addr, reason };
@@ -740,6 +724,8 @@ fn new_nonce() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
 
     fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -862,7 +848,11 @@ mod tests {
             "/unsigned",
             post(|| async { axum::Json(serde_json::json!({})) }),
         );
-        let server = tokio::spawn(serve(listener, app, stop.clone()));
+        let server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        );
         let beat = serde_json::to_vec(&super::super::contacts::Heartbeat {
             node: "n1".into(),
             hostname: "h1".into(),

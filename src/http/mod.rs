@@ -326,6 +326,30 @@ pub async fn serve_listener(
     Ok(())
 }
 
+/// Serves the agent API (`app`: the agent's router with [`agent_routes`] merged in) until
+/// `shutdown`, with the public listener's header timeout and connection caps. A peer's
+/// apply may take the agent's whole request time before any byte of its answer, so a
+/// connection is never closed as idle before that.
+pub async fn serve_agent(
+    listener: TcpListener,
+    app: Router,
+    http: &config::Http,
+    shutdown: CancellationToken,
+) {
+    let agent_time = crate::cluster::agent::REQUEST_TIMEOUT + Duration::from_secs(1);
+    let limits = conn::Limits {
+        header_timeout: http.header_timeout,
+        idle_timeout: http.idle_timeout.max(agent_time),
+        connections: Gate::new(
+            "agent_connections",
+            http.max_connections,
+            http.max_connections_per_source,
+        ),
+        drain: drain_limit(http).max(agent_time),
+    };
+    conn::serve(listener, app, limits, shutdown).await;
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -1119,7 +1143,9 @@ hooks:
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
-        tokio::spawn(agent::serve(listener, app, stop.clone()));
+        let http = controller.state.http.clone();
+        let serving = stop.clone();
+        tokio::spawn(async move { serve_agent(listener, app, &http, serving).await });
 
         let worker = fixture("").await;
         worker.role.send_replace(Role::Worker);
