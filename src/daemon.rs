@@ -32,7 +32,13 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     // the engine, loads the journal, binds) is acted on once start-up is through, not lost.
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let board = Arc::new(Board::new());
-    let Some(engine) = wait_for_engine(&config, board.clone(), &shutdown).await? else {
+    // Until the engine answers and the webhook side is up, the same sockets serve health,
+    // metrics and the status page (`/readyz` 503) and tell hooks to try again (503).
+    let listeners = crate::http::Listeners::bind(&config.http).await?;
+    let (server, switch) = crate::http::Server::waiting(&config.http, board.clone(), listeners)?;
+    let serving = tokio::spawn(server.run(shutdown.clone()));
+    let Some(engine) = Engine::connect_waiting(&shutdown).await? else {
+        let _ = serving.await;
         return Ok(ExitCode::SUCCESS);
     };
     info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
@@ -95,30 +101,13 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let reloader = crate::reload::Reloader::new(args, config, state.hooks.clone(), retarget);
     tasks.spawn(reloader.run(hangups, shutdown.clone()));
     tasks.spawn(state.hooks.jobs().clone().follow_role(role));
-    // A port clash is a start-up error, not a log line.
-    let server = crate::http::Server::bind(state).await?;
-    tasks.spawn(server.run(shutdown.clone()));
+    switch.install(&state)?;
 
     shutdown.cancelled().await;
     info!("shutting down");
     while tasks.join_next().await.is_some() {}
+    let _ = serving.await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Until the engine answers, only health, metrics and the status page are served:
-/// `/readyz` says 503. `None` when a signal arrived first.
-async fn wait_for_engine(
-    config: &Config,
-    board: Arc<Board>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Option<Engine>> {
-    let server = crate::http::Server::waiting(&config.http, board).await?;
-    let waiting = CancellationToken::new();
-    let server = tokio::spawn(server.run(waiting.clone()));
-    let engine = Engine::connect_waiting(shutdown).await?;
-    waiting.cancel();
-    let _ = server.await;
-    Ok(engine)
 }
 
 /// The live role (`cluster::role`): asked once now, then kept current by its own task,

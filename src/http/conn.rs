@@ -23,11 +23,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::metrics;
 
@@ -109,16 +110,23 @@ pub struct Limits {
     pub drain: Duration,
 }
 
+/// What a listener serves: the router of the moment. Each request takes the current one,
+/// so drover answers on its sockets from the first moment and installs its full routes
+/// when start-up is through, without closing or refusing a connection.
+pub type Routes = watch::Receiver<Router>;
+
+/// Routes that never change.
+pub fn fixed(app: Router) -> Routes {
+    watch::channel(app).1
+}
+
 /// Serves `app` on `listener` until `shutdown`, then drains for at most `limits.drain`.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Routes,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "http listening");
-    }
     let tracker = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -163,7 +171,7 @@ pub async fn serve(
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    app: Router,
+    app: Routes,
     limits: Limits,
     shutdown: CancellationToken,
     _pass: Pass,
@@ -172,7 +180,7 @@ async fn connection(
     let activity = io.activity.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
-        let mut app = app.clone();
+        let mut app = app.borrow().clone();
         async move { app.call(req.map(Body::new)).await }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -258,50 +258,97 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
-/// Both listeners, bound, with what they serve.
-pub struct Server {
-    http: config::Http,
-    public: (TcpListener, Router),
-    ops: (TcpListener, Router),
+/// Both listeners, bound: by the waiting server first, then handed to the full one, so no
+/// connection is refused while drover starts.
+pub struct Listeners {
+    public: TcpListener,
+    ops: TcpListener,
 }
 
-impl Server {
-    /// Binds both listeners (a port clash is a start-up error) for the running daemon.
-    pub async fn bind(state: AppState) -> Result<Server> {
-        let public = public_router(&state)?;
-        let ops = ops_router(state.ops()?, &state.http);
-        Server::bind_routers(state.http, public, ops).await
-    }
-
-    /// While drover waits for the engine: health on the public listener (`/readyz` 503),
-    /// the operator router without jobs on the private one.
-    pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<Server> {
-        let state = OpsState::new(board, None, &http.ops)?;
-        let public = waiting_public(state.clone(), http);
-        let ops = ops_router(state, http);
-        Server::bind_routers(http.clone(), public, ops).await
-    }
-
-    async fn bind_routers(http: config::Http, public: Router, ops: Router) -> Result<Server> {
-        let public = (bind(http.listen).await?, public);
-        let ops = (bind(http.ops.listen).await?, ops);
-        Ok(Server { http, public, ops })
+impl Listeners {
+    /// Binds both (a port clash is a start-up error).
+    pub async fn bind(http: &config::Http) -> Result<Listeners> {
+        let listeners = Listeners {
+            public: bind(http.listen).await?,
+            ops: bind(http.ops.listen).await?,
+        };
+        let (public, ops) = listeners.local_addrs();
+        for addr in [public, ops].into_iter().flatten() {
+            tracing::info!(%addr, "http listening");
+        }
+        Ok(listeners)
     }
 
     /// The addresses bound (public, operator): tests bind port 0.
     pub fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
-        (
-            self.public.0.local_addr().ok(),
-            self.ops.0.local_addr().ok(),
-        )
+        (self.public.local_addr().ok(), self.ops.local_addr().ok())
+    }
+}
+
+/// Both listeners, serving from the moment drover starts: the waiting routes first, the
+/// full ones once [`Switch::install`] has put them in place.
+pub struct Server {
+    http: config::Http,
+    listeners: Listeners,
+    public: conn::Routes,
+    ops: conn::Routes,
+}
+
+/// Puts the running daemon's routes in place of the waiting ones.
+pub struct Switch {
+    public: tokio::sync::watch::Sender<Router>,
+    ops: tokio::sync::watch::Sender<Router>,
+}
+
+impl Switch {
+    /// From the next request on, every connection (open or new) is answered by the full
+    /// routes of `state`.
+    pub fn install(self, state: &AppState) -> Result<()> {
+        let public = public_router(state)?;
+        let ops = ops_router(state.ops()?, &state.http);
+        // The waiting routers go; a request they are serving keeps its own clone.
+        drop(self.public.send_replace(public));
+        drop(self.ops.send_replace(ops));
+        Ok(())
+    }
+}
+
+impl Server {
+    /// While drover waits for the engine and starts: health on the public listener
+    /// (`/readyz` 503, hooks 503: try again), the operator router without jobs on the
+    /// private one.
+    pub fn waiting(
+        http: &config::Http,
+        board: Arc<Board>,
+        listeners: Listeners,
+    ) -> Result<(Server, Switch)> {
+        let state = OpsState::new(board, None, &http.ops)?;
+        let (public_tx, public) = tokio::sync::watch::channel(waiting_public(state.clone(), http));
+        let (ops_tx, ops) = tokio::sync::watch::channel(ops_router(state, http));
+        let server = Server {
+            http: http.clone(),
+            listeners,
+            public,
+            ops,
+        };
+        let switch = Switch {
+            public: public_tx,
+            ops: ops_tx,
+        };
+        Ok((server, switch))
     }
 
     /// Serves until `shutdown`, then drains; returns when both listeners are closed.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Server { http, public, ops } = self;
+        let Server {
+            http,
+            listeners,
+            public,
+            ops,
+        } = self;
         tokio::join!(
-            conn::serve(public.0, public.1, limits(&http), shutdown.clone()),
-            conn::serve(ops.0, ops.1, limits(&http), shutdown),
+            conn::serve(listeners.public, public, limits(&http), shutdown.clone()),
+            conn::serve(listeners.ops, ops, limits(&http), shutdown),
         );
     }
 }
@@ -322,7 +369,7 @@ pub async fn serve_listener(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let l = limits(&state.http);
-    conn::serve(listener, router(state)?, l, shutdown).await;
+    conn::serve(listener, conn::fixed(router(state)?), l, shutdown).await;
     Ok(())
 }
 
@@ -336,6 +383,9 @@ pub async fn serve_agent(
     http: &config::Http,
     shutdown: CancellationToken,
 ) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "agent API listening");
+    }
     let agent_time = crate::cluster::agent::REQUEST_TIMEOUT + Duration::from_secs(1);
     let limits = conn::Limits {
         header_timeout: http.header_timeout,
@@ -347,7 +397,7 @@ pub async fn serve_agent(
         ),
         drain: drain_limit(http).max(agent_time),
     };
-    conn::serve(listener, app, limits, shutdown).await;
+    conn::serve(listener, conn::fixed(app), limits, shutdown).await;
 }
 
 #[cfg(test)]
@@ -903,6 +953,75 @@ hooks:
         assert_eq!(
             send(&app, get("/readyz")).await.0,
             StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    /// One request on a connection of its own; the status code, or why there was none.
+    async fn ask_once(addr: SocketAddr, head: &str) -> std::result::Result<u16, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tcp.write_all(head.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&answer);
+        text.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("no status line in {text:?}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_full_routes_replace_the_waiting_ones_without_a_refused_or_cut_connection() {
+        let f = fixture("").await;
+        let mut http = f.state.http.clone();
+        http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        http.ops.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listeners = Listeners::bind(&http).await.expect("bind");
+        let addr = listeners.local_addrs().0.expect("public address");
+        let (server, switch) =
+            Server::waiting(&http, Arc::new(Board::new()), listeners).expect("waiting");
+        let stop = CancellationToken::new();
+        let serving = tokio::spawn(server.run(stop.clone()));
+
+        let head = "POST /hooks/hub?token=wrong HTTP/1.1\r\nHost: drover\r\n\
+                    Content-Type: application/json\r\nContent-Length: 2\r\n\
+                    Connection: close\r\n\r\n{}";
+        let client = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            // Until the full intake has answered a few times in a row.
+            while answers
+                .iter()
+                .rev()
+                .take(20)
+                .filter(|a| **a != Ok(503))
+                .count()
+                < 20
+            {
+                answers.push(ask_once(addr, head).await);
+                assert!(answers.len() < 100_000, "the full routes never answered");
+            }
+            answers
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        switch.install(&f.state).expect("install");
+        let answers = client.await.expect("client");
+        stop.cancel();
+        serving.await.expect("server");
+
+        let failed: Vec<_> = answers.iter().filter(|a| a.is_err()).collect();
+        assert!(failed.is_empty(), "refused or cut: {failed:?}");
+        assert_eq!(answers[0], Ok(503), "the waiting routes answered first");
+        let first_full = answers.iter().position(|a| *a != Ok(503)).expect("full");
+        assert!(
+            answers[first_full..].iter().all(|a| *a == Ok(401)),
+            "once the intake answers, it alone does: {:?}",
+            &answers[first_full..]
         );
     }
 
