@@ -8,7 +8,6 @@ use clap::Parser;
 use drover::cli::{self, Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    one_malloc_arena();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -50,20 +49,5 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
-    }
-}
-
-/// glibc gives every thread that allocates an arena of its own, and an arena keeps what it
-/// has touched: with two workers and the blocking pool that was 1.5 MiB of idle RSS, half
-/// of drover's anonymous memory (bench/rss.sh). Threads that mostly wait need one arena;
-/// small allocations still come from each thread's cache without taking its lock.
-/// `MALLOC_ARENA_MAX` in the environment still decides. musl has no arenas.
-fn one_malloc_arena() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a malloc parameter, and no other thread exists yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
     }
 }
