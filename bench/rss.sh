@@ -2,7 +2,7 @@
 # drover's resident memory when idle on a Swarm with 21 services / 45 tasks (the size
 # docker-pygen was measured at: 36-38 MB). Needs a Swarm manager and the test images
 # that scripts/test builds (127.0.0.1:5000/drover-test/busybox:latest).
-# Usage: bench/rss.sh [path/to/drover]   (default target/release/drover)
+# Usage: bench/rss.sh [path/to/drover]   (default target/release/drover; RUNS, default 3)
 set -euo pipefail
 bin=${1:-target/release/drover}
 image=${BUSYBOX_IMAGE:-127.0.0.1:5000/drover-test/busybox:latest}
@@ -48,15 +48,26 @@ targets:
     output: $work/prometheus.yml
     network: $net
 YML
-"$bin" run --config "$work/drover.yml" 2>"$work/log" &
-pid=$!
-sleep 15
-rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
-hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
-anon=$(awk '/RssAnon/ {print $2}' /proc/$pid/status)
-file=$(awk '/RssFile/ {print $2}' /proc/$pid/status)
-threads=$(awk '/Threads/ {print $2}' /proc/$pid/status)
-upstreams=$(grep -c 'server 10\.' "$work/nginx.conf" || true)
-echo "services=21 tasks=$upstreams rss_kib=$rss peak_rss_kib=$hwm anon_kib=$anon file_kib=$file threads=$threads"
-awk -v r="$rss" -v h="$hwm" -v t="$upstreams" \
-  'BEGIN { printf "drover idle RSS: %.1f MiB (peak %.1f MiB) with 21 services / %s running tasks\n", r/1024, h/1024, t }'
+# Idle RSS is steady within one run but differs between runs by up to ~0.8 MiB (what the
+# allocator kept from start-up), so drover is started RUNS times and the median reported.
+runs=${RUNS:-3}
+for run in $(seq 1 "$runs"); do
+  "$bin" run --config "$work/drover.yml" 2>"$work/log" &
+  pid=$!
+  sleep 15
+  status=$(cat /proc/$pid/status)
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  pid=
+  field() { echo "$status" | awk -v k="$1:" '$1 == k {print $2}'; }
+  upstreams=$(grep -c 'server 10\.' "$work/nginx.conf" || true)
+  echo "run=$run services=21 tasks=$upstreams rss_kib=$(field VmRSS) peak_rss_kib=$(field VmHWM) anon_kib=$(field RssAnon) file_kib=$(field RssFile) threads=$(field Threads)" | tee -a "$work/runs"
+done
+python3 - "$work/runs" <<'PY'
+import re, statistics, sys
+runs = [dict(re.findall(r"(\w+)=(\d+)", line)) for line in open(sys.argv[1])]
+med = lambda k: statistics.median(int(r[k]) for r in runs) / 1024
+span = lambda k: "%.1f-%.1f" % (min(int(r[k]) for r in runs) / 1024, max(int(r[k]) for r in runs) / 1024)
+print(f"drover idle RSS: {med('rss_kib'):.1f} MiB median of {len(runs)} runs ({span('rss_kib')}; "
+      f"anonymous {med('anon_kib'):.1f}, file-backed {med('file_kib'):.1f}) "
+      f"with 21 services / {runs[0]['tasks']} running tasks")
+PY
