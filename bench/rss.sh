@@ -51,6 +51,7 @@ YML
 # Idle RSS is steady within one run but differs between runs by up to ~0.8 MiB (what the
 # allocator kept from start-up), so drover is started RUNS times and the median reported.
 runs=${RUNS:-3}
+field() { echo "$status" | awk -v k="$1:" '$1 == k {print $2}'; }
 for run in $(seq 1 "$runs"); do
   "$bin" run --config "$work/drover.yml" 2>"$work/log" &
   pid=$!
@@ -58,7 +59,6 @@ for run in $(seq 1 "$runs"); do
   status=$(cat /proc/$pid/status)
   kill "$pid"; wait "$pid" 2>/dev/null || true
   pid=
-  field() { echo "$status" | awk -v k="$1:" '$1 == k {print $2}'; }
   upstreams=$(grep -c 'server 10\.' "$work/nginx.conf" || true)
   echo "run=$run services=21 tasks=$upstreams rss_kib=$(field VmRSS) peak_rss_kib=$(field VmHWM) anon_kib=$(field RssAnon) file_kib=$(field RssFile) threads=$(field Threads)" | tee -a "$work/runs"
 done

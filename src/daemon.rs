@@ -34,8 +34,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let board = Arc::new(Board::new());
     // Until the engine answers and the webhook side is up, the same sockets serve health,
     // metrics and the status page (`/readyz` 503) and tell hooks to try again (503).
-    let listeners = crate::http::Listeners::bind(&config.http).await?;
-    let (server, switch) = crate::http::Server::waiting(&config.http, board.clone(), listeners)?;
+    let (server, switch) = crate::http::Server::waiting(&config.http, board.clone()).await?;
     let serving = tokio::spawn(server.run(shutdown.clone()));
     let Some(engine) = Engine::connect_waiting(&shutdown).await? else {
         let _ = serving.await;

@@ -239,15 +239,12 @@ async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respo
     }
 }
 
-fn limits(http: &config::Http) -> conn::Limits {
+/// The timers and caps of `http`; `what` names the cap in `drover_http_refused_total`.
+fn limits(http: &config::Http, what: &'static str) -> conn::Limits {
     conn::Limits {
         header_timeout: http.header_timeout,
         idle_timeout: http.idle_timeout,
-        connections: Gate::new(
-            "connections",
-            http.max_connections,
-            http.max_connections_per_source,
-        ),
+        connections: Gate::new(what, http.max_connections, http.max_connections_per_source),
         drain: drain_limit(http),
     }
 }
@@ -258,40 +255,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
-/// Both listeners, bound: by the waiting server first, then handed to the full one, so no
-/// connection is refused while drover starts.
-pub struct Listeners {
-    public: TcpListener,
-    ops: TcpListener,
-}
-
-impl Listeners {
-    /// Binds both (a port clash is a start-up error).
-    pub async fn bind(http: &config::Http) -> Result<Listeners> {
-        let listeners = Listeners {
-            public: bind(http.listen).await?,
-            ops: bind(http.ops.listen).await?,
-        };
-        let (public, ops) = listeners.local_addrs();
-        for addr in [public, ops].into_iter().flatten() {
-            tracing::info!(%addr, "http listening");
-        }
-        Ok(listeners)
-    }
-
-    /// The addresses bound (public, operator): tests bind port 0.
-    pub fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
-        (self.public.local_addr().ok(), self.ops.local_addr().ok())
-    }
-}
-
 /// Both listeners, serving from the moment drover starts: the waiting routes first, the
-/// full ones once [`Switch::install`] has put them in place.
+/// full ones once [`Switch::install`] has put them in place, on the same sockets.
 pub struct Server {
     http: config::Http,
-    listeners: Listeners,
-    public: conn::Routes,
-    ops: conn::Routes,
+    public: (TcpListener, conn::Routes),
+    ops: (TcpListener, conn::Routes),
 }
 
 /// Puts the running daemon's routes in place of the waiting ones.
@@ -314,23 +283,23 @@ impl Switch {
 }
 
 impl Server {
-    /// While drover waits for the engine and starts: health on the public listener
+    /// Binds both listeners (a port clash is a start-up error) with the routes of the
+    /// time drover waits for the engine and starts: health on the public listener
     /// (`/readyz` 503, hooks 503: try again), the operator router without jobs on the
     /// private one.
-    pub fn waiting(
-        http: &config::Http,
-        board: Arc<Board>,
-        listeners: Listeners,
-    ) -> Result<(Server, Switch)> {
+    pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<(Server, Switch)> {
         let state = OpsState::new(board, None, &http.ops)?;
         let (public_tx, public) = tokio::sync::watch::channel(waiting_public(state.clone(), http));
         let (ops_tx, ops) = tokio::sync::watch::channel(ops_router(state, http));
         let server = Server {
             http: http.clone(),
-            listeners,
-            public,
-            ops,
+            public: (bind(http.listen).await?, public),
+            ops: (bind(http.ops.listen).await?, ops),
         };
+        let (public, ops) = server.local_addrs();
+        for addr in [public, ops].into_iter().flatten() {
+            tracing::info!(%addr, "http listening");
+        }
         let switch = Switch {
             public: public_tx,
             ops: ops_tx,
@@ -338,17 +307,21 @@ impl Server {
         Ok((server, switch))
     }
 
+    /// The addresses bound (public, operator): tests bind port 0.
+    pub fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (
+            self.public.0.local_addr().ok(),
+            self.ops.0.local_addr().ok(),
+        )
+    }
+
     /// Serves until `shutdown`, then drains; returns when both listeners are closed.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Server {
-            http,
-            listeners,
-            public,
-            ops,
-        } = self;
+        let Server { http, public, ops } = self;
+        let limits = || limits(&http, "connections");
         tokio::join!(
-            conn::serve(listeners.public, public, limits(&http), shutdown.clone()),
-            conn::serve(listeners.ops, ops, limits(&http), shutdown),
+            conn::serve(public.0, public.1, limits(), shutdown.clone()),
+            conn::serve(ops.0, ops.1, limits(), shutdown),
         );
     }
 }
@@ -368,7 +341,7 @@ pub async fn serve_listener(
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let l = limits(&state.http);
+    let l = limits(&state.http, "connections");
     conn::serve(listener, conn::fixed(router(state)?), l, shutdown).await;
     Ok(())
 }
@@ -387,16 +360,9 @@ pub async fn serve_agent(
         tracing::info!(%addr, "agent API listening");
     }
     let agent_time = crate::cluster::agent::REQUEST_TIMEOUT + Duration::from_secs(1);
-    let limits = conn::Limits {
-        header_timeout: http.header_timeout,
-        idle_timeout: http.idle_timeout.max(agent_time),
-        connections: Gate::new(
-            "agent_connections",
-            http.max_connections,
-            http.max_connections_per_source,
-        ),
-        drain: drain_limit(http).max(agent_time),
-    };
+    let mut limits = limits(http, "agent_connections");
+    limits.idle_timeout = limits.idle_timeout.max(agent_time);
+    limits.drain = limits.drain.max(agent_time);
     conn::serve(listener, conn::fixed(app), limits, shutdown).await;
 }
 
@@ -982,10 +948,10 @@ hooks:
         let mut http = f.state.http.clone();
         http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         http.ops.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let listeners = Listeners::bind(&http).await.expect("bind");
-        let addr = listeners.local_addrs().0.expect("public address");
-        let (server, switch) =
-            Server::waiting(&http, Arc::new(Board::new()), listeners).expect("waiting");
+        let (server, switch) = Server::waiting(&http, Arc::new(Board::new()))
+            .await
+            .expect("waiting");
+        let addr = server.local_addrs().0.expect("public address");
         let stop = CancellationToken::new();
         let serving = tokio::spawn(server.run(stop.clone()));
 
@@ -994,16 +960,12 @@ hooks:
                     Connection: close\r\n\r\n{}";
         let client = tokio::spawn(async move {
             let mut answers = Vec::new();
-            // Until the full intake has answered a few times in a row.
-            while answers
-                .iter()
-                .rev()
-                .take(20)
-                .filter(|a| **a != Ok(503))
-                .count()
-                < 20
-            {
-                answers.push(ask_once(addr, head).await);
+            // Until 20 answers in a row were not the waiting routes' 503.
+            let mut past = 0;
+            while past < 20 {
+                let answer = ask_once(addr, head).await;
+                past = if answer == Ok(503) { 0 } else { past + 1 };
+                answers.push(answer);
                 assert!(answers.len() < 100_000, "the full routes never answered");
             }
             answers
