@@ -485,7 +485,7 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
         http_get_host(&nginx, host, "/version")
             .is_ok_and(|r| r.status == 200 && r.body.trim() == version)
     };
-    wait_for("w1's nginx to serve v1", SWARM + BOUND, || serves("v1"))?;
+    wait_steadily("w1's nginx to serve v1", SWARM + BOUND, || serves("v1"))?;
     let placed: BTreeSet<String> = stack
         .cluster
         .running_tasks(&roll)?

@@ -344,7 +344,7 @@ fn start_first_webhook_rollout_with_a_health_check_drops_no_request_through_ngin
             .get(&host, "/version")
             .is_ok_and(|r| r.status == 200 && r.body.trim() == version)
     };
-    wait_for("nginx to serve v1", Duration::from_secs(30), || {
+    wait_steadily("nginx to serve v1", Duration::from_secs(30), || {
         serves("v1")
     })?;
 
