@@ -503,7 +503,8 @@ pub fn wait_for(what: &str, timeout: Duration, check: impl FnMut() -> bool) -> R
 /// [`wait_for`] until `check` holds 20 times in a row, 50 ms apart. Before a load client
 /// starts: right after nginx reloads, one answer from a new worker says nothing of an old
 /// worker still on the previous config, which takes new connections until it has handled
-/// its QUIT (over a second on a loaded machine) and answers them with its fallback 404.
+/// its QUIT and answers them with its fallback 404 (CI saw that at a load's first
+/// requests, seconds after the first good answer).
 pub fn wait_steadily(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let mut streak = 0;
     if wait_until(timeout, Duration::from_millis(50), || {
