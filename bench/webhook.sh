@@ -10,7 +10,9 @@
 # not of Swarm. Target (DESIGN.md): >= 30,000 verified requests/s, p99 <= 2 ms on 2 cores.
 #
 # Usage: bench/webhook.sh [path/to/drover]   (needs wrk, openssl; a Docker engine for `run`)
-# Knobs: DURATION (10s), CONNECTIONS (16), THREADS (2), PORT (free port).
+# Knobs: DURATION (10s), CONNECTIONS (16), THREADS (2), PORT (free port); OPS=0 for builds
+# before the separate operator listener (e.g. cfcd1e2, the README's comparison): metrics are
+# then on the public port and the config has no `http.ops`, which such builds refuse.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin=${1:-$ROOT/target/release/drover}
@@ -19,6 +21,8 @@ connections=${CONNECTIONS:-16}
 threads=${THREADS:-2}
 port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 ops_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+ops_config=", ops: { listen: \"127.0.0.1:$ops_port\" }"
+if [ "${OPS:-1}" = 0 ]; then ops_port=$port; ops_config=""; fi
 [ -x "$bin" ] || { echo "no drover binary at $bin (cargo build --release)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 
@@ -37,7 +41,7 @@ JSON
 signature="sha256=$(openssl dgst -sha256 -hmac "$secret" -r <"$work/body.json" | cut -d' ' -f1)"
 
 cat >"$work/drover.yml" <<YML
-http: { listen: "127.0.0.1:$port", ops: { listen: "127.0.0.1:$ops_port" } }
+http: { listen: "127.0.0.1:$port"$ops_config }
 hooks:
   - name: github
     kind: github
