@@ -9,6 +9,7 @@
 //! finish the request in flight, and whatever is left after the drain limit is dropped.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -106,8 +109,32 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub connections: Arc<Gate>,
+    /// Requests in flight and their time; `None` leaves both to the router.
+    pub requests: Option<Requests>,
     /// How long shutdown waits for requests in flight.
     pub drain: Duration,
+}
+
+/// The cap on requests in flight (beyond it: 503) and their time limit (beyond it: 408).
+/// Applied here rather than as router layers: a layer costs every request a boxed service
+/// clone and a boxed future more, and webhook intake is drover's hot path.
+#[derive(Clone)]
+pub struct Requests {
+    pub gate: Arc<Gate>,
+    pub timeout: Duration,
+}
+
+impl Requests {
+    async fn serve(&self, peer: IpAddr, app: &mut Router, req: Request<Body>) -> Response {
+        let Some(_pass) = self.gate.enter(peer) else {
+            return super::Error::Busy.into_response();
+        };
+        match tokio::time::timeout(self.timeout, app.call(req)).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(never)) => match never {},
+            Err(_) => StatusCode::REQUEST_TIMEOUT.into_response(),
+        }
+    }
 }
 
 /// What a listener serves: the router of the moment. Each request takes the current one,
@@ -178,10 +205,18 @@ async fn connection(
 ) {
     let io = Watched::new(tcp);
     let activity = io.activity.clone();
+    let requests = limits.requests.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut app = app.borrow().clone();
-        async move { app.call(req.map(Body::new)).await }
+        let requests = requests.clone();
+        async move {
+            let req = req.map(Body::new);
+            match requests {
+                Some(r) => Ok::<_, Infallible>(r.serve(peer.ip(), &mut app, req).await),
+                None => app.call(req).await,
+            }
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use tracing::error;
 
 use crate::hooks::Reject;
@@ -77,6 +76,13 @@ impl Error {
     }
 }
 
+/// An error's answer body, serialised straight from the borrowed message (no
+/// `serde_json::Value` built for it on every refused webhook).
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    error: &'a str,
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -98,7 +104,7 @@ impl IntoResponse for Error {
         } else {
             self.to_string()
         };
-        let mut res = (status, axum::Json(json!({ "error": message }))).into_response();
+        let mut res = (status, axum::Json(Message { error: &message })).into_response();
         if no_controller {
             res.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

@@ -6,11 +6,11 @@
 //! serves the operator endpoints. With `http.ops.token_file` set, the operator endpoints
 //! need `Authorization: Bearer` and are served on the public listener too. Invariants: every
 //! connection is admitted through a cap in all and per source, has a header-read and an
-//! idle timeout (`conn`); every request is admitted through a cap on requests in flight
-//! in all and per source (beyond: 503) and bounded in time (`http.request_timeout` →
-//! 408); answers carry fixed messages and job data only, never request text; on
-//! shutdown the listeners close, requests in flight finish, and after [`drain_limit`]
-//! the rest is dropped.
+//! idle timeout, and every request through a cap on requests in flight in all and per
+//! source (beyond: 503) and a time limit (`http.request_timeout` → 408), all in `conn`;
+//! answers carry fixed messages and job data only, never request text; on shutdown the
+//! listeners close, requests in flight finish, and after [`drain_limit`] the rest is
+//! dropped.
 
 mod conn;
 mod error;
@@ -19,14 +19,13 @@ mod jobs;
 mod ops;
 pub mod status_page;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -202,49 +201,34 @@ pub fn public_router(state: &AppState) -> Result<Router> {
     } else {
         ops::health().with_state(ops)
     };
-    Ok(bounded(hooks::router(intake).merge(rest), &state.http))
+    Ok(hooks::router(intake).merge(rest))
 }
 
 /// The operator router: status page, jobs, metrics, health.
-pub fn ops_router(state: OpsState, http: &config::Http) -> Router {
-    bounded(ops::router(state), http)
+pub fn ops_router(state: OpsState) -> Router {
+    ops::router(state)
 }
 
 /// Public and operator routes on one router: for tests (`app().oneshot(..)`) and for
-/// embedding drover's intake where the caller guards the listener itself.
+/// [`serve_listener`]. Requests in flight and their time are bounded by the listener
+/// (`conn`), not by the router.
 pub fn router(state: AppState) -> Result<Router> {
     let intake = state.intake.clone();
-    let app = hooks::router(intake).merge(ops::router(state.ops()?));
-    Ok(bounded(app, &state.http))
+    Ok(hooks::router(intake).merge(ops::router(state.ops()?)))
 }
 
-/// The time limit and the cap on requests in flight, around any router.
-fn bounded(app: Router, http: &config::Http) -> Router {
-    let gate = Gate::new("requests", http.max_requests, http.max_requests_per_source);
-    app.layer(TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        http.request_timeout,
-    ))
-    .layer(middleware::from_fn_with_state(gate, admit))
-}
-
-async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-    match gate.enter(ip) {
-        Some(_pass) => next.run(req).await,
-        None => Error::Busy.into_response(),
-    }
-}
-
-/// The timers and caps of `http`; `what` names the cap in `drover_http_refused_total`.
+/// The timers and caps of `http`; `what` names the connection cap in
+/// `drover_http_refused_total`. Requests are capped (`requests`) and given
+/// `http.request_timeout` on the public and operator listeners.
 fn limits(http: &config::Http, what: &'static str) -> conn::Limits {
     conn::Limits {
         header_timeout: http.header_timeout,
         idle_timeout: http.idle_timeout,
         connections: Gate::new(what, http.max_connections, http.max_connections_per_source),
+        requests: Some(conn::Requests {
+            gate: Gate::new("requests", http.max_requests, http.max_requests_per_source),
+            timeout: http.request_timeout,
+        }),
         drain: drain_limit(http),
     }
 }
@@ -274,7 +258,7 @@ impl Switch {
     /// routes of `state`.
     pub fn install(self, state: &AppState) -> Result<()> {
         let public = public_router(state)?;
-        let ops = ops_router(state.ops()?, &state.http);
+        let ops = ops_router(state.ops()?);
         // The waiting routers go; a request they are serving keeps its own clone.
         drop(self.public.send_replace(public));
         drop(self.ops.send_replace(ops));
@@ -289,8 +273,8 @@ impl Server {
     /// private one.
     pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<(Server, Switch)> {
         let state = OpsState::new(board, None, &http.ops)?;
-        let (public_tx, public) = tokio::sync::watch::channel(waiting_public(state.clone(), http));
-        let (ops_tx, ops) = tokio::sync::watch::channel(ops_router(state, http));
+        let (public_tx, public) = tokio::sync::watch::channel(waiting_public(state.clone()));
+        let (ops_tx, ops) = tokio::sync::watch::channel(ops_router(state));
         let server = Server {
             http: http.clone(),
             public: (bind(http.listen).await?, public),
@@ -328,11 +312,10 @@ impl Server {
 
 /// The public router while drover waits for the engine: health, and 503 (try again) for
 /// anything else, so a webhook sent now is not told that its hook does not exist.
-fn waiting_public(state: OpsState, http: &config::Http) -> Router {
-    let public = ops::health()
+fn waiting_public(state: OpsState) -> Router {
+    ops::health()
         .fallback(|| async { Error::NotReady })
-        .with_state(state);
-    bounded(public, http)
+        .with_state(state)
 }
 
 /// Serves public and operator routes on one bound listener (embedding and tests).
@@ -361,6 +344,9 @@ pub async fn serve_agent(
     }
     let agent_time = crate::cluster::agent::REQUEST_TIMEOUT + Duration::from_secs(1);
     let mut limits = limits(http, "agent_connections");
+    // The agent's router bounds its own requests' time; forwarded requests were counted
+    // where they arrived.
+    limits.requests = None;
     limits.idle_timeout = limits.idle_timeout.max(agent_time);
     limits.drain = limits.drain.max(agent_time);
     conn::serve(listener, conn::fixed(app), limits, shutdown).await;
@@ -907,7 +893,7 @@ hooks:
     async fn while_waiting_for_the_engine_hooks_get_503_and_health_answers() {
         let http = config::Http::default();
         let state = OpsState::new(Arc::new(Board::new()), None, &http.ops).expect("state");
-        let app = waiting_public(state, &http);
+        let app = waiting_public(state);
         let (status, _) = send(&app, hub("?token=t", HUB_BODY)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let get = |p: &str| {
@@ -1047,6 +1033,51 @@ hooks:
     }
 
     #[tokio::test]
+    async fn a_request_beyond_the_cap_in_flight_is_503_and_one_past_its_time_is_408() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let f = fixture("http: { request_timeout: 500ms, max_requests_per_source: 1 }").await;
+        let (addr, stop) = listen(&f).await;
+        // In flight until its time is up: the body it announces never comes in full.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(
+            b"POST /hooks/ci HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"image\":",
+        )
+        .await
+        .expect("write");
+        let health = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let mut busy = None;
+        for _ in 0..50 {
+            // Until the slow request holds the source's one place.
+            busy = Some(ask_once(addr, health).await.expect("health"));
+            if busy == Some(503) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            busy,
+            Some(503),
+            "a second request in flight from one source"
+        );
+        let mut answer = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer))
+            .await
+            .expect("an answer within the request timeout")
+            .expect("read");
+        let head = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            head.starts_with("HTTP/1.1 408"),
+            "slow request answered {head:?}"
+        );
+        assert_eq!(
+            ask_once(addr, health).await,
+            Ok(200),
+            "the place is free again"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
     async fn connections_with_unfinished_headers_are_closed_after_the_header_timeout() {
         use tokio::io::AsyncWriteExt;
         let f = fixture("http: { header_timeout: 300ms, max_connections_per_source: 100 }").await;
@@ -1106,7 +1137,7 @@ hooks:
         let app = router(f.state.clone()).expect("router");
         let from = |ip: [u8; 4], mut req: axum::http::Request<Body>| {
             req.extensions_mut()
-                .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+                .insert(axum::extract::ConnectInfo(SocketAddr::from((ip, 40000))));
             req
         };
         let forged = crate::hooks::sign(b"guessed", PUSH_BODY.as_bytes());
@@ -1200,7 +1231,7 @@ hooks:
         assert_eq!(health["status"], "ok", "{health}");
         assert!(health.get("controller").is_none(), "{health}");
         assert!(health.get("peers").is_none(), "{health}");
-        let ops = ops_router(f.state.ops().expect("ops"), &f.state.http);
+        let ops = ops_router(f.state.ops().expect("ops"));
         let (status, health) = send(&ops, get()).await;
         assert_eq!(status, StatusCode::OK);
         assert!(health.get("controller").is_some(), "{health}");
