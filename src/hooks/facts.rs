@@ -159,10 +159,12 @@ struct GithubPayload {
     repository: Option<GithubRepository>,
     #[serde(default)]
     sender: Option<GithubUser>,
+    // Of the commits only the ids are kept (their messages are skipped unread, not
+    // copied and dropped: a push carries up to 20), of the head commit its message.
     #[serde(default)]
-    commits: Option<Vec<GithubCommit>>,
+    commits: Option<Vec<GithubCommitId>>,
     #[serde(default)]
-    head_commit: Option<GithubCommit>,
+    head_commit: Option<GithubHeadCommit>,
 }
 #[derive(Deserialize)]
 struct GithubRepository {
@@ -177,9 +179,12 @@ struct GithubUser {
     login: Option<String>,
 }
 #[derive(Deserialize)]
-struct GithubCommit {
+struct GithubCommitId {
     #[serde(default)]
     id: Option<String>,
+}
+#[derive(Deserialize)]
+struct GithubHeadCommit {
     #[serde(default)]
     message: Option<String>,
 }

@@ -310,12 +310,20 @@ impl Hook {
         let header = |name: &str| headers.header(name);
         let query_token = || headers.query_token().map(str::to_owned);
         match self.cfg.kind {
-            HookKind::Github => Presented {
-                token: None,
-                sha256: header(GITHUB_SIGNATURE_HEADER),
-                sha1: header(GITHUB_SHA1_HEADER),
-                ..Presented::default()
-            },
+            HookKind::Github => {
+                let sha256 = header(GITHUB_SIGNATURE_HEADER);
+                Presented {
+                    token: None,
+                    sha256,
+                    // Only asked for when there is no SHA-256 signature, which wins.
+                    sha1: if sha256.is_none() {
+                        header(GITHUB_SHA1_HEADER)
+                    } else {
+                        None
+                    },
+                    ..Presented::default()
+                }
+            }
             HookKind::Dockerhub => Presented {
                 token: header(TOKEN_HEADER).map(str::to_owned).or_else(query_token),
                 ..Presented::default()
@@ -505,7 +513,7 @@ impl Service {
     /// generic request's timestamp must also be fresh.
     pub fn verify(&self, hook: &Hook, headers: &dyn Headers, body: &[u8]) -> Result<(), Reject> {
         let signed = hook.signed(headers);
-        let timestamp = headers.header(TIMESTAMP_HEADER);
+        let timestamp = signed.then(|| headers.header(TIMESTAMP_HEADER)).flatten();
         if signed && timestamp.is_none() {
             // Said apart from a wrong signature: a sender from before timestamps were
             // required learns what to add.
