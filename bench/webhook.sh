@@ -19,10 +19,12 @@ bin=${1:-$ROOT/target/release/drover}
 duration=${DURATION:-10s}
 connections=${CONNECTIONS:-16}
 threads=${THREADS:-2}
-port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
-ops_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-ops_config=", ops: { listen: \"127.0.0.1:$ops_port\" }"
-if [ "${OPS:-1}" = 0 ]; then ops_port=$port; ops_config=""; fi
+# shellcheck source=bench/webhook_common.sh
+. "$ROOT/bench/webhook_common.sh"
+port=${PORT:-$(free_port)}
+ops_port=$(free_port)
+# Builds before the operator listener serve metrics on the public port.
+if [ "${OPS:-1}" = 0 ]; then ops_port=$port; fi
 [ -x "$bin" ] || { echo "no drover binary at $bin (cargo build --release)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 
@@ -33,25 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-secret="bench-secret-$$"
-printf '%s\n' "$secret" >"$work/secret"
-cat >"$work/body.json" <<'JSON'
-{"ref":"refs/heads/main","before":"6113728f27ae82c7b1a177c8d03f9e96e0adf246","after":"59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5","repository":{"id":1296269,"name":"hello-world","full_name":"octocat/hello-world","private":false},"pusher":{"name":"octocat","email":"octocat@example.com"},"sender":{"login":"octocat","id":1},"commits":[{"id":"59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5","message":"Update README.md","author":{"name":"octocat","email":"octocat@example.com"}}]}
-JSON
-signature="sha256=$(openssl dgst -sha256 -hmac "$secret" -r <"$work/body.json" | cut -d' ' -f1)"
-
-cat >"$work/drover.yml" <<YML
-http: { listen: "127.0.0.1:$port"$ops_config }
-hooks:
-  - name: github
-    kind: github
-    secret_file: $work/secret
-    events: [push]
-    # Verified, parsed, then refused by this rule: no job, no engine call.
-    allow: { ref: "refs/heads/never" }
-    rate: 1000000
-    action: { command: ["true"] }
-YML
+webhook_fixture "$work"
+webhook_config "$work" "$port" "$ops_port"
 
 DROVER_LOG=${DROVER_LOG:-warn} "$bin" run --config "$work/drover.yml" >"$work/drover.log" 2>&1 &
 pid=$!

@@ -14,6 +14,8 @@
 # listener (as in bench/webhook.sh); KEEP=DIR keeps both profiles there (callgrind_annotate).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/webhook_common.sh
+. "$ROOT/bench/webhook_common.sh"
 bin=${1:-$ROOT/target/release/drover}
 small=${SMALL:-200}
 large=${LARGE:-1200}
@@ -29,31 +31,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-secret="bench-secret-$$"
-printf '%s\n' "$secret" >"$work/secret"
-body='{"ref":"refs/heads/main","before":"6113728f27ae82c7b1a177c8d03f9e96e0adf246","after":"59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5","repository":{"id":1296269,"name":"hello-world","full_name":"octocat/hello-world","private":false},"pusher":{"name":"octocat","email":"octocat@example.com"},"sender":{"login":"octocat","id":1},"commits":[{"id":"59b20b8d5c6ff8d09518454d4dd8b7b30f095ab5","message":"Update README.md","author":{"name":"octocat","email":"octocat@example.com"}}]}'
-printf '%s' "$body" >"$work/body.json"
-signature="sha256=$(openssl dgst -sha256 -hmac "$secret" -r <"$work/body.json" | cut -d' ' -f1)"
+webhook_fixture "$work"
 
 # Total user-space instructions of one drover run that answers `n` verified webhooks.
 instructions() {
-  local n=$1 port ops_port ops_config
+  local n=$1 port
   port=$(free_port)
-  ops_port=$(free_port)
-  ops_config=", ops: { listen: \"127.0.0.1:$ops_port\" }"
-  if [ "${OPS:-1}" = 0 ]; then ops_config=""; fi
-  cat >"$work/drover.yml" <<YML
-http: { listen: "127.0.0.1:$port"$ops_config }
-hooks:
-  - name: github
-    kind: github
-    secret_file: $work/secret
-    events: [push]
-    allow: { ref: "refs/heads/never" }
-    rate: 1000000
-    action: { command: ["true"] }
-YML
+  webhook_config "$work" "$port" "$(free_port)"
   DROVER_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
     "$bin" run --config "$work/drover.yml" >"$work/drover.log" 2>&1 &
   pid=$!
