@@ -6,22 +6,26 @@
 # Starts the binary under callgrind with bench/webhook.sh's hook (GitHub signature checked,
 # delivery recorded, payload parsed, refused by the `allow` rule: 422, no job), sends
 # SMALL and then LARGE requests over keep-alive connections, and reports
-# (Ir(LARGE) - Ir(SMALL)) / (LARGE - SMALL): start-up and shutdown cancel out. Kernel time
-# (loopback TCP, scheduling; about 60% of drover's CPU per webhook) is not counted.
+# (Ir(LARGE) - Ir(SMALL)) / (LARGE - SMALL). Counting starts once the intake has answered a
+# probe (`callgrind_control -i on`), so start-up is not counted and shutdown cancels out.
+# Kernel time (loopback TCP, scheduling; about 60% of drover's CPU per webhook) is not
+# counted.
 #
-# Usage: bench/webhook_instructions.sh [path/to/drover]   (needs valgrind, openssl)
-# Knobs: SMALL (200), LARGE (1200), CONNECTIONS (4); OPS=0 for builds before the operator
+# Usage: bench/webhook_instructions.sh [path/to/drover]   (needs valgrind, python3, openssl;
+# a Docker engine, as `drover run` waits for one before it takes webhooks)
+# Knobs: SMALL (500), LARGE (3000), CONNECTIONS (4); OPS=0 for builds before the operator
 # listener (as in bench/webhook.sh); KEEP=DIR keeps both profiles there (callgrind_annotate).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=bench/webhook_common.sh
 . "$ROOT/bench/webhook_common.sh"
 bin=${1:-$ROOT/target/release/drover}
-small=${SMALL:-200}
-large=${LARGE:-1200}
+small=${SMALL:-500}
+large=${LARGE:-3000}
 connections=${CONNECTIONS:-4}
 [ -x "$bin" ] || { echo "no drover binary at $bin (cargo build --release)" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "python3 is not installed" >&2; exit 1; }
 
 work=$(mktemp -d)
 pid=
@@ -33,17 +37,19 @@ trap cleanup EXIT
 
 webhook_fixture "$work"
 
-# Total user-space instructions of one drover run that answers `n` verified webhooks.
+# Sets $ir: the user-space instructions of one drover run, from its first answer on, that
+# answers `n` verified webhooks. Not run in $(...): a failure must stop the script, and
+# cleanup must see $pid.
 instructions() {
   local n=$1 port
   port=$(free_port)
   webhook_config "$work" "$port" "$(free_port)"
-  DROVER_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+  DROVER_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.out" \
     "$bin" run --config "$work/drover.yml" >"$work/drover.log" 2>&1 &
   pid=$!
-  python3 - "$port" "$n" "$connections" "$signature" "$work/body.json" <<'PY'
-import http.client, sys, time, threading
-port, n, conns, signature, body_file = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+  python3 - "$port" "$n" "$connections" "$signature" "$work/body.json" "$pid" <<'PY' || { echo "drover's log:" >&2; cat "$work/drover.log" >&2; exit 1; }
+import http.client, subprocess, sys, time, threading
+port, n, conns, signature, body_file, pid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 body = open(body_file, "rb").read()
 def post(c, delivery):
     c.request("POST", "/hooks/github", body=body, headers={
@@ -62,6 +68,7 @@ while status != 422:
         c.close()
     except OSError as e:
         status = e
+subprocess.run(["callgrind_control", "-i", "on", pid], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 bad = []
 def run(t, count):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -78,11 +85,12 @@ PY
   wait "$pid" || true
   pid=
   if [ -n "${KEEP:-}" ]; then cp "$work/cg.out" "$KEEP/callgrind.$n"; fi
-  awk '/^(summary|totals):/ {print $2; exit}' "$work/cg.out"
+  ir=$(awk '/^(summary|totals):/ {print $2; exit}' "$work/cg.out")
+  [ -n "$ir" ] || { echo "no instruction total in callgrind's output" >&2; exit 1; }
 }
 
-a=$(instructions "$small")
-b=$(instructions "$large")
+instructions "$small"; a=$ir
+instructions "$large"; b=$ir
 echo "drover $("$bin" --version 2>/dev/null | cut -d' ' -f2): $a Ir for $small webhooks, $b Ir for $large"
 awk -v a="$a" -v b="$b" -v n=$((large - small)) 'BEGIN {
   printf "user-space instructions per verified webhook: %.0f\n", (b - a) / n }'

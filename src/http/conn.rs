@@ -1,12 +1,14 @@
-//! Connections: accept, admit, serve with timers, drain.
+//! Connections and requests: accept, admit, serve with timers, drain.
 //!
 //! `axum::serve` has no timers and no caps, so a client that opens sockets and never
 //! finishes its headers holds them for ever. Here every connection is admitted through a
 //! [`Gate`] (a cap in all and per source address; beyond it the socket is closed at once),
 //! served by hyper's HTTP/1 connection with a header-read timeout (which also bounds the
 //! wait for the next request on a kept-alive connection) and watched for idleness: no byte
-//! either way for `idle_timeout` closes it. On shutdown the listener closes, connections
-//! finish the request in flight, and whatever is left after the drain limit is dropped.
+//! either way for `idle_timeout` closes it. Each request on it is admitted through the
+//! listener's request [`Gate`] (503 beyond) and given the request time limit (408), see
+//! [`Requests`]. On shutdown the listener closes, connections finish the request in
+//! flight, and whatever is left after the drain limit is dropped.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -381,6 +381,10 @@ impl hooks::Headers for RequestHeaders<'_> {
         // The first value, as `HeaderMap::get` gives, but found by a scan: a request has a
         // dozen headers, and comparing their (lowercase) names costs less than parsing and
         // hashing `name` for the lookup on every webhook.
+        debug_assert!(
+            !name.bytes().any(|b| b.is_ascii_uppercase()),
+            "header names are asked for in lowercase: {name}"
+        );
         self.headers
             .iter()
             .find(|(k, _)| k.as_str() == name)
