@@ -204,11 +204,6 @@ pub fn public_router(state: &AppState) -> Result<Router> {
     Ok(hooks::router(intake).merge(rest))
 }
 
-/// The operator router: status page, jobs, metrics, health.
-pub fn ops_router(state: OpsState) -> Router {
-    ops::router(state)
-}
-
 /// Public and operator routes on one router: for tests (`app().oneshot(..)`) and for
 /// [`serve_listener`]. Requests in flight and their time are bounded by the listener
 /// (`conn`), not by the router.
@@ -258,7 +253,7 @@ impl Switch {
     /// routes of `state`.
     pub fn install(self, state: &AppState) -> Result<()> {
         let public = public_router(state)?;
-        let ops = ops_router(state.ops()?);
+        let ops = ops::router(state.ops()?);
         // The waiting routers go; a request they are serving keeps its own clone.
         drop(self.public.send_replace(public));
         drop(self.ops.send_replace(ops));
@@ -274,7 +269,7 @@ impl Server {
     pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<(Server, Switch)> {
         let state = OpsState::new(board, None, &http.ops)?;
         let (public_tx, public) = tokio::sync::watch::channel(waiting_public(state.clone()));
-        let (ops_tx, ops) = tokio::sync::watch::channel(ops_router(state));
+        let (ops_tx, ops) = tokio::sync::watch::channel(ops::router(state));
         let server = Server {
             http: http.clone(),
             public: (bind(http.listen).await?, public),
@@ -1231,7 +1226,7 @@ hooks:
         assert_eq!(health["status"], "ok", "{health}");
         assert!(health.get("controller").is_none(), "{health}");
         assert!(health.get("peers").is_none(), "{health}");
-        let ops = ops_router(f.state.ops().expect("ops"));
+        let ops = ops::router(f.state.ops().expect("ops"));
         let (status, health) = send(&ops, get()).await;
         assert_eq!(status, StatusCode::OK);
         assert!(health.get("controller").is_some(), "{health}");
