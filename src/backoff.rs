@@ -55,10 +55,7 @@ impl Backoff {
         let base = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         // Jitter from the clock's low bits: no shared seed between instances.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos = (crate::clock::unix_nanos() % 1_000_000_000) as u32;
         base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
     }
 }

@@ -58,6 +58,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         board.clone(),
         config.resync,
         key.clone().map(|k| (k, config.cluster.listen.port())),
+        crate::cluster::contacts::global().clone(),
         role.clone(),
     );
     let (retarget, retargets) = crate::reload::channel(&config);
@@ -183,13 +184,13 @@ async fn webhook_side(
 
 /// The cluster key when its file is there (cluster mode); a key file that is there but
 /// cannot be read is a start-up error.
-fn cluster_key(config: &Config) -> anyhow::Result<Option<crate::cluster::agent::Key>> {
+fn cluster_key(config: &Config) -> anyhow::Result<Option<crate::cluster::wire::Key>> {
     let path = &config.cluster.key_file;
     if !path.exists() {
         info!(key_file = %path.display(), "no cluster key: agent API off, targets delivered locally");
         return Ok(None);
     }
-    Ok(Some(crate::cluster::agent::Key::load(path)?))
+    Ok(Some(crate::cluster::wire::Key::load(path)?))
 }
 
 /// A forwarded webhook must be answered before the caller's own request times out (408):
@@ -202,7 +203,7 @@ fn forward_timeout(http: &crate::config::Http) -> std::time::Duration {
 /// What the agent API is built from.
 struct Agent<'a> {
     config: &'a Config,
-    key: crate::cluster::agent::Key,
+    key: crate::cluster::wire::Key,
     engine: &'a Engine,
     state: &'a crate::http::AppState,
     role: watch::Receiver<Role>,
@@ -224,7 +225,7 @@ async fn start_agent(
         .await
         .with_context(|| format!("cannot listen on {} (agent API)", cluster.listen))?;
     let agent = Arc::new(agent::Agent::new(
-        agent::Guard::new(a.key.clone(), cluster.max_skew),
+        crate::cluster::wire::Guard::new(a.key.clone(), cluster.max_skew),
         Some(a.engine.clone()),
         &a.config.targets,
     ));

@@ -55,10 +55,7 @@ fn random_suffix() -> String {
         // No entropy source: still unique per process and call; O_EXCL keeps it safe.
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos = (crate::clock::unix_nanos() % 1_000_000_000) as u32;
         bytes[..8].copy_from_slice(&n.to_le_bytes());
         bytes[8..].copy_from_slice(&nanos.to_le_bytes());
     }

@@ -8,60 +8,17 @@
 //! queued and journalled by `jobs`, and `update` rolls services to new digests. `cluster`
 //! says which role this instance plays. `docker` is the only code that talks to the
 //! engine; `metrics` and `status` are what operators see.
-
-// composition root: wires everything below
-pub mod daemon;
-
-// command line, zero-config default, one-shot commands
-pub mod cli;
+//!
+//! Modules are listed bottom to top: each imports only from modules above it in this
+//! list (the shared nouns — `role`, `hash`, `clock`, `apply::Outcome`, `status`'s rows —
+//! sit below everything that uses them). A test in the test command fails on any import
+//! cycle between source files.
 
 // typed config, validated once
 pub mod config;
 
-// SIGHUP: the config file again, swapped in whole or refused
-pub mod reload;
-
 // the only code that talks to the engine
 pub mod docker;
-
-// retry delays shared by every loop that waits for the engine
-pub mod backoff;
-
-// engine events -> change hints
-pub mod watch;
-
-// one cached Snapshot of the cluster
-pub mod state;
-
-// pure: Snapshot + template -> bytes
-pub mod render;
-
-// min/max batching window per target
-pub mod debounce;
-
-// the loop: hints -> snapshot -> render -> apply
-pub mod reconcile;
-
-// stage, check, commit or restore, notify
-pub mod apply;
-
-// axum routers: hooks, jobs, operator endpoints, the status page
-pub mod http;
-
-// verify webhooks into facts
-pub mod hooks;
-
-// queue, coalesce and journal webhook work
-pub mod jobs;
-
-// digest -> pinned service update -> followed rollout
-pub mod update;
-
-// roles, peers, the agent API and delivery to other nodes
-pub mod cluster;
-
-// the `container` action: one-off containers for a hook's job
-pub mod container;
 
 // the one Prometheus registry
 pub mod metrics;
@@ -72,8 +29,65 @@ pub mod fsutil;
 // the one local command runner
 pub mod process;
 
+// retry delays shared by every loop that waits for the engine
+pub mod backoff;
+
 // bounded, secret-free job messages
 pub mod redact;
 
-// the status board operators read
+// the one wall clock
+pub mod clock;
+
+// the one content hash
+pub mod hash;
+
+// one cached Snapshot of the cluster, and the questions asked of it
+pub mod state;
+
+// engine events -> change hints
+pub mod watch;
+
+// min/max batching window per target
+pub mod debounce;
+
+// the rollout library: digest -> pinned service update -> followed rollout
+pub mod update;
+
+// what this instance is in its Swarm (a leaf noun)
+pub mod role;
+
+// the one executor: stage, check, isolate, probe certificates, commit or restore, notify
+pub mod apply;
+
+// the status board operators read, and its row types
 pub mod status;
+
+// queue, coalesce, journal and run webhook work (the runner and the container action)
+pub mod jobs;
+
+// the `container` action: one-off containers for a hook's job
+pub mod container;
+
+// pure: Snapshot + template -> bytes
+pub mod render;
+
+// verify webhooks into facts
+pub mod hooks;
+
+// roles (live), the agent wire protocol, agents, peers and delivery to other nodes
+pub mod cluster;
+
+// the loop: hints -> snapshot -> render -> apply or deliver
+pub mod reconcile;
+
+// axum routers: hooks, jobs, operator endpoints, the status page
+pub mod http;
+
+// SIGHUP: the config file again, swapped in whole or refused
+pub mod reload;
+
+// command line, zero-config default, one-shot commands
+pub mod cli;
+
+// composition root: wires everything below
+pub mod daemon;

@@ -8,6 +8,8 @@ use std::sync::RwLock;
 
 use serde::Serialize;
 
+use crate::apply::Report;
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TargetStatus {
     pub name: String,
@@ -26,7 +28,7 @@ pub struct TargetStatus {
     /// TLS hosts served on port 80 until their certificate files appear.
     pub without_certificate: Vec<String>,
     /// Per node, when the target is delivered through agents: outcome and hash there.
-    pub nodes: Vec<crate::cluster::delivery::NodeResult>,
+    pub nodes: Vec<NodeResult>,
 }
 
 /// The last check of a target's file. Shown (status page, JSON) as `none`, `passed`,
@@ -80,18 +82,74 @@ pub struct SkippedService {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct LeftOutHost {
-    pub host: String,
-    /// The checker's message that made drover leave the host out.
-    pub reason: String,
+pub use crate::apply::LeftOutHost;
+
+/// A target's state on one node it is delivered to through agents.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeResult {
+    pub node_id: String,
+    pub hostname: String,
+    pub state: NodeState,
+}
+
+/// What the controller knows of one node's file.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Its agent answered: what the one executor did there.
+    Reported(Report),
+    /// Its agent could not write the file.
+    Error(String),
+    /// No drover task runs on the node.
+    NoAgent,
+    /// Its agent did not answer.
+    Unreachable(String),
+}
+
+impl NodeResult {
+    /// The node still lacks the content for want of an answer or of something that may
+    /// come (its proxy not running yet, a render for its certificates): worth sending again.
+    pub fn owed(&self) -> bool {
+        match &self.state {
+            NodeState::Reported(r) => r.outcome.owed(),
+            NodeState::Error(_) | NodeState::NoAgent | NodeState::Unreachable(_) => true,
+        }
+    }
+
+    /// One word for logs, metrics and retry bookkeeping.
+    pub fn label(&self) -> &'static str {
+        match &self.state {
+            NodeState::Reported(r) => r.outcome.label(),
+            NodeState::Error(_) => "error",
+            NodeState::NoAgent => "no_agent",
+            NodeState::Unreachable(_) => "unreachable",
+        }
+    }
+
+    /// What went wrong there, in words.
+    pub fn message(&self) -> Option<&str> {
+        match &self.state {
+            NodeState::Reported(r) => r.outcome.message(),
+            NodeState::Error(m) | NodeState::Unreachable(m) => Some(m),
+            NodeState::NoAgent => Some("no running drover task on this node"),
+        }
+    }
+
+    /// The node's name for people: its hostname, else its id.
+    pub fn name(&self) -> &str {
+        if self.hostname.is_empty() {
+            &self.node_id
+        } else {
+            &self.hostname
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub version: &'static str,
     /// `None` until the engine has been asked.
-    pub role: Option<crate::cluster::role::Role>,
+    pub role: Option<crate::role::Role>,
     pub node: String,
     pub engine: String,
     pub ready: bool,
@@ -126,7 +184,7 @@ impl Board {
         s
     }
 
-    pub fn role(&self) -> Option<crate::cluster::role::Role> {
+    pub fn role(&self) -> Option<crate::role::Role> {
         self.inner.read().ok().and_then(|s| s.role)
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use drover::cluster::role::Role;
+use drover::role::Role;
 use drover::config::Config;
 use drover::docker::Engine;
 use drover::hooks;

@@ -5,7 +5,7 @@
 //! that has no Swarm API (a worker) learns where to forward webhooks and job reads. The
 //! controller records each peer's last successful contact, by heartbeat or delivery.
 //!
-//! Invariants: a heartbeat is an agent API request (same [`super::agent::Guard`]: key,
+//! Invariants: a heartbeat is an agent API request (same [`super::wire::Guard`]: key,
 //! clock skew, nonce), so only a holder of the cluster key can name the controller; the
 //! state is a few entries per node of the cluster, replaced, never appended to; a beat to
 //! all peers is concurrent and bounded by [`BEAT_TIMEOUT`], so a lost node costs one
@@ -14,16 +14,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::agent::{self, Key};
+use super::wire::{self, Key};
 use super::peers::Peer;
-use super::role::Role;
+use crate::role::Role;
 
 /// How often the controller says it is there. Cheap: one small signed POST per peer.
 pub const HEARTBEAT: Duration = Duration::from_secs(3);
@@ -96,11 +96,7 @@ fn ms_since(at: Instant, now: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u64::MAX)
 }
 
-fn unix_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+use crate::clock::unix_secs;
 
 impl Contacts {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -235,13 +231,13 @@ async fn beat(contacts: &Contacts, key: &Key) {
     let sends = peers.into_iter().map(|p| {
         let body = body.clone();
         async move {
-            let r = agent::call(
+            let r = wire::call(
                 p.addr,
                 key,
-                agent::HEARTBEAT_PATH,
+                wire::HEARTBEAT_PATH,
                 body,
                 BEAT_TIMEOUT,
-                agent::HEARTBEAT_ANSWER_MAX,
+                wire::HEARTBEAT_ANSWER_MAX,
             )
             .await;
             (p, r)

@@ -15,42 +15,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
-
-use super::agent::{self, ApplyRequest, Key};
+use super::contacts::Contacts;
 use super::peers::Peer;
-use crate::apply::sha256_hex;
+use super::wire::{self, Applied, ApplyRequest, Key};
+use crate::apply::{Outcome, Report};
 use crate::config::{Action, Delivery, Target};
-use crate::reconcile::Outcome;
+use crate::hash::sha256_hex;
 use crate::state::Snapshot;
+use crate::status::{NodeResult, NodeState};
 
-/// The outcome on one node, for the status page and the target's overall outcome.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct NodeResult {
-    pub node_id: String,
-    pub hostname: String,
-    /// An [`Outcome::label`], or `no_agent` / `unreachable`.
-    pub outcome: String,
-    /// Hash of the file in place on the node, as its agent last reported it.
-    pub hash: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
-
-impl NodeResult {
-    /// The node still lacks the content for want of an answer (no agent, unreachable, its
-    /// consumer not running yet, an error): worth sending again.
-    pub fn owed(&self) -> bool {
-        retried(&self.outcome)
-    }
-}
-
-/// Outcomes of a node that was not brought up to date and is tried again.
-fn retried(outcome: &str) -> bool {
-    matches!(
-        outcome,
-        "no_agent" | "unreachable" | "check_unavailable" | "error"
-    )
+/// A target's content as rendered for one set of certificate files.
+#[derive(Debug, Clone)]
+pub struct Rendition {
+    pub content: Vec<u8>,
+    /// The TLS hosts of the content.
+    pub tls: Vec<String>,
 }
 
 /// Services whose containers the target's check and notify steps reach.
@@ -71,14 +50,14 @@ pub fn consumer_services(target: &Target) -> BTreeSet<&str> {
 /// `nginx` or `STACK_nginx` of drover's own stack, as it does for local steps.
 pub fn consumer_nodes(target: &Target, snapshot: &Snapshot) -> BTreeSet<String> {
     let services = consumer_services(target);
-    let stack = crate::apply::own_stack(snapshot);
+    let stack = crate::state::own_stack(snapshot);
     snapshot
         .services
         .iter()
         .filter(|s| {
             services
                 .iter()
-                .any(|r| crate::apply::names_service(r, &s.name, stack))
+                .any(|r| crate::state::names_service(r, &s.name, stack))
         })
         .flat_map(|s| s.tasks.iter().filter(|t| t.is_live()))
         .map(|t| t.node_id.clone())
@@ -104,9 +83,18 @@ pub fn uses_agents(target: &Target, snapshot: &Snapshot, agents_on: bool) -> boo
 pub struct Deliverer {
     key: Key,
     port: u16,
-    /// Node id → hash its agent reported in place after a good apply.
-    delivered: BTreeMap<String, String>,
+    /// Node id → hash of the content its agent last settled on (applied, unchanged), and
+    /// what it reported then.
+    delivered: BTreeMap<String, (String, Report)>,
+    /// Node id → the TLS hosts whose certificate files its proxy has, as it last said.
+    certificates: BTreeMap<String, BTreeSet<String>>,
+    /// The TLS hosts of the last content delivered.
+    tls: Vec<String>,
 }
+
+/// Rounds one pass may spend: the first, and one for the nodes that asked for a content
+/// rendered for their certificate files.
+const ROUNDS: usize = 2;
 
 impl Deliverer {
     pub fn new(key: Key, port: u16) -> Deliverer {
@@ -114,6 +102,8 @@ impl Deliverer {
             key,
             port,
             delivered: BTreeMap::new(),
+            certificates: BTreeMap::new(),
+            tls: Vec::new(),
         }
     }
 
@@ -121,82 +111,146 @@ impl Deliverer {
         self.port
     }
 
-    /// Sends `content` to each of `nodes` whose file differs, through `peers`.
+    /// Whether a resync has something to look at again on some node: hosts left out, or
+    /// certificate files missing.
+    pub fn looks_outside(&self) -> bool {
+        self.delivered.values().any(|(_, last)| {
+            !last.left_out.is_empty()
+                || last.certificates.as_ref().is_some_and(|c| {
+                    self.tls.iter().any(|h| !c.contains(h))
+                })
+        })
+    }
+
+    /// The TLS hosts some delivered node has no certificate files for.
+    pub fn without_certificates(&self, tls: &[String]) -> BTreeSet<String> {
+        self.delivered
+            .keys()
+            .flat_map(|node| {
+                let has = self.certificates.get(node);
+                tls.iter()
+                    .filter(move |h| !has.is_some_and(|c| c.contains(*h)))
+                    .cloned()
+            })
+            .collect()
+    }
+
+    /// Brings each of `nodes` to the content `render` makes for that node's certificate
+    /// files, through `peers`. A node whose file already holds its content is not asked
+    /// (on a `resync` it is, when it has hosts left out or certificate files missing).
     pub async fn deliver(
         &mut self,
         target: &str,
-        content: &[u8],
         nodes: &BTreeSet<String>,
         peers: &BTreeMap<String, Peer>,
+        contacts: &Contacts,
+        resync: bool,
+        render: &(dyn Fn(&BTreeSet<String>) -> Option<Rendition> + Sync),
     ) -> Vec<NodeResult> {
         self.delivered.retain(|n, _| nodes.contains(n));
-        let hash = sha256_hex(content);
-        let request = ApplyRequest::new(target, content);
-        let mut results = Vec::new();
-        let mut sends = Vec::new();
-        for node in nodes {
-            let hostname = peers
-                .get(node)
-                .map(|p| p.hostname.clone())
-                .unwrap_or_default();
-            if self.delivered.get(node) == Some(&hash) {
-                results.push(NodeResult {
+        self.certificates.retain(|n, _| nodes.contains(n));
+        let mut renditions: BTreeMap<BTreeSet<String>, Option<Rendition>> = BTreeMap::new();
+        let mut results: BTreeMap<String, NodeResult> = BTreeMap::new();
+        let mut todo: Vec<String> = nodes.iter().cloned().collect();
+        for round in 0..ROUNDS {
+            let mut sends = Vec::new();
+            for node in std::mem::take(&mut todo) {
+                let hostname = peers
+                    .get(&node)
+                    .map(|p| p.hostname.clone())
+                    .unwrap_or_default();
+                let result = |state| NodeResult {
                     node_id: node.clone(),
-                    hostname,
-                    outcome: Outcome::Unchanged.label().to_owned(),
-                    hash: Some(hash.clone()),
-                    message: None,
-                });
-                continue;
-            }
-            let Some(peer) = peers.get(node) else {
-                results.push(NodeResult {
-                    node_id: node.clone(),
-                    hostname,
-                    outcome: "no_agent".to_owned(),
-                    hash: None,
-                    message: Some("no running drover task on this node".to_owned()),
-                });
-                continue;
-            };
-            let (key, request, peer) = (self.key.clone(), request.clone(), peer.clone());
-            sends.push(async move {
-                let answer = agent::send(peer.addr, &key, &request).await;
-                (peer, answer)
-            });
-        }
-        for (peer, answer) in futures_util::future::join_all(sends).await {
-            let result = match answer {
-                Ok(a) => {
-                    super::contacts::global().touch(&peer.node_id);
-                    if matches!(
-                        a.outcome.as_str(),
-                        "applied" | "unchanged" | "notify_failed"
-                    ) && a.hash.as_deref() == Some(hash.as_str())
-                    {
-                        self.delivered.insert(peer.node_id.clone(), hash.clone());
-                    }
-                    NodeResult {
-                        node_id: peer.node_id,
-                        hostname: peer.hostname,
-                        outcome: a.outcome,
-                        hash: a.hash,
-                        message: a.message,
-                    }
+                    hostname: hostname.clone(),
+                    state,
+                };
+                let with = self.certificates.get(&node).cloned().unwrap_or_default();
+                let rendition = renditions
+                    .entry(with.clone())
+                    .or_insert_with(|| render(&with))
+                    .clone();
+                let Some(rendition) = rendition else {
+                    let failed = result(NodeState::Error("render failed".to_owned()));
+                    results.insert(node, failed);
+                    continue;
+                };
+                let hash = sha256_hex(&rendition.content);
+                self.tls.clone_from(&rendition.tls);
+                if let Some((_, last)) = self.delivered.get(&node).filter(|(h, last)| {
+                    *h == hash && !(resync && looks_outside(last, &rendition.tls))
+                }) {
+                    let unchanged = Report {
+                        outcome: Outcome::Unchanged,
+                        ..last.clone()
+                    };
+                    results.insert(node.clone(), result(NodeState::Reported(unchanged)));
+                    continue;
                 }
-                Err(e) => NodeResult {
-                    node_id: peer.node_id,
+                let Some(peer) = peers.get(&node) else {
+                    results.insert(node.clone(), result(NodeState::NoAgent));
+                    continue;
+                };
+                let request = ApplyRequest {
+                    tls: rendition.tls.clone(),
+                    with_certificates: with,
+                    resync: resync && round == 0,
+                    ..ApplyRequest::new(target, &rendition.content)
+                };
+                let (key, peer) = (self.key.clone(), peer.clone());
+                sends.push(async move {
+                    let answer = wire::send(peer.addr, &key, &request).await;
+                    (peer, hash, answer)
+                });
+            }
+            for (peer, hash, answer) in futures_util::future::join_all(sends).await {
+                let state = match answer {
+                    Ok(a) => {
+                        contacts.touch(&peer.node_id);
+                        match a.result {
+                            Applied::Report(r) => {
+                                if let Some(c) = &r.certificates {
+                                    self.certificates.insert(peer.node_id.clone(), c.clone());
+                                }
+                                if r.outcome == Outcome::Rerender {
+                                    todo.push(peer.node_id.clone());
+                                }
+                                if r.outcome.settled() {
+                                    self.delivered
+                                        .insert(peer.node_id.clone(), (hash, r.clone()));
+                                } else {
+                                    self.delivered.remove(&peer.node_id);
+                                }
+                                NodeState::Reported(r)
+                            }
+                            Applied::Error(e) => NodeState::Error(e),
+                        }
+                    }
+                    Err(e) => NodeState::Unreachable(e.to_string()),
+                };
+                let result = NodeResult {
+                    node_id: peer.node_id.clone(),
                     hostname: peer.hostname,
-                    outcome: "unreachable".to_owned(),
-                    hash: None,
-                    message: Some(e.to_string()),
-                },
-            };
-            results.push(result);
+                    state,
+                };
+                results.insert(peer.node_id, result);
+            }
+            if todo.is_empty() {
+                break;
+            }
         }
+        let mut results: Vec<NodeResult> = results.into_values().collect();
         results.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.node_id.cmp(&b.node_id)));
         results
     }
+}
+
+/// Whether a node's last report leaves something a resync looks at again there.
+fn looks_outside(last: &Report, tls: &[String]) -> bool {
+    !last.left_out.is_empty()
+        || last
+            .certificates
+            .as_ref()
+            .is_some_and(|c| tls.iter().any(|h| !c.contains(h)))
 }
 
 /// The target's overall outcome from its nodes' outcomes: a check failure anywhere wins
@@ -204,38 +258,39 @@ impl Deliverer {
 /// applied when any node took the file, unchanged when none needed it. No consumer node
 /// at all is a check that cannot run (retried, like a local consumer that is down).
 pub fn overall(results: &[NodeResult]) -> Outcome {
-    let messages = |pick: &dyn Fn(&str) -> bool| {
+    let messages = |pick: &dyn Fn(&NodeResult) -> bool| {
         results
             .iter()
-            .filter(|r| pick(&r.outcome))
-            .map(|r| {
-                format!(
-                    "{}: {}",
-                    if r.hostname.is_empty() {
-                        &r.node_id
-                    } else {
-                        &r.hostname
-                    },
-                    r.message.as_deref().unwrap_or(&r.outcome)
-                )
-            })
+            .filter(|r| pick(r))
+            .map(|r| format!("{}: {}", r.name(), r.message().unwrap_or(r.label())))
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let any = |o: &str| results.iter().any(|r| r.outcome == o);
+    let reported = |r: &NodeResult, pick: fn(&Outcome) -> bool| {
+        matches!(&r.state, NodeState::Reported(report) if pick(&report.outcome))
+    };
+    let bad = |r: &NodeResult| {
+        reported(r, |o| {
+            matches!(o, Outcome::CheckFailed(_) | Outcome::KnownBad)
+        })
+    };
+    let notify = |r: &NodeResult| reported(r, |o| matches!(o, Outcome::NotifyFailed(_)));
     if results.is_empty() {
         return Outcome::CheckUnavailable("no node runs the target's consumer".to_owned());
     }
-    if any("check_failed") || any("known_bad") {
-        return Outcome::CheckFailed(messages(&|o| o == "check_failed" || o == "known_bad"));
+    if results.iter().any(bad) {
+        return Outcome::CheckFailed(messages(&bad));
     }
     if results.iter().any(NodeResult::owed) {
-        return Outcome::CheckUnavailable(messages(&retried));
+        return Outcome::CheckUnavailable(messages(&NodeResult::owed));
     }
-    if any("notify_failed") {
-        return Outcome::NotifyFailed(messages(&|o| o == "notify_failed"));
+    if results.iter().any(notify) {
+        return Outcome::NotifyFailed(messages(&notify));
     }
-    if any("applied") {
+    if results
+        .iter()
+        .any(|r| reported(r, |o| matches!(o, Outcome::Applied)))
+    {
         Outcome::Applied
     } else {
         Outcome::Unchanged
@@ -245,7 +300,7 @@ pub fn overall(results: &[NodeResult]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::STACK_LABEL;
+    use crate::state::STACK_LABEL;
     use crate::state::{Own, Service, Task};
 
     fn target(delivery: &str) -> Target {
@@ -286,13 +341,20 @@ mod tests {
         }
     }
 
-    fn result(outcome: &str) -> NodeResult {
+    fn result(outcome: Outcome) -> NodeResult {
+        state(NodeState::Reported(Report {
+            outcome,
+            hash: None,
+            left_out: Vec::new(),
+            certificates: None,
+        }))
+    }
+
+    fn state(state: NodeState) -> NodeResult {
         NodeResult {
             node_id: "n".into(),
             hostname: "h".into(),
-            outcome: outcome.into(),
-            hash: None,
-            message: None,
+            state,
         }
     }
 
@@ -349,24 +411,24 @@ mod tests {
     #[test]
     fn the_overall_outcome_puts_bad_files_first_then_retries() {
         assert_eq!(
-            overall(&[result("applied"), result("unchanged")]),
+            overall(&[result(Outcome::Applied), result(Outcome::Unchanged)]),
             Outcome::Applied
         );
-        assert_eq!(overall(&[result("unchanged")]), Outcome::Unchanged);
+        assert_eq!(overall(&[result(Outcome::Unchanged)]), Outcome::Unchanged);
         assert!(matches!(
             overall(&[
-                result("applied"),
-                result("check_failed"),
-                result("unreachable")
+                result(Outcome::Applied),
+                result(Outcome::CheckFailed("bad".into())),
+                state(NodeState::Unreachable("gone".into()))
             ]),
             Outcome::CheckFailed(_)
         ));
         assert!(matches!(
-            overall(&[result("applied"), result("no_agent")]),
+            overall(&[result(Outcome::Applied), state(NodeState::NoAgent)]),
             Outcome::CheckUnavailable(_)
         ));
         assert!(matches!(
-            overall(&[result("applied"), result("notify_failed")]),
+            overall(&[result(Outcome::Applied), result(Outcome::NotifyFailed("hup".into()))]),
             Outcome::NotifyFailed(_)
         ));
         assert!(matches!(overall(&[]), Outcome::CheckUnavailable(_)));
@@ -376,8 +438,17 @@ mod tests {
     async fn a_node_without_an_agent_is_reported_and_nothing_is_sent() {
         let mut d = Deliverer::new(Key::from_bytes(b"k"), 9091);
         let nodes = BTreeSet::from(["w1".to_owned()]);
-        let r = d.deliver("web", b"x", &nodes, &BTreeMap::new()).await;
+        let render = |_: &BTreeSet<String>| {
+            Some(Rendition {
+                content: b"x".to_vec(),
+                tls: Vec::new(),
+            })
+        };
+        let contacts = Contacts::default();
+        let r = d
+            .deliver("web", &nodes, &BTreeMap::new(), &contacts, false, &render)
+            .await;
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].outcome, "no_agent");
+        assert_eq!(r[0].state, NodeState::NoAgent);
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! Invariants: everything the controller acts on is inside the signed body (the agent
 //! signature covers the body only, so no header or path is trusted on its own); the
-//! answer is signed for its request ([`super::agent::call`]); bodies are bounded (the
+//! answer is signed for its request ([`super::wire::call`]); bodies are bounded (the
 //! hook's `max_body` in, [`MAX_ANSWER`] out) and so is time (the caller's request timeout).
 //! No controller known, or none reachable, is an error the caller turns into 503.
 
@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use super::agent::{self, Key};
+use super::wire::{self, Key};
 
 /// The headers a hook's verification and intake read; nothing else is forwarded.
 pub const FORWARDED_HEADERS: &[&str] = &[
@@ -172,7 +172,7 @@ pub enum Error {
     #[error("no controller known yet")]
     NoController,
     #[error(transparent)]
-    Agent(#[from] agent::Error),
+    Agent(#[from] wire::Error),
     #[error("the controller's answer cannot be read: {0}")]
     Answer(String),
 }
@@ -180,7 +180,7 @@ pub enum Error {
 /// What an instance needs to hand requests to the controller.
 pub struct Forwarder {
     key: Key,
-    role: tokio::sync::watch::Receiver<super::role::Role>,
+    role: tokio::sync::watch::Receiver<crate::role::Role>,
     contacts: std::sync::Arc<super::contacts::Contacts>,
     timeout: Duration,
 }
@@ -190,7 +190,7 @@ impl Forwarder {
     /// less a margin, so the caller answers 503 rather than being cut off with 408).
     pub fn new(
         key: Key,
-        role: tokio::sync::watch::Receiver<super::role::Role>,
+        role: tokio::sync::watch::Receiver<crate::role::Role>,
         contacts: std::sync::Arc<super::contacts::Contacts>,
         timeout: Duration,
     ) -> Forwarder {
@@ -207,7 +207,7 @@ impl Forwarder {
         !self.role.borrow().is_controller()
     }
 
-    pub fn role(&self) -> super::role::Role {
+    pub fn role(&self) -> crate::role::Role {
         *self.role.borrow()
     }
 
@@ -233,7 +233,7 @@ pub async fn to_controller<T: Serialize>(
 ) -> Result<Relay, Error> {
     let addr = controller.ok_or(Error::NoController)?;
     let body = serde_json::to_vec(message).map_err(|e| Error::Answer(e.to_string()))?;
-    let answer = agent::call(addr, key, path, body, timeout, MAX_ANSWER).await?;
+    let answer = wire::call(addr, key, path, body, timeout, MAX_ANSWER).await?;
     serde_json::from_slice(&answer).map_err(|e| Error::Answer(e.to_string()))
 }
 
@@ -297,7 +297,7 @@ mod tests {
         let r = to_controller(
             None,
             &Key::from_bytes(b"k"),
-            agent::HOOKS_PATH,
+            wire::HOOKS_PATH,
             &JobsQuery { id: None },
             Duration::from_secs(1),
         )

@@ -10,6 +10,7 @@
 //! cluster key.
 
 pub mod agent;
+pub mod wire;
 pub mod contacts;
 pub mod delivery;
 pub mod forward;

@@ -28,14 +28,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::role::Role;
+use crate::role::Role;
 use crate::config::{self, HookKind};
 use crate::jobs::{self, Jobs, Journal, Request, Runner, Submitted};
 use crate::metrics;
@@ -240,12 +240,7 @@ fn digest(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Unix seconds now; a clock before 1970 counts as 1970 (every timestamp is then stale).
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+use crate::clock::unix_secs as unix_now;
 
 /// Whether `X-Drover-Timestamp` is plain unix seconds within [`MAX_SKEW`] of `now`.
 fn fresh(timestamp: &str, now: i64) -> bool {

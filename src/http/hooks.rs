@@ -132,7 +132,7 @@ async fn hook(
     match result {
         Ok(Step::Forward(forward, envelope)) => {
             let relay = forward
-                .send(crate::cluster::agent::HOOKS_PATH, &envelope)
+                .send(crate::cluster::wire::HOOKS_PATH, &envelope)
                 .instrument(span.clone())
                 .await;
             span.in_scope(|| relayed(&name, relay))
@@ -156,7 +156,7 @@ fn relayed(name: &str, relay: Result<Relay, crate::cluster::forward::Error>) -> 
         }
         // Sent, but no answer in time: the controller may have accepted it.
         Err(
-            e @ crate::cluster::forward::Error::Agent(crate::cluster::agent::Error::Timeout {
+            e @ crate::cluster::forward::Error::Agent(crate::cluster::wire::Error::Timeout {
                 ..
             }),
         ) => {

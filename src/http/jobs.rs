@@ -42,7 +42,7 @@ async fn one(State(state): State<OpsState>, Path(id): Path<String>) -> Response 
 }
 
 async fn from_controller(forward: &Forwarder, query: JobsQuery) -> Response {
-    match forward.send(crate::cluster::agent::JOBS_PATH, &query).await {
+    match forward.send(crate::cluster::wire::JOBS_PATH, &query).await {
         Ok(relay) => relay.into_response(),
         Err(e) => {
             warn!(error = %e, "cannot read the controller's jobs");

@@ -36,9 +36,10 @@ pub use error::{Error, Result};
 pub use hooks::Intake;
 pub use ops::OpsState;
 
-use crate::cluster::agent::{Agent, Refusal, refused};
+use crate::cluster::agent::Agent;
+use crate::cluster::wire::{Refusal, refused};
 use crate::cluster::forward::{Envelope, Forwarder, JobsQuery, Relay};
-use crate::cluster::role::Role;
+use crate::role::Role;
 use crate::config;
 use crate::status::Board;
 
@@ -112,11 +113,11 @@ pub fn agent_routes(
     };
     Ok(Router::new()
         .route(
-            crate::cluster::agent::HOOKS_PATH,
+            crate::cluster::wire::HOOKS_PATH,
             axum::routing::post(forwarded_hook),
         )
         .route(
-            crate::cluster::agent::JOBS_PATH,
+            crate::cluster::wire::JOBS_PATH,
             axum::routing::post(forwarded_jobs),
         )
         // An envelope is the hook's body, base64, and a few headers.
@@ -337,7 +338,7 @@ pub async fn serve_agent(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "agent API listening");
     }
-    let agent_time = crate::cluster::agent::REQUEST_TIMEOUT + Duration::from_secs(1);
+    let agent_time = crate::cluster::wire::REQUEST_TIMEOUT + Duration::from_secs(1);
     let mut limits = limits(http, "agent_connections");
     // The agent's router bounds its own requests' time; forwarded requests were counted
     // where they arrived.
@@ -358,7 +359,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::cluster::role::Role;
+    use crate::role::Role;
     use crate::jobs::tests::FakeRunner;
     use crate::jobs::{JobState, Journal};
 
@@ -1237,10 +1238,10 @@ hooks:
     /// worker whose intake forwards to it.
     async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, CancellationToken) {
         use crate::cluster::{agent, contacts, forward};
-        let key = agent::Key::from_bytes(b"cluster key");
+        let key = crate::cluster::wire::Key::from_bytes(b"cluster key");
         let controller = fixture("").await;
         let agent = Arc::new(agent::Agent::new(
-            agent::Guard::new(key.clone(), Duration::from_secs(30)),
+            crate::cluster::wire::Guard::new(key.clone(), Duration::from_secs(30)),
             None,
             &[],
         ));

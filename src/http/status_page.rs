@@ -11,7 +11,6 @@
 //! keeps stable ids, classes and `data-*` attributes for browser tests.
 
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -82,10 +81,7 @@ pub fn contact_lines(view: &crate::cluster::contacts::View) -> Vec<String> {
 /// Renders the status page for `summary` and the job list `jobs` (a JSON array of job
 /// objects; anything else shows as no jobs).
 pub fn render(summary: &Summary, jobs: &Value) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::clock::unix_secs().max(0) as u64;
     render_at(summary, jobs, now)
 }
 
@@ -445,7 +441,7 @@ mod tests {
     fn summary() -> Summary {
         Summary {
             version: "0.1.0",
-            role: Some(crate::cluster::role::Role::Leader),
+            role: Some(crate::role::Role::Leader),
             node: "pine64-1".into(),
             engine: "unix:///var/run/docker.sock (29.0.1)".into(),
             ready: true,

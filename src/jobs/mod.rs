@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::future::BoxFuture;
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
-use crate::cluster::role::Role;
+use crate::role::Role;
 use crate::config;
 use crate::docker::Engine;
 use crate::metrics;
@@ -61,10 +61,7 @@ impl std::fmt::Display for JobId {
 impl JobId {
     fn generate() -> JobId {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = crate::clock::unix_nanos();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         JobId(format!("{nanos:x}-{n:x}"))
     }

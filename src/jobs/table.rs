@@ -33,12 +33,7 @@ pub struct Jobs {
     redactor: Redactor,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::clock::unix_millis as unix_ms;
 
 impl Jobs {
     /// The job table. A journal of this instance's own (a file) is loaded and its pending

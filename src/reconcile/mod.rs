@@ -10,34 +10,30 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-use crate::apply::Applier;
+use crate::apply::{Candidate, Local, Outcome, Report};
 use crate::backoff::Backoff;
-use crate::cluster::agent::Key;
-use crate::cluster::delivery::{self, Deliverer};
-use crate::cluster::role::Role;
+use crate::cluster::contacts::Contacts;
+use crate::cluster::delivery::{self, Deliverer, Rendition};
+use crate::cluster::wire::Key;
 use crate::config::Target;
 use crate::debounce::{Batch, Debouncer};
 use crate::docker::Engine;
-use crate::render::Template;
+use crate::render::{Rendered, Template};
+use crate::role::Role;
 use crate::state::Snapshot;
 use crate::status::{Board, SkippedService};
 use crate::watch::Hint;
 
-mod executor;
-pub mod isolate;
-pub mod plan;
 mod policy;
 mod report;
 
-pub use executor::Outcome;
-pub use plan::{Plan, Reach, TargetMemory, Unavailable};
 pub use policy::{Failure, Policy};
 
 /// The longest wait before a node the last delivery did not reach is tried again. A node
@@ -57,7 +53,8 @@ const CONVERGE_SLOW: Duration = Duration::from_secs(5);
 struct TargetState {
     config: Target,
     template: Result<Template, String>,
-    applier: Applier,
+    /// This node's file of the target: the one executor, also every agent's.
+    local: Local,
     /// Present when this instance has the cluster key: the agents' side of delivery.
     deliverer: Option<Deliverer>,
     debounce: Debouncer,
@@ -65,84 +62,33 @@ struct TargetState {
     /// The snapshot of the last pass that needs no retry: the same cluster again (a
     /// convergence poll or resync that found nothing new) is not rendered again.
     settled: Option<Arc<Snapshot>>,
-    /// Hash of the last content whose check failed.
-    known_bad: Option<String>,
-    /// The last check that could not run, and when to try it again.
-    unavailable: Option<Unavailable>,
-    check_backoff: Backoff,
+    /// Paces the retries of nodes an agents delivery did not bring up to date.
+    redeliver_backoff: Backoff,
     /// When the nodes an agents delivery did not reach are due again. A node whose agent
     /// comes up (its engine back, its drover task just started) sends no event of its own,
     /// so without this it would wait for the next change or resync with a stale file.
     redeliver_at: Option<Instant>,
     /// (node id, outcome) of the nodes last owed the content: when that changes (a node's
     /// agent appeared, one went away) the retry starts again from the shortest delay.
-    owed: BTreeSet<(String, String)>,
+    owed: BTreeSet<(String, &'static str)>,
     /// The reason of the last unavailable check, so a lasting outage is logged once.
     unavailable_reason: Option<String>,
-    /// Hosts left out of the file in place, with the hash of the block that failed (left
-    /// out again without a check while it stays the same, tried again on a resync) and
-    /// nginx's message.
-    left_out: BTreeMap<String, LeftOut>,
-    /// What drover knows of the TLS hosts' certificate files; `None` when it cannot look
-    /// (not the built-in nginx template, or a check that runs no command).
-    certs: Option<Certs>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LeftOut {
-    hash: String,
-    reason: String,
-}
-
-#[derive(Debug, Default)]
-struct Certs {
-    /// Hosts whose certificate files were there when last looked at.
-    present: BTreeSet<String>,
-    /// TLS hosts last reported as served on port 80.
-    missing: BTreeSet<String>,
-    /// Hosts looked at since they became TLS hosts.
-    probed: BTreeSet<String>,
+    /// Hosts left out as last reported, so each change is logged once.
+    left_out: BTreeMap<String, String>,
+    /// TLS hosts last reported as served on port 80 (on some node); `None`: not yet.
+    without_certificate: Option<BTreeSet<String>>,
 }
 
 impl TargetState {
-    /// The error policy of one target: what its plan and outcome teach for next time.
-    fn remember(
-        &mut self,
-        planned: &Plan,
-        outcome: &Result<Outcome, crate::apply::Error>,
-        now: Instant,
-    ) {
-        match (planned, outcome) {
-            (Plan::Write(w), Ok(Outcome::CheckFailed(_))) => self.known_bad = Some(w.hash.clone()),
-            (_, Ok(Outcome::Applied | Outcome::NotifyFailed(_))) => {
-                self.known_bad = None;
-                self.unavailable = None;
-                self.unavailable_reason = None;
-                self.check_backoff.reset();
-            }
-            (Plan::Write(w), Ok(Outcome::CheckUnavailable(_))) => {
-                if let Some(check) = &w.check {
-                    self.unavailable = Some(Unavailable {
-                        reach: check.reach.clone(),
-                        retry_at: now + self.check_backoff.delay(),
-                    });
-                }
-            }
-            (Plan::CheckUnavailable(on), _) => {
-                self.unavailable = Some(Unavailable {
-                    reach: Reach::Nobody(on.clone()),
-                    retry_at: now + self.check_backoff.delay(),
-                });
-            }
-            _ => {}
-        }
+    /// When a check that could not run, or a delivery that did not reach every node, is
+    /// due again: the target's one next look besides its debounce window.
+    fn retry_at(&self) -> Option<Instant> {
+        self.local.retry_at().into_iter().chain(self.redeliver_at).min()
     }
 
-    /// When a check that could not run, or a delivery that did not reach every node, is
-    /// due again.
-    fn retry_at(&self) -> Option<Instant> {
-        let check = self.unavailable.as_ref().map(|u| u.retry_at);
-        check.into_iter().chain(self.redeliver_at).min()
+    /// Whether a resync has something to look at again that the cluster does not tell.
+    fn looks_outside(&self) -> bool {
+        self.local.looks_outside() || self.deliverer.as_ref().is_some_and(Deliverer::looks_outside)
     }
 }
 
@@ -152,6 +98,7 @@ pub struct Reconciler {
     board: Arc<Board>,
     resync: Duration,
     agents: Option<(Key, u16)>,
+    contacts: Arc<Contacts>,
     retargets: Option<watch::Receiver<Retarget>>,
     /// In cluster mode only the controller renders; a change of role is a full pass.
     role: watch::Receiver<Role>,
@@ -170,28 +117,26 @@ fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)>) -> Targe
     if let Err(e) = &template {
         warn!(target = %t.name, error = %e, "template does not compile; target disabled");
     }
-    let applier = Applier::new(t);
+    let local = Local::new(t);
     board.update_target(&t.name, |s| {
         s.output = t.output.display().to_string();
-        s.hash = applier.current_hash().map(str::to_owned);
+        s.hash = local.current_hash().map(str::to_owned);
         s.error = template.as_ref().err().cloned();
     });
     TargetState {
         config: t.clone(),
         template,
-        applier,
+        local,
         deliverer: agents.map(|(key, port)| Deliverer::new(key.clone(), *port)),
         debounce: Debouncer::new(t.debounce),
         last_skipped: Vec::new(),
         settled: None,
-        known_bad: None,
-        unavailable: None,
-        check_backoff: Backoff::new(),
+        redeliver_backoff: Backoff::new(),
         redeliver_at: None,
         owed: BTreeSet::new(),
         unavailable_reason: None,
         left_out: BTreeMap::new(),
-        certs: probes_certificates(t).then(Certs::default),
+        without_certificate: None,
     }
 }
 
@@ -207,10 +152,7 @@ async fn next_retarget(retargets: &mut Option<watch::Receiver<Retarget>>) -> Ret
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    u64::try_from(crate::clock::unix_secs()).unwrap_or(0)
 }
 
 impl Reconciler {
@@ -222,6 +164,7 @@ impl Reconciler {
         board: Arc<Board>,
         resync: Duration,
         agents: Option<(Key, u16)>,
+        contacts: Arc<Contacts>,
         role: watch::Receiver<Role>,
     ) -> Reconciler {
         let targets = targets
@@ -234,6 +177,7 @@ impl Reconciler {
             board,
             resync,
             agents,
+            contacts,
             retargets: None,
             role,
         }
@@ -384,7 +328,7 @@ impl Reconciler {
                     // A check or notify step can take up to its timeout: shutdown does not wait.
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = pass(t, &snapshot, &self.engine, &self.board, batch, role, retry).instrument(span) => {}
+                        _ = pass(t, &snapshot, &self.engine, &self.board, &self.contacts, batch, role, retry).instrument(span) => {}
                     }
                 }
             }
@@ -423,7 +367,7 @@ impl Reconciler {
         let engine = self.engine.host().to_owned();
         if let Some((_, port)) = &self.agents {
             // Who the controller sends heartbeats to, and from which address.
-            crate::cluster::contacts::global().set_peers(
+            self.contacts.set_peers(
                 &snapshot.node_id,
                 crate::cluster::peers::peers(snapshot, *port),
             );
@@ -458,11 +402,13 @@ fn peers(snapshot: &Snapshot) -> Vec<String> {
     peers
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn pass(
     t: &mut TargetState,
     snapshot: &Arc<Snapshot>,
     engine: &Engine,
     board: &Board,
+    contacts: &Contacts,
     batch: Option<Batch>,
     role: Role,
     resync: bool,
@@ -472,11 +418,7 @@ async fn pass(
     t.redeliver_at = None;
     // A resync looks again at what the cluster does not tell: certificate files that may
     // have appeared, hosts left out that may pass now.
-    let outside = resync
-        && (!t.left_out.is_empty()
-            || t.certs
-                .as_ref()
-                .is_some_and(|c| c.probed.len() > c.present.len()));
+    let outside = resync && t.looks_outside();
     if t.settled.as_deref() == Some(&**snapshot) && !outside {
         return;
     }
@@ -493,31 +435,21 @@ async fn pass(
             return;
         }
     };
-    let started = Instant::now();
-    let options = |certs: &Option<Certs>| crate::render::Options {
-        certificates: certs.as_ref().map(|c| c.present.clone()),
+    let probes = t.local.probes_certificates();
+    let render = |with: &BTreeSet<String>| {
+        template.render_with(
+            snapshot,
+            &crate::render::Options {
+                certificates: probes.then(|| with.clone()),
+            },
+        )
     };
-    let mut rendered = template.render_with(snapshot, &options(&t.certs));
+    let started = Instant::now();
+    let with = t.local.certificates();
+    let rendered = render(&with);
     m.render_duration
         .with_label_values(&[name.as_str()])
         .observe(started.elapsed().as_secs_f64());
-    if let (Ok(r), Some(check)) = (&rendered, &t.config.check) {
-        if probe(&mut t.certs, check, engine, snapshot, &r.tls_hosts, resync).await {
-            rendered = template.render_with(snapshot, &options(&t.certs));
-        }
-    }
-    if let (Ok(r), Some(c)) = (&rendered, t.certs.as_mut()) {
-        let missing: BTreeSet<String> = r
-            .tls_hosts
-            .iter()
-            .filter(|h| !c.present.contains(*h))
-            .cloned()
-            .collect();
-        if missing != c.missing || t.settled.is_none() {
-            report::without_certificate(&name, board, &c.missing, &missing);
-            c.missing = missing;
-        }
-    }
     let rendered = match rendered {
         Ok(r) => r,
         Err(e) => {
@@ -542,249 +474,117 @@ async fn pass(
         .with_label_values(&[name.as_str()])
         .set(rendered.skipped.len() as i64);
 
-    let content = rendered.text.as_bytes();
     if let Some(d) = t
         .deliverer
         .as_mut()
         .filter(|_| delivery::uses_agents(&t.config, snapshot, true))
     {
-        // Through agents: each consumer node checks its own file; the controller keeps no
-        // local copy, so the local plan (and its memory) does not apply.
+        // Through agents: each consumer node runs the one executor on its own file, with
+        // a content rendered for the certificate files its proxy has.
         let consumers = delivery::consumer_nodes(&t.config, snapshot);
         let peers = crate::cluster::peers::peers(snapshot, d.port());
-        let nodes = d.deliver(&name, content, &consumers, &peers).await;
+        let for_node = |with: &BTreeSet<String>| {
+            render(with).ok().map(|r| Rendition {
+                content: r.text.into_bytes(),
+                tls: r.tls_hosts,
+            })
+        };
+        let nodes = d
+            .deliver(&name, &consumers, &peers, contacts, resync, &for_node)
+            .await;
         let outcome = Ok(delivery::overall(&nodes));
         let retry = matches!(outcome, Ok(Outcome::CheckUnavailable(_)));
         t.settled = (!retry).then(|| snapshot.clone());
         // No consumer at all is not retried: one appearing is a Swarm change, with events.
-        let owed: BTreeSet<(String, String)> = nodes
+        let owed: BTreeSet<(String, &'static str)> = nodes
             .iter()
             .filter(|n| n.owed())
-            .map(|n| (n.node_id.clone(), n.outcome.clone()))
+            .map(|n| (n.node_id.clone(), n.label()))
             .collect();
         if owed != t.owed {
-            t.check_backoff.reset();
+            t.redeliver_backoff.reset();
         }
-        let delay = t.check_backoff.delay().min(REDELIVER_MAX);
+        let delay = t.redeliver_backoff.delay().min(REDELIVER_MAX);
         t.redeliver_at = (!owed.is_empty()).then(|| Instant::now() + delay);
         t.owed = owed;
-        report::outcome(t, board, &outcome, batch, rendered.skipped);
-        let hash = matches!(
-            outcome,
-            Ok(Outcome::Applied | Outcome::NotifyFailed(_) | Outcome::Unchanged)
-        )
-        .then(|| crate::apply::sha256_hex(content));
-        board.update_target(&name, |s| {
-            s.nodes = nodes;
-            if hash.is_some() {
-                s.hash = hash;
-            }
+        let without = d.without_certificates(&rendered.tls_hosts);
+        report::without_certificate(t, board, without);
+        let left_out = nodes
+            .iter()
+            .filter_map(|n| match &n.state {
+                crate::status::NodeState::Reported(r) => Some(&r.left_out),
+                _ => None,
+            })
+            .flatten()
+            .map(|l| (l.host.clone(), l.reason.clone()))
+            .collect();
+        report::left_out(t, board, left_out);
+        let hash = matches!(&outcome, Ok(o) if o.settled()).then(|| {
+            crate::hash::sha256_hex(rendered.text.as_bytes())
         });
+        report::outcome(t, board, &outcome, hash.clone(), batch, rendered.skipped);
+        board.update_target(&name, |s| s.nodes = nodes);
         return;
     }
-    // Hosts that failed before with the same block stay out without another check; a
-    // resync tries them all again (a certificate fixed in place changes no block).
-    let blocks = isolate::blocks(&rendered.text);
-    let mut left: BTreeMap<String, LeftOut> = if resync {
-        BTreeMap::new()
-    } else {
-        blocks
-            .iter()
-            .filter_map(|b| {
-                let l = t.left_out.get(&b.host).filter(|l| l.hash == b.hash)?;
-                Some((b.host.clone(), l.clone()))
-            })
-            .collect()
-    };
-    let text = if left.is_empty() {
-        rendered.text.clone()
-    } else {
-        isolate::without(&rendered.text, &left.keys().cloned().collect())
-    };
-    let content = text.as_bytes();
-    let memory = TargetMemory {
-        current: t.applier.current_hash().map(str::to_owned),
-        known_bad: t.known_bad.clone(),
-        unavailable: t.unavailable.clone(),
-    };
     let now = Instant::now();
-    let planned = plan::plan(&t.config, snapshot, content, &memory, now);
-    let mut outcome = match &planned {
-        Plan::Unchanged => Ok(Outcome::Unchanged),
-        Plan::KnownBad => Ok(Outcome::KnownBad),
-        Plan::Wait(_) => Ok(Outcome::Waiting),
-        Plan::CheckUnavailable(on) => Ok(Outcome::CheckUnavailable(format!(
-            "no running container matches {on}"
-        ))),
-        Plan::Write(w) => {
-            executor::execute(&mut t.applier, w, content, Some(engine), snapshot).await
+    let mut applied = apply_here(&mut t.local, &rendered, &with, engine, snapshot, resync, now).await;
+    if let Ok(r) = &applied {
+        if r.outcome == Outcome::Rerender {
+            // This node's certificate files differ from what was known: render for them.
+            let with = r.certificates.clone().unwrap_or_default();
+            match render(&with) {
+                Ok(again) => {
+                    applied =
+                        apply_here(&mut t.local, &again, &with, engine, snapshot, resync, now)
+                            .await;
+                }
+                Err(e) => warn!(error = %e, "render for the certificate files failed"),
+            }
         }
-    };
-    if let (Plan::Write(w), Ok(Outcome::CheckFailed(output))) = (&planned, &outcome) {
-        let output = output.clone();
-        outcome = leave_out_failing(
-            t,
-            w,
-            &rendered.text,
-            &text,
-            output,
-            &blocks,
-            &mut left,
-            engine,
-            snapshot,
-        )
-        .await;
     }
-    // The hosts left out stay as they were while the file in place did not change.
-    let settled_file = matches!(
-        outcome,
-        Ok(Outcome::Applied | Outcome::NotifyFailed(_) | Outcome::Unchanged)
-    );
-    if settled_file {
-        report::left_out(t, board, left);
+    if probes {
+        let present = t.local.certificates();
+        let without = rendered
+            .tls_hosts
+            .iter()
+            .filter(|h| !present.contains(*h))
+            .cloned()
+            .collect();
+        report::without_certificate(t, board, without);
     }
-    t.remember(&planned, &outcome, now);
+    if let Some(r) = applied.as_ref().ok().filter(|r| r.outcome.settled()) {
+        let left_out = r
+            .left_out
+            .iter()
+            .map(|l| (l.host.clone(), l.reason.clone()))
+            .collect();
+        report::left_out(t, board, left_out);
+    }
+    let outcome = applied.map(|r| r.outcome);
     let retry = matches!(
         outcome,
-        Ok(Outcome::CheckUnavailable(_) | Outcome::Waiting) | Err(_)
+        Ok(Outcome::CheckUnavailable(_) | Outcome::Waiting | Outcome::Rerender) | Err(_)
     );
     t.settled = (!retry).then(|| snapshot.clone());
-    report::outcome(t, board, &outcome, batch, rendered.skipped);
+    let hash = t.local.current_hash().map(str::to_owned);
+    report::outcome(t, board, &outcome, hash, batch, rendered.skipped);
 }
 
-/// The check of `checked` failed with `output`: leaves out the hosts nginx blames (see
-/// [`isolate`]) and checks again, at most [`isolate::MAX_EXTRA_CHECKS`] times. Returns the
-/// last outcome; `left` ends as the hosts left out of the file in place.
-#[allow(clippy::too_many_arguments)]
-async fn leave_out_failing(
-    t: &mut TargetState,
-    write: &plan::Write,
-    full: &str,
-    checked: &str,
-    mut output: String,
-    full_blocks: &[isolate::Block],
-    left: &mut BTreeMap<String, LeftOut>,
+/// `rendered` (made for the certificate files `with`) through this node's executor.
+async fn apply_here(
+    local: &mut Local,
+    rendered: &Rendered,
+    with: &BTreeSet<String>,
     engine: &Engine,
     snapshot: &Snapshot,
-) -> Result<Outcome, crate::apply::Error> {
-    let failed = Ok(Outcome::CheckFailed(output.clone()));
-    if full_blocks.is_empty() {
-        return failed;
-    }
-    let good = t
-        .applier
-        .good()
-        .map(|g| isolate::blocks(&String::from_utf8_lossy(g)))
-        .unwrap_or_default();
-    let names = t.applier.file_names();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let hash_of = |host: &str| {
-        full_blocks
-            .iter()
-            .find(|b| b.host == host)
-            .map(|b| b.hash.clone())
-            .unwrap_or_default()
-    };
-    let mut checked_blocks = isolate::blocks(checked);
-    for _ in 0..isolate::MAX_EXTRA_CHECKS {
-        let Some(more) = isolate::next(&checked_blocks, &good, &output, &names) else {
-            break;
-        };
-        for (host, reason) in more {
-            let hash = hash_of(&host);
-            left.insert(host, LeftOut { hash, reason });
-        }
-        let text = isolate::without(full, &left.keys().cloned().collect());
-        let hash = crate::apply::sha256_hex(text.as_bytes());
-        if t.applier.current_hash() == Some(hash.as_str()) {
-            return Ok(Outcome::Unchanged);
-        }
-        let attempt = plan::Write {
-            hash,
-            ..write.clone()
-        };
-        match executor::execute(
-            &mut t.applier,
-            &attempt,
-            text.as_bytes(),
-            Some(engine),
-            snapshot,
-        )
-        .await
-        {
-            Ok(Outcome::CheckFailed(o)) => {
-                output = o;
-                checked_blocks = isolate::blocks(&text);
-            }
-            other => return other,
-        }
-    }
-    failed
-}
-
-/// Whether drover can look up `target`'s certificate files: the built-in nginx template
-/// (it knows where they are) with a check that runs a command somewhere.
-fn probes_certificates(target: &Target) -> bool {
-    target.builtin() == Some("nginx")
-        && matches!(
-            target.check,
-            Some(crate::config::Action::Exec(_) | crate::config::Action::Command(_))
-        )
-}
-
-/// Looks up the certificate files of TLS hosts not looked at yet (on a resync: of every
-/// TLS host without them). Returns whether what is known changed for a host in `tls`.
-async fn probe(
-    certs: &mut Option<Certs>,
-    check: &crate::config::Action,
-    engine: &Engine,
-    snapshot: &Snapshot,
-    tls: &[String],
     resync: bool,
-) -> bool {
-    let Some(c) = certs.as_mut() else {
-        return false;
+    now: Instant,
+) -> Result<Report, crate::apply::Error> {
+    let candidate = Candidate {
+        content: rendered.text.as_bytes(),
+        tls: &rendered.tls_hosts,
+        with_certificates: with,
+        resync,
     };
-    let ask: Vec<String> = tls
-        .iter()
-        .filter(|h| !c.probed.contains(*h) || (resync && !c.present.contains(*h)))
-        .cloned()
-        .collect();
-    // Hosts no longer TLS are forgotten, so they are looked at again if they come back.
-    let tls_set: BTreeSet<&String> = tls.iter().collect();
-    c.probed.retain(|h| tls_set.contains(h));
-    c.present.retain(|h| tls_set.contains(h));
-    if ask.is_empty() {
-        return false;
-    }
-    let found = crate::apply::existing_certificates(
-        check,
-        Some(engine),
-        snapshot,
-        crate::render::CERT_DIR,
-        &ask,
-    )
-    .await;
-    match found {
-        Some(Ok(found)) => {
-            let mut changed = false;
-            for h in ask {
-                let now = found.contains(&h);
-                changed |= now != c.present.contains(&h);
-                if now {
-                    c.present.insert(h.clone());
-                } else {
-                    c.present.remove(&h);
-                }
-                c.probed.insert(h);
-            }
-            changed
-        }
-        Some(Err(e)) => {
-            // Asked again next pass; until then the hosts are served as before.
-            tracing::debug!(error = %e, "cannot look up certificate files");
-            false
-        }
-        None => false,
-    }
+    local.apply(candidate, Some(engine), snapshot, now).await
 }

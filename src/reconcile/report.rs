@@ -10,7 +10,8 @@ use tracing::{info, warn};
 use crate::debounce::Batch;
 use crate::status::{Board, CheckResult, LeftOutHost, SkippedService};
 
-use super::{LeftOut, Outcome, TargetState, unix_now};
+use super::{TargetState, unix_now};
+use crate::apply::Outcome;
 
 pub(super) fn count(target: &str, outcome: &str) {
     crate::metrics::get()
@@ -23,6 +24,7 @@ pub(super) fn outcome(
     t: &mut TargetState,
     board: &Board,
     outcome: &Result<Outcome, crate::apply::Error>,
+    hash: Option<String>,
     batch: Option<Batch>,
     skipped: Vec<SkippedService>,
 ) {
@@ -35,16 +37,16 @@ pub(super) fn outcome(
     let mut check = None;
     match outcome {
         Ok(o) => {
-            if !matches!(o, Outcome::Waiting) {
+            if !matches!(o, Outcome::Waiting | Outcome::Rerender) {
                 count(name, o.label());
             }
             match o {
-                Outcome::Unchanged | Outcome::KnownBad | Outcome::Waiting => {}
+                Outcome::Unchanged | Outcome::KnownBad | Outcome::Waiting | Outcome::Rerender => {}
                 Outcome::Applied | Outcome::NotifyFailed(_) => {
                     if has_check {
                         check = Some(CheckResult::Passed);
                     }
-                    let hash = t.applier.current_hash().unwrap_or_default();
+                    let hash = hash.as_deref().unwrap_or_default();
                     m.last_apply
                         .with_label_values(&[name])
                         .set(unix_now() as i64);
@@ -90,13 +92,14 @@ pub(super) fn outcome(
         m.checks.with_label_values(&[name, c.word()]).inc();
     }
     let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
-    let hash = t.applier.current_hash().map(str::to_owned);
     board.update_target(name, |s| {
         s.last_render = Some(unix_now());
         if applied {
             s.last_apply = Some(unix_now());
         }
-        s.hash = hash;
+        if hash.is_some() {
+            s.hash = hash;
+        }
         if let Some(c) = check {
             s.check = c;
         }
@@ -105,13 +108,16 @@ pub(super) fn outcome(
     });
 }
 
-/// The hosts left out of the file now in place: one log line per host when it starts or
-/// stops being left out, the gauge, the status page.
-pub(super) fn left_out(t: &mut TargetState, board: &Board, now: BTreeMap<String, LeftOut>) {
+/// The hosts left out of the file now in place (host → the checker's words): one log line
+/// per host when it starts or stops being left out, the gauge, the status page.
+pub(super) fn left_out(t: &mut TargetState, board: &Board, now: BTreeMap<String, String>) {
+    if now == t.left_out {
+        return;
+    }
     let name = t.config.name.as_str();
-    for (host, l) in &now {
+    for (host, reason) in &now {
         if !t.left_out.contains_key(host) {
-            warn!(host = %host, reason = %l.reason,
+            warn!(host = %host, reason = %reason,
                 "host left out: its server blocks fail the check; the other hosts are applied");
         }
     }
@@ -124,9 +130,9 @@ pub(super) fn left_out(t: &mut TargetState, board: &Board, now: BTreeMap<String,
         .set(now.len() as i64);
     let shown = now
         .iter()
-        .map(|(host, l)| LeftOutHost {
+        .map(|(host, reason)| LeftOutHost {
             host: host.clone(),
-            reason: l.reason.clone(),
+            reason: reason.clone(),
         })
         .collect();
     board.update_target(name, |s| s.left_out = shown);
@@ -135,16 +141,16 @@ pub(super) fn left_out(t: &mut TargetState, board: &Board, now: BTreeMap<String,
 
 /// The TLS hosts served on port 80 for want of certificate files: logged when the set
 /// changes, the gauge, the status page.
-pub(super) fn without_certificate(
-    target: &str,
-    board: &Board,
-    before: &BTreeSet<String>,
-    now: &BTreeSet<String>,
-) {
-    for host in now.difference(before) {
+pub(super) fn without_certificate(t: &mut TargetState, board: &Board, now: BTreeSet<String>) {
+    let target = t.config.name.as_str();
+    if t.without_certificate.as_ref() == Some(&now) {
+        return;
+    }
+    let before = t.without_certificate.take().unwrap_or_default();
+    for host in now.difference(&before) {
         warn!(host = %host, "no certificate files yet: host served on port 80 until they appear");
     }
-    for host in before.difference(now) {
+    for host in before.difference(&now) {
         info!(host = %host, "certificate files found: host served with TLS");
     }
     crate::metrics::get()
@@ -153,4 +159,5 @@ pub(super) fn without_certificate(
         .set(now.len() as i64);
     let shown: Vec<String> = now.iter().cloned().collect();
     board.update_target(target, |s| s.without_certificate = shown);
+    t.without_certificate = Some(now);
 }

@@ -172,7 +172,7 @@ fn private_networks(networks: &crate::config::PrivateNetworks) -> Vec<String> {
 
 /// Where the built-in nginx template expects a TLS host's certificate (`HOST/fullchain.pem`
 /// and `HOST/privkey.pem` under it), as certbot writes them.
-pub const CERT_DIR: &str = "/etc/letsencrypt/live";
+pub use crate::apply::CERT_DIR;
 
 /// What a render knows beyond the snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

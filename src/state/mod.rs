@@ -11,9 +11,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod fetch;
+pub mod query;
 mod local;
 
 pub use fetch::fetch;
+pub use query::{STACK_LABEL, names_service, own_stack, resolve_services, select_containers};
 
 /// A Swarm task's state (`Status.State`, `DesiredState`), in the engine's words. Templates
 /// see the same lowercase strings; a state a newer engine adds reads as `unknown` and is

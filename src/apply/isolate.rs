@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use crate::apply::sha256_hex;
+use crate::hash::sha256_hex;
 
 /// Extra checks one pass may spend finding the hosts to leave out.
 pub const MAX_EXTRA_CHECKS: usize = 6;

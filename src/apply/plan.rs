@@ -10,7 +10,8 @@
 
 use tokio::time::Instant;
 
-use crate::apply::{select_containers, sha256_hex};
+use crate::hash::sha256_hex;
+use crate::state::select_containers;
 use crate::config::{Action, Selector, Target};
 use crate::state::Snapshot;
 

@@ -1,0 +1,89 @@
+//! Questions about a snapshot that several layers ask: which stack drover runs in, which
+//! services a step's reference names, which local containers a selector reaches. Pure.
+
+use crate::config::Selector;
+
+use super::Snapshot;
+
+/// The label `docker stack deploy` puts on every service and container of a stack.
+pub const STACK_LABEL: &str = "com.docker.stack.namespace";
+
+/// The stack drover itself was deployed in, from the labels of its own container, else of
+/// its own service; `None` outside a stack or when drover does not run in a container.
+pub fn own_stack(snapshot: &Snapshot) -> Option<&str> {
+    let own = snapshot.own.as_ref()?;
+    let from_container = snapshot
+        .containers
+        .iter()
+        .find(|c| c.id == own.container_id)
+        .and_then(|c| c.labels.get(STACK_LABEL));
+    let from_service = || {
+        let name = own.service.as_deref()?;
+        snapshot
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.labels.get(STACK_LABEL))
+    };
+    from_container
+        .or_else(from_service)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether a service reference of a check or notify step names `service`: the name as
+/// written, or the same name in drover's own stack (`nginx` names `home_nginx` when
+/// drover runs in stack `home`). `docker stack deploy` prefixes every service name with
+/// the stack's, so the shipped config can say `nginx` whatever the stack is called,
+/// which is how docker-pygen's `--signal nginx` kept working in the home lab.
+pub fn names_service(reference: &str, service: &str, stack: Option<&str>) -> bool {
+    service == reference
+        || stack.is_some_and(|stack| {
+            service
+                .strip_prefix(stack)
+                .and_then(|rest| rest.strip_prefix('_'))
+                == Some(reference)
+        })
+}
+
+/// The Swarm services a service reference names (see [`names_service`]); the reference
+/// itself when the snapshot knows none, so the engine reports what is missing.
+pub fn resolve_services(reference: &str, snapshot: &Snapshot) -> Vec<String> {
+    let stack = own_stack(snapshot);
+    let names: Vec<String> = snapshot
+        .services
+        .iter()
+        .filter(|s| names_service(reference, &s.name, stack))
+        .map(|s| s.name.clone())
+        .collect();
+    if names.is_empty() {
+        vec![reference.to_owned()]
+    } else {
+        names
+    }
+}
+
+/// Ids of the local containers an action reaches.
+pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
+    let stack = own_stack(snapshot);
+    snapshot
+        .containers
+        .iter()
+        .filter(|c| c.state == "running")
+        .filter(|c| match (&on.service, &on.container, &on.label) {
+            (Some(s), _, _) => {
+                c.service
+                    .as_deref()
+                    .is_some_and(|name| names_service(s, name, stack))
+                    || c.labels.get("com.docker.compose.service") == Some(s)
+            }
+            (_, Some(name), _) => c.name == *name || c.id.starts_with(name.as_str()),
+            (_, _, Some(label)) => match label.split_once('=') {
+                Some((k, v)) => c.labels.get(k).is_some_and(|x| x == v),
+                None => c.labels.contains_key(label.as_str()),
+            },
+            _ => false,
+        })
+        .map(|c| c.id.clone())
+        .collect()
+}
