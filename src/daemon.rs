@@ -173,7 +173,7 @@ async fn webhook_side(
             }
         }
     };
-    let runner = Arc::new(crate::update::Executor::new(engine, config)?);
+    let runner = Arc::new(crate::jobs::runner::Executor::new(engine, config)?);
     let hooks = crate::hooks::Service::new(config, runner, journal, role, shutdown).await?;
     Ok(crate::http::AppState::new(
         hooks,

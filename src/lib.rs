@@ -65,9 +65,6 @@ pub mod status;
 // queue, coalesce, journal and run webhook work (the runner and the container action)
 pub mod jobs;
 
-// the `container` action: one-off containers for a hook's job
-pub mod container;
-
 // pure: Snapshot + template -> bytes
 pub mod render;
 

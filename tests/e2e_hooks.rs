@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use drover::role::Role;
 use drover::config::Config;
 use drover::docker::Engine;
 use drover::hooks;
 use drover::jobs::Journal;
+use drover::jobs::runner::Executor;
+use drover::role::Role;
 use drover::status::Board;
-use drover::update::Executor;
 use support::*;
 use tokio_util::sync::CancellationToken;
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use drover::apply;
 use drover::config::{Action, Config, Selector};
 use drover::docker::Engine;
+use drover::jobs::runner::Executor;
 use drover::jobs::{Facts, JobId, JobState, RunContext, Runner, Work};
 use drover::state::Snapshot;
-use drover::update::Executor;
 use serde_json::Value;
 use support::*;
 

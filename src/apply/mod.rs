@@ -35,8 +35,8 @@ mod steps;
 
 pub use plan::{Plan, Reach, TargetMemory, Unavailable};
 pub use stage::{
-    Applier, CANDIDATE_UNSEEN, FILE_PLACEHOLDER, NGINX_STAGED_CHECK, checks_candidate,
-    staged_argv, write_file,
+    Applier, CANDIDATE_UNSEEN, FILE_PLACEHOLDER, NGINX_STAGED_CHECK, checks_candidate, staged_argv,
+    write_file,
 };
 pub use steps::{existing_certificates, run_action};
 
@@ -65,7 +65,6 @@ pub enum Error {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
-
 
 /// What one apply did on one node. Crosses the agent API as it is (a typed enum).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,9 +286,9 @@ impl Local {
                 .collect()
         };
         let content: Cow<[u8]> = match full {
-            Some(text) if !left.is_empty() => Cow::Owned(
-                isolate::without(text, &left.keys().cloned().collect()).into_bytes(),
-            ),
+            Some(text) if !left.is_empty() => {
+                Cow::Owned(isolate::without(text, &left.keys().cloned().collect()).into_bytes())
+            }
             _ => Cow::Borrowed(candidate.content),
         };
         let memory = TargetMemory {
@@ -313,7 +312,9 @@ impl Local {
             let output = output.clone();
             let checked = String::from_utf8_lossy(&content).into_owned();
             outcome = self
-                .leave_out_failing(w, full, &checked, output, &blocks, &mut left, engine, snapshot)
+                .leave_out_failing(
+                    w, full, &checked, output, &blocks, &mut left, engine, snapshot,
+                )
                 .await?;
         }
         // The hosts left out stay as they were while the file in place did not change.

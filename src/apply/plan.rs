@@ -10,10 +10,10 @@
 
 use tokio::time::Instant;
 
-use crate::hash::sha256_hex;
-use crate::state::select_containers;
 use crate::config::{Action, Selector, Target};
+use crate::hash::sha256_hex;
 use crate::state::Snapshot;
+use crate::state::select_containers;
 
 /// What one target remembers between reconciles.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -345,4 +345,3 @@ pub fn write_file(path: &Path, content: &[u8]) -> Result<(), Error> {
         crate::fsutil::Error::Write { path, source } => Error::Write { path, source },
     })
 }
-

@@ -189,4 +189,3 @@ fn tail(s: &str) -> String {
     }
     format!("...{}", &s[start..])
 }
-

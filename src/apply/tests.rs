@@ -3,7 +3,9 @@ mod stage_and_steps {
     use super::super::stage::*;
     use super::super::*;
     use crate::config::Selector;
-    use crate::state::{STACK_LABEL, names_service, own_stack, resolve_services, select_containers};
+    use crate::state::{
+        STACK_LABEL, names_service, own_stack, resolve_services, select_containers,
+    };
     use std::path::Path;
 
     #[test]

@@ -196,9 +196,12 @@ async fn heartbeat(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: By
 mod tests {
     use super::*;
     use crate::apply;
-    use crate::cluster::wire::tests::signed;
+    use crate::cluster::wire::signed;
     use crate::cluster::wire::*;
+    use axum::routing::post;
     use std::time::Duration;
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
 
     #[tokio::test]
     async fn a_reload_replaces_changed_targets_and_keeps_unchanged_ones() {
@@ -299,5 +302,58 @@ mod tests {
             Err(Refusal::UnknownTarget)
         );
         assert_eq!(std::fs::read(&output).unwrap(), b"one");
+    }
+
+    #[tokio::test]
+    async fn a_call_gets_a_signed_answer_and_refuses_an_unsigned_one() {
+        let key = Key::from_bytes(b"cluster key");
+        let agent = Arc::new(Agent::new(
+            Guard::new(key.clone(), Duration::from_secs(30)),
+            None,
+            &[],
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let app = router(agent).route(
+            "/unsigned",
+            post(|| async { axum::Json(serde_json::json!({})) }),
+        );
+        let server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        );
+        let beat = serde_json::to_vec(&super::super::contacts::Heartbeat {
+            node: "n1".into(),
+            hostname: "h1".into(),
+            address: "10.0.0.1:9092".parse().unwrap(),
+        })
+        .unwrap();
+        let secs = Duration::from_secs(5);
+        let answer = call(addr, &key, HEARTBEAT_PATH, beat.clone(), secs, 4096)
+            .await
+            .unwrap();
+        assert!(serde_json::from_slice::<serde_json::Value>(&answer).is_ok());
+        let wrong = call(
+            addr,
+            &Key::from_bytes(b"x"),
+            HEARTBEAT_PATH,
+            beat,
+            secs,
+            4096,
+        )
+        .await;
+        assert!(
+            matches!(wrong, Err(Error::Status { status: 401, .. })),
+            "{wrong:?}"
+        );
+        let unsigned = call(addr, &key, "/unsigned", b"{}".to_vec(), secs, 4096).await;
+        assert!(
+            matches!(unsigned, Err(Error::Transport { .. })),
+            "{unsigned:?}"
+        );
+        stop.cancel();
+        let _ = server.await;
     }
 }

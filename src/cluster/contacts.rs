@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::wire::{self, Key};
 use super::peers::Peer;
+use super::wire::{self, Key};
 use crate::role::Role;
 
 /// How often the controller says it is there. Cheap: one small signed POST per peer.

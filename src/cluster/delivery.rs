@@ -116,9 +116,10 @@ impl Deliverer {
     pub fn looks_outside(&self) -> bool {
         self.delivered.values().any(|(_, last)| {
             !last.left_out.is_empty()
-                || last.certificates.as_ref().is_some_and(|c| {
-                    self.tls.iter().any(|h| !c.contains(h))
-                })
+                || last
+                    .certificates
+                    .as_ref()
+                    .is_some_and(|c| self.tls.iter().any(|h| !c.contains(h)))
         })
     }
 
@@ -266,9 +267,7 @@ pub fn overall(results: &[NodeResult]) -> Outcome {
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let reported = |r: &NodeResult, pick: fn(&Outcome) -> bool| {
-        matches!(&r.state, NodeState::Reported(report) if pick(&report.outcome))
-    };
+    let reported = |r: &NodeResult, pick: fn(&Outcome) -> bool| matches!(&r.state, NodeState::Reported(report) if pick(&report.outcome));
     let bad = |r: &NodeResult| {
         reported(r, |o| {
             matches!(o, Outcome::CheckFailed(_) | Outcome::KnownBad)
@@ -428,7 +427,10 @@ mod tests {
             Outcome::CheckUnavailable(_)
         ));
         assert!(matches!(
-            overall(&[result(Outcome::Applied), result(Outcome::NotifyFailed("hup".into()))]),
+            overall(&[
+                result(Outcome::Applied),
+                result(Outcome::NotifyFailed("hup".into()))
+            ]),
             Outcome::NotifyFailed(_)
         ));
         assert!(matches!(overall(&[]), Outcome::CheckUnavailable(_)));

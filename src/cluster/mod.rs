@@ -10,9 +10,9 @@
 //! cluster key.
 
 pub mod agent;
-pub mod wire;
 pub mod contacts;
 pub mod delivery;
 pub mod forward;
 pub mod peers;
 pub mod role;
+pub mod wire;

@@ -156,8 +156,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Snapshot;
     use crate::state::Node;
+    use crate::state::Snapshot;
 
     #[test]
     fn the_role_follows_swarm_state_and_leadership() {

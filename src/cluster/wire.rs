@@ -498,25 +498,23 @@ fn new_nonce() -> String {
     out
 }
 
+/// Request headers signed with `key` at `ts`, as [`call`] sends them.
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::cluster::agent::{Agent, router};
-    use axum::routing::post;
-    use tokio::net::TcpListener;
-    use tokio_util::sync::CancellationToken;
+pub(crate) fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let ts = ts.to_string();
+    h.insert(TIMESTAMP_HEADER, ts.parse().unwrap());
+    h.insert(NONCE_HEADER, nonce.parse().unwrap());
+    h.insert(
+        SIGNATURE_HEADER,
+        key.sign(&ts, nonce, body).parse().unwrap(),
+    );
+    h
+}
 
-    pub(crate) fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        let ts = ts.to_string();
-        h.insert(TIMESTAMP_HEADER, ts.parse().unwrap());
-        h.insert(NONCE_HEADER, nonce.parse().unwrap());
-        h.insert(
-            SIGNATURE_HEADER,
-            key.sign(&ts, nonce, body).parse().unwrap(),
-        );
-        h
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn guard() -> Guard {
         Guard::new(Key::from_bytes(b"cluster key"), Duration::from_secs(30))
@@ -610,59 +608,6 @@ pub(crate) mod tests {
             g.verify(&signed(&key, 1000, "n1", b"{}"), b"{}", 1000),
             Ok(())
         );
-    }
-
-    #[tokio::test]
-    async fn a_call_gets_a_signed_answer_and_refuses_an_unsigned_one() {
-        let key = Key::from_bytes(b"cluster key");
-        let agent = Arc::new(Agent::new(
-            Guard::new(key.clone(), Duration::from_secs(30)),
-            None,
-            &[],
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let app = router(agent).route(
-            "/unsigned",
-            post(|| async { axum::Json(serde_json::json!({})) }),
-        );
-        let server = tokio::spawn(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        );
-        let beat = serde_json::to_vec(&super::super::contacts::Heartbeat {
-            node: "n1".into(),
-            hostname: "h1".into(),
-            address: "10.0.0.1:9092".parse().unwrap(),
-        })
-        .unwrap();
-        let secs = Duration::from_secs(5);
-        let answer = call(addr, &key, HEARTBEAT_PATH, beat.clone(), secs, 4096)
-            .await
-            .unwrap();
-        assert!(serde_json::from_slice::<serde_json::Value>(&answer).is_ok());
-        let wrong = call(
-            addr,
-            &Key::from_bytes(b"x"),
-            HEARTBEAT_PATH,
-            beat,
-            secs,
-            4096,
-        )
-        .await;
-        assert!(
-            matches!(wrong, Err(Error::Status { status: 401, .. })),
-            "{wrong:?}"
-        );
-        let unsigned = call(addr, &key, "/unsigned", b"{}".to_vec(), secs, 4096).await;
-        assert!(
-            matches!(unsigned, Err(Error::Transport { .. })),
-            "{unsigned:?}"
-        );
-        stop.cancel();
-        let _ = server.await;
     }
 
     #[test]

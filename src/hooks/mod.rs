@@ -35,10 +35,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::role::Role;
 use crate::config::{self, HookKind};
 use crate::jobs::{self, Jobs, Journal, Request, Runner, Submitted};
 use crate::metrics;
+use crate::role::Role;
 use crate::update;
 
 pub mod facts;
@@ -435,7 +435,7 @@ impl Service {
         }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
-            // path (update::Executor), not here.
+            // path (jobs::runner::Executor), not here.
             if let Ok(password) = config::read_secret(&r.password_file) {
                 redactor.add(&password);
             }

@@ -15,7 +15,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::Error;
-use super::ops::OpsState;
+use super::state::OpsState;
 use crate::cluster::forward::{Forwarder, JobsQuery};
 use crate::jobs::JobId;
 

@@ -17,6 +17,7 @@ mod error;
 mod hooks;
 mod jobs;
 mod ops;
+mod state;
 pub mod status_page;
 
 use std::net::SocketAddr;
@@ -34,13 +35,13 @@ use tower_http::timeout::TimeoutLayer;
 pub use conn::Gate;
 pub use error::{Error, Result};
 pub use hooks::Intake;
-pub use ops::OpsState;
+pub use state::OpsState;
 
 use crate::cluster::agent::Agent;
-use crate::cluster::wire::{Refusal, refused};
 use crate::cluster::forward::{Envelope, Forwarder, JobsQuery, Relay};
-use crate::role::Role;
+use crate::cluster::wire::{Refusal, refused};
 use crate::config;
+use crate::role::Role;
 use crate::status::Board;
 
 /// What the handlers share.
@@ -359,9 +360,9 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::role::Role;
     use crate::jobs::tests::FakeRunner;
     use crate::jobs::{JobState, Journal};
+    use crate::role::Role;
 
     const SECRET: &str = "It's a Secret to Everybody";
     const TOKEN: &str = "hub-token-1";

@@ -5,8 +5,6 @@
 //! `Authorization: Bearer <token>`, compared in constant time through its SHA-256. The
 //! same router serves while drover waits for the engine (no jobs yet, `/readyz` 503).
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -16,58 +14,9 @@ use axum::routing::get;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::state::OpsState;
 use super::{Error, status_page};
-use crate::jobs::Jobs;
 use crate::metrics;
-use crate::status::Board;
-
-#[derive(Clone)]
-pub struct OpsState {
-    pub board: Arc<Board>,
-    /// `None` while drover waits for the engine.
-    pub jobs: Option<Arc<Jobs>>,
-    /// SHA-256 of the bearer token, when one is required.
-    pub token: Option<[u8; 32]>,
-    /// Cluster mode: job reads go to the controller while this instance is not it.
-    pub forward: Option<Arc<crate::cluster::forward::Forwarder>>,
-}
-
-impl OpsState {
-    /// Reads the token file named in the config, if any.
-    pub fn new(
-        board: Arc<Board>,
-        jobs: Option<Arc<Jobs>>,
-        ops: &crate::config::Ops,
-    ) -> Result<OpsState, Error> {
-        let token = match &ops.token_file {
-            None => None,
-            Some(path) => {
-                let bytes = crate::config::read_secret(path).map_err(|source| Error::Token {
-                    path: path.clone(),
-                    source,
-                })?;
-                if bytes.is_empty() {
-                    return Err(Error::EmptyToken(path.clone()));
-                }
-                Some(Sha256::digest(&bytes).into())
-            }
-        };
-        Ok(OpsState {
-            board,
-            jobs,
-            token,
-            forward: None,
-        })
-    }
-
-    pub fn with_forward(
-        mut self,
-        forward: Option<Arc<crate::cluster::forward::Forwarder>>,
-    ) -> OpsState {
-        self.forward = forward;
-        self
-    }
-}
 
 /// The operator listener's router: the operator endpoints (behind the token when one is
 /// set), and health open, `/healthz` with the cluster view.

@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
-use crate::role::Role;
 use crate::config;
 use crate::docker::Engine;
 use crate::metrics;
 use crate::redact::{self, Redactor};
+use crate::role::Role;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,7 +42,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Jobs run at the same time (updates of different services proceed in parallel; one
-/// service is still updated by one job at a time, see `update::Slots`).
+/// service is still updated by one job at a time, see `runner::Slots`).
 const WORKERS: usize = 4;
 /// Label and name prefix of the Swarm config objects that journal pending jobs.
 pub const JOB_LABEL: &str = "drover.job";
@@ -100,7 +100,10 @@ impl JobState {
     }
 }
 
-pub use crate::hooks::Facts;
+pub mod container;
+mod facts;
+pub mod runner;
+pub use facts::Facts;
 
 /// The work a job does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,7 +250,7 @@ pub struct RunContext {
     pub facts: Facts,
 }
 
-/// Carries out jobs; `update::Executor` against the engine, fakes in unit tests.
+/// Carries out jobs; `runner::Executor` against the engine, fakes in unit tests.
 pub trait Runner: Send + Sync + 'static {
     fn run(&self, job: RunContext) -> BoxFuture<'_, Outcome>;
 }

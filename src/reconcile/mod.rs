@@ -83,12 +83,20 @@ impl TargetState {
     /// When a check that could not run, or a delivery that did not reach every node, is
     /// due again: the target's one next look besides its debounce window.
     fn retry_at(&self) -> Option<Instant> {
-        self.local.retry_at().into_iter().chain(self.redeliver_at).min()
+        self.local
+            .retry_at()
+            .into_iter()
+            .chain(self.redeliver_at)
+            .min()
     }
 
     /// Whether a resync has something to look at again that the cluster does not tell.
     fn looks_outside(&self) -> bool {
-        self.local.looks_outside() || self.deliverer.as_ref().is_some_and(Deliverer::looks_outside)
+        self.local.looks_outside()
+            || self
+                .deliverer
+                .as_ref()
+                .is_some_and(Deliverer::looks_outside)
     }
 }
 
@@ -519,15 +527,23 @@ async fn pass(
             .map(|l| (l.host.clone(), l.reason.clone()))
             .collect();
         report::left_out(t, board, left_out);
-        let hash = matches!(&outcome, Ok(o) if o.settled()).then(|| {
-            crate::hash::sha256_hex(rendered.text.as_bytes())
-        });
+        let hash = matches!(&outcome, Ok(o) if o.settled())
+            .then(|| crate::hash::sha256_hex(rendered.text.as_bytes()));
         report::outcome(t, board, &outcome, hash.clone(), batch, rendered.skipped);
         board.update_target(&name, |s| s.nodes = nodes);
         return;
     }
     let now = Instant::now();
-    let mut applied = apply_here(&mut t.local, &rendered, &with, engine, snapshot, resync, now).await;
+    let mut applied = apply_here(
+        &mut t.local,
+        &rendered,
+        &with,
+        engine,
+        snapshot,
+        resync,
+        now,
+    )
+    .await;
     if let Ok(r) = &applied {
         if r.outcome == Outcome::Rerender {
             // This node's certificate files differ from what was known: render for them.

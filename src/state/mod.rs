@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 mod fetch;
-pub mod query;
 mod local;
+pub mod query;
 
 pub use fetch::fetch;
 pub use query::{STACK_LABEL, names_service, own_stack, resolve_services, select_containers};

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use bollard::models::{ContainerCreateBody, HostConfig};
 use tracing::{info, warn};
 
+use super::{JobState, Outcome, RunContext};
 use crate::config::ContainerSpec;
 use crate::docker::{Credentials, Engine};
-use crate::jobs::{JobState, Outcome, RunContext};
 
 /// Bytes of output kept on the job, whatever `log_lines` says.
 const MAX_LOG_BYTES: usize = 16 * 1024;
@@ -224,8 +224,7 @@ async fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hooks::Facts;
-    use crate::jobs::{JobId, Work};
+    use crate::jobs::{Facts, JobId, Work};
 
     fn spec(yaml: &str) -> ContainerSpec {
         serde_yaml_ng::from_str(yaml).expect("spec")
