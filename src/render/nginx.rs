@@ -381,7 +381,532 @@ fn sanitize(raw: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+    use crate::render::views::{Networks, service_view};
+    use crate::state::{Service, Task, TaskState};
+
+    const HOST: &str = labels::HOST;
+    const PORT: &str = labels::PORT;
+    const CONTEXT: &str = labels::CONTEXT;
+    const PRIVATE: &str = labels::PRIVATE_CONTEXT;
+
+    /// A service on the `web` network with these labels and one running task per address.
+    fn service(name: &str, labels: &[(&str, &str)], ips: &[&str]) -> Service {
+        let id = format!("{name}-id");
+        Service {
+            id: id.clone(),
+            name: name.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            networks: vec!["web".to_owned()],
+            tasks: ips
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| {
+                    let ips = [("web".to_owned(), (*ip).to_owned())].into();
+                    Task::running(&format!("{name}.{i}"), &id, ips)
+                })
+                .collect(),
+            ..Service::default()
+        }
+    }
+
+    struct Routed {
+        hosts: Vec<HostView>,
+        upstreams: Vec<UpstreamView>,
+        skipped: Vec<SkippedService>,
+    }
+
+    impl Routed {
+        fn host(&self, name: &str) -> &HostView {
+            self.hosts
+                .iter()
+                .find(|h| h.name == name)
+                .unwrap_or_else(|| panic!("no host {name} in {:?}", self.hosts))
+        }
+
+        fn host_names(&self) -> Vec<&str> {
+            self.hosts.iter().map(|h| h.name.as_str()).collect()
+        }
+
+        fn servers(&self, upstream: &str) -> Vec<&str> {
+            self.upstreams
+                .iter()
+                .find(|u| u.name == upstream)
+                .unwrap_or_else(|| panic!("no upstream {upstream} in {:?}", self.upstreams))
+                .servers
+                .iter()
+                .map(String::as_str)
+                .collect()
+        }
+
+        fn skipped_names(&self) -> Vec<&str> {
+            self.skipped.iter().map(|s| s.service.as_str()).collect()
+        }
+    }
+
+    fn paths(host: &HostView) -> Vec<&str> {
+        host.locations.iter().map(|l| l.path.as_str()).collect()
+    }
+
+    /// `routes` over these services, in the order given, routed on their `web` network.
+    fn route(services: &[Service]) -> Routed {
+        let ingress = BTreeSet::new();
+        let networks = Networks {
+            target: None,
+            proxy: &[],
+            ingress: &ingress,
+        };
+        let views: Vec<ServiceView<'_>> = services
+            .iter()
+            .map(|s| service_view(s, &networks))
+            .collect();
+        let mut skipped = Vec::new();
+        let (hosts, upstreams) = routes(&views, &mut skipped);
+        Routed {
+            hosts,
+            upstreams,
+            skipped,
+        }
+    }
+
+    fn wanted(labels: &[(&str, &str)]) -> Wanted {
+        let service = service("new", labels, &[]);
+        let ingress = BTreeSet::new();
+        let networks = Networks {
+            target: None,
+            proxy: &[],
+            ingress: &ingress,
+        };
+        Wanted::of(&service_view(&service, &networks))
+    }
+
+    fn location(path: &str, owner: &str) -> LocationView {
+        LocationView {
+            path: path.to_owned(),
+            upstream: "/".to_owned(),
+            uri: "/".to_owned(),
+            private: false,
+            https: false,
+            auth: None,
+            auth_realm: owner.to_owned(),
+            max_body: None,
+            services: vec![owner.to_owned()],
+        }
+    }
+
+    fn routed_hosts(entries: &[(&str, LocationView)]) -> BTreeMap<String, HostAcc> {
+        let mut hosts: BTreeMap<String, HostAcc> = BTreeMap::new();
+        for (host, loc) in entries {
+            let acc = hosts.entry((*host).to_owned()).or_default();
+            acc.locations.insert(loc.path.clone(), loc.clone());
+        }
+        hosts
+    }
+
+    fn names(hosts: &[&str]) -> BTreeSet<String> {
+        hosts.iter().map(|h| (*h).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_service_without_routing_host_or_routing_port_is_neither_routed_nor_skipped() {
+        let r = route(&[
+            service("a", &[(HOST, "a.example.com")], &["10.0.0.1"]),
+            service("b", &[(PORT, "80")], &["10.0.0.2"]),
+            service("c", &[(labels::PROMETHEUS_JOB, "c")], &["10.0.0.3"]),
+        ]);
+        assert!(r.hosts.is_empty(), "{:?}", r.hosts);
+        assert!(r.upstreams.is_empty(), "{:?}", r.upstreams);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn a_service_with_several_hosts_gets_a_location_and_an_upstream_on_each_host() {
+        let r = route(&[service(
+            "app",
+            &[(HOST, "B.example.com, a.example.com"), (PORT, "8080")],
+            &["10.0.0.1", "10.0.0.2"],
+        )]);
+        assert_eq!(r.host_names(), ["a.example.com", "b.example.com"]);
+        for (host, upstream) in [
+            ("a.example.com", "a_example_com"),
+            ("b.example.com", "b_example_com"),
+        ] {
+            let h = r.host(host);
+            assert_eq!(paths(h), ["/"]);
+            assert_eq!(h.locations[0].upstream, upstream);
+            assert_eq!(h.locations[0].services, ["app"]);
+            assert_eq!(r.servers(upstream), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        }
+        assert_eq!(r.upstreams.len(), 2);
+    }
+
+    #[test]
+    fn services_agreeing_on_a_host_and_context_share_its_location_and_upstream() {
+        let r = route(&[
+            service(
+                "a",
+                &[(HOST, "x.com"), (PORT, "80"), (CONTEXT, "/app")],
+                &["10.0.0.1"],
+            ),
+            service(
+                "b",
+                &[(HOST, "x.com"), (PORT, "81"), (CONTEXT, "app/")],
+                &["10.0.0.2"],
+            ),
+        ]);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        let h = r.host("x.com");
+        assert_eq!(paths(h), ["/app/"]);
+        assert_eq!(h.locations[0].services, ["a", "b"]);
+        assert_eq!(h.locations[0].upstream, "x_com_app");
+        assert_eq!(r.upstreams.len(), 1);
+        assert_eq!(r.servers("x_com_app"), ["10.0.0.1:80", "10.0.0.2:81"]);
+    }
+
+    #[test]
+    fn the_later_of_two_services_claiming_a_host_and_context_with_other_settings_is_skipped_and_the_first_keeps_it()
+     {
+        let r = route(&[
+            service(
+                "a",
+                &[(HOST, "x.com"), (PORT, "80"), (CONTEXT, "/app")],
+                &["10.0.0.1"],
+            ),
+            service(
+                "b",
+                &[
+                    (HOST, "x.com"),
+                    (PORT, "80"),
+                    (CONTEXT, "app/"),
+                    (labels::ON_HTTPS, "yes"),
+                ],
+                &["10.0.0.2"],
+            ),
+        ]);
+        assert_eq!(r.skipped.len(), 1, "{:?}", r.skipped);
+        let s = &r.skipped[0];
+        assert_eq!(
+            (s.service.as_str(), s.label.as_str(), s.value.as_str()),
+            ("b", CONTEXT, "app/")
+        );
+        assert!(
+            s.reason
+                .starts_with("x.com/app/ is routed by service a with different settings"),
+            "{}",
+            s.reason
+        );
+        let loc = &r.host("x.com").locations[0];
+        assert_eq!(loc.services, ["a"]);
+        assert!(!loc.https);
+        assert_eq!(r.servers("x_com_app"), ["10.0.0.1:80"]);
+    }
+
+    #[test]
+    fn each_location_setting_that_differs_makes_the_later_service_clash() {
+        let first = [(HOST, "x.com"), (PORT, "80"), (labels::AUTH, "users")];
+        for (label, value) in [
+            (labels::ON_HTTPS, "1"),
+            (labels::AUTH, "others"),
+            (labels::AUTH_REALM, "Elsewhere"),
+            (labels::MAX_BODY, "10m"),
+            (labels::INTERNAL_CONTEXT, "/api"),
+        ] {
+            let mut second = first.to_vec();
+            second.retain(|(l, _)| *l != label);
+            second.push((label, value));
+            let r = route(&[service("a", &first, &[]), service("b", &second, &[])]);
+            assert_eq!(r.skipped_names(), ["b"], "{label}={value}");
+            assert_eq!(r.host("x.com").locations[0].services, ["a"], "{label}");
+        }
+    }
+
+    #[test]
+    fn a_later_service_without_a_realm_takes_the_realm_the_first_service_set() {
+        let r = route(&[
+            service(
+                "a",
+                &[(HOST, "x.com"), (PORT, "80"), (labels::AUTH, "users")],
+                &[],
+            ),
+            service(
+                "b",
+                &[(HOST, "x.com"), (PORT, "80"), (labels::AUTH, "users")],
+                &[],
+            ),
+            service(
+                "c",
+                &[
+                    (HOST, "x.com"),
+                    (PORT, "80"),
+                    (labels::AUTH, "users"),
+                    (labels::AUTH_REALM, "a"),
+                ],
+                &[],
+            ),
+        ]);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        let loc = &r.host("x.com").locations[0];
+        assert_eq!(loc.services, ["a", "b", "c"]);
+        assert_eq!(loc.auth_realm, "a");
+        assert_eq!(loc.auth.as_deref(), Some("/etc/nginx/auth/users"));
+    }
+
+    #[test]
+    fn a_service_name_that_cannot_be_a_realm_gets_the_default_realm() {
+        let r = route(&[service("a$b", &[(HOST, "x.com"), (PORT, "80")], &[])]);
+        assert_eq!(r.host("x.com").locations[0].auth_realm, DEFAULT_REALM);
+    }
+
+    #[test]
+    fn a_clashing_service_is_skipped_on_every_host_not_only_where_it_clashes() {
+        let r = route(&[
+            service("a", &[(HOST, "a.com"), (PORT, "80")], &["10.0.0.1"]),
+            service(
+                "b",
+                &[
+                    (HOST, "a.com,b.com"),
+                    (PORT, "80"),
+                    (labels::MAX_BODY, "10m"),
+                ],
+                &["10.0.0.2"],
+            ),
+        ]);
+        assert_eq!(r.skipped_names(), ["b"]);
+        assert_eq!(r.host_names(), ["a.com"]);
+        let upstreams: Vec<&str> = r.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(upstreams, ["a_com"]);
+    }
+
+    #[test]
+    fn a_private_context_gets_its_own_location_that_passes_the_uri_to_the_main_upstream() {
+        let r = route(&[service(
+            "app",
+            &[
+                (HOST, "x.com"),
+                (PORT, "80"),
+                (labels::INTERNAL_CONTEXT, "api"),
+                (PRIVATE, "/admin"),
+            ],
+            &["10.0.0.1"],
+        )]);
+        let h = r.host("x.com");
+        assert_eq!(paths(h), ["/", "/admin/"]);
+        let (main, private) = (&h.locations[0], &h.locations[1]);
+        assert_eq!((main.uri.as_str(), main.private), ("/api/", false));
+        assert_eq!((private.uri.as_str(), private.private), ("", true));
+        assert_eq!(main.upstream, "x_com");
+        assert_eq!(private.upstream, "x_com");
+        assert_eq!(r.upstreams.len(), 1);
+    }
+
+    #[test]
+    fn a_private_context_equal_to_the_routing_context_skips_the_service() {
+        let r = route(&[service(
+            "app",
+            &[
+                (HOST, "x.com"),
+                (PORT, "80"),
+                (CONTEXT, "/x"),
+                (PRIVATE, "x/"),
+            ],
+            &[],
+        )]);
+        assert!(r.hosts.is_empty());
+        assert_eq!(r.skipped.len(), 1);
+        let s = &r.skipped[0];
+        assert_eq!((s.label.as_str(), s.value.as_str()), (PRIVATE, "x/"));
+        assert_eq!(s.reason, "private context equals routing-context");
+    }
+
+    #[test]
+    fn a_service_whose_context_is_another_services_private_location_is_skipped() {
+        let r = route(&[
+            service(
+                "a",
+                &[(HOST, "x.com"), (PORT, "80"), (PRIVATE, "/admin")],
+                &[],
+            ),
+            service(
+                "b",
+                &[(HOST, "x.com"), (PORT, "80"), (CONTEXT, "/admin")],
+                &[],
+            ),
+        ]);
+        assert_eq!(r.skipped_names(), ["b"]);
+        assert_eq!(r.skipped[0].label, CONTEXT);
+        assert_eq!(
+            r.skipped[0].reason,
+            "x.com/admin/ is a private location of service a"
+        );
+        assert_eq!(paths(r.host("x.com")), ["/", "/admin/"]);
+    }
+
+    #[test]
+    fn a_second_service_with_the_same_private_context_is_skipped_even_when_its_settings_agree() {
+        let labels = [(HOST, "x.com"), (PORT, "80"), (PRIVATE, "/admin")];
+        let r = route(&[service("a", &labels, &[]), service("b", &labels, &[])]);
+        assert_eq!(r.skipped_names(), ["b"]);
+        assert_eq!(r.skipped[0].label, PRIVATE);
+        assert_eq!(
+            r.skipped[0].reason,
+            "x.com/admin/ is already routed by service a"
+        );
+        for loc in &r.host("x.com").locations {
+            assert_eq!(loc.services, ["a"], "{}", loc.path);
+        }
+    }
+
+    #[test]
+    fn locations_and_upstreams_come_sorted_whatever_the_order_of_the_services() {
+        let services = [
+            service(
+                "a",
+                &[(HOST, "y.com"), (PORT, "80"), (CONTEXT, "/zeta")],
+                &["10.0.0.1"],
+            ),
+            service("m", &[(HOST, "x.com,y.com"), (PORT, "80")], &["10.0.0.2"]),
+            service(
+                "z",
+                &[(HOST, "y.com"), (PORT, "80"), (CONTEXT, "/api")],
+                &["10.0.0.3"],
+            ),
+        ];
+        let forward = route(&services);
+        assert_eq!(forward.host_names(), ["x.com", "y.com"]);
+        assert_eq!(paths(forward.host("y.com")), ["/", "/api/", "/zeta/"]);
+        let upstreams: Vec<&str> = forward.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(upstreams, ["x_com", "y_com", "y_com_api", "y_com_zeta"]);
+
+        let mut reversed = services.clone();
+        reversed.reverse();
+        let backward = route(&reversed);
+        assert_eq!(backward.hosts, forward.hosts);
+        assert_eq!(backward.upstreams, forward.upstreams);
+    }
+
+    #[test]
+    fn upstream_names_that_squeeze_to_the_same_string_are_numbered_in_sorted_order() {
+        let r = route(&[
+            service(
+                "a",
+                &[(HOST, "a.b"), (PORT, "80"), (CONTEXT, "/c")],
+                &["10.0.0.1"],
+            ),
+            service("b", &[(HOST, "a.b.c"), (PORT, "80")], &["10.0.0.2"]),
+        ]);
+        assert_eq!(r.host("a.b").locations[0].upstream, "a_b_c");
+        assert_eq!(r.host("a.b.c").locations[0].upstream, "a_b_c_2");
+        assert_eq!(r.servers("a_b_c"), ["10.0.0.1:80"]);
+        assert_eq!(r.servers("a_b_c_2"), ["10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn a_host_is_served_without_tls_only_when_every_service_on_it_says_so() {
+        let off = (labels::TLS, "false");
+        let r = route(&[
+            service("a", &[(HOST, "y.com"), (PORT, "80")], &[]),
+            service(
+                "b",
+                &[(HOST, "x.com,y.com"), (PORT, "80"), (CONTEXT, "/b"), off],
+                &[],
+            ),
+            service(
+                "c",
+                &[(HOST, "x.com"), (PORT, "80"), (CONTEXT, "/c"), off],
+                &[],
+            ),
+        ]);
+        assert!(!r.host("x.com").tls);
+        assert!(r.host("y.com").tls);
+        assert!(r.hosts.iter().all(|h| h.cert));
+    }
+
+    #[test]
+    fn only_live_tasks_on_the_routing_network_become_servers_and_ipv6_is_bracketed() {
+        let mut app = service(
+            "app",
+            &[(HOST, "x.com"), (PORT, "80")],
+            &["10.0.0.1", "fd00::1", "10.0.0.3"],
+        );
+        app.tasks[2].state = TaskState::Starting;
+        app.tasks.push(Task::running(
+            "app.9",
+            "app-id",
+            [("other".to_owned(), "10.9.0.9".to_owned())].into(),
+        ));
+        let idle = service("idle", &[(HOST, "idle.com"), (PORT, "80")], &[]);
+        let r = route(&[app, idle]);
+        assert_eq!(r.servers("x_com"), ["10.0.0.1:80", "[fd00::1]:80"]);
+        assert!(r.servers("idle_com").is_empty());
+    }
+
+    #[test]
+    fn find_clash_looks_only_at_the_hosts_the_service_asks_for() {
+        let mut https = location("/", "a");
+        https.https = true;
+        let hosts = routed_hosts(&[("a.com", https)]);
+        let plain = wanted(&[]);
+        assert_eq!(find_clash(&hosts, &names(&["b.com"]), &plain), None);
+        let (label, reason) =
+            find_clash(&hosts, &names(&["b.com", "a.com"]), &plain).expect("clash on a.com");
+        assert_eq!(label, CONTEXT);
+        assert!(
+            reason.starts_with("a.com/ is routed by service a"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn find_clash_accepts_a_location_whose_settings_match() {
+        let hosts = routed_hosts(&[("a.com", location("/", "a"))]);
+        assert_eq!(find_clash(&hosts, &names(&["a.com"]), &wanted(&[])), None);
+        let same_realm = wanted(&[(labels::AUTH_REALM, "a")]);
+        assert_eq!(find_clash(&hosts, &names(&["a.com"]), &same_realm), None);
+        let other_realm = wanted(&[(labels::AUTH_REALM, "b")]);
+        assert!(find_clash(&hosts, &names(&["a.com"]), &other_realm).is_some());
+    }
+
+    #[test]
+    fn find_clash_refuses_a_private_context_equal_to_the_routing_context_before_any_host() {
+        let hosts = BTreeMap::new();
+        let both = wanted(&[(CONTEXT, "/x"), (PRIVATE, "/x/")]);
+        assert_eq!(
+            find_clash(&hosts, &names(&[]), &both),
+            Some((PRIVATE, "private context equals routing-context".to_owned()))
+        );
+    }
+
+    #[test]
+    fn find_clash_refuses_a_private_context_on_any_existing_location() {
+        let hosts = routed_hosts(&[("a.com", location("/admin/", "a"))]);
+        let private = wanted(&[(PRIVATE, "admin")]);
+        assert_eq!(
+            find_clash(&hosts, &names(&["a.com"]), &private),
+            Some((
+                PRIVATE,
+                "a.com/admin/ is already routed by service a".to_owned()
+            ))
+        );
+    }
+
+    #[test]
+    fn the_bucket_size_is_left_alone_until_a_host_name_outgrows_nginx_s_default() {
+        let host = |len: usize| HostView {
+            name: "h".repeat(len),
+            tls: true,
+            cert: true,
+            locations: Vec::new(),
+        };
+        assert_eq!(bucket_size(&[]), None);
+        assert_eq!(bucket_size(&[host(46)]), None);
+        assert_eq!(bucket_size(&[host(10), host(47)]), Some(128));
+        assert_eq!(bucket_size(&[host(200)]), Some(256));
+    }
 
     #[test]
     fn upstream_names_are_squeezed_to_safe_characters() {

@@ -76,3 +76,102 @@ pub fn jobs(services: &[ServiceView<'_>], nodes: &[Node]) -> Vec<JobView> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::render::views::{Networks, service_view};
+    use crate::state::{Service, Task};
+
+    fn service(name: &str, labels: &[(&str, &str)], ip: &str) -> Service {
+        Service {
+            name: name.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            networks: vec!["web".to_owned()],
+            tasks: vec![Task::running(
+                &format!("{name}.1"),
+                name,
+                [("web".to_owned(), ip.to_owned())].into(),
+            )],
+            ..Service::default()
+        }
+    }
+
+    fn node(address: &str) -> Node {
+        Node {
+            address: address.to_owned(),
+            ..Node::default()
+        }
+    }
+
+    fn scrape(services: &[Service], nodes: &[Node]) -> Vec<JobView> {
+        let ingress = BTreeSet::new();
+        let networks = Networks {
+            target: None,
+            proxy: &[],
+            ingress: &ingress,
+        };
+        let views: Vec<ServiceView<'_>> = services
+            .iter()
+            .map(|s| service_view(s, &networks))
+            .collect();
+        jobs(&views, nodes)
+    }
+
+    #[test]
+    fn a_job_scrapes_prometheus_port_else_routing_port_else_port_80() {
+        let job = (labels::PROMETHEUS_JOB, "app");
+        let out = scrape(
+            &[
+                service("a", &[job, (labels::PROMETHEUS_PORT, "9000")], "10.0.0.1"),
+                service("b", &[job, (labels::PORT, "8080")], "10.0.0.2"),
+                service("c", &[job], "fd00::3"),
+                service("d", &[(labels::PORT, "8080")], "10.0.0.4"),
+            ],
+            &[],
+        );
+        assert_eq!(
+            out,
+            [
+                JobView {
+                    name: "app".to_owned(),
+                    targets: vec![
+                        "10.0.0.1:9000".to_owned(),
+                        "10.0.0.2:8080".to_owned(),
+                        "[fd00::3]:80".to_owned(),
+                    ],
+                },
+                JobView {
+                    name: "nodes".to_owned(),
+                    targets: Vec::new(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_nodes_job_lists_node_exporters_unless_a_service_names_its_job_nodes() {
+        let nodes = [node("192.168.1.2"), node(""), node("192.168.1.1")];
+        let out = scrape(
+            &[service(
+                "z",
+                &[(labels::PROMETHEUS_JOB, "apps")],
+                "10.0.0.1",
+            )],
+            &nodes,
+        );
+        let names: Vec<&str> = out.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["apps", "nodes"]);
+        assert_eq!(out[1].targets, ["192.168.1.2:9100", "192.168.1.1:9100"]);
+
+        let own = service("n", &[(labels::PROMETHEUS_JOB, "nodes")], "10.0.0.9");
+        let out = scrape(&[own], &nodes);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].targets, ["10.0.0.9:80"]);
+    }
+}
