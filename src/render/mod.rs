@@ -5,6 +5,11 @@
 //! and reported in [`Rendered::skipped`], never rendered; a template error is an [`Error`],
 //! never a panic; nothing here logs or touches files after [`Template::load`].
 //!
+//! The parts, bottom to top: `labels` (the label vocabulary and its validation), `views`
+//! (services and tasks as templates see them), `nginx` (hosts, locations, upstreams) and
+//! `prometheus` (scrape jobs) computed from those views, `context` (the Tera context built
+//! from all of them), `filters` (the Tera filters below), and this file (templates).
+//!
 //! # Template context
 //!
 //! | name | content |
@@ -69,11 +74,14 @@
 //! `routing-tls=false`. `server_names_hash_bucket_size` is set, sized from the longest
 //! host name, only when nginx's default is too small.
 
+mod context;
 mod filters;
 mod labels;
+mod nginx;
+mod prometheus;
+mod views;
 
 pub use labels::INTERPRETED as INTERPRETED_LABELS;
-mod model;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -140,7 +148,7 @@ pub struct Template {
     /// The service the target's check or notify steps name: its networks are the routing
     /// networks, as in the home lab's template.
     proxy: Option<String>,
-    uses: model::Uses,
+    uses: context::Uses,
     /// `private_networks` of the context, as nginx writes them.
     private_networks: Vec<String>,
 }
@@ -229,7 +237,7 @@ impl Template {
             target: target.to_owned(),
             network: network.map(str::to_owned),
             proxy: None,
-            uses: model::Uses::scan(source),
+            uses: context::Uses::scan(source),
             private_networks: private_networks(&Default::default()),
         })
     }
@@ -242,7 +250,7 @@ impl Template {
 
     /// [`Template::render`] with what drover knows about certificates.
     pub fn render_with(&self, snapshot: &Snapshot, options: &Options) -> Result<Rendered> {
-        let (root, mut skipped) = model::build(
+        let (root, mut skipped) = context::build(
             snapshot,
             &self.target,
             self.network.as_deref(),
