@@ -11,7 +11,7 @@
 #
 # Usage: bench/webhook.sh [path/to/drover]   (needs wrk, openssl; a Docker engine for `run`)
 # Knobs: DURATION (10s), CONNECTIONS (16), THREADS (2), PORT (free port); OPS=0 for builds
-# before the separate operator listener (e.g. cfcd1e2, the README's comparison): metrics are
+# before the separate operator listener (e.g. cfcd1e2): metrics are
 # then on the public port and the config has no `http.ops`, which such builds refuse.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
