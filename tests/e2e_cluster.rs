@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover::cluster::agent::{self, ApplyRequest, Key};
+use drover::cluster::wire::{self, ApplyRequest, Key};
 use support::cluster::{self, Cluster, Node, ShippedStack};
 use support::*;
 
@@ -581,7 +581,7 @@ fn post_agent(addr: &str, headers: &[(&str, String)], body: &[u8]) -> Result<(u1
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut head = format!(
         "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        agent::APPLY_PATH,
+        wire::APPLY_PATH,
         body.len()
     );
     for (k, v) in headers {
@@ -609,10 +609,10 @@ fn post_agent(addr: &str, headers: &[(&str, String)], body: &[u8]) -> Result<(u1
 
 fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> Vec<(&'static str, String)> {
     vec![
-        (agent::TIMESTAMP_HEADER, ts.to_string()),
-        (agent::NONCE_HEADER, nonce.to_string()),
+        (wire::TIMESTAMP_HEADER, ts.to_string()),
+        (wire::NONCE_HEADER, nonce.to_string()),
         (
-            agent::SIGNATURE_HEADER,
+            wire::SIGNATURE_HEADER,
             key.sign(&ts.to_string(), nonce, body),
         ),
     ]
