@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cli::ConfigArgs;
+use crate::cluster::contacts::Contacts;
 use crate::cluster::role::{self, Role};
 use crate::config::Config;
 use crate::docker::Engine;
@@ -32,9 +33,13 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     // the engine, loads the journal, binds) is acted on once start-up is through, not lost.
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let board = Arc::new(Board::new());
+    // Who the controller is and when each peer last answered: written by heartbeats and
+    // deliveries, read by health and the status page.
+    let contacts = Arc::new(Contacts::default());
     // Until the engine answers and the webhook side is up, the same sockets serve health,
     // metrics and the status page (`/readyz` 503) and tell hooks to try again (503).
-    let (server, switch) = crate::http::Server::waiting(&config.http, board.clone()).await?;
+    let (server, switch) =
+        crate::http::Server::waiting(&config.http, board.clone(), contacts.clone()).await?;
     let serving = tokio::spawn(server.run(shutdown.clone()));
     let Some(engine) = Engine::connect_waiting(&shutdown).await? else {
         let _ = serving.await;
@@ -58,7 +63,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         board.clone(),
         config.resync,
         key.clone().map(|k| (k, config.cluster.listen.port())),
-        crate::cluster::contacts::global().clone(),
+        contacts.clone(),
         role.clone(),
     );
     let (retarget, retargets) = crate::reload::channel(&config);
@@ -72,7 +77,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         Arc::new(crate::cluster::forward::Forwarder::new(
             k,
             role.clone(),
-            crate::cluster::contacts::global().clone(),
+            contacts.clone(),
             forward_timeout(&config.http),
         ))
     });
@@ -80,6 +85,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         &config,
         engine.clone(),
         board,
+        contacts.clone(),
         role.clone(),
         forward.is_some(),
         shutdown.clone(),
@@ -94,6 +100,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
             engine: &engine,
             state: &state,
             role: role.clone(),
+            contacts: contacts.clone(),
             retargets: retarget.subscribe(),
         };
         start_agent(agent, shutdown.clone(), &mut tasks).await?;
@@ -146,6 +153,7 @@ async fn webhook_side(
     config: &Config,
     engine: Engine,
     board: Arc<Board>,
+    contacts: Arc<Contacts>,
     role: watch::Receiver<Role>,
     forwarding: bool,
     shutdown: CancellationToken,
@@ -178,6 +186,7 @@ async fn webhook_side(
     Ok(crate::http::AppState::new(
         hooks,
         board,
+        contacts,
         config.http.clone(),
     ))
 }
@@ -207,6 +216,7 @@ struct Agent<'a> {
     engine: &'a Engine,
     state: &'a crate::http::AppState,
     role: watch::Receiver<Role>,
+    contacts: Arc<Contacts>,
     /// Reloaded targets (SIGHUP): the agent applies what the config says now.
     retargets: watch::Receiver<crate::reconcile::Retarget>,
 }
@@ -228,6 +238,7 @@ async fn start_agent(
         crate::cluster::wire::Guard::new(a.key.clone(), cluster.max_skew),
         Some(a.engine.clone()),
         &a.config.targets,
+        a.contacts.clone(),
     ));
     let app = agent::router(agent.clone()).merge(crate::http::agent_routes(
         a.state,
@@ -237,12 +248,7 @@ async fn start_agent(
     let (http, stop) = (a.config.http.clone(), shutdown.clone());
     tasks.spawn(async move { crate::http::serve_agent(listener, app, &http, stop).await });
     tasks.spawn(follow_retargets(agent, a.retargets, shutdown.clone()));
-    tasks.spawn(contacts::run(
-        contacts::global().clone(),
-        a.key,
-        a.role,
-        shutdown,
-    ));
+    tasks.spawn(contacts::run(a.contacts.clone(), a.key, a.role, shutdown));
     Ok(())
 }
 

@@ -444,11 +444,7 @@ fn app_hostnames(s: &ShippedStack) -> Result<BTreeSet<String>> {
 /// Waits until the nginx on every node answers from exactly the running app tasks, on
 /// whichever node they run.
 fn wait_every_nginx_serves_every_task(s: &ShippedStack, n: usize) -> Result<()> {
-    for node in &s.cluster.nodes {
-        let addr = format!("{}:{SHIPPED_HTTP_PORT}", node.addr);
-        wait_nginx_answers_from(&node.short, &addr, SHIPPED_HOST, n, || app_hostnames(s))?;
-    }
-    Ok(())
+    wait_every_nodes_nginx_serves(s, SHIPPED_HTTP_PORT, n)
 }
 
 fn wait_nginx_answers_from(
@@ -889,5 +885,190 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
         ) == Some(1.0),
         "w1 counts one forwarded webhook"
     );
+    Ok(())
+}
+
+const ISOLATE_HTTP_PORT: u16 = 8086;
+
+/// A self-signed certificate for `host` under `live/HOST/`; with `mismatched`, its key
+/// belongs to another certificate (nginx -t refuses the pair).
+fn make_certificate(live: &std::path::Path, host: &str, mismatched: bool) -> Result<()> {
+    let dir = live.join(host);
+    std::fs::create_dir_all(&dir)?;
+    let make = |key: &str, cert: &str| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", &format!("/CN={host}")])
+            .arg("-keyout")
+            .arg(dir.join(key))
+            .arg("-out")
+            .arg(dir.join(cert))
+            .output()
+            .context("openssl")?;
+        ensure!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    make("privkey.pem", "fullchain.pem")?;
+    if mismatched {
+        make("privkey.pem", "other.pem")?;
+    }
+    Ok(())
+}
+
+/// The text of `# host NAME` up to the next marker in a file of the built-in template.
+fn host_block<'c>(conf: &'c str, host: &str) -> Option<&'c str> {
+    let start = conf.find(&format!("# host {host}\n"))?;
+    let rest = &conf[start + 1..];
+    let end = rest
+        .find("\n# host ")
+        .or_else(|| rest.find("\n# end of hosts"))
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// The nginx file of `node` as its nginx container reads it.
+fn nginx_file_on(node: &Node, nginx: &str) -> Result<String> {
+    let id = containers_on(node, nginx)?
+        .pop()
+        .with_context(|| format!("no nginx container on {}", node.short))?;
+    node.docker(&["exec", &id, "cat", "/etc/nginx/conf.d/drover.conf"])
+}
+
+/// The shipped stack in cluster mode as shipped, nginx on every node: certificate files
+/// exist only in w1's nginx, one pair good and one whose key is not its certificate's.
+/// Each node's agent runs the one executor on its own file: w1 serves the good host with
+/// TLS and leaves the bad one out (its nginx rejects it), the other nodes serve both TLS
+/// hosts on port 80 for want of files, and a host without files anywhere is on port 80
+/// everywhere. Meanwhile a scale of the app reaches every node's nginx.
+#[test]
+fn each_nodes_nginx_leaves_out_the_host_it_rejects_and_serves_tls_only_where_its_files_are_while_a_scale_reaches_every_node()
+-> Result<()> {
+    require_e2e!();
+    let cluster = Cluster::new(1, 2)?;
+    let s = ShippedStack::deploy(cluster, NET, SHIPPED_HOST, ISOLATE_HTTP_PORT)?;
+    wait_every_nodes_nginx_serves(&s, ISOLATE_HTTP_PORT, 2)?;
+    let nginx = s.service("nginx");
+    let (m1, w1, w2) = (
+        s.cluster.node("m1"),
+        s.cluster.node("w1"),
+        s.cluster.node("w2"),
+    );
+
+    let (good, bad, none) = ("good.cluster.test", "bad.cluster.test", "none.cluster.test");
+    let certs = temp_dir("cl-certs")?;
+    let root = certs.path().join("letsencrypt");
+    make_certificate(&root.join("live"), good, false)?;
+    make_certificate(&root.join("live"), bad, true)?;
+    let id = containers_on(w1, &nginx)?
+        .pop()
+        .context("no nginx container on w1")?;
+    w1.docker(&["cp", &root.display().to_string(), &format!("{id}:/etc/")])?;
+
+    for (name, host) in [("tls-good", good), ("tls-bad", bad), ("tls-none", none)] {
+        s.cluster.docker(&[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            NET,
+            "--stop-grace-period",
+            "1s",
+            "--label",
+            &format!("routing-host={host}"),
+            "--label",
+            "routing-port=80",
+            &busybox_image(),
+        ])?;
+    }
+    s.cluster.docker(&[
+        "service",
+        "scale",
+        "--detach",
+        &format!("{}=3", s.service("app")),
+    ])?;
+    wait_every_nodes_nginx_serves(&s, ISOLATE_HTTP_PORT, 3)?;
+
+    let mut files = Vec::new();
+    let settled = wait_until(SWARM + BOUND, Duration::from_millis(500), || {
+        files = [m1, w1, w2]
+            .iter()
+            .map(|n| nginx_file_on(n, &nginx).unwrap_or_default())
+            .collect();
+        let on_w1 = &files[1];
+        host_block(on_w1, bad).is_none()
+            && host_block(on_w1, good).is_some_and(|b| b.contains("listen 443 ssl"))
+            && host_block(on_w1, none).is_some_and(|b| !b.contains("listen 443"))
+            && [&files[0], &files[2]].iter().all(|f| {
+                [good, bad, none]
+                    .iter()
+                    .all(|h| host_block(f, h).is_some_and(|b| !b.contains("listen 443")))
+            })
+    });
+    ensure!(
+        settled,
+        "files on m1, w1, w2:\n{}\n-----\n{}\n-----\n{}",
+        files[0],
+        files[1],
+        files[2]
+    );
+
+    // What each node's nginx does with them, asked as a client would.
+    let on = |node: &Node, host: &str| -> Result<u16> {
+        let addr = format!("{}:{ISOLATE_HTTP_PORT}", node.addr);
+        Ok(http_get_host(&addr, host, "/")?.status)
+    };
+    ensure!(on(w1, good)? == 301, "w1 redirects the good host to https");
+    ensure!(on(w1, bad)? == 503, "w1 left the bad host out");
+    for node in [m1, w2] {
+        for host in [good, bad, none] {
+            let status = on(node, host)?;
+            ensure!(
+                status == 200,
+                "{} serves {host} on port 80: {status}",
+                node.short
+            );
+        }
+    }
+    ensure!(
+        on(w1, none)? == 200,
+        "w1 serves the host without files on port 80"
+    );
+
+    // The controller shows the host left out, and the TLS hosts some node lacks files for.
+    let metrics = m1.get_inside(&s.service("drover"), 9091, "/metrics")?;
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("target=\"nginx\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    ensure!(
+        gauge("drover_hosts_left_out") == Some(1.0),
+        "left out: {:?}",
+        gauge("drover_hosts_left_out")
+    );
+    ensure!(
+        gauge("drover_hosts_without_certificate") == Some(3.0),
+        "without certificate: {:?}",
+        gauge("drover_hosts_without_certificate")
+    );
+    Ok(())
+}
+
+/// Waits until every node's nginx on `port` answers from exactly the running app tasks.
+fn wait_every_nodes_nginx_serves(s: &ShippedStack, port: u16, n: usize) -> Result<()> {
+    for node in &s.cluster.nodes {
+        let addr = format!("{}:{port}", node.addr);
+        wait_nginx_answers_from(&node.short, &addr, SHIPPED_HOST, n, || app_hostnames(s))?;
+    }
     Ok(())
 }

@@ -84,6 +84,7 @@ impl Drover {
                     let app = drover::http::AppState::new(
                         service,
                         Arc::new(Board::new()),
+                        Arc::default(),
                         config.http.clone(),
                     );
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tower_http::timeout::TimeoutLayer;
 use tracing::info;
 
+use super::contacts::{Contacts, Heartbeat};
 use super::wire::{
     APPLY_PATH, Applied, ApplyAnswer, ApplyRequest, Guard, HEARTBEAT_PATH, MAX_BODY,
     REQUEST_TIMEOUT, Refusal, count_refusal, refused,
@@ -43,6 +44,8 @@ type Targets = HashMap<String, Arc<tokio::sync::Mutex<Local>>>;
 pub struct Agent {
     guard: Guard,
     engine: Option<Engine>,
+    /// Where heartbeats from the controller are remembered.
+    contacts: Arc<Contacts>,
     /// Swapped whole by [`Agent::retarget`] (a config reload); a request in flight keeps
     /// the target it started with.
     targets: std::sync::RwLock<Arc<Targets>>,
@@ -53,10 +56,16 @@ fn local(t: &Target) -> Arc<tokio::sync::Mutex<Local>> {
 }
 
 impl Agent {
-    pub fn new(guard: Guard, engine: Option<Engine>, targets: &[Target]) -> Agent {
+    pub fn new(
+        guard: Guard,
+        engine: Option<Engine>,
+        targets: &[Target],
+        contacts: Arc<Contacts>,
+    ) -> Agent {
         Agent {
             guard,
             engine,
+            contacts,
             targets: std::sync::RwLock::new(Arc::new(
                 targets.iter().map(|t| (t.name.clone(), local(t))).collect(),
             )),
@@ -181,12 +190,11 @@ async fn heartbeat(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: By
     if let Err(r) = agent.guard.check(&headers, &body) {
         return refused(r);
     }
-    let Ok(beat) = serde_json::from_slice::<super::contacts::Heartbeat>(&body) else {
+    let Ok(beat) = serde_json::from_slice::<Heartbeat>(&body) else {
         return refused(Refusal::BadRequest);
     };
-    let contacts = super::contacts::global();
-    contacts.heard(&beat);
-    let answer = serde_json::json!({ "node": contacts.own_node() });
+    agent.contacts.heard(&beat);
+    let answer = serde_json::json!({ "node": agent.contacts.own_node() });
     agent
         .guard
         .answer(&headers, StatusCode::OK, answer.to_string().into_bytes())
@@ -218,6 +226,7 @@ mod tests {
             Guard::new(key.clone(), Duration::from_secs(30)),
             None,
             &[t("a", "a")],
+            Arc::default(),
         );
         let now = unix_now();
         let body = serde_json::to_vec(&ApplyRequest::new("b", b"x")).unwrap();
@@ -267,6 +276,7 @@ mod tests {
             Guard::new(key.clone(), Duration::from_secs(30)),
             None,
             &[target],
+            Arc::default(),
         );
         let now = unix_now();
 
@@ -311,6 +321,7 @@ mod tests {
             Guard::new(key.clone(), Duration::from_secs(30)),
             None,
             &[],
+            Arc::default(),
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -84,12 +84,6 @@ pub struct View {
     pub controller: Option<PeerView>,
     /// On the controller: every other peer with its last contact.
     pub peers: Vec<PeerView>,
-}
-
-/// The process's one [`Contacts`] (like the metrics registry: one cluster per process).
-pub fn global() -> &'static Arc<Contacts> {
-    static CONTACTS: OnceLock<Arc<Contacts>> = OnceLock::new();
-    CONTACTS.get_or_init(|| Arc::new(Contacts::default()))
 }
 
 fn ms_since(at: Instant, now: Instant) -> u64 {

@@ -38,6 +38,7 @@ pub use hooks::Intake;
 pub use state::OpsState;
 
 use crate::cluster::agent::Agent;
+use crate::cluster::contacts::Contacts;
 use crate::cluster::forward::{Envelope, Forwarder, JobsQuery, Relay};
 use crate::cluster::wire::{Refusal, refused};
 use crate::config;
@@ -54,12 +55,14 @@ pub struct AppState {
     /// buckets and failure budgets are shared.
     intake: Arc<Intake>,
     forward: Option<Arc<Forwarder>>,
+    contacts: Arc<Contacts>,
 }
 
 impl AppState {
     pub fn new(
         hooks: Arc<crate::hooks::Service>,
         board: Arc<Board>,
+        contacts: Arc<Contacts>,
         http: config::Http,
     ) -> AppState {
         AppState {
@@ -68,6 +71,7 @@ impl AppState {
             board,
             http,
             forward: None,
+            contacts,
         }
     }
 
@@ -83,6 +87,7 @@ impl AppState {
         Ok(OpsState::new(
             self.board.clone(),
             Some(self.hooks.jobs().clone()),
+            self.contacts.clone(),
             &self.http.ops,
         )?
         .with_forward(self.forward.clone()))
@@ -268,8 +273,12 @@ impl Server {
     /// time drover waits for the engine and starts: health on the public listener
     /// (`/readyz` 503, hooks 503: try again), the operator router without jobs on the
     /// private one.
-    pub async fn waiting(http: &config::Http, board: Arc<Board>) -> Result<(Server, Switch)> {
-        let state = OpsState::new(board, None, &http.ops)?;
+    pub async fn waiting(
+        http: &config::Http,
+        board: Arc<Board>,
+        contacts: Arc<Contacts>,
+    ) -> Result<(Server, Switch)> {
+        let state = OpsState::new(board, None, contacts, &http.ops)?;
         let (public_tx, public) = tokio::sync::watch::channel(waiting_public(state.clone()));
         let (ops_tx, ops) = tokio::sync::watch::channel(ops::router(state));
         let server = Server {
@@ -432,7 +441,12 @@ hooks:
         )
         .await
         .expect("service");
-        let state = AppState::new(service.clone(), Arc::new(Board::new()), config.http.clone());
+        let state = AppState::new(
+            service.clone(),
+            Arc::new(Board::new()),
+            Arc::default(),
+            config.http.clone(),
+        );
         let app = router(state.clone())
             .expect("router")
             .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
@@ -889,7 +903,8 @@ hooks:
     #[tokio::test]
     async fn while_waiting_for_the_engine_hooks_get_503_and_health_answers() {
         let http = config::Http::default();
-        let state = OpsState::new(Arc::new(Board::new()), None, &http.ops).expect("state");
+        let state =
+            OpsState::new(Arc::new(Board::new()), None, Arc::default(), &http.ops).expect("state");
         let app = waiting_public(state);
         let (status, _) = send(&app, hub("?token=t", HUB_BODY)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -931,7 +946,7 @@ hooks:
         let mut http = f.state.http.clone();
         http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         http.ops.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let (server, switch) = Server::waiting(&http, Arc::new(Board::new()))
+        let (server, switch) = Server::waiting(&http, Arc::new(Board::new()), Arc::default())
             .await
             .expect("waiting");
         let addr = server.local_addrs().0.expect("public address");
@@ -1245,6 +1260,7 @@ hooks:
             crate::cluster::wire::Guard::new(key.clone(), Duration::from_secs(30)),
             None,
             &[],
+            Arc::default(),
         ));
         let app = agent::router(agent.clone()).merge(
             agent_routes(&controller.state, agent, controller.role.subscribe()).expect("routes"),

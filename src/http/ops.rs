@@ -69,7 +69,7 @@ async fn healthz(State(state): State<OpsState>) -> Response {
 /// heard of). Only on the operator listener: it names every node's address.
 async fn healthz_with_cluster(State(state): State<OpsState>) -> Response {
     let role = state.board.role();
-    let cluster = crate::cluster::contacts::global().view(role);
+    let cluster = state.contacts.view(role);
     axum::Json(serde_json::json!({
         "status": "ok",
         "role": role.map_or("starting", |r| r.as_str()),
@@ -129,7 +129,7 @@ async fn index(State(state): State<OpsState>) -> Html<String> {
         .and_then(|j| serde_json::to_value(j.list()).ok())
         .unwrap_or_default();
     let mut summary = state.board.summary();
-    let cluster = crate::cluster::contacts::global().view(summary.role);
+    let cluster = state.contacts.view(summary.role);
     if cluster.controller.is_some() || !cluster.peers.is_empty() {
         summary.peers = status_page::contact_lines(&cluster);
     }

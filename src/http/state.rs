@@ -6,6 +6,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::Error;
+use crate::cluster::contacts::Contacts;
 use crate::jobs::Jobs;
 use crate::status::Board;
 
@@ -18,6 +19,8 @@ pub struct OpsState {
     pub token: Option<[u8; 32]>,
     /// Cluster mode: job reads go to the controller while this instance is not it.
     pub forward: Option<Arc<crate::cluster::forward::Forwarder>>,
+    /// Who the controller is and when each peer last answered (`/healthz`, status page).
+    pub contacts: Arc<Contacts>,
 }
 
 impl OpsState {
@@ -25,6 +28,7 @@ impl OpsState {
     pub fn new(
         board: Arc<Board>,
         jobs: Option<Arc<Jobs>>,
+        contacts: Arc<Contacts>,
         ops: &crate::config::Ops,
     ) -> Result<OpsState, Error> {
         let token = match &ops.token_file {
@@ -45,6 +49,7 @@ impl OpsState {
             jobs,
             token,
             forward: None,
+            contacts,
         })
     }
 

@@ -8,40 +8,31 @@
 //! one target is logged, counted and shown on the status page; it never affects other
 //! targets and never stops the loop.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info_span};
 
-use crate::apply::{Candidate, Local, Outcome, Report};
-use crate::backoff::Backoff;
 use crate::cluster::contacts::Contacts;
-use crate::cluster::delivery::{self, Deliverer, Rendition};
 use crate::cluster::wire::Key;
 use crate::config::Target;
-use crate::debounce::{Batch, Debouncer};
+use crate::debounce::Batch;
 use crate::docker::Engine;
-use crate::render::{Rendered, Template};
 use crate::role::Role;
 use crate::state::Snapshot;
-use crate::status::{Board, SkippedService};
+use crate::status::Board;
 use crate::watch::Hint;
 
 mod policy;
 mod report;
+mod target;
 
 pub use policy::{Failure, Policy};
-
-/// The longest wait before a node the last delivery did not reach is tried again. A node
-/// that comes back (its engine restarted) looks the same to the controller as one still
-/// away until its agent answers, so the backoff alone would grow to its 30 s ceiling while
-/// it was down and keep the returning node's file stale that long; a try costs one
-/// connection attempt of at most 3 s per owed node.
-const REDELIVER_MAX: Duration = Duration::from_secs(5);
+pub use target::{Action, Ctx, Error};
+use target::{TargetState, error_policy, reconcile, target_state};
 
 /// First and largest delay of the convergence re-check.
 const CONVERGE_FIRST: Duration = Duration::from_millis(100);
@@ -49,56 +40,6 @@ const CONVERGE_MAX: Duration = Duration::from_millis(250);
 /// A task stuck in `pending` (no node fits) should not keep us polling fast forever.
 const CONVERGE_SLOW_AFTER: Duration = Duration::from_secs(60);
 const CONVERGE_SLOW: Duration = Duration::from_secs(5);
-
-struct TargetState {
-    config: Target,
-    template: Result<Template, String>,
-    /// This node's file of the target: the one executor, also every agent's.
-    local: Local,
-    /// Present when this instance has the cluster key: the agents' side of delivery.
-    deliverer: Option<Deliverer>,
-    debounce: Debouncer,
-    last_skipped: Vec<SkippedService>,
-    /// The snapshot of the last pass that needs no retry: the same cluster again (a
-    /// convergence poll or resync that found nothing new) is not rendered again.
-    settled: Option<Arc<Snapshot>>,
-    /// Paces the retries of nodes an agents delivery did not bring up to date.
-    redeliver_backoff: Backoff,
-    /// When the nodes an agents delivery did not reach are due again. A node whose agent
-    /// comes up (its engine back, its drover task just started) sends no event of its own,
-    /// so without this it would wait for the next change or resync with a stale file.
-    redeliver_at: Option<Instant>,
-    /// (node id, outcome) of the nodes last owed the content: when that changes (a node's
-    /// agent appeared, one went away) the retry starts again from the shortest delay.
-    owed: BTreeSet<(String, &'static str)>,
-    /// The reason of the last unavailable check, so a lasting outage is logged once.
-    unavailable_reason: Option<String>,
-    /// Hosts left out as last reported, so each change is logged once.
-    left_out: BTreeMap<String, String>,
-    /// TLS hosts last reported as served on port 80 (on some node); `None`: not yet.
-    without_certificate: Option<BTreeSet<String>>,
-}
-
-impl TargetState {
-    /// When a check that could not run, or a delivery that did not reach every node, is
-    /// due again: the target's one next look besides its debounce window.
-    fn retry_at(&self) -> Option<Instant> {
-        self.local
-            .retry_at()
-            .into_iter()
-            .chain(self.redeliver_at)
-            .min()
-    }
-
-    /// Whether a resync has something to look at again that the cluster does not tell.
-    fn looks_outside(&self) -> bool {
-        self.local.looks_outside()
-            || self
-                .deliverer
-                .as_ref()
-                .is_some_and(Deliverer::looks_outside)
-    }
-}
 
 pub struct Reconciler {
     engine: Engine,
@@ -117,35 +58,6 @@ pub struct Reconciler {
 pub struct Retarget {
     pub targets: Vec<Target>,
     pub resync: Duration,
-}
-
-/// A target's state as at start: template compiled, last applied hash read back.
-fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)>) -> TargetState {
-    let template = Template::load(t).map_err(|e| e.to_string());
-    if let Err(e) = &template {
-        warn!(target = %t.name, error = %e, "template does not compile; target disabled");
-    }
-    let local = Local::new(t);
-    board.update_target(&t.name, |s| {
-        s.output = t.output.display().to_string();
-        s.hash = local.current_hash().map(str::to_owned);
-        s.error = template.as_ref().err().cloned();
-    });
-    TargetState {
-        config: t.clone(),
-        template,
-        local,
-        deliverer: agents.map(|(key, port)| Deliverer::new(key.clone(), *port)),
-        debounce: Debouncer::new(t.debounce),
-        last_skipped: Vec::new(),
-        settled: None,
-        redeliver_backoff: Backoff::new(),
-        redeliver_at: None,
-        owed: BTreeSet::new(),
-        unavailable_reason: None,
-        left_out: BTreeMap::new(),
-        without_certificate: None,
-    }
 }
 
 /// The next reloaded config, or never when there is no reload channel (or it closed).
@@ -238,7 +150,7 @@ impl Reconciler {
                         .targets
                         .iter()
                         .filter_map(|t| t.debounce.deadline())
-                        .chain(self.targets.iter().filter_map(TargetState::retry_at))
+                        .chain(self.targets.iter().filter_map(|t| t.next_look))
                         .chain(converge.map(|c| c.0))
                         .chain(std::iter::once(next_resync))
                         .min()
@@ -292,7 +204,7 @@ impl Reconciler {
             let check_due: Vec<bool> = self
                 .targets
                 .iter()
-                .map(|t| t.retry_at().is_some_and(|at| at <= now))
+                .map(|t| t.next_look.is_some_and(|at| at <= now))
                 .collect();
             let any_batch = batches.iter().any(Option::is_some) || check_due.contains(&true);
             if !(full_pass || converge_due || any_batch || retrying) {
@@ -332,11 +244,18 @@ impl Reconciler {
             for ((t, batch), check_due) in self.targets.iter_mut().zip(batches).zip(check_due) {
                 if everyone || batch.is_some() || check_due {
                     let span = info_span!("reconcile", target = %t.config.name);
-                    let retry = full_pass;
+                    let ctx = Ctx {
+                        engine: Some(&self.engine),
+                        board: &self.board,
+                        contacts: &self.contacts,
+                        role,
+                        resync: full_pass,
+                        batch,
+                    };
                     // A check or notify step can take up to its timeout: shutdown does not wait.
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = pass(t, &snapshot, &self.engine, &self.board, &self.contacts, batch, role, retry).instrument(span) => {}
+                        _ = step(t, &snapshot, &ctx).instrument(span) => {}
                     }
                 }
             }
@@ -410,197 +329,12 @@ fn peers(snapshot: &Snapshot) -> Vec<String> {
     peers
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pass(
-    t: &mut TargetState,
-    snapshot: &Arc<Snapshot>,
-    engine: &Engine,
-    board: &Board,
-    contacts: &Contacts,
-    batch: Option<Batch>,
-    role: Role,
-    resync: bool,
-) {
-    let m = crate::metrics::get();
-    // Due now (or moot: this instance no longer delivers); set again below if still owed.
-    t.redeliver_at = None;
-    // A resync looks again at what the cluster does not tell: certificate files that may
-    // have appeared, hosts left out that may pass now.
-    let outside = resync && t.looks_outside();
-    if t.settled.as_deref() == Some(&**snapshot) && !outside {
-        return;
-    }
-    // In cluster mode only the controller (the instance on the Raft leader) renders; the
-    // others serve the agent API. Without the key every instance renders for its own node.
-    if t.deliverer.is_some() && !role.is_controller() {
-        return;
-    }
-    let name = t.config.name.clone();
-    let template = match &t.template {
-        Ok(template) => template,
-        Err(_) => {
-            report::count(&name, "template_error");
-            return;
-        }
+/// One reconcile of `t` and what the loop keeps of it: the target's one next look, and
+/// the snapshot it settled on (the same cluster again is not rendered again).
+async fn step(t: &mut TargetState, snapshot: &Arc<Snapshot>, ctx: &Ctx<'_>) {
+    let action = match reconcile(t, snapshot, ctx).await {
+        Ok(action) => action,
+        Err(e) => error_policy(t, &e, ctx),
     };
-    let probes = t.local.probes_certificates();
-    let render = |with: &BTreeSet<String>| {
-        template.render_with(
-            snapshot,
-            &crate::render::Options {
-                certificates: probes.then(|| with.clone()),
-            },
-        )
-    };
-    let started = Instant::now();
-    let with = t.local.certificates();
-    let rendered = render(&with);
-    m.render_duration
-        .with_label_values(&[name.as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    let rendered = match rendered {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "render failed; keeping the current file");
-            report::count(&name, "render_error");
-            t.settled = Some(snapshot.clone());
-            board.update_target(&name, |s| {
-                s.last_render = Some(unix_now());
-                s.error = Some(e.to_string());
-            });
-            return;
-        }
-    };
-    if rendered.skipped != t.last_skipped {
-        for s in &rendered.skipped {
-            warn!(service = %s.service, label = %s.label, value = %s.value, reason = %s.reason,
-                "service skipped: invalid label value");
-        }
-        t.last_skipped = rendered.skipped.clone();
-    }
-    m.skipped_services
-        .with_label_values(&[name.as_str()])
-        .set(rendered.skipped.len() as i64);
-
-    if let Some(d) = t
-        .deliverer
-        .as_mut()
-        .filter(|_| delivery::uses_agents(&t.config, snapshot, true))
-    {
-        // Through agents: each consumer node runs the one executor on its own file, with
-        // a content rendered for the certificate files its proxy has.
-        let consumers = delivery::consumer_nodes(&t.config, snapshot);
-        let peers = crate::cluster::peers::peers(snapshot, d.port());
-        let for_node = |with: &BTreeSet<String>| {
-            render(with).ok().map(|r| Rendition {
-                content: r.text.into_bytes(),
-                tls: r.tls_hosts,
-            })
-        };
-        let nodes = d
-            .deliver(&name, &consumers, &peers, contacts, resync, &for_node)
-            .await;
-        let outcome = Ok(delivery::overall(&nodes));
-        let retry = matches!(outcome, Ok(Outcome::CheckUnavailable(_)));
-        t.settled = (!retry).then(|| snapshot.clone());
-        // No consumer at all is not retried: one appearing is a Swarm change, with events.
-        let owed: BTreeSet<(String, &'static str)> = nodes
-            .iter()
-            .filter(|n| n.owed())
-            .map(|n| (n.node_id.clone(), n.label()))
-            .collect();
-        if owed != t.owed {
-            t.redeliver_backoff.reset();
-        }
-        let delay = t.redeliver_backoff.delay().min(REDELIVER_MAX);
-        t.redeliver_at = (!owed.is_empty()).then(|| Instant::now() + delay);
-        t.owed = owed;
-        let without = d.without_certificates(&rendered.tls_hosts);
-        report::without_certificate(t, board, without);
-        let left_out = nodes
-            .iter()
-            .filter_map(|n| match &n.state {
-                crate::status::NodeState::Reported(r) => Some(&r.left_out),
-                _ => None,
-            })
-            .flatten()
-            .map(|l| (l.host.clone(), l.reason.clone()))
-            .collect();
-        report::left_out(t, board, left_out);
-        let hash = matches!(&outcome, Ok(o) if o.settled())
-            .then(|| crate::hash::sha256_hex(rendered.text.as_bytes()));
-        report::outcome(t, board, &outcome, hash.clone(), batch, rendered.skipped);
-        board.update_target(&name, |s| s.nodes = nodes);
-        return;
-    }
-    let now = Instant::now();
-    let mut applied = apply_here(
-        &mut t.local,
-        &rendered,
-        &with,
-        engine,
-        snapshot,
-        resync,
-        now,
-    )
-    .await;
-    if let Ok(r) = &applied {
-        if r.outcome == Outcome::Rerender {
-            // This node's certificate files differ from what was known: render for them.
-            let with = r.certificates.clone().unwrap_or_default();
-            match render(&with) {
-                Ok(again) => {
-                    applied =
-                        apply_here(&mut t.local, &again, &with, engine, snapshot, resync, now)
-                            .await;
-                }
-                Err(e) => warn!(error = %e, "render for the certificate files failed"),
-            }
-        }
-    }
-    if probes {
-        let present = t.local.certificates();
-        let without = rendered
-            .tls_hosts
-            .iter()
-            .filter(|h| !present.contains(*h))
-            .cloned()
-            .collect();
-        report::without_certificate(t, board, without);
-    }
-    if let Some(r) = applied.as_ref().ok().filter(|r| r.outcome.settled()) {
-        let left_out = r
-            .left_out
-            .iter()
-            .map(|l| (l.host.clone(), l.reason.clone()))
-            .collect();
-        report::left_out(t, board, left_out);
-    }
-    let outcome = applied.map(|r| r.outcome);
-    let retry = matches!(
-        outcome,
-        Ok(Outcome::CheckUnavailable(_) | Outcome::Waiting | Outcome::Rerender) | Err(_)
-    );
-    t.settled = (!retry).then(|| snapshot.clone());
-    let hash = t.local.current_hash().map(str::to_owned);
-    report::outcome(t, board, &outcome, hash, batch, rendered.skipped);
-}
-
-/// `rendered` (made for the certificate files `with`) through this node's executor.
-async fn apply_here(
-    local: &mut Local,
-    rendered: &Rendered,
-    with: &BTreeSet<String>,
-    engine: &Engine,
-    snapshot: &Snapshot,
-    resync: bool,
-    now: Instant,
-) -> Result<Report, crate::apply::Error> {
-    let candidate = Candidate {
-        content: rendered.text.as_bytes(),
-        tls: &rendered.tls_hosts,
-        with_certificates: with,
-        resync,
-    };
-    local.apply(candidate, Some(engine), snapshot, now).await
+    t.settle(snapshot, action);
 }

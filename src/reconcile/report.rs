@@ -23,7 +23,7 @@ pub(super) fn count(target: &str, outcome: &str) {
 pub(super) fn outcome(
     t: &mut TargetState,
     board: &Board,
-    outcome: &Result<Outcome, crate::apply::Error>,
+    o: &Outcome,
     hash: Option<String>,
     batch: Option<Batch>,
     skipped: Vec<SkippedService>,
@@ -35,63 +35,55 @@ pub(super) fn outcome(
     let has_notify = !t.config.notify.is_empty();
     let mut error = None;
     let mut check = None;
-    match outcome {
-        Ok(o) => {
-            if !matches!(o, Outcome::Waiting | Outcome::Rerender) {
-                count(name, o.label());
+    if !matches!(o, Outcome::Waiting | Outcome::Rerender) {
+        count(name, o.label());
+    }
+    match o {
+        Outcome::Unchanged | Outcome::KnownBad | Outcome::Waiting | Outcome::Rerender => {}
+        Outcome::Applied | Outcome::NotifyFailed(_) => {
+            t.unavailable_reason = None;
+            if has_check {
+                check = Some(CheckResult::Passed);
             }
-            match o {
-                Outcome::Unchanged | Outcome::KnownBad | Outcome::Waiting | Outcome::Rerender => {}
-                Outcome::Applied | Outcome::NotifyFailed(_) => {
-                    if has_check {
-                        check = Some(CheckResult::Passed);
-                    }
-                    let hash = hash.as_deref().unwrap_or_default();
-                    m.last_apply
-                        .with_label_values(&[name])
-                        .set(unix_now() as i64);
-                    m.content_hash
-                        .with_label_values(&[name])
-                        .set(i64::from_str_radix(hash.get(..12).unwrap_or("0"), 16).unwrap_or(0));
-                    if let Some(b) = batch {
-                        m.event_apply_lag.observe(b.first.elapsed().as_secs_f64());
-                    }
-                    if has_notify {
-                        let ok = matches!(o, Outcome::Applied);
-                        m.reloads
-                            .with_label_values(&[name, if ok { "ok" } else { "failed" }])
-                            .inc();
-                    }
-                    if let Outcome::NotifyFailed(why) = o {
-                        warn!(reason = %why, "config applied but a notify step failed");
-                        error = Some(format!("notify failed: {why}"));
-                    } else {
-                        info!(hash = %hash.get(..12).unwrap_or(""), "config applied");
-                    }
-                }
-                Outcome::CheckFailed(output) => {
-                    warn!(output = %output, "check failed; previous config restored, not notified");
-                    check = Some(CheckResult::Failed(output.clone()));
-                }
-                Outcome::CheckUnavailable(why) => {
-                    if t.unavailable_reason.as_deref() != Some(why.as_str()) {
-                        warn!(reason = %why, "check could not run; the file stays as it was");
-                        t.unavailable_reason = Some(why.clone());
-                    }
-                    check = Some(CheckResult::Unavailable(why.clone()));
-                }
+            let hash = hash.as_deref().unwrap_or_default();
+            m.last_apply
+                .with_label_values(&[name])
+                .set(unix_now() as i64);
+            m.content_hash
+                .with_label_values(&[name])
+                .set(i64::from_str_radix(hash.get(..12).unwrap_or("0"), 16).unwrap_or(0));
+            if let Some(b) = batch {
+                m.event_apply_lag.observe(b.first.elapsed().as_secs_f64());
+            }
+            if has_notify {
+                let ok = matches!(o, Outcome::Applied);
+                m.reloads
+                    .with_label_values(&[name, if ok { "ok" } else { "failed" }])
+                    .inc();
+            }
+            if let Outcome::NotifyFailed(why) = o {
+                warn!(reason = %why, "config applied but a notify step failed");
+                error = Some(format!("notify failed: {why}"));
+            } else {
+                info!(hash = %hash.get(..12).unwrap_or(""), "config applied");
             }
         }
-        Err(e) => {
-            count(name, "write_error");
-            warn!(error = %e, "cannot write config");
-            error = Some(e.to_string());
+        Outcome::CheckFailed(output) => {
+            warn!(output = %output, "check failed; previous config restored, not notified");
+            check = Some(CheckResult::Failed(output.clone()));
+        }
+        Outcome::CheckUnavailable(why) => {
+            if t.unavailable_reason.as_deref() != Some(why.as_str()) {
+                warn!(reason = %why, "check could not run; the file stays as it was");
+                t.unavailable_reason = Some(why.clone());
+            }
+            check = Some(CheckResult::Unavailable(why.clone()));
         }
     }
     if let Some(c) = &check {
         m.checks.with_label_values(&[name, c.word()]).inc();
     }
-    let applied = matches!(outcome, Ok(Outcome::Applied | Outcome::NotifyFailed(_)));
+    let applied = matches!(o, Outcome::Applied | Outcome::NotifyFailed(_));
     board.update_target(name, |s| {
         s.last_render = Some(unix_now());
         if applied {
