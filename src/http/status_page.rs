@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::jobs::JobState;
 use crate::status::{CheckResult, LeftOutHost, SkippedService, Summary};
 
 /// The template name ends in `.html` so Tera's autoescaping applies to it.
@@ -327,13 +328,14 @@ fn check_class(check: &CheckResult) -> (&'static str, &'static str) {
     (class, check.word())
 }
 
+/// The badge of a job's or a service's state, as `JobState` names it; a word no state
+/// has (a newer or older drover's) is neutral.
 fn outcome_class(outcome: &str) -> &'static str {
-    match outcome {
-        "completed" | "updated" | "unchanged" | "up-to-date" | "current" => "ok",
-        "failed" | "rolled_back" | "rollback_completed" | "paused" | "error" | "timeout" => "bad",
-        "skipped" | "superseded" => "neutral",
-        "queued" | "running" | "updating" => "warn",
-        _ => "neutral",
+    match serde_json::from_value::<JobState>(Value::String(outcome.to_owned())) {
+        Ok(JobState::Completed) => "ok",
+        Ok(JobState::Failed | JobState::RolledBack) => "bad",
+        Ok(JobState::Queued | JobState::Running) => "warn",
+        Ok(JobState::Skipped) | Err(_) => "neutral",
     }
 }
 
@@ -433,6 +435,22 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_job_state_has_its_badge_and_a_word_no_state_has_is_neutral() {
+        use crate::jobs::JobState::*;
+        for (state, class) in [
+            (Completed, "ok"),
+            (Failed, "bad"),
+            (RolledBack, "bad"),
+            (Queued, "warn"),
+            (Running, "warn"),
+            (Skipped, "neutral"),
+        ] {
+            assert_eq!(outcome_class(state.as_str()), class, "{state:?}");
+        }
+        assert_eq!(outcome_class("updated"), "neutral");
+    }
     use crate::status::TargetStatus;
     use serde_json::json;
 
@@ -482,7 +500,7 @@ mod tests {
                 "service": "web_api",
                 "from": "owner/api:latest@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
                 "to": "owner/api:latest@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
-                "outcome": "rollback_completed",
+                "outcome": "rolled_back",
                 "message": "task failed: exit 1"
             }]
         }])
@@ -532,7 +550,7 @@ mod tests {
         assert!(html.contains(
             "class=\"job card\" id=\"job-j-42\" data-id=\"j-42\" data-state=\"rolled_back\""
         ));
-        assert!(html.contains("data-service=\"web_api\" data-outcome=\"rollback_completed\""));
+        assert!(html.contains("data-service=\"web_api\" data-outcome=\"rolled_back\""));
         assert!(
             html.contains("owner/api:latest@sha256:bbbbbbbbbbbb<"),
             "{html}"
