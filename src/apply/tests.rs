@@ -568,3 +568,42 @@ mod executor {
         assert_eq!(h.apply(b"kept").await, Outcome::Unchanged);
     }
 }
+
+// the report as it crosses the agent API
+mod wire {
+    use std::collections::BTreeSet;
+
+    use crate::apply::{LeftOutHost, Outcome, Report};
+
+    #[test]
+    fn every_outcome_crosses_the_wire_as_itself_with_the_rest_of_the_report() {
+        let outcomes = [
+            Outcome::Unchanged,
+            Outcome::Applied,
+            Outcome::NotifyFailed("hup".into()),
+            Outcome::CheckFailed("[emerg] x".into()),
+            Outcome::CheckUnavailable("no nginx".into()),
+            Outcome::KnownBad,
+            Outcome::Waiting,
+            Outcome::Rerender,
+        ];
+        for outcome in outcomes {
+            let report = Report {
+                outcome,
+                hash: Some("ab".into()),
+                left_out: vec![LeftOutHost {
+                    host: "bad.test".into(),
+                    reason: "key mismatch".into(),
+                }],
+                certificates: Some(BTreeSet::from(["good.test".to_owned()])),
+            };
+            let json = serde_json::to_string(&report).expect("serialise");
+            assert!(
+                json.contains(&format!("\"outcome\":\"{}\"", report.outcome.label())),
+                "{json}"
+            );
+            let back: Report = serde_json::from_str(&json).expect("deserialise");
+            assert_eq!(back, report, "{json}");
+        }
+    }
+}
