@@ -102,6 +102,8 @@ pub enum NodeState {
     Error(String),
     /// No drover task runs on the node.
     NoAgent,
+    /// A request to its agent is still under way.
+    Sending,
     /// Its agent did not answer.
     Unreachable(String),
 }
@@ -112,7 +114,10 @@ impl NodeResult {
     pub fn owed(&self) -> bool {
         match &self.state {
             NodeState::Reported(r) => r.outcome.owed(),
-            NodeState::Error(_) | NodeState::NoAgent | NodeState::Unreachable(_) => true,
+            NodeState::Error(_)
+            | NodeState::NoAgent
+            | NodeState::Sending
+            | NodeState::Unreachable(_) => true,
         }
     }
 
@@ -122,6 +127,7 @@ impl NodeResult {
             NodeState::Reported(r) => r.outcome.label(),
             NodeState::Error(_) => "error",
             NodeState::NoAgent => "no_agent",
+            NodeState::Sending => "sending",
             NodeState::Unreachable(_) => "unreachable",
         }
     }
@@ -132,6 +138,7 @@ impl NodeResult {
             NodeState::Reported(r) => r.outcome.message(),
             NodeState::Error(m) | NodeState::Unreachable(m) => Some(m),
             NodeState::NoAgent => Some("no running drover task on this node"),
+            NodeState::Sending => Some("its agent has not answered yet"),
         }
     }
 

@@ -90,7 +90,18 @@ pub struct Deliverer {
     certificates: BTreeMap<String, BTreeSet<String>>,
     /// The TLS hosts of the last content delivered.
     tls: Vec<String>,
+    /// Requests still under way, per node: a node that answers late (down, its overlay
+    /// path not up) is not waited for beyond [`PASS_WAIT`].
+    in_flight: BTreeMap<String, tokio::task::JoinHandle<Sent>>,
 }
+
+/// A request sent: the hash of its content and the agent's answer.
+type Sent = (String, wire::Result<wire::ApplyAnswer>);
+
+/// How long one pass waits for the agents' answers. A node slower than this is answered
+/// for on a later pass, so a node that is down (3 s to find out) never delays the file of
+/// the others, such as a task's removal during a rolling update.
+const PASS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Rounds one pass may spend: the first, and one for the nodes that asked for a content
 /// rendered for their certificate files.
@@ -104,6 +115,7 @@ impl Deliverer {
             delivered: BTreeMap::new(),
             certificates: BTreeMap::new(),
             tls: Vec::new(),
+            in_flight: BTreeMap::new(),
         }
     }
 
@@ -150,29 +162,49 @@ impl Deliverer {
     ) -> Vec<NodeResult> {
         self.delivered.retain(|n, _| nodes.contains(n));
         self.certificates.retain(|n, _| nodes.contains(n));
-        let mut renditions: BTreeMap<BTreeSet<String>, Option<Rendition>> = BTreeMap::new();
+        self.in_flight.retain(|n, h| {
+            let keep = nodes.contains(n);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
         let mut results: BTreeMap<String, NodeResult> = BTreeMap::new();
         let mut todo: Vec<String> = nodes.iter().cloned().collect();
+        // Answers that came in since the last pass: what those nodes hold now.
+        let finished: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in finished {
+            if let Some(handle) = self.in_flight.remove(&node) {
+                let (state, _) = self.take(&node, handle.await, contacts);
+                results.insert(node.clone(), NodeResult::new(&node, peers, state));
+            }
+        }
+        let mut renditions: BTreeMap<BTreeSet<String>, Option<Rendition>> = BTreeMap::new();
         for round in 0..ROUNDS {
-            let mut sends = Vec::new();
+            let mut sent = Vec::new();
             for node in std::mem::take(&mut todo) {
-                let hostname = peers
-                    .get(&node)
-                    .map(|p| p.hostname.clone())
-                    .unwrap_or_default();
-                let result = |state| NodeResult {
-                    node_id: node.clone(),
-                    hostname: hostname.clone(),
-                    state,
-                };
+                if self.in_flight.contains_key(&node) {
+                    // Its last request is still under way (the node is slow or gone): it
+                    // does not hold up the others, and gets the newest file once it answers.
+                    results.insert(
+                        node.clone(),
+                        NodeResult::new(&node, peers, NodeState::Sending),
+                    );
+                    continue;
+                }
                 let with = self.certificates.get(&node).cloned().unwrap_or_default();
                 let rendition = renditions
                     .entry(with.clone())
                     .or_insert_with(|| render(&with))
                     .clone();
                 let Some(rendition) = rendition else {
-                    let failed = result(NodeState::Error("render failed".to_owned()));
-                    results.insert(node, failed);
+                    let failed = NodeState::Error("render failed".to_owned());
+                    results.insert(node.clone(), NodeResult::new(&node, peers, failed));
                     continue;
                 };
                 let hash = sha256_hex(&rendition.content);
@@ -184,11 +216,15 @@ impl Deliverer {
                         outcome: Outcome::Unchanged,
                         ..last.clone()
                     };
-                    results.insert(node.clone(), result(NodeState::Reported(unchanged)));
+                    let state = NodeState::Reported(unchanged);
+                    results.insert(node.clone(), NodeResult::new(&node, peers, state));
                     continue;
                 }
                 let Some(peer) = peers.get(&node) else {
-                    results.insert(node.clone(), result(NodeState::NoAgent));
+                    results.insert(
+                        node.clone(),
+                        NodeResult::new(&node, peers, NodeState::NoAgent),
+                    );
                     continue;
                 };
                 let request = ApplyRequest {
@@ -197,43 +233,33 @@ impl Deliverer {
                     resync: resync && round == 0,
                     ..ApplyRequest::new(target, &rendition.content)
                 };
-                let (key, peer) = (self.key.clone(), peer.clone());
-                sends.push(async move {
-                    let answer = wire::send(peer.addr, &key, &request).await;
-                    (peer, hash, answer)
-                });
+                let (key, addr) = (self.key.clone(), peer.addr);
+                let handle =
+                    tokio::spawn(async move { (hash, wire::send(addr, &key, &request).await) });
+                self.in_flight.insert(node.clone(), handle);
+                sent.push(node);
             }
-            for (peer, hash, answer) in futures_util::future::join_all(sends).await {
-                let state = match answer {
-                    Ok(a) => {
-                        contacts.touch(&peer.node_id);
-                        match a.result {
-                            Applied::Report(r) => {
-                                if let Some(c) = &r.certificates {
-                                    self.certificates.insert(peer.node_id.clone(), c.clone());
-                                }
-                                if r.outcome == Outcome::Rerender {
-                                    todo.push(peer.node_id.clone());
-                                }
-                                if r.outcome.settled() {
-                                    self.delivered
-                                        .insert(peer.node_id.clone(), (hash, r.clone()));
-                                } else {
-                                    self.delivered.remove(&peer.node_id);
-                                }
-                                NodeState::Reported(r)
-                            }
-                            Applied::Error(e) => NodeState::Error(e),
+            let deadline = tokio::time::Instant::now() + PASS_WAIT;
+            for node in sent {
+                let Some(mut handle) = self.in_flight.remove(&node) else {
+                    continue;
+                };
+                match tokio::time::timeout_at(deadline, &mut handle).await {
+                    Ok(answer) => {
+                        let (state, rerender) = self.take(&node, answer, contacts);
+                        if rerender {
+                            todo.push(node.clone());
                         }
+                        results.insert(node.clone(), NodeResult::new(&node, peers, state));
                     }
-                    Err(e) => NodeState::Unreachable(e.to_string()),
-                };
-                let result = NodeResult {
-                    node_id: peer.node_id.clone(),
-                    hostname: peer.hostname,
-                    state,
-                };
-                results.insert(peer.node_id, result);
+                    Err(_) => {
+                        self.in_flight.insert(node.clone(), handle);
+                        results.insert(
+                            node.clone(),
+                            NodeResult::new(&node, peers, NodeState::Sending),
+                        );
+                    }
+                }
             }
             if todo.is_empty() {
                 break;
@@ -242,6 +268,55 @@ impl Deliverer {
         let mut results: Vec<NodeResult> = results.into_values().collect();
         results.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.node_id.cmp(&b.node_id)));
         results
+    }
+
+    /// What an answer from `node`'s agent (to a content of the hash it carries) says, kept
+    /// for the next passes; and whether the node asks for a content rendered for its
+    /// certificate files.
+    fn take(
+        &mut self,
+        node: &str,
+        answer: Result<Sent, tokio::task::JoinError>,
+        contacts: &Contacts,
+    ) -> (NodeState, bool) {
+        let (hash, answer) = match answer {
+            Ok(sent) => sent,
+            Err(e) => return (NodeState::Error(format!("delivery task: {e}")), false),
+        };
+        match answer {
+            Ok(a) => {
+                contacts.touch(node);
+                match a.result {
+                    Applied::Report(r) => {
+                        if let Some(c) = &r.certificates {
+                            self.certificates.insert(node.to_owned(), c.clone());
+                        }
+                        if r.outcome.settled() {
+                            self.delivered.insert(node.to_owned(), (hash, r.clone()));
+                        } else {
+                            self.delivered.remove(node);
+                        }
+                        let rerender = r.outcome == Outcome::Rerender;
+                        (NodeState::Reported(r), rerender)
+                    }
+                    Applied::Error(e) => (NodeState::Error(e), false),
+                }
+            }
+            Err(e) => (NodeState::Unreachable(e.to_string()), false),
+        }
+    }
+}
+
+impl NodeResult {
+    fn new(node: &str, peers: &BTreeMap<String, Peer>, state: NodeState) -> NodeResult {
+        NodeResult {
+            node_id: node.to_owned(),
+            hostname: peers
+                .get(node)
+                .map(|p| p.hostname.clone())
+                .unwrap_or_default(),
+            state,
+        }
     }
 }
 
@@ -452,5 +527,61 @@ mod tests {
             .await;
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].state, NodeState::NoAgent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_agent_does_not_answer_is_left_sending_and_holds_up_no_other_node() {
+        // Accepts and never answers, like a node whose engine froze.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let mut d = Deliverer::new(Key::from_bytes(b"k"), addr.port());
+        let peers = BTreeMap::from([(
+            "w1".to_owned(),
+            Peer {
+                node_id: "w1".into(),
+                hostname: "w1".into(),
+                addr,
+            },
+        )]);
+        let nodes = BTreeSet::from(["w1".to_owned(), "w2".to_owned()]);
+        let render = |_: &BTreeSet<String>| {
+            Some(Rendition {
+                content: b"x".to_vec(),
+                tls: Vec::new(),
+            })
+        };
+        let contacts = Contacts::default();
+        let started = tokio::time::Instant::now();
+        let r = d
+            .deliver("web", &nodes, &peers, &contacts, false, &render)
+            .await;
+        assert_eq!(
+            started.elapsed(),
+            PASS_WAIT,
+            "the pass waits no longer for w1"
+        );
+        let state = |r: &[NodeResult], node: &str| {
+            r.iter()
+                .find(|n| n.node_id == node)
+                .map(|n| n.state.clone())
+        };
+        assert_eq!(state(&r, "w1"), Some(NodeState::Sending));
+        assert_eq!(state(&r, "w2"), Some(NodeState::NoAgent));
+        assert!(r.iter().all(NodeResult::owed));
+        // The next pass does not wait for w1 at all, nor send it a second request.
+        let again = tokio::time::Instant::now();
+        let r = d
+            .deliver("web", &nodes, &peers, &contacts, false, &render)
+            .await;
+        assert_eq!(again.elapsed(), std::time::Duration::ZERO);
+        assert_eq!(state(&r, "w1"), Some(NodeState::Sending));
     }
 }
