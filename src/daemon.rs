@@ -240,11 +240,7 @@ async fn start_agent(
         &a.config.targets,
         a.contacts.clone(),
     ));
-    let app = agent::router(agent.clone()).merge(crate::http::agent_routes(
-        a.state,
-        agent.clone(),
-        a.role.clone(),
-    )?);
+    let app = crate::http::agent_routes(a.state, agent.clone(), a.role.clone())?;
     let (http, stop) = (a.config.http.clone(), shutdown.clone());
     tasks.spawn(async move { crate::http::serve_agent(listener, app, &http, stop).await });
     tasks.spawn(follow_retargets(agent, a.retargets, shutdown.clone()));

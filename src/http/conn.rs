@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::{debug, warn};
 
-use crate::metrics;
+use crate::{config, metrics};
 
 /// Largest request head (request line and headers) a connection may buffer.
 const MAX_HEAD: usize = 16 * 1024;
@@ -115,6 +115,29 @@ pub struct Limits {
     pub requests: Option<Requests>,
     /// How long shutdown waits for requests in flight.
     pub drain: Duration,
+}
+
+impl Limits {
+    /// The timers and caps of `http`; `what` names the connection cap in
+    /// `drover_http_refused_total`. Requests are capped (`requests`) and given
+    /// `http.request_timeout`, as on the public and operator listeners.
+    pub fn of(http: &config::Http, what: &'static str) -> Limits {
+        Limits {
+            header_timeout: http.header_timeout,
+            idle_timeout: http.idle_timeout,
+            connections: Gate::new(what, http.max_connections, http.max_connections_per_source),
+            requests: Some(Requests {
+                gate: Gate::new("requests", http.max_requests, http.max_requests_per_source),
+                timeout: http.request_timeout,
+            }),
+            drain: drain_limit(http),
+        }
+    }
+}
+
+/// How long shutdown waits for requests in flight.
+pub fn drain_limit(http: &config::Http) -> Duration {
+    http.request_timeout + Duration::from_secs(1)
 }
 
 /// The cap on requests in flight (beyond it: 503) and their time limit (beyond it: 408).

@@ -1,7 +1,9 @@
-//! The operator endpoints: status page, jobs, metrics, health — on the private listener.
+//! The operator endpoints: status page, metrics, cluster view, health — on the private
+//! listener; the jobs are in `jobs`, and `mod.rs` merges both into each listener's router.
 //!
-//! Invariants: served only on `http.ops.listen` (loopback unless the operator says
-//! otherwise), and when `http.ops.token_file` is set every request must carry
+//! Invariants: served on `http.ops.listen` (loopback unless the operator says otherwise),
+//! and on the public listener only behind the token; when `http.ops.token_file` is set
+//! every request (health aside) must carry
 //! `Authorization: Bearer <token>`, compared in constant time through its SHA-256. The
 //! same router serves while drover waits for the engine (no jobs yet, `/readyz` 503).
 
@@ -18,30 +20,18 @@ use super::state::OpsState;
 use super::{Error, status_page};
 use crate::metrics;
 
-/// The operator listener's router: the operator endpoints (behind the token when one is
-/// set), and health open, `/healthz` with the cluster view.
-pub fn router(state: OpsState) -> Router {
-    operator(&state)
-        // Health stays open: the container's health check has no token.
-        .route("/healthz", get(healthz_with_cluster))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-}
-
-/// The public listener's share of the operator endpoints when a token is set, so
-/// Prometheus can scrape through the one published port; health there is [`health`].
-pub fn behind_token(state: OpsState) -> Router {
-    operator(&state).merge(health()).with_state(state)
-}
-
-/// Status page, metrics, jobs and the cluster view, behind the bearer token when set.
-fn operator(state: &OpsState) -> Router<OpsState> {
+/// The status page, metrics and the cluster view. `mod.rs` adds the jobs and puts them
+/// all [`behind_token`].
+pub fn routes() -> Router<OpsState> {
     Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics_text))
         .route("/cluster", get(cluster))
-        .merge(super::jobs::router())
-        .layer(middleware::from_fn_with_state(state.clone(), bearer))
+}
+
+/// `routes` behind the bearer token when one is set; with none, every request passes.
+pub fn behind_token(routes: Router<OpsState>, state: &OpsState) -> Router<OpsState> {
+    routes.layer(middleware::from_fn_with_state(state.clone(), bearer))
 }
 
 /// `/healthz` and `/readyz` as the public listener serves them to anyone: alive and in
@@ -50,6 +40,14 @@ fn operator(state: &OpsState) -> Router<OpsState> {
 pub fn health() -> Router<OpsState> {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// `/healthz` with the cluster view, and `/readyz`: health as the operator listener serves
+/// it, open (the container's health check has no token).
+pub fn health_with_cluster() -> Router<OpsState> {
+    Router::new()
+        .route("/healthz", get(healthz_with_cluster))
         .route("/readyz", get(readyz))
 }
 
