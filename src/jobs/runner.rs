@@ -273,7 +273,7 @@ impl Runner for Executor {
                 Work::Command { argv } => {
                     let Some(_guard) = self
                         .slots
-                        .acquire(&format!("command:{}", job.hook), job.seq)
+                        .acquire(&command_slot(&job.hook, &job.facts), job.seq)
                         .await
                     else {
                         return Outcome {
@@ -289,6 +289,16 @@ impl Runner for Executor {
             }
         })
     }
+}
+
+/// The slot a hook's command runs in: one per repository and ref the push names, so a
+/// newer push supersedes a waiting one of the same branch, never another repository's.
+fn command_slot(hook: &str, facts: &Facts) -> String {
+    format!(
+        "command:{hook}\n{}\n{}",
+        facts.repository.as_deref().unwrap_or_default(),
+        facts.r#ref.as_deref().unwrap_or_default()
+    )
 }
 
 /// Counts each service's result in `drover_updates_total{service,outcome}` (service
@@ -331,6 +341,33 @@ pub async fn run_command(argv: &[String], facts: &Facts, timeout: Duration) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_push_supersedes_a_waiting_command_of_its_own_branch_only() {
+        let push = |repository: &str, r#ref: &str| Facts {
+            hook: "github".into(),
+            repository: Some(repository.into()),
+            r#ref: Some(r#ref.into()),
+            ..Facts::default()
+        };
+        let slot = |f: &Facts| command_slot("github", f);
+        assert_eq!(
+            slot(&push("lab/web", "refs/heads/main")),
+            slot(&push("lab/web", "refs/heads/main"))
+        );
+        assert_ne!(
+            slot(&push("lab/web", "refs/heads/main")),
+            slot(&push("lab/monitoring", "refs/heads/main"))
+        );
+        assert_ne!(
+            slot(&push("lab/web", "refs/heads/main")),
+            slot(&push("lab/web", "refs/heads/next"))
+        );
+        assert_ne!(
+            command_slot("a", &Facts::default()),
+            command_slot("b", &Facts::default())
+        );
+    }
 
     #[tokio::test]
     async fn newer_job_supersedes_an_older_one_waiting_for_the_same_service() {
