@@ -33,10 +33,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, HookKind};
-use crate::jobs::{self, Jobs, Journal, Request, Runner, Submitted};
+use crate::jobs::{self, Jobs, Request, Submitted};
 use crate::metrics;
 use crate::role::Role;
 use crate::update;
@@ -388,7 +387,7 @@ impl Hook {
 /// How a journalled job's work is derived again when it is resumed: from the hook as it
 /// is configured now. A hook that is gone, or whose rules no longer allow the journalled
 /// facts, runs nothing.
-fn resolver(config: &config::Config) -> jobs::Resolve {
+pub fn resolver(config: &config::Config) -> jobs::Resolve {
     let current: HashMap<String, config::Hook> = config
         .hooks
         .iter()
@@ -402,6 +401,31 @@ fn resolver(config: &config::Config) -> jobs::Resolve {
             .map_err(|rule| format!("the hook's rule on {rule} no longer allows it"))?;
         rules::work(&cfg.action, facts).map_err(|e| e.to_string())
     })
+}
+
+/// The hooks of a config with their secrets read, and the redactor that keeps those
+/// secrets (and the registries' passwords) out of every job's output.
+pub struct Loaded {
+    hooks: HashMap<String, Arc<Hook>>,
+    pub redactor: crate::redact::Redactor,
+}
+
+impl Loaded {
+    pub fn from_config(config: &config::Config) -> Result<Loaded> {
+        let hooks = load_hooks(&config.hooks, &HashMap::new())?;
+        let redactor = crate::redact::Redactor::default();
+        for hook in hooks.values() {
+            hook.keys.redact_into(&redactor);
+        }
+        for r in &config.registries {
+            // Read for redaction only; an unreadable file fails where it is used, with its
+            // path (jobs::runner::Executor), not here.
+            if let Ok(password) = config::read_secret(&r.password_file) {
+                redactor.add(&password);
+            }
+        }
+        Ok(Loaded { hooks, redactor })
+    }
 }
 
 /// The webhook intake: configured hooks and the job table behind them.
@@ -420,41 +444,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// The intake with any runner and journal (tests, or a daemon without an engine).
-    pub async fn new(
-        config: &config::Config,
-        runner: Arc<dyn Runner>,
-        journal: Journal,
-        role: watch::Receiver<Role>,
-        shutdown: CancellationToken,
-    ) -> Result<Arc<Service>> {
-        let hooks = load_hooks(&config.hooks, &HashMap::new())?;
-        let redactor = crate::redact::Redactor::default();
-        for hook in hooks.values() {
-            hook.keys.redact_into(&redactor);
-        }
-        for r in &config.registries {
-            // Read for redaction only; an unreadable file fails where it is used, with its
-            // path (jobs::runner::Executor), not here.
-            if let Ok(password) = config::read_secret(&r.password_file) {
-                redactor.add(&password);
-            }
-        }
-        let jobs = Jobs::start_redacting(
-            config.jobs.clone(),
-            runner,
-            resolver(config),
-            journal,
-            shutdown,
-            redactor.clone(),
-        )
-        .await?;
-        Ok(Arc::new(Service {
-            hooks: RwLock::new(Arc::new(hooks)),
+    /// The intake for the hooks `loaded` from the config, in front of `jobs` (which the
+    /// composition root builds with the same redactor).
+    pub fn new(loaded: Loaded, jobs: Arc<Jobs>, role: watch::Receiver<Role>) -> Arc<Service> {
+        Arc::new(Service {
+            hooks: RwLock::new(Arc::new(loaded.hooks)),
             jobs,
             role,
-            redactor,
-        }))
+            redactor: loaded.redactor,
+        })
     }
 
     pub fn jobs(&self) -> &Arc<Jobs> {
@@ -629,6 +627,8 @@ fn load_hooks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::Journal;
+    use tokio_util::sync::CancellationToken;
 
     /// Submits an update of `docker.io/o/r:latest` on `hook` and waits for its end.
     async fn run_update(service: &Service, hook: &str) -> crate::jobs::JobView {
@@ -875,7 +875,7 @@ hooks:
             delay: Duration::ZERO,
         });
         let (_, role) = watch::channel(Role::Standalone);
-        let service = Service::new(
+        let service = crate::daemon::intake(
             &config,
             runner,
             Journal::Memory,
@@ -946,7 +946,7 @@ hooks:
             delay: Duration::ZERO,
         });
         let (_, role) = watch::channel(Role::Standalone);
-        let service = Service::new(
+        let service = crate::daemon::intake(
             &at_start,
             runner,
             Journal::Memory,
