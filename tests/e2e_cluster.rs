@@ -890,48 +890,6 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
 
 const ISOLATE_HTTP_PORT: u16 = 8086;
 
-/// A self-signed certificate for `host` under `live/HOST/`; with `mismatched`, its key
-/// belongs to another certificate (nginx -t refuses the pair).
-fn make_certificate(live: &std::path::Path, host: &str, mismatched: bool) -> Result<()> {
-    let dir = live.join(host);
-    std::fs::create_dir_all(&dir)?;
-    let make = |key: &str, cert: &str| -> Result<()> {
-        let out = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .args(["-subj", &format!("/CN={host}")])
-            .arg("-keyout")
-            .arg(dir.join(key))
-            .arg("-out")
-            .arg(dir.join(cert))
-            .output()
-            .context("openssl")?;
-        ensure!(
-            out.status.success(),
-            "openssl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    make("privkey.pem", "fullchain.pem")?;
-    if mismatched {
-        make("privkey.pem", "other.pem")?;
-    }
-    Ok(())
-}
-
-/// The text of `# host NAME` up to the next marker in a file of the built-in template.
-fn host_block<'c>(conf: &'c str, host: &str) -> Option<&'c str> {
-    let start = conf.find(&format!("# host {host}\n"))?;
-    let rest = &conf[start + 1..];
-    let end = rest
-        .find("\n# host ")
-        .or_else(|| rest.find("\n# end of hosts"))
-        .unwrap_or(rest.len());
-    Some(&rest[..end])
-}
-
 /// The nginx file of `node` as its nginx container reads it.
 fn nginx_file_on(node: &Node, nginx: &str) -> Result<String> {
     let id = containers_on(node, nginx)?

@@ -12,8 +12,6 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -40,49 +38,11 @@ fn backend(name: &str, host: &str, network: &str, tls: bool) -> ServiceBuilder {
     }
 }
 
-/// A self-signed certificate for `host` where certbot would put it.
-fn make_certificate(live: &Path, host: &str) -> Result<()> {
-    let dir = live.join(host);
-    std::fs::create_dir_all(&dir)?;
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", &format!("/CN={host}")])
-        .arg("-keyout")
-        .arg(dir.join("privkey.pem"))
-        .arg("-out")
-        .arg(dir.join("fullchain.pem"))
-        .output()
-        .context("openssl")?;
-    ensure!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for f in ["privkey.pem", "fullchain.pem"] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))?;
-    }
-    Ok(())
-}
-
 /// The text of `upstream NAME { ... }` in `conf`.
 fn upstream_block<'c>(conf: &'c str, name: &str) -> Option<&'c str> {
     let start = conf.find(&format!("upstream {name} {{"))?;
     let end = conf[start..].find('}')?;
     Some(&conf[start..start + end])
-}
-
-/// The server blocks of `host` (its marker up to the next one).
-fn host_block<'c>(conf: &'c str, host: &str) -> Option<&'c str> {
-    let start = conf.find(&format!("# host {host}\n"))?;
-    let rest = &conf[start + 1..];
-    let end = rest
-        .find("\n# host ")
-        .or_else(|| rest.find("# end of hosts"))
-        .unwrap_or(rest.len());
-    Some(&rest[..end])
 }
 
 fn upstream_name(host: &str) -> String {
@@ -239,7 +199,7 @@ fn a_bad_host_is_left_out_and_a_host_without_its_certificate_waits_on_port_80_wh
     assert!(both, "requests reach both replicas through nginx: {seen:?}");
 
     // The certificate appears: the host switches to TLS on its own (found on a resync).
-    make_certificate(&live, &waiting_host)?;
+    make_certificate(&live, &waiting_host, false)?;
     let tls = wait_until(BOUND, Duration::from_millis(250), || {
         let text = std::fs::read_to_string(&conf).unwrap_or_default();
         host_block(&text, &waiting_host).is_some_and(|b| {
@@ -259,7 +219,7 @@ fn a_bad_host_is_left_out_and_a_host_without_its_certificate_waits_on_port_80_wh
     assert!(cleared, "{}", drover.metrics());
 
     // The broken certificate is replaced by a good one: the host comes back by itself.
-    make_certificate(&live, &broken_host)?;
+    make_certificate(&live, &broken_host, false)?;
     let back = wait_until(BOUND, Duration::from_millis(250), || {
         let text = std::fs::read_to_string(&conf).unwrap_or_default();
         host_block(&text, &broken_host).is_some_and(|b| b.contains("listen 443 ssl;"))

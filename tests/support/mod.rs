@@ -1539,3 +1539,51 @@ pub fn build_push(image: &str, version: &str, extra: &str) -> Result<String> {
         .next()
         .context("no repo digest after push")
 }
+
+/// A self-signed certificate for `host` where certbot would put it (`live/HOST/`), readable
+/// by nginx's workers; with `mismatched`, its key belongs to another certificate (nginx -t
+/// refuses the pair).
+pub fn make_certificate(live: &Path, host: &str, mismatched: bool) -> Result<()> {
+    let dir = live.join(host);
+    std::fs::create_dir_all(&dir)?;
+    let make = |cert: &str| -> Result<()> {
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", &format!("/CN={host}")])
+            .arg("-keyout")
+            .arg(dir.join("privkey.pem"))
+            .arg("-out")
+            .arg(dir.join(cert))
+            .output()
+            .context("openssl")?;
+        ensure!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    make("fullchain.pem")?;
+    if mismatched {
+        make("other.pem")?;
+    }
+    for f in ["privkey.pem", "fullchain.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+/// The server blocks of `host` in a file of the built-in nginx template (its marker up to
+/// the next one).
+pub fn host_block<'c>(conf: &'c str, host: &str) -> Option<&'c str> {
+    let start = conf.find(&format!("# host {host}\n"))?;
+    let rest = &conf[start + 1..];
+    let end = rest
+        .find("\n# host ")
+        .or_else(|| rest.find("# end of hosts"))
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
