@@ -437,6 +437,50 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
         .collect();
     wait_nginx_serves_app(&stack, &surviving, 4)?;
 
+    // Rolling updates while Swarm still lists the lost leader's drover task (its agent
+    // cannot answer): through the worker's nginx at 60 requests/s, none fails. A node
+    // that does not answer holds up no other node's file, and nginx gives up on a stopped
+    // task fast and asks the next one.
+    let worker = stack
+        .cluster
+        .nodes
+        .iter()
+        .find(|n| !n.manager)
+        .context("a worker")?;
+    let through = format!("{}:{HTTP_PORT}", worker.addr);
+    let roll_host = "roll.failover.test";
+    wait_steadily("the worker's nginx to serve v2", SWARM + BOUND, || {
+        http_get_host(&through, roll_host, "/version")
+            .is_ok_and(|r| r.status == 200 && r.body.trim() == "v2")
+    })?;
+    let client = LoadClient::start(&through, roll_host, "/version", 60);
+    for version in ["v3", "v4", "v5"] {
+        let digest = build_push(&image, version, "")?;
+        let pinned = format!("{image}@{}", digest_of(&digest));
+        stack
+            .cluster
+            .docker(&["service", "update", "--detach", "--image", &pinned, &roll])?;
+        wait_for(&format!("the app rolled to {version}"), SWARM, || {
+            spec_image_and_update(&stack.cluster, &roll)
+                .is_ok_and(|(img, state)| img.ends_with(digest_of(&digest)) && state == "completed")
+        })?;
+    }
+    // Past the last old task's stop and drover's debounce.
+    std::thread::sleep(Duration::from_secs(4));
+    let (requests, failures, took) = client.finish();
+    let rate = requests as f64 / took.as_secs_f64();
+    eprintln!(
+        "3 rollouts after the leader loss: {requests} requests in {took:?} ({rate:.0}/s) through the worker's nginx, {} failed",
+        failures.len()
+    );
+    ensure!(
+        failures.is_empty(),
+        "{} of {requests} requests failed during the rollouts: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    ensure!(rate >= 55.0, "the client managed only {rate:.0} requests/s");
+
     // The old leader comes back as a manager and its nginx catches up.
     stack.cluster.nodes[index].start_engine()?;
     stack.cluster.nodes[index].wait_engine(Duration::from_secs(60))?;
