@@ -1021,3 +1021,34 @@ fn a_tls_host_without_its_certificate_is_served_on_port_80_until_it_appears() {
     assert_eq!(template.render(&snapshot).expect("renders").text, both.text);
     assert!(drover::render::CERT_DIR.ends_with("/live"));
 }
+
+#[test]
+fn nginx_gives_up_on_a_vanished_task_after_the_connect_timeout_and_never_repeats_a_post() {
+    let mut lab = home_lab();
+    let out = render_builtin("nginx", &lab);
+    let blog = location_block(&out.text, "blog.viktoradam.net", "/");
+    for line in [
+        "proxy_connect_timeout 1s;",
+        "proxy_next_upstream error timeout;",
+        "proxy_next_upstream_tries 3;",
+        "proxy_next_upstream_timeout 5s;",
+    ] {
+        assert!(blog.contains(line), "{line}: {blog}");
+    }
+    assert!(
+        !out.text.contains("non_idempotent"),
+        "a POST is never sent twice"
+    );
+
+    let ghost = lab
+        .services
+        .iter_mut()
+        .find(|s| s.name == "web_ghost")
+        .expect("ghost");
+    ghost
+        .labels
+        .insert("routing-connect-timeout".into(), "250ms".into());
+    let out = render_builtin("nginx", &lab);
+    let blog = location_block(&out.text, "blog.viktoradam.net", "/");
+    assert!(blog.contains("proxy_connect_timeout 250ms;"), "{blog}");
+}

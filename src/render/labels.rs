@@ -16,6 +16,8 @@ pub const INTERNAL_CONTEXT: &str = "routing-internal-context";
 pub const PRIVATE_CONTEXT: &str = "routing-private-context";
 pub const PORT: &str = "routing-port";
 pub const MAX_BODY: &str = "routing-max-body";
+/// drover's extension: how long nginx waits to connect to a task before it asks the next.
+pub const CONNECT_TIMEOUT: &str = "routing-connect-timeout";
 pub const AUTH: &str = "routing-auth";
 pub const AUTH_REALM: &str = "routing-auth-realm";
 pub const ON_HTTPS: &str = "routing-on-https";
@@ -32,6 +34,7 @@ pub const INTERPRETED: &[&str] = &[
     PRIVATE_CONTEXT,
     PORT,
     MAX_BODY,
+    CONNECT_TIMEOUT,
     AUTH,
     AUTH_REALM,
     ON_HTTPS,
@@ -50,6 +53,7 @@ fn rule(label: &str) -> Option<Rule> {
         CONTEXT | INTERNAL_CONTEXT | PRIVATE_CONTEXT => check_path,
         PORT | PROMETHEUS_PORT => check_port,
         MAX_BODY => check_size,
+        CONNECT_TIMEOUT => check_timeout,
         AUTH => check_auth_file,
         AUTH_REALM => check_realm,
         // Never inserted into the config: any value is fine (non-empty means https).
@@ -220,6 +224,23 @@ fn check_size(value: &str) -> Result<(), String> {
     }
 }
 
+/// An nginx time of 1 ms to 60 s in `ms` or `s` (nginx's own connect limit is 75 s).
+fn check_timeout(value: &str) -> Result<(), String> {
+    let (digits, ms_per_unit) = match value.strip_suffix("ms") {
+        Some(d) => (d, 1),
+        None => (value.strip_suffix('s').unwrap_or(""), 1000),
+    };
+    let ms =
+        (!digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+            .map(|n| n * ms_per_unit);
+    match ms {
+        Some(1..=60_000) => Ok(()),
+        _ => Err("timeout must be 1ms to 60s, in ms or s (like 500ms or 2s)".into()),
+    }
+}
+
 fn check_auth_file(value: &str) -> Result<(), String> {
     let relative = value.strip_prefix('/').unwrap_or(value);
     let ok = !relative.is_empty()
@@ -348,6 +369,9 @@ mod tests {
             (MAX_BODY, "512k"),
             (MAX_BODY, "1G"),
             (MAX_BODY, "1048576"),
+            (CONNECT_TIMEOUT, "500ms"),
+            (CONNECT_TIMEOUT, "2s"),
+            (CONNECT_TIMEOUT, "60s"),
             (AUTH, "users.htpasswd"),
             (AUTH, "team/admins"),
             (AUTH, "/etc/auth-config/kibana.auth.conf"),
@@ -385,6 +409,14 @@ mod tests {
             (HOST, "a..com"),
             (HOST, "*.example.com"),
             (HOST, "under_score.com"),
+            (CONNECT_TIMEOUT, "1s; return 200"),
+            (CONNECT_TIMEOUT, "0s"),
+            (CONNECT_TIMEOUT, "0ms"),
+            (CONNECT_TIMEOUT, "61s"),
+            (CONNECT_TIMEOUT, "1m"),
+            (CONNECT_TIMEOUT, "s"),
+            (CONNECT_TIMEOUT, "1.5s"),
+            (CONNECT_TIMEOUT, ""),
             (CONTEXT, "/a;return 200"),
             (CONTEXT, "/a {"),
             (CONTEXT, "/a}"),

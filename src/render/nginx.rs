@@ -55,6 +55,8 @@ pub struct LocationView {
     pub auth: Option<String>,
     pub auth_realm: String,
     pub max_body: Option<String>,
+    /// `routing-connect-timeout`; unset: the template's default.
+    pub connect_timeout: Option<String>,
     /// Services routed here, by name.
     pub services: Vec<String>,
 }
@@ -67,6 +69,7 @@ struct Options {
     /// The `routing-auth-realm` label; unset means the first service's name.
     realm: Option<String>,
     max_body: Option<String>,
+    connect_timeout: Option<String>,
     /// The backend path (`routing-internal-context` as a prefix).
     backend: String,
 }
@@ -118,6 +121,7 @@ impl From<LocationView> for Value {
         m.insert("auth".into(), opt(l.auth));
         m.insert("auth_realm".into(), string(l.auth_realm));
         m.insert("max_body".into(), opt(l.max_body));
+        m.insert("connect_timeout".into(), opt(l.connect_timeout));
         m.insert("services".into(), strings(l.services));
         Value::Object(m)
     }
@@ -164,6 +168,7 @@ impl Wanted {
                 auth: service.label(labels::AUTH).map(labels::auth_file),
                 realm: service.label(labels::AUTH_REALM).map(str::to_owned),
                 max_body: service.label(labels::MAX_BODY).map(str::to_owned),
+                connect_timeout: service.label(labels::CONNECT_TIMEOUT).map(str::to_owned),
                 backend: labels::prefix(service.label(labels::INTERNAL_CONTEXT).unwrap_or("/")),
             },
         }
@@ -243,6 +248,7 @@ pub fn routes(
                         auth: options.auth.clone(),
                         auth_realm: realm.clone(),
                         max_body: options.max_body.clone(),
+                        connect_timeout: options.connect_timeout.clone(),
                         services: Vec::new(),
                     });
                 loc.services.push(service.name.to_owned());
@@ -331,12 +337,13 @@ fn find_clash(
                     .as_ref()
                     .is_none_or(|r| *r == loc.auth_realm)
                 && loc.max_body == wanted.options.max_body
+                && loc.connect_timeout == wanted.options.connect_timeout
                 && loc.uri == format!("{}/", wanted.options.backend);
             if !same {
                 return Some((
                     labels::CONTEXT,
                     format!(
-                        "{host}{context} is routed by service {owner} with different settings (https, auth, realm, max body or internal context)"
+                        "{host}{context} is routed by service {owner} with different settings (https, auth, realm, max body, connect timeout or internal context)"
                     ),
                 ));
             }
@@ -495,6 +502,7 @@ mod tests {
             auth: None,
             auth_realm: owner.to_owned(),
             max_body: None,
+            connect_timeout: None,
             services: vec![owner.to_owned()],
         }
     }
@@ -614,6 +622,7 @@ mod tests {
             (labels::AUTH, "others"),
             (labels::AUTH_REALM, "Elsewhere"),
             (labels::MAX_BODY, "10m"),
+            (labels::CONNECT_TIMEOUT, "3s"),
             (labels::INTERNAL_CONTEXT, "/api"),
         ] {
             let mut second = first.to_vec();
