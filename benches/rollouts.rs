@@ -1,0 +1,237 @@
+//! Rolling updates under load: how many requests through a worker's nginx fail while Swarm
+//! replaces an app's tasks, and their p99 latency. The shipped `stack.yml` runs unchanged on
+//! a Swarm of one manager and two workers built from network-namespace nodes
+//! (tests/support/cluster.rs), nginx on every node; the app's tasks run off the worker whose
+//! nginx is asked, so every request crosses the overlay. Two kinds of app, each rolled
+//! start-first one task at a time: `plain` (busybox httpd, no health check, exits at
+//! SIGTERM) and `health-checked` (Swarm stops an old task once its successor answers).
+//!
+//!   scripts/test setup >/dev/null && eval "$(scripts/test env)"
+//!   cargo bench --profile ci --bench rollouts     # BENCH_ROLLOUTS=20, BENCH_RATE=100
+//!
+//! Prints, per kind: rollouts, requests, failures (each with its reason) and the p50/p99/max
+//! latency during the rollouts. `cargo test --all-targets` builds this and runs it without
+//! `--bench`: then it measures nothing and returns at once.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::cluster::{Cluster, ShippedStack};
+use support::{Result, build_push, http_get_host, unique, wait_for};
+
+const HTTP_PORT: u16 = 8088;
+const NETWORK: &str = "roll-web";
+const SWARM: Duration = Duration::from_secs(180);
+
+fn main() -> Result<()> {
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(());
+    }
+    let env = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rollouts, rate) = (env("BENCH_ROLLOUTS", 20), env("BENCH_RATE", 100));
+    let stack = ShippedStack::deploy(Cluster::new(1, 2)?, NETWORK, "roll.test", HTTP_PORT)?;
+    let w1 = stack.cluster.node("w1");
+    let nginx = format!("{}:{HTTP_PORT}", w1.addr);
+    let off_w1 = format!("node.hostname!={}", w1.hostname);
+    for health in [false, true] {
+        let kind = if health { "health-checked" } else { "plain" };
+        let name = unique("roll");
+        let host = format!("{name}.test");
+        let image = format!("127.0.0.1:5000/drover-bench/{name}:latest");
+        build_push(&image, "v0", "")?;
+        create(&stack.cluster, &name, &host, &image, &off_w1, health)?;
+        wait_for("the app through w1's nginx", SWARM, || {
+            http_get_host(&nginx, &host, "/version").is_ok_and(|r| r.body.trim() == "v0")
+        })?;
+        let load = Load::start(&nginx, &host, rate);
+        for n in 1..=rollouts {
+            let pushed = build_push(&image, &format!("v{n}"), "")?;
+            let digest = pushed.rsplit('@').next().unwrap_or_default().to_owned();
+            let pinned = format!("{image}@{digest}");
+            stack
+                .cluster
+                .docker(&["service", "update", "--detach", "--image", &pinned, &name])?;
+            wait_for(&format!("{kind} rollout {n}"), SWARM, || {
+                stack
+                    .cluster
+                    .docker(&[
+                        "service",
+                        "inspect",
+                        "--format",
+                        "{{.Spec.TaskTemplate.ContainerSpec.Image}} {{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+                        &name,
+                    ])
+                    .is_ok_and(|s| s.contains(&digest) && s.ends_with("completed"))
+            })?;
+            eprintln!("{kind}: rollout {n} completed");
+        }
+        // Past the last old task's stop and drover's debounce.
+        std::thread::sleep(Duration::from_secs(4));
+        let (mut took, failures, elapsed) = load.finish();
+        took.sort();
+        let pick = |q: f64| {
+            took.get(((took.len().max(1) - 1) as f64 * q).round() as usize)
+                .map_or(0, |d| d.as_millis())
+        };
+        println!(
+            "{kind}: {rollouts} rollouts, {} requests in {elapsed:?} ({:.0}/s), {} failed; latency p50 {} ms, p99 {} ms, max {} ms",
+            took.len() + failures.len(),
+            (took.len() + failures.len()) as f64 / elapsed.as_secs_f64(),
+            failures.len(),
+            pick(0.5),
+            pick(0.99),
+            pick(1.0)
+        );
+        for f in failures.iter().take(20) {
+            println!("  {f}");
+        }
+        stack.cluster.docker(&["service", "rm", &name])?;
+    }
+    Ok(())
+}
+
+/// An app on the stack's network routed at `host`, serving its image's version at
+/// `/version`, rolled start-first one task at a time, 3 replicas off the asked node.
+fn create(
+    cluster: &Cluster,
+    name: &str,
+    host: &str,
+    image: &str,
+    constraint: &str,
+    health: bool,
+) -> Result<()> {
+    let mut args: Vec<String> = [
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        NETWORK,
+        "--replicas",
+        "3",
+        "--constraint",
+        constraint,
+        "--label",
+        &format!("routing-host={host}"),
+        "--label",
+        "routing-port=80",
+        "--label",
+        "routing-tls=false",
+        "--update-order",
+        "start-first",
+        "--update-parallelism",
+        "1",
+        "--update-delay",
+        "0s",
+        "--stop-grace-period",
+        "1s",
+    ]
+    .map(str::to_owned)
+    .into();
+    if health {
+        args.extend(
+            [
+                "--health-cmd",
+                r"printf 'GET /version HTTP/1.0\r\n\r\n' | nc 127.0.0.1 80 | grep -q 200",
+                "--health-interval",
+                "1s",
+                "--health-timeout",
+                "2s",
+                "--health-retries",
+                "3",
+                "--health-start-period",
+                "10s",
+            ]
+            .map(str::to_owned),
+        );
+    }
+    args.extend(
+        [
+            image,
+            "sh",
+            "-c",
+            "cp /version /www/version; exec httpd -f -p 80 -h /www",
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cluster.docker(&args)?;
+    Ok(())
+}
+
+/// GET /version at a steady rate from threads of 50 requests/s each, one connection per
+/// request; the time of each answered request, and each failure with its reason.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    took: Arc<Mutex<Vec<Duration>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+    started: Instant,
+}
+
+impl Load {
+    fn start(addr: &str, host: &str, rate: u32) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let took = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let n = rate.div_ceil(50).max(1);
+        let period = Duration::from_secs(1) * n / rate.max(1);
+        let started = Instant::now();
+        let threads = (0..n)
+            .map(|_| {
+                let (addr, host) = (addr.to_owned(), host.to_owned());
+                let (stop, took, failures) = (stop.clone(), took.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    let mut due = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = Instant::now();
+                        match http_get_host(&addr, &host, "/version") {
+                            Ok(r) if r.status == 200 => {
+                                took.lock().map(|mut t| t.push(at.elapsed())).ok();
+                            }
+                            Ok(r) => {
+                                let why = format!("{} {}", r.status, r.body.trim());
+                                failures.lock().map(|mut f| f.push(why)).ok();
+                            }
+                            Err(e) => {
+                                failures.lock().map(|mut f| f.push(e.to_string())).ok();
+                            }
+                        }
+                        due += period;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            threads,
+            took,
+            failures,
+            started,
+        }
+    }
+
+    fn finish(self) -> (Vec<Duration>, Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let took = std::mem::take(&mut *self.took.lock().unwrap_or_else(|e| e.into_inner()));
+        let failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()));
+        (took, failures, self.started.elapsed())
+    }
+}
