@@ -211,8 +211,17 @@ pub(super) async fn reconcile(
         // a content rendered for the certificate files its proxy has.
         let consumers = delivery::consumer_nodes(&t.config, snapshot);
         let peers = crate::cluster::peers::peers(snapshot, d.port());
-        let for_node = |with: &BTreeSet<String>| {
-            render(with).ok().map(|r| Rendition {
+        // The render above is already the one for nodes whose files match `with` (most of
+        // them): only another set of certificate files costs a render.
+        let first = Rendition {
+            content: rendered.text.clone().into_bytes(),
+            tls: rendered.tls_hosts.clone(),
+        };
+        let for_node = |set: &BTreeSet<String>| {
+            if *set == with {
+                return Some(first.clone());
+            }
+            render(set).ok().map(|r| Rendition {
                 content: r.text.into_bytes(),
                 tls: r.tls_hosts,
             })
