@@ -48,7 +48,10 @@ fn main() -> Result<()> {
         let host = format!("{name}.test");
         let image = format!("127.0.0.1:5000/drover-bench/{name}:latest");
         build_push(&image, "v0", "")?;
-        create(&stack.cluster, &name, &host, &image, &off_w1, health)?;
+        let health = health.then_some(0);
+        stack
+            .cluster
+            .create_app(NETWORK, &name, &host, &image, 3, &off_w1, health)?;
         wait_for("the app through w1's nginx", SWARM, || {
             http_get_host(&nginx, &host, "/version").is_ok_and(|r| r.body.trim() == "v0")
         })?;
@@ -96,76 +99,6 @@ fn main() -> Result<()> {
         }
         stack.cluster.docker(&["service", "rm", &name])?;
     }
-    Ok(())
-}
-
-/// An app on the stack's network routed at `host`, serving its image's version at
-/// `/version`, rolled start-first one task at a time, 3 replicas off the asked node.
-fn create(
-    cluster: &Cluster,
-    name: &str,
-    host: &str,
-    image: &str,
-    constraint: &str,
-    health: bool,
-) -> Result<()> {
-    let mut args: Vec<String> = [
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        name,
-        "--network",
-        NETWORK,
-        "--replicas",
-        "3",
-        "--constraint",
-        constraint,
-        "--label",
-        &format!("routing-host={host}"),
-        "--label",
-        "routing-port=80",
-        "--label",
-        "routing-tls=false",
-        "--update-order",
-        "start-first",
-        "--update-parallelism",
-        "1",
-        "--update-delay",
-        "0s",
-        "--stop-grace-period",
-        "1s",
-    ]
-    .map(str::to_owned)
-    .into();
-    if health {
-        args.extend(
-            [
-                "--health-cmd",
-                r"printf 'GET /version HTTP/1.0\r\n\r\n' | nc 127.0.0.1 80 | grep -q 200",
-                "--health-interval",
-                "1s",
-                "--health-timeout",
-                "2s",
-                "--health-retries",
-                "3",
-                "--health-start-period",
-                "10s",
-            ]
-            .map(str::to_owned),
-        );
-    }
-    args.extend(
-        [
-            image,
-            "sh",
-            "-c",
-            "cp /version /www/version; exec httpd -f -p 80 -h /www",
-        ]
-        .map(str::to_owned),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    cluster.docker(&args)?;
     Ok(())
 }
 

@@ -100,68 +100,6 @@ fn push_hook(stack: &ShippedStack, node: &Node, image: &str) -> Result<String> {
     Ok(v["job"].as_str().context("202 names the job")?.to_owned())
 }
 
-/// A health-checked app on the stack's network, routed at `host`, running `image` (from
-/// [`build_push`]: it serves its version at `/version`), rolled start-first one task at a
-/// time. Its app listens `delay` seconds after the container starts; the health check
-/// says when it does, so Swarm stops an old task only once its successor answers.
-#[allow(clippy::too_many_arguments)]
-fn create_app(
-    cluster: &Cluster,
-    name: &str,
-    host: &str,
-    image: &str,
-    replicas: u32,
-    constraint: &str,
-    delay: u32,
-) -> Result<()> {
-    cluster.docker(&[
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        name,
-        "--network",
-        NET,
-        "--replicas",
-        &replicas.to_string(),
-        "--constraint",
-        constraint,
-        "--label",
-        &format!("routing-host={host}"),
-        "--label",
-        "routing-port=80",
-        "--label",
-        "routing-tls=false",
-        "--health-cmd",
-        r"printf 'GET /version HTTP/1.0\r\n\r\n' | nc 127.0.0.1 80 | grep -q 200",
-        "--health-interval",
-        "1s",
-        "--health-timeout",
-        "2s",
-        "--health-retries",
-        "3",
-        "--health-start-period",
-        "10s",
-        "--update-order",
-        "start-first",
-        "--update-parallelism",
-        "1",
-        "--update-delay",
-        "0s",
-        "--update-failure-action",
-        "pause",
-        "--update-monitor",
-        "2s",
-        "--stop-grace-period",
-        "1s",
-        image,
-        "sh",
-        "-c",
-        &format!("cp /version /www/version; sleep {delay}; exec httpd -f -p 80 -h /www"),
-    ])?;
-    Ok(())
-}
-
 /// The image a service's spec names, and its update state (empty when never updated).
 fn spec_image_and_update(cluster: &Cluster, service: &str) -> Result<(String, String)> {
     let out = cluster.docker(&[
@@ -313,14 +251,14 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
     let roll = unique("fo-roll");
     let image = format!("127.0.0.1:5000/drover-e2e/{roll}:latest");
     let v1 = build_push(&image, "v1", "")?;
-    create_app(
-        &stack.cluster,
+    stack.cluster.create_app(
+        NET,
         &roll,
         "roll.failover.test",
         &image,
         2,
         &format!("node.hostname!={old_host}"),
-        0,
+        Some(0),
     )?;
     wait_for("the app's 2 tasks running", SWARM, || {
         stack
@@ -514,14 +452,14 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
     let host = "zero.failover.test";
     let image = format!("127.0.0.1:5000/drover-e2e/{roll}:latest");
     build_push(&image, "v1", "")?;
-    create_app(
-        &stack.cluster,
+    stack.cluster.create_app(
+        NET,
         &roll,
         host,
         &image,
         2,
         &format!("node.hostname!={w1_host}"),
-        3,
+        Some(3),
     )?;
     let w1 = stack.cluster.node("w1");
     let nginx = format!("{}:{HTTP_PORT}", w1.addr);

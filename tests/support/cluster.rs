@@ -87,6 +87,77 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// An app on `network` routed at `host`, running `image` (from [`super::build_push`]:
+    /// it serves its version at `/version`), rolled start-first one task at a time. With
+    /// `health: Some(delay)` it listens `delay` seconds after its container starts and a
+    /// health check says when it does, so Swarm stops an old task only once its successor
+    /// answers; with `None` it is a plain httpd that exits at SIGTERM.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_app(
+        &self,
+        network: &str,
+        name: &str,
+        host: &str,
+        image: &str,
+        replicas: u32,
+        constraint: &str,
+        health: Option<u32>,
+    ) -> Result<()> {
+        let (replicas, routing) = (replicas.to_string(), format!("routing-host={host}"));
+        let mut args = vec![
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--replicas",
+            &replicas,
+            "--constraint",
+            constraint,
+            "--label",
+            &routing,
+            "--label",
+            "routing-port=80",
+            "--label",
+            "routing-tls=false",
+            "--update-order",
+            "start-first",
+            "--update-parallelism",
+            "1",
+            "--update-delay",
+            "0s",
+            "--update-failure-action",
+            "pause",
+            "--update-monitor",
+            "2s",
+            "--stop-grace-period",
+            "1s",
+        ];
+        if health.is_some() {
+            args.extend([
+                "--health-cmd",
+                r"printf 'GET /version HTTP/1.0\r\n\r\n' | nc 127.0.0.1 80 | grep -q 200",
+                "--health-interval",
+                "1s",
+                "--health-timeout",
+                "2s",
+                "--health-retries",
+                "3",
+                "--health-start-period",
+                "10s",
+            ]);
+        }
+        let run = format!(
+            "cp /version /www/version; sleep {}; exec httpd -f -p 80 -h /www",
+            health.unwrap_or(0)
+        );
+        args.extend([image, "sh", "-c", &run]);
+        self.docker(&args)?;
+        Ok(())
+    }
+
     pub fn node(&self, short: &str) -> &Node {
         self.nodes
             .iter()
