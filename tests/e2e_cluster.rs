@@ -99,7 +99,7 @@ fn get_from(node: &Node, id: &str, ip: &str) -> Result<String> {
 }
 
 #[test]
-fn a_swarm_of_one_manager_and_two_workers_runs_tasks_on_every_node_that_reach_each_other()
+fn harness_a_swarm_of_one_manager_and_two_workers_runs_tasks_on_every_node_that_reach_each_other()
 -> Result<()> {
     require_e2e!();
     let cluster = Cluster::new(1, 2)?;
@@ -200,7 +200,8 @@ fn a_swarm_of_one_manager_and_two_workers_runs_tasks_on_every_node_that_reach_ea
 }
 
 #[test]
-fn three_namespace_managers_elect_a_new_leader_when_the_leaders_engine_stops() -> Result<()> {
+fn harness_three_namespace_managers_elect_a_new_leader_when_the_leaders_engine_stops() -> Result<()>
+{
     require_e2e!();
     let mut cluster = Cluster::new(3, 0)?;
     let old = cluster.leader()?.hostname.clone();

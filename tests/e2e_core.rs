@@ -22,7 +22,7 @@ const BOUND: Duration = Duration::from_secs(15);
 const SWARM: Duration = Duration::from_secs(90);
 
 #[test]
-fn test_images_route_through_nginx_to_every_task_without_drover() -> Result<()> {
+fn harness_test_images_route_through_nginx_to_every_task_without_drover() -> Result<()> {
     require_e2e!();
     let net = create_overlay_network(&unique("core-h-net"))?;
     let nginx = nginx_service(net.name(), &[])?;
@@ -185,9 +185,15 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
 
     let dir = temp_dir("checks")?;
     let invalid = dir.path().join("invalid.tera");
-    std::fs::write(&invalid, "this_is_not_an_nginx_directive on;\n")?;
+    // Both templates list the live tasks, so a scale changes what they render and drover
+    // must check again (a static text would render the same and never be checked twice).
+    let tasks = "# {% for s in services %}{% for t in s.tasks %}{% if t.live %}{{ t.id }} {% endif %}{% endfor %}{% endfor %}\n";
+    std::fs::write(
+        &invalid,
+        format!("{tasks}this_is_not_an_nginx_directive on;\n"),
+    )?;
     let valid = dir.path().join("valid.tera");
-    std::fs::write(&valid, "new content\n")?;
+    std::fs::write(&valid, format!("{tasks}new content\n"))?;
     let refused_out = dir.path().join("refused.out");
     std::fs::write(&refused_out, "previous content\n")?;
     let targets = [
@@ -244,9 +250,34 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
     );
 
     // A change makes drover try again; still refused, still the previous files.
+    let failed_checks = |metrics: &str, target: &str| -> f64 {
+        metric_samples(metrics, "drover_checks_total")
+            .iter()
+            .filter(|(l, _)| {
+                l.iter().any(|(k, v)| k == "target" && v == target)
+                    && l.iter().any(|(k, v)| k == "outcome" && v == "failed")
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let before: Vec<f64> = ["invalid-nginx", "refused"]
+        .iter()
+        .map(|t| failed_checks(&metrics, t))
+        .collect();
     scale(be.name(), 2)?;
     wait_running(be.name(), 2, SWARM)?;
     wait_file_matches(&nginx.conf("drover.conf"), be.name(), net.name(), 2, BOUND)?;
+    let retried = wait_until(BOUND, Duration::from_millis(200), || {
+        metrics = drover.metrics();
+        ["invalid-nginx", "refused"]
+            .iter()
+            .zip(&before)
+            .all(|(t, b)| failed_checks(&metrics, t) > *b)
+    });
+    assert!(
+        retried,
+        "the scale made both failing targets check again (before {before:?}), metrics:\n{metrics}"
+    );
 
     assert_eq!(
         std::fs::read_to_string(guarded.conf("drover.conf"))?,
@@ -267,11 +298,13 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
     let staged: Vec<_> = std::fs::read_dir(&guarded.conf_dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".conf") && n != "drover.conf")
+        // Everything but the output and its last-good record: the candidate
+        // (`.drover.conf.drover-candidate`) and temp files are hidden names, not `*.conf`.
+        .filter(|n| n != "drover.conf" && n != ".drover.conf.drover-good")
         .collect();
     assert!(
         staged.is_empty(),
-        "no staged file left in conf.d: {staged:?}"
+        "no staged or temporary file left in conf.d: {staged:?}"
     );
     assert!(drover.is_running());
     let (requests, failures) = prober.finish();
