@@ -1,15 +1,17 @@
 //! Rolling updates under load: how many requests through a worker's nginx fail while Swarm
 //! replaces an app's tasks, and their p99 latency. The shipped `stack.yml` runs unchanged on
-//! a Swarm of one manager and two workers built from network-namespace nodes
+//! a Swarm of three managers and two workers built from network-namespace nodes
 //! (tests/support/cluster.rs), nginx on every node; the app's tasks run off the worker whose
-//! nginx is asked, so every request crosses the overlay. Two kinds of app, each rolled
-//! start-first one task at a time: `plain` (busybox httpd, no health check, exits at
-//! SIGTERM) and `health-checked` (Swarm stops an old task once its successor answers).
+//! nginx (w1's) is asked, so every request crosses the overlay. Three kinds of app, each
+//! rolled start-first one task at a time: `plain` (busybox httpd, no health check, exits at
+//! SIGTERM), `graceful` (answers 3 s past SIGTERM, then exits) and `health-checked` (Swarm
+//! stops an old task once its successor answers). Then one rollout of the health-checked
+//! app while the Raft leader's engine stops, and one while the other worker's engine stops.
 //!
 //!   scripts/test setup >/dev/null && eval "$(scripts/test env)"
 //!   cargo bench --profile ci --bench rollouts     # BENCH_ROLLOUTS=20, BENCH_RATE=100
 //!
-//! Prints, per kind: rollouts, requests, failures (each with its reason) and the p50/p99/max
+//! Prints, per run: rollouts, requests, failures (each with its reason) and the p50/p99/max
 //! latency during the rollouts. `cargo test --all-targets` builds this and runs it without
 //! `--bench`: then it measures nothing and returns at once.
 
@@ -20,12 +22,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::cluster::{Cluster, ShippedStack};
-use support::{Result, build_push, http_get_host, unique, wait_for};
+use support::cluster::{AppKind, Cluster, ShippedStack};
+use support::{Context, Result, build_push, http_get_host, unique, wait_for};
 
 const HTTP_PORT: u16 = 8088;
 const NETWORK: &str = "roll-web";
 const SWARM: Duration = Duration::from_secs(180);
+
+/// What happens to the cluster while an app is rolled.
+#[derive(Clone, Copy, PartialEq)]
+enum Loss {
+    None,
+    Leader,
+    Worker,
+}
 
 fn main() -> Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
@@ -38,66 +48,138 @@ fn main() -> Result<()> {
             .unwrap_or(default)
     };
     let (rollouts, rate) = (env("BENCH_ROLLOUTS", 20), env("BENCH_RATE", 100));
-    let stack = ShippedStack::deploy(Cluster::new(1, 2)?, NETWORK, "roll.test", HTTP_PORT)?;
+    let mut stack = ShippedStack::deploy(Cluster::new(3, 2)?, NETWORK, "roll.test", HTTP_PORT)?;
+    let runs = [
+        ("plain", AppKind::Plain, Loss::None, rollouts),
+        (
+            "graceful",
+            AppKind::Graceful { drain: 3 },
+            Loss::None,
+            rollouts,
+        ),
+        (
+            "health-checked",
+            AppKind::HealthChecked { delay: 0 },
+            Loss::None,
+            rollouts,
+        ),
+        (
+            "leader loss",
+            AppKind::HealthChecked { delay: 0 },
+            Loss::Leader,
+            1,
+        ),
+        (
+            "worker loss",
+            AppKind::HealthChecked { delay: 0 },
+            Loss::Worker,
+            1,
+        ),
+    ];
+    for (label, kind, loss, n) in runs {
+        roll(&mut stack, label, kind, loss, n, rate)?;
+    }
+    Ok(())
+}
+
+/// Creates an app of `kind`, rolls it `n` times under `rate` requests/s through w1's nginx
+/// (stopping a node's engine at the first rollout when `loss` says so, and starting it again
+/// after the last), prints the figures and removes the app.
+fn roll(
+    stack: &mut ShippedStack,
+    label: &str,
+    kind: AppKind,
+    loss: Loss,
+    n: u32,
+    rate: u32,
+) -> Result<()> {
     let w1 = stack.cluster.node("w1");
     let nginx = format!("{}:{HTTP_PORT}", w1.addr);
     let off_w1 = format!("node.hostname!={}", w1.hostname);
-    for health in [false, true] {
-        let kind = if health { "health-checked" } else { "plain" };
-        let name = unique("roll");
-        let host = format!("{name}.test");
-        let image = format!("127.0.0.1:5000/drover-bench/{name}:latest");
-        build_push(&image, "v0", "")?;
-        let health = health.then_some(0);
+    let name = unique("roll");
+    let host = format!("{name}.test");
+    let image = format!("127.0.0.1:5000/drover-bench/{name}:latest");
+    build_push(&image, "v0", "")?;
+    stack
+        .cluster
+        .create_app(NETWORK, &name, &host, &image, 3, &off_w1, kind)?;
+    wait_for("the app through w1's nginx", SWARM, || {
+        http_get_host(&nginx, &host, "/version").is_ok_and(|r| r.body.trim() == "v0")
+    })?;
+    let lost = match loss {
+        Loss::None => None,
+        Loss::Leader => Some(stack.cluster.leader()?.short.clone()),
+        Loss::Worker => Some("w2".to_owned()),
+    };
+    let load = Load::start(&nginx, &host, rate);
+    for i in 1..=n {
+        let pushed = build_push(&image, &format!("v{i}"), "")?;
+        let digest = pushed.rsplit('@').next().unwrap_or_default().to_owned();
+        let pinned = format!("{image}@{digest}");
         stack
             .cluster
-            .create_app(NETWORK, &name, &host, &image, 3, &off_w1, health)?;
-        wait_for("the app through w1's nginx", SWARM, || {
-            http_get_host(&nginx, &host, "/version").is_ok_and(|r| r.body.trim() == "v0")
-        })?;
-        let load = Load::start(&nginx, &host, rate);
-        for n in 1..=rollouts {
-            let pushed = build_push(&image, &format!("v{n}"), "")?;
-            let digest = pushed.rsplit('@').next().unwrap_or_default().to_owned();
-            let pinned = format!("{image}@{digest}");
+            .docker(&["service", "update", "--detach", "--image", &pinned, &name])?;
+        if let (Some(short), 1) = (&lost, i) {
+            let index = stack
+                .cluster
+                .nodes
+                .iter()
+                .position(|n| &n.short == short)
+                .context("lost node")?;
+            stack.cluster.nodes[index].stop_engine();
+            eprintln!("{label}: {short}'s engine stopped during rollout 1");
+        }
+        wait_for(&format!("{label} rollout {i}"), SWARM, || {
             stack
                 .cluster
-                .docker(&["service", "update", "--detach", "--image", &pinned, &name])?;
-            wait_for(&format!("{kind} rollout {n}"), SWARM, || {
-                stack
-                    .cluster
-                    .docker(&[
-                        "service",
-                        "inspect",
-                        "--format",
-                        "{{.Spec.TaskTemplate.ContainerSpec.Image}} {{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
-                        &name,
-                    ])
-                    .is_ok_and(|s| s.contains(&digest) && s.ends_with("completed"))
-            })?;
-            eprintln!("{kind}: rollout {n} completed");
-        }
-        // Past the last old task's stop and drover's debounce.
-        std::thread::sleep(Duration::from_secs(4));
-        let (mut took, failures, elapsed) = load.finish();
-        took.sort();
-        let pick = |q: f64| {
-            took.get(((took.len().max(1) - 1) as f64 * q).round() as usize)
-                .map_or(0, |d| d.as_millis())
-        };
-        println!(
-            "{kind}: {rollouts} rollouts, {} requests in {elapsed:?} ({:.0}/s), {} failed; latency p50 {} ms, p99 {} ms, max {} ms",
-            took.len() + failures.len(),
-            (took.len() + failures.len()) as f64 / elapsed.as_secs_f64(),
-            failures.len(),
-            pick(0.5),
-            pick(0.99),
-            pick(1.0)
-        );
-        for f in failures.iter().take(20) {
-            println!("  {f}");
-        }
-        stack.cluster.docker(&["service", "rm", &name])?;
+                .docker(&[
+                    "service",
+                    "inspect",
+                    "--format",
+                    "{{.Spec.TaskTemplate.ContainerSpec.Image}} {{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+                    &name,
+                ])
+                .is_ok_and(|s| s.contains(&digest) && s.ends_with("completed"))
+        })?;
+        eprintln!("{label}: rollout {i} completed");
+    }
+    // Past the last old task's stop (a graceful one drains 3 s) and drover's debounce.
+    std::thread::sleep(Duration::from_secs(6));
+    let (mut took, failures, elapsed) = load.finish();
+    took.sort();
+    let pick = |q: f64| {
+        took.get(((took.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(0, |d| d.as_millis())
+    };
+    println!(
+        "{label}: {n} rollouts, {} requests in {elapsed:?} ({:.0}/s), {} failed; latency p50 {} ms, p99 {} ms, max {} ms",
+        took.len() + failures.len(),
+        (took.len() + failures.len()) as f64 / elapsed.as_secs_f64(),
+        failures.len(),
+        pick(0.5),
+        pick(0.99),
+        pick(1.0)
+    );
+    for f in failures.iter().take(20) {
+        println!("  {f}");
+    }
+    stack.cluster.docker(&["service", "rm", &name])?;
+    if let Some(short) = lost {
+        let node = stack
+            .cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.short == short)
+            .context("lost node")?;
+        node.start_engine()?;
+        node.wait_engine(SWARM)?;
+        let every = stack.cluster.nodes.len();
+        wait_for("every node ready again", SWARM, || {
+            stack
+                .cluster
+                .docker(&["node", "ls", "--format", "{{.Status}}"])
+                .is_ok_and(|out| out.lines().filter(|l| *l == "Ready").count() == every)
+        })?;
     }
     Ok(())
 }

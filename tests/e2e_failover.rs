@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use support::cluster::{Cluster, Node, ShippedStack, wait_nginx_answers_from};
+use support::cluster::{AppKind, Cluster, Node, ShippedStack, wait_nginx_answers_from};
 use support::*;
 
 /// How long Swarm may take to place and start tasks on namespace nodes (pulls included).
@@ -258,7 +258,7 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
         &image,
         2,
         &format!("node.hostname!={old_host}"),
-        Some(0),
+        AppKind::HealthChecked { delay: 0 },
     )?;
     wait_for("the app's 2 tasks running", SWARM, || {
         stack
@@ -459,7 +459,7 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
         &image,
         2,
         &format!("node.hostname!={w1_host}"),
-        Some(3),
+        AppKind::HealthChecked { delay: 3 },
     )?;
     let w1 = stack.cluster.node("w1");
     let nginx = format!("{}:{HTTP_PORT}", w1.addr);

@@ -129,3 +129,98 @@ fn home_lab_labels_route_through_nginx_with_their_home_lab_meaning() -> Result<(
     assert!(drover.is_running());
     Ok(())
 }
+
+/// The built-in template's failover (`proxy_next_upstream error timeout`) asks the next task
+/// when one fails, but never sends a request that is not idempotent twice: nginx repeats a
+/// POST only when told `non_idempotent`, and the template never tells it. Two services of
+/// two tasks each; every task records the request line it reads, then closes without an
+/// answer, so every attempt fails and nginx would try each task once if it were allowed.
+#[test]
+fn a_failed_get_is_retried_on_the_next_task_but_a_failed_post_is_never_sent_twice() -> Result<()> {
+    require_e2e!();
+    let net = create_overlay_network(&unique("labels-f-net"))?;
+    let nginx = nginx_service(net.name(), &[])?;
+    let dropper = |name: &str, host: &str| {
+        ServiceBuilder::backend(name)
+            .replicas(2)
+            .network(net.name())
+            .label("routing-host", host)
+            .label("routing-port", "80")
+            .label("routing-tls", "false")
+            .args([
+                "sh",
+                "-c",
+                "printf '#!/bin/sh\\nread -r line\\necho \"$line\" >>/tmp/seen\\n' >/drop \
+                 && chmod +x /drop && : >/tmp/seen && exec nc -ll -p 80 -e /drop",
+            ])
+            .create()
+    };
+    let (get_name, post_name) = (unique("labels-f-get"), unique("labels-f-post"));
+    let (get_host, post_host) = (format!("{get_name}.test"), format!("{post_name}.test"));
+    let get_be = dropper(&get_name, &get_host)?;
+    let post_be = dropper(&post_name, &post_host)?;
+    wait_running(get_be.name(), 2, SWARM)?;
+    wait_running(post_be.name(), 2, SWARM)?;
+    let _drover = DroverProcess::start_with_targets(&[routing_target(&nginx, net.name())])?;
+    wait_file_matches(
+        &nginx.conf("drover.conf"),
+        get_be.name(),
+        net.name(),
+        2,
+        BOUND,
+    )?;
+    wait_file_matches(
+        &nginx.conf("drover.conf"),
+        post_be.name(),
+        net.name(),
+        2,
+        BOUND,
+    )?;
+
+    // What every task of `service` has read so far, one request line each.
+    let seen = |service: &str| -> Result<Vec<String>> {
+        let ids = docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={service}"),
+        ])?;
+        let mut lines = Vec::new();
+        for id in ids.lines() {
+            let out = docker(&["exec", id, "cat", "/tmp/seen"])?;
+            lines.extend(out.lines().map(str::to_owned));
+        }
+        Ok(lines)
+    };
+    // Until nginx runs the new config a request gets the fallback server and reaches no
+    // task; the first answer from the upstream (502: every attempt failed) is the one
+    // request measured, made while both tasks are fresh.
+    let first_502 = |method: &str, host: &str| -> Result<()> {
+        let ok = wait_until(BOUND, Duration::from_millis(250), || {
+            let body: Option<(Headers, &[u8])> = (method == "POST").then_some((&[], b"x=1"));
+            http_request(method, &nginx.addr, host, "/", body).is_ok_and(|r| r.status == 502)
+        });
+        ensure!(
+            ok,
+            "{method} {host}: no 502 from the upstream within {BOUND:?}"
+        );
+        Ok(())
+    };
+
+    first_502("GET", &get_host)?;
+    let gets = seen(get_be.name())?;
+    assert_eq!(
+        gets.len(),
+        2,
+        "a failed GET is asked of the next task (each once): {gets:?}"
+    );
+    first_502("POST", &post_host)?;
+    let posts = seen(post_be.name())?;
+    assert_eq!(
+        posts.len(),
+        1,
+        "a failed POST reached exactly one task: {posts:?}"
+    );
+    assert!(posts[0].starts_with("POST / "), "{posts:?}");
+    Ok(())
+}

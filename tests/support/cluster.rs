@@ -36,6 +36,19 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
+/// How an app made by [`Cluster::create_app`] starts and stops.
+#[derive(Clone, Copy, Debug)]
+pub enum AppKind {
+    /// busybox httpd that exits at SIGTERM, with no health check.
+    Plain,
+    /// Goes on answering `drain` seconds after SIGTERM, then exits (the grace period is
+    /// longer): an app that drains before it stops.
+    Graceful { drain: u32 },
+    /// Listens `delay` seconds after its container starts, and a health check says when it
+    /// does, so Swarm stops an old task only once its successor answers.
+    HealthChecked { delay: u32 },
+}
+
 impl Cluster {
     pub fn new(managers: usize, workers: usize) -> Result<Cluster> {
         if managers == 0 {
@@ -88,10 +101,8 @@ impl Cluster {
     }
 
     /// An app on `network` routed at `host`, running `image` (from [`super::build_push`]:
-    /// it serves its version at `/version`), rolled start-first one task at a time. With
-    /// `health: Some(delay)` it listens `delay` seconds after its container starts and a
-    /// health check says when it does, so Swarm stops an old task only once its successor
-    /// answers; with `None` it is a plain httpd that exits at SIGTERM.
+    /// it serves its version at `/version`), rolled start-first one task at a time, started
+    /// and stopped as `kind` says.
     #[allow(clippy::too_many_arguments)]
     pub fn create_app(
         &self,
@@ -101,7 +112,7 @@ impl Cluster {
         image: &str,
         replicas: u32,
         constraint: &str,
-        health: Option<u32>,
+        kind: AppKind,
     ) -> Result<()> {
         let (replicas, routing) = (replicas.to_string(), format!("routing-host={host}"));
         let mut args = vec![
@@ -132,10 +143,14 @@ impl Cluster {
             "pause",
             "--update-monitor",
             "2s",
-            "--stop-grace-period",
-            "1s",
         ];
-        if health.is_some() {
+        // The grace period outlasts a graceful app's drain, so Swarm never kills it early.
+        let grace = match kind {
+            AppKind::Graceful { drain } => format!("{}s", drain + 5),
+            _ => "1s".to_owned(),
+        };
+        args.extend(["--stop-grace-period", &grace]);
+        if matches!(kind, AppKind::HealthChecked { .. }) {
             args.extend([
                 "--health-cmd",
                 r"printf 'GET /version HTTP/1.0\r\n\r\n' | nc 127.0.0.1 80 | grep -q 200",
@@ -149,10 +164,18 @@ impl Cluster {
                 "10s",
             ]);
         }
-        let run = format!(
-            "cp /version /www/version; sleep {}; exec httpd -f -p 80 -h /www",
-            health.unwrap_or(0)
-        );
+        let run = match kind {
+            AppKind::Plain => "cp /version /www/version; exec httpd -f -p 80 -h /www".to_owned(),
+            // The shell (pid 1) traps SIGTERM: httpd goes on answering for `drain` seconds,
+            // the time nginx has to learn that the task is going, then stops.
+            AppKind::Graceful { drain } => format!(
+                "cp /version /www/version; httpd -f -p 80 -h /www & \
+                 trap 'sleep {drain}; kill $!; exit 0' TERM; wait"
+            ),
+            AppKind::HealthChecked { delay } => {
+                format!("cp /version /www/version; sleep {delay}; exec httpd -f -p 80 -h /www")
+            }
+        };
         args.extend([image, "sh", "-c", &run]);
         self.docker(&args)?;
         Ok(())
