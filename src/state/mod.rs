@@ -240,6 +240,11 @@ impl Task {
             && self.state != TaskState::Running
             && !self.state.is_terminal()
     }
+
+    /// Swarm wants the task gone (a rollout, a scale down) but it has not ended yet.
+    pub fn is_stopping(&self) -> bool {
+        self.desired_state != TaskState::Running && !self.state.is_terminal()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -297,6 +302,14 @@ impl Snapshot {
                 .filter(|t| t.desired_state == TaskState::Running)
                 .count();
             s.tasks.iter().any(Task::is_transitional)
+                // A task Swarm is stopping (desired `shutdown`, not yet ended) must leave
+                // nginx before it dies, and no event tells: keep looking until it has.
+                || s.tasks.iter().any(Task::is_stopping)
+                // A rollout steps from task to task without an event in between.
+                || matches!(
+                    s.update_state.as_deref(),
+                    Some("updating" | "rollback_started")
+                )
                 || (s.mode == ServiceMode::Replicated
                     && s.replicas.is_some_and(|r| (wanted as u64) < r))
         })
@@ -382,6 +395,31 @@ mod tests {
             ..Snapshot::default()
         };
         assert!(snap.is_converging());
+    }
+
+    #[test]
+    fn a_task_being_stopped_means_converging() {
+        let snap = Snapshot {
+            services: vec![service(
+                1,
+                vec![task("running", "running"), task("running", "shutdown")],
+            )],
+            ..Snapshot::default()
+        };
+        assert!(snap.is_converging());
+    }
+
+    #[test]
+    fn a_rollout_in_progress_means_converging() {
+        let mut web = service(1, vec![task("running", "running")]);
+        web.update_state = Some("updating".into());
+        let mut snap = Snapshot {
+            services: vec![web],
+            ..Snapshot::default()
+        };
+        assert!(snap.is_converging());
+        snap.services[0].update_state = Some("completed".into());
+        assert!(!snap.is_converging());
     }
 
     #[test]
