@@ -417,7 +417,12 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
         failures.len(),
         &failures[..failures.len().min(10)]
     );
-    ensure!(rate >= 55.0, "the client managed only {rate:.0} requests/s");
+    // A count, not a rate: how fast the client manages is the machine's business (the
+    // rate is printed above and measured in benches/rollouts.rs).
+    ensure!(
+        requests >= 100,
+        "only {requests} requests during the rollouts: too few to show anything"
+    );
 
     // The old leader comes back as a manager and its nginx catches up.
     stack.cluster.nodes[index].start_engine()?;
@@ -499,8 +504,8 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
         &failures[..failures.len().min(10)]
     );
     ensure!(
-        rate >= 100.0,
-        "the client managed only {rate:.0} requests/s"
+        requests >= 100,
+        "only {requests} requests during the rollout: too few to show anything"
     );
     for _ in 0..20 {
         let r = http_get_host(&nginx, host, "/version")?;
