@@ -118,6 +118,7 @@ fn victim(label: &str, value: &str) -> Service {
         ("routing-port", "8080"),
         ("routing-tls", "false"),
         ("prometheus-job", "victim"),
+        ("prometheus-port", "8080"),
     ]
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -266,7 +267,7 @@ fn assert_harmless(name: &str, rendered: &Rendered, value: &str) {
             for job in jobs {
                 let job_name = job["job_name"].as_str().expect("job name");
                 assert!(
-                    job_name == "nodes"
+                    job_name == "docker"
                         || job_name
                             .bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),

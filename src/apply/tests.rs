@@ -236,6 +236,7 @@ mod stage_and_steps {
             notify: vec![],
             delivery: Default::default(),
             private_networks: Default::default(),
+            vars: Default::default(),
         }
     }
 

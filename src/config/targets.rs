@@ -1,6 +1,7 @@
 //! `targets:`: one rendered file each, with the steps that check and notify its consumer
 //! ([`Action`]) and the containers those steps reach ([`Selector`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,6 +42,10 @@ pub struct Target {
     /// `routing-private-context` location.
     #[serde(default)]
     pub private_networks: PrivateNetworks,
+    /// Values the template reads as `vars` (the built-in prometheus template: `external_labels`,
+    /// `scrape_interval`, `evaluation_interval`).
+    #[serde(default)]
+    pub vars: BTreeMap<String, serde_json::Value>,
 }
 
 impl Target {
@@ -56,6 +61,7 @@ impl Target {
             notify: Vec::new(),
             delivery: Delivery::default(),
             private_networks: PrivateNetworks::default(),
+            vars: BTreeMap::new(),
         }
     }
 
@@ -381,6 +387,29 @@ pub(super) fn validate(targets: &[Target]) -> Result<(), Problem> {
             a.validate().map_err(|r| problem(t, r))?;
         }
         t.private_networks.validate().map_err(|r| problem(t, r))?;
+        if let Some(bad) = t.vars.keys().find(|k| !is_identifier(k)) {
+            return Err(problem(
+                t,
+                format!("vars: {bad:?} is not a name a template can read ([A-Za-z_][A-Za-z0-9_]*)"),
+            ));
+        }
+        if let Some(serde_json::Value::Object(labels)) = t.vars.get("external_labels") {
+            if let Some(bad) = labels.keys().find(|k| !is_identifier(k)) {
+                return Err(problem(
+                    t,
+                    format!("vars.external_labels: {bad:?} is not a Prometheus label name"),
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: a Tera attribute and a Prometheus label name alike.
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }

@@ -266,6 +266,35 @@ fn the_default_values_are_within_their_bounds() {
 }
 
 #[test]
+fn vars_reach_the_template_and_names_a_template_cannot_read_are_refused() {
+    let target = |extra: &str| {
+        format!("targets:\n  - name: p\n    template: builtin:prometheus\n    output: /x\n{extra}")
+    };
+    let c = parse(&target(
+        "    vars:\n      scrape_interval: 30s\n      external_labels: { monitor: home-stack }\n",
+    ))
+    .expect("vars");
+    assert_eq!(c.targets[0].vars["scrape_interval"], "30s");
+    assert_eq!(
+        c.targets[0].vars["external_labels"]["monitor"],
+        "home-stack"
+    );
+    for (bad, says) in [
+        (
+            "    vars: { scrape-interval: 30s }\n",
+            "\"scrape-interval\" is not a name",
+        ),
+        (
+            "    vars: { external_labels: { \"a b\": x } }\n",
+            "\"a b\" is not a Prometheus label name",
+        ),
+    ] {
+        let err = parse(&target(bad)).expect_err(bad).to_string();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn private_networks_default_to_a_home_lan_without_the_swarm_pool_and_refuse_bad_cidrs() {
     let target = |extra: &str| {
         format!("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n{extra}")

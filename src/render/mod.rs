@@ -16,6 +16,7 @@
 //! |---|---|
 //! | `target` | `{name, network}` of the target being rendered (`network` may be null) |
 //! | `private_networks` | the target's `private_networks` setting as `ADDR/PREFIX` strings (a single address without `/32`); the built-in nginx template allows these and loopback into private locations |
+//! | `vars` | the target's `vars` setting (a map; empty when not set) |
 //! | `swarm`, `node_id` | whether the engine is a Swarm manager; the local node id |
 //! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
 //! | `services[].tasks[]` | `id, service_id, slot, node_id, state, desired_state, container_id, ips` (map network → address)`, message, error`, plus `live` (state and desired state are `running`) and `ip` (address on the service's `network`, or null) |
@@ -23,7 +24,7 @@
 //! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, locations: [{path, upstream, uri, private, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path; `proxy_pass` is `upstream` + `uri` |
 //! | `server_names_hash_bucket_size` | the bucket size the longest host name needs, null when nginx's default fits |
 //! | `upstreams` | `[{name, servers: ["IP:PORT", ...]}]`, one per (host, context); `servers` is empty when no task is live |
-//! | `prometheus_jobs` | `[{name, targets: ["IP:PORT", ...]}]`, one per `prometheus-job` value plus `nodes` (every node address on :9100), sorted by name |
+//! | `prometheus_jobs` | `[{name, targets: ["IP:PORT", ...]}]`, one per `prometheus-job` value of services with a `prometheus-port`, plus `docker` (every node address on :9323, the engine's metrics), sorted by name |
 //!
 //! A service's routing network is the target's `network` when set, else its
 //! `routing-network` label, else its first network that the proxy service (the one the
@@ -151,6 +152,8 @@ pub struct Template {
     uses: context::Uses,
     /// `private_networks` of the context, as nginx writes them.
     private_networks: Vec<String>,
+    /// The target's `vars`, as the context's `vars`.
+    vars: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl std::fmt::Debug for Template {
@@ -216,6 +219,7 @@ impl Template {
             Template::compile(&name, &source, &target.name, target.network.as_deref())?;
         template.proxy = proxy_service(target);
         template.private_networks = private_networks(&target.private_networks);
+        template.vars = target.vars.clone();
         Ok(template)
     }
 
@@ -239,6 +243,7 @@ impl Template {
             proxy: None,
             uses: context::Uses::scan(source),
             private_networks: private_networks(&Default::default()),
+            vars: Default::default(),
         })
     }
 
@@ -269,6 +274,7 @@ impl Template {
             .into_context()
             .map_err(|e| Error::Context(Box::new(e.into())))?;
         context.insert("private_networks", &self.private_networks);
+        context.insert("vars", &self.vars);
         let text = self
             .tera
             .render(&self.name, &context)

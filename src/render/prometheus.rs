@@ -1,10 +1,11 @@
 //! Prometheus scrape jobs: the `prometheus_jobs` of the context.
 //!
-//! One job per distinct `prometheus-job` label value, whose targets are the live task
-//! addresses of every service carrying it, on `prometheus-port`, else `routing-port`, else
-//! [`DEFAULT_PORT`]; plus a `nodes` job (every node with an address, on node-exporter's
-//! port) unless a service already names its job `nodes`. Invariants: jobs are sorted by
-//! name; targets keep service order, then task order.
+//! As the home lab's template had them: one job per distinct `prometheus-job` label value,
+//! whose targets are the live task addresses of every service carrying it on its
+//! `prometheus-port` (a service without one is not scraped), plus a `docker` job, the
+//! engine's own metrics on every node ([`ENGINE_METRICS_PORT`]), unless a service already
+//! names its job `docker`. Invariants: jobs are sorted by name; targets keep service order,
+//! then task order.
 
 use std::collections::BTreeMap;
 
@@ -15,10 +16,10 @@ use super::labels;
 use super::views::{ServiceView, address};
 use crate::state::Node;
 
-/// The port Prometheus scrapes when neither `prometheus-port` nor `routing-port` is set.
-pub const DEFAULT_PORT: u16 = 80;
-/// Port the `nodes` Prometheus job scrapes (node-exporter).
-pub const NODE_EXPORTER_PORT: u16 = 9100;
+/// The port of the engine's metrics (`"metrics-addr": "0.0.0.0:9323"` in daemon.json).
+pub const ENGINE_METRICS_PORT: u16 = 9323;
+/// The job that scrapes every node's engine.
+pub const ENGINE_JOB: &str = "docker";
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
 pub struct JobView {
@@ -40,18 +41,19 @@ impl From<JobView> for Value {
     }
 }
 
-/// One job per distinct `prometheus-job`, targets from live tasks; plus `nodes`.
+/// One job per distinct `prometheus-job` of services with a `prometheus-port`, targets
+/// from live tasks; plus `docker`.
 pub fn jobs(services: &[ServiceView<'_>], nodes: &[Node]) -> Vec<JobView> {
     let mut jobs: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for service in services {
-        let Some(job) = service.label(labels::PROMETHEUS_JOB) else {
+        // The lab's rule: a job without a port is not scraped (a guess at a port would
+        // scrape the wrong thing, or the app's own page, every 15 s).
+        let (Some(job), Some(port)) = (
+            service.label(labels::PROMETHEUS_JOB),
+            service.port(labels::PROMETHEUS_PORT),
+        ) else {
             continue;
         };
-        // Exporters like prometheus_flask_exporter serve /metrics on the app's own port.
-        let port = service
-            .port(labels::PROMETHEUS_PORT)
-            .or_else(|| service.port(labels::PORT))
-            .unwrap_or(DEFAULT_PORT);
         jobs.entry(job)
             .or_default()
             .extend(service.ips.iter().map(|ip| address(ip, port)));
@@ -63,13 +65,13 @@ pub fn jobs(services: &[ServiceView<'_>], nodes: &[Node]) -> Vec<JobView> {
             targets,
         })
         .collect();
-    if !out.iter().any(|j| j.name == "nodes") {
+    if !out.iter().any(|j| j.name == ENGINE_JOB) {
         out.push(JobView {
-            name: "nodes".to_owned(),
+            name: ENGINE_JOB.to_owned(),
             targets: nodes
                 .iter()
                 .filter(|n| !n.address.is_empty())
-                .map(|n| address(&n.address, NODE_EXPORTER_PORT))
+                .map(|n| address(&n.address, ENGINE_METRICS_PORT))
                 .collect(),
         });
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -124,14 +126,14 @@ mod tests {
     }
 
     #[test]
-    fn a_job_scrapes_prometheus_port_else_routing_port_else_port_80() {
+    fn a_job_scrapes_prometheus_port_and_a_service_without_one_is_not_scraped() {
         let job = (labels::PROMETHEUS_JOB, "app");
         let out = scrape(
             &[
                 service("a", &[job, (labels::PROMETHEUS_PORT, "9000")], "10.0.0.1"),
                 service("b", &[job, (labels::PORT, "8080")], "10.0.0.2"),
-                service("c", &[job], "fd00::3"),
-                service("d", &[(labels::PORT, "8080")], "10.0.0.4"),
+                service("c", &[job, (labels::PROMETHEUS_PORT, "80")], "fd00::3"),
+                service("d", &[(labels::PROMETHEUS_PORT, "8080")], "10.0.0.4"),
             ],
             &[],
         );
@@ -140,14 +142,10 @@ mod tests {
             [
                 JobView {
                     name: "app".to_owned(),
-                    targets: vec![
-                        "10.0.0.1:9000".to_owned(),
-                        "10.0.0.2:8080".to_owned(),
-                        "[fd00::3]:80".to_owned(),
-                    ],
+                    targets: vec!["10.0.0.1:9000".to_owned(), "[fd00::3]:80".to_owned()],
                 },
                 JobView {
-                    name: "nodes".to_owned(),
+                    name: "docker".to_owned(),
                     targets: Vec::new(),
                 },
             ]
@@ -155,23 +153,33 @@ mod tests {
     }
 
     #[test]
-    fn the_nodes_job_lists_node_exporters_unless_a_service_names_its_job_nodes() {
+    fn the_docker_job_scrapes_every_engine_unless_a_service_names_its_job_docker() {
         let nodes = [node("192.168.1.2"), node(""), node("192.168.1.1")];
         let out = scrape(
             &[service(
                 "z",
-                &[(labels::PROMETHEUS_JOB, "apps")],
+                &[
+                    (labels::PROMETHEUS_JOB, "apps"),
+                    (labels::PROMETHEUS_PORT, "80"),
+                ],
                 "10.0.0.1",
             )],
             &nodes,
         );
         let names: Vec<&str> = out.iter().map(|j| j.name.as_str()).collect();
-        assert_eq!(names, ["apps", "nodes"]);
-        assert_eq!(out[1].targets, ["192.168.1.2:9100", "192.168.1.1:9100"]);
+        assert_eq!(names, ["apps", "docker"]);
+        assert_eq!(out[1].targets, ["192.168.1.2:9323", "192.168.1.1:9323"]);
 
-        let own = service("n", &[(labels::PROMETHEUS_JOB, "nodes")], "10.0.0.9");
+        let own = service(
+            "n",
+            &[
+                (labels::PROMETHEUS_JOB, "docker"),
+                (labels::PROMETHEUS_PORT, "9323"),
+            ],
+            "10.0.0.9",
+        );
         let out = scrape(&[own], &nodes);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].targets, ["10.0.0.9:80"]);
+        assert_eq!(out[0].targets, ["10.0.0.9:9323"]);
     }
 }
