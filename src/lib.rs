@@ -38,8 +38,11 @@ pub mod redact;
 // the one wall clock
 pub mod clock;
 
-// the one content hash
+// the one content hash and the one body signature
 pub mod hash;
+
+// events that need a person, sent to the configured sinks without waiting
+pub mod notifications;
 
 // one cached Snapshot of the cluster, and the questions asked of it
 pub mod state;

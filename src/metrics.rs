@@ -41,6 +41,7 @@ pub struct Metrics {
     pub peer_contact: IntGaugeVec,
     pub updates: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub notifications: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -253,6 +254,12 @@ impl Metrics {
                 "drover_config_reloads_total",
                 "Reloads of drover's own config file on SIGHUP, by outcome (applied, refused)",
                 &["outcome"],
+            ),
+            notifications: counter_vec(
+                &r,
+                "drover_notifications_total",
+                "Notifications by sink and outcome (sent, failed, suppressed, dropped)",
+                &["sink", "outcome"],
             ),
             stream_reconnects,
             resyncs,

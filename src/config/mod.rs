@@ -23,6 +23,7 @@ mod cluster;
 mod hooks;
 mod http;
 mod jobs;
+mod notifications;
 mod targets;
 mod values;
 
@@ -35,6 +36,7 @@ pub use hooks::{
 };
 pub use http::{Http, Ops};
 pub use jobs::{Jobs, Registry, check_journal};
+pub use notifications::{EventKind, Notifications, Sink, SinkKind};
 pub use targets::{
     Action, BUILTIN_TEMPLATES, DEFAULT_PRIVATE_NETWORKS, Debounce, Delivery, ExecSpec,
     PrivateNetworks, Selector, SignalSpec, Target, signal_number,
@@ -83,6 +85,8 @@ pub struct Config {
     pub jobs: Jobs,
     /// The agent API of cluster mode.
     pub cluster: Cluster,
+    /// Where drover tells a person what needs one.
+    pub notifications: Notifications,
 }
 
 impl Default for Config {
@@ -95,6 +99,7 @@ impl Default for Config {
             registries: Vec::new(),
             jobs: Jobs::default(),
             cluster: Cluster::default(),
+            notifications: Notifications::default(),
         }
     }
 }
@@ -163,6 +168,7 @@ impl Config {
 
         targets::validate(&self.targets)?;
         hooks::validate(&self.hooks)?;
+        self.notifications.validate()?;
         self.http.validate()
     }
 }

@@ -218,11 +218,7 @@ pub fn verify_sha1(secret: &[u8], header: &str, body: &[u8]) -> bool {
 }
 
 /// `sha256=<hex>` of the body, as a sender computes it.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = keyed(secret);
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
+pub use crate::hash::sign;
 
 /// `X-Drover-Signature` of a generic hook's request: `sha256=<hex>` of HMAC-SHA256 over
 /// `TIMESTAMP.BODY` (the `X-Drover-Timestamp` value, a dot, the raw body), as a sender
