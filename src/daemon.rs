@@ -46,6 +46,21 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
+    // The engine's name for this node names this drover in every message.
+    let node = engine
+        .info()
+        .await
+        .ok()
+        .and_then(|i| i.name)
+        .unwrap_or_default();
+    let notifier = crate::notifications::start(&config.notifications, node.clone())?;
+    board.set_notifier(notifier.clone());
+    notifier.notify(crate::notifications::Event {
+        kind: crate::config::EventKind::DroverStarted,
+        subject: node.clone(),
+        summary: format!("drover {} started", env!("CARGO_PKG_VERSION")),
+        details: serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "node": node}),
+    });
 
     let mut tasks = JoinSet::new();
     let (roles, role) = start_role(&config, &engine, board.clone(), &shutdown, &mut tasks).await;
@@ -93,6 +108,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("starting the webhook intake")?
     .with_forward(forward);
+    state.hooks.jobs().set_notifier(notifier);
     if let Some(key) = key {
         let agent = Agent {
             config: &config,

@@ -5,7 +5,7 @@
 //! or nothing: targets (their templates compiled again) and `resync` go to the render
 //! loop and to the agent API (a target added or changed is delivered and applied as
 //! the new config says), hooks to the webhook intake. Settings bound to something opened at start — the
-//! listeners and HTTP limits, `jobs`, `registries`, `cluster` — keep their running values;
+//! listeners and HTTP limits, `jobs`, `registries`, `cluster`, `notifications` — keep their running values;
 //! a changed one is named in a log line that says it needs a restart. A refused reload
 //! changes nothing and is counted. A reload never touches the job queue (queued and
 //! running jobs go on as they were) nor the engine's event stream.
@@ -157,6 +157,9 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     }
     if differs(&running.cluster, &new.cluster) {
         changed.push("cluster");
+    }
+    if differs(&running.notifications, &new.notifications) {
+        changed.push("notifications");
     }
     changed
 }

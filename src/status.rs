@@ -3,12 +3,14 @@
 //! Written by the render loop and the cluster role check, read by HTTP handlers; it holds
 //! only small summaries, never a snapshot.
 
-use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{OnceLock, RwLock};
 
 use serde::Serialize;
 
 use crate::apply::Report;
+use crate::config::EventKind;
+use crate::notifications::{Event, Notifier};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TargetStatus {
@@ -168,6 +170,8 @@ pub struct Summary {
 pub struct Board {
     inner: RwLock<Summary>,
     targets: RwLock<BTreeMap<String, TargetStatus>>,
+    /// Told when a host is newly left out or a node newly stops answering.
+    notifier: OnceLock<Notifier>,
 }
 
 impl Board {
@@ -178,7 +182,13 @@ impl Board {
                 ..Summary::default()
             }),
             targets: RwLock::default(),
+            notifier: OnceLock::new(),
         }
+    }
+
+    /// Where changes that need a person go from now on (set once, by the daemon).
+    pub fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
     }
 
     pub fn summary(&self) -> Summary {
@@ -219,7 +229,140 @@ impl Board {
                 check: CheckResult::None,
                 ..TargetStatus::default()
             });
+            let before = Troubles::of(entry);
             f(entry);
+            if let Some(notifier) = self.notifier.get() {
+                for event in before.new_in(&Troubles::of(entry), name) {
+                    notifier.notify(event);
+                }
+            }
         }
+    }
+}
+
+/// What of a target's state needs a person: hosts left out (by node; "" for this node)
+/// and nodes whose agent does not answer.
+#[derive(Debug, Default, PartialEq)]
+struct Troubles {
+    left_out: BTreeMap<(String, String), String>,
+    unreachable: BTreeMap<String, String>,
+}
+
+impl Troubles {
+    fn of(t: &TargetStatus) -> Troubles {
+        let mut out = Troubles::default();
+        for h in &t.left_out {
+            out.left_out
+                .insert((String::new(), h.host.clone()), h.reason.clone());
+        }
+        for n in &t.nodes {
+            match &n.state {
+                NodeState::Reported(r) => {
+                    for h in &r.left_out {
+                        out.left_out
+                            .insert((n.name().to_owned(), h.host.clone()), h.reason.clone());
+                    }
+                }
+                NodeState::Unreachable(why) => {
+                    out.unreachable.insert(n.name().to_owned(), why.clone());
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Events for what is in `after` and was not in `self`: each is told once, when it
+    /// starts (the sinks' `repeat_after` covers one that comes and goes).
+    fn new_in(&self, after: &Troubles, target: &str) -> Vec<Event> {
+        let mut events = Vec::new();
+        for ((node, host), reason) in &after.left_out {
+            if self.left_out.contains_key(&(node.clone(), host.clone())) {
+                continue;
+            }
+            let on = if node.is_empty() {
+                String::new()
+            } else {
+                format!(" on {node}")
+            };
+            events.push(Event {
+                kind: EventKind::HostLeftOut,
+                subject: format!("{target}/{node}/{host}"),
+                summary: format!("{host} left out of {target}{on}: {reason}"),
+                details: serde_json::json!({"target": target, "node": node, "host": host, "reason": reason}),
+            });
+        }
+        let before: BTreeSet<&String> = self.unreachable.keys().collect();
+        for (node, why) in &after.unreachable {
+            if before.contains(node) {
+                continue;
+            }
+            events.push(Event {
+                kind: EventKind::NodeUnreachable,
+                subject: node.clone(),
+                summary: format!("node {node} does not answer ({target}): {why}"),
+                details: serde_json::json!({"target": target, "node": node, "reason": why}),
+            });
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::Outcome;
+
+    fn node(name: &str, state: NodeState) -> NodeResult {
+        NodeResult {
+            node_id: format!("{name}-id"),
+            hostname: name.into(),
+            state,
+        }
+    }
+
+    fn reported(left_out: &[&str]) -> NodeState {
+        NodeState::Reported(Report {
+            outcome: Outcome::Applied,
+            hash: None,
+            left_out: left_out
+                .iter()
+                .map(|h| LeftOutHost {
+                    host: (*h).into(),
+                    reason: "nginx -t refused it".into(),
+                })
+                .collect(),
+            certificates: None,
+        })
+    }
+
+    #[test]
+    fn a_host_newly_left_out_and_a_node_newly_unreachable_are_told_once() {
+        let mut t = TargetStatus {
+            nodes: vec![node("w1", reported(&[])), node("w2", reported(&[]))],
+            ..TargetStatus::default()
+        };
+        let before = Troubles::of(&t);
+        t.nodes[0].state = reported(&["bad.test"]);
+        t.nodes[1].state = NodeState::Unreachable("no connection within 3s".into());
+        let after = Troubles::of(&t);
+        let events = before.new_in(&after, "nginx");
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|e| (e.kind, e.subject.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::HostLeftOut, "nginx/w1/bad.test"),
+                (EventKind::NodeUnreachable, "w2")
+            ]
+        );
+        assert_eq!(
+            events[0].summary,
+            "bad.test left out of nginx on w1: nginx -t refused it"
+        );
+        // The same state again: nothing new.
+        assert!(after.new_in(&Troubles::of(&t), "nginx").is_empty());
     }
 }

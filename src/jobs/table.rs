@@ -31,6 +31,8 @@ pub struct Jobs {
     shutdown: CancellationToken,
     /// Cuts loaded secrets out of, and bounds, what a finished job shows.
     redactor: Redactor,
+    /// Told of a job that failed or rolled back.
+    notifier: std::sync::OnceLock<crate::notifications::Notifier>,
 }
 
 use crate::clock::unix_millis as unix_ms;
@@ -76,6 +78,7 @@ impl Jobs {
             seq: AtomicU64::new(1),
             shutdown,
             redactor,
+            notifier: std::sync::OnceLock::new(),
         });
         if !jobs.journal.is_shared() {
             jobs.resume().await?;
@@ -326,6 +329,32 @@ impl Jobs {
         self.finish(&id, outcome, true).await;
     }
 
+    /// Where failed and rolled-back jobs are told from now on (set once, by the daemon).
+    pub fn set_notifier(&self, notifier: crate::notifications::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// A failed or rolled-back job, told to the sinks with its (redacted) message.
+    fn tell_failed(&self, id: &JobId, hook: &str, state: JobState) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        let message = self
+            .lock()
+            .jobs
+            .get(id)
+            .and_then(|e| e.view.message.clone())
+            .unwrap_or_default();
+        notifier.notify(crate::notifications::Event {
+            kind: crate::config::EventKind::JobFailed,
+            subject: id.to_string(),
+            summary: format!("job {id} of hook {hook} {}: {message}", state.as_str()),
+            details: serde_json::json!({
+                "job": id.to_string(), "hook": hook, "state": state.as_str(), "message": message,
+            }),
+        });
+    }
+
     async fn finish(&self, id: &JobId, mut outcome: Outcome, journalled: bool) {
         let state = outcome.state;
         let r = &self.redactor;
@@ -334,7 +363,7 @@ impl Jobs {
         for s in &mut outcome.services {
             s.message = r.clean(&s.message, redact::MESSAGE_MAX);
         }
-        {
+        let hook = {
             let mut inner = self.lock();
             let Some(e) = inner.jobs.get_mut(id) else {
                 return;
@@ -342,6 +371,7 @@ impl Jobs {
             if e.view.state.is_final() {
                 return;
             }
+            let hook = e.view.hook.clone();
             e.view.state = outcome.state;
             e.view.message = outcome.message;
             e.view.services = outcome.services;
@@ -363,8 +393,12 @@ impl Jobs {
             let m = metrics::get();
             m.queue_depth.set(inner.active as i64);
             m.jobs.with_label_values(&[state.as_str()]).inc();
-        }
+            hook
+        };
         info!(job = %id, outcome = state.as_str(), "job finished");
+        if matches!(state, JobState::Failed | JobState::RolledBack) {
+            self.tell_failed(id, &hook, state);
+        }
         if journalled {
             if let Err(e) = self.journal.remove(id).await {
                 warn!(job = %id, error = %e, "cannot remove finished job from the journal");
