@@ -46,21 +46,11 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     info!(engine = %engine.host(), targets = config.targets.len(), hooks = config.hooks.len(), "drover starting");
-    // The engine's name for this node names this drover in every message.
-    let node = engine
-        .info()
-        .await
-        .ok()
-        .and_then(|i| i.name)
-        .unwrap_or_default();
-    let notifier = crate::notifications::start(&config.notifications, node.clone())?;
+    let notifier = crate::notifications::start(&config.notifications)?;
     board.set_notifier(notifier.clone());
-    notifier.notify(crate::notifications::Event {
-        kind: crate::config::EventKind::DroverStarted,
-        subject: node.clone(),
-        summary: format!("drover {} started", env!("CARGO_PKG_VERSION")),
-        details: serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "node": node}),
-    });
+    if notifier.enabled() {
+        tokio::spawn(tell_started(engine.clone(), notifier.clone()));
+    }
 
     let mut tasks = JoinSet::new();
     let (roles, role) = start_role(&config, &engine, board.clone(), &shutdown, &mut tasks).await;
@@ -131,6 +121,24 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     while tasks.join_next().await.is_some() {}
     let _ = serving.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Names this node in notifications (the engine's name for it) and tells the sinks this
+/// drover started; off the start's path, which must not wait for one more engine call.
+async fn tell_started(engine: Engine, notifier: crate::notifications::Notifier) {
+    let node = engine
+        .info()
+        .await
+        .ok()
+        .and_then(|i| i.name)
+        .unwrap_or_default();
+    notifier.set_node(node.clone());
+    notifier.notify(crate::notifications::Event {
+        kind: crate::config::EventKind::DroverStarted,
+        subject: node.clone(),
+        summary: format!("drover {} started", env!("CARGO_PKG_VERSION")),
+        details: serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "node": node}),
+    });
 }
 
 /// The live role (`cluster::role`): asked once now, then kept current by its own task,

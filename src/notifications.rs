@@ -62,11 +62,24 @@ pub enum Error {
 #[derive(Debug, Clone, Default)]
 pub struct Notifier {
     tx: Option<mpsc::Sender<Event>>,
+    /// This node's name in every message; set once it is known (asking the engine must
+    /// not hold up the start).
+    node: Arc<OnceLock<String>>,
 }
 
 impl Notifier {
     pub fn disabled() -> Notifier {
         Notifier::default()
+    }
+
+    /// Whether any sink is configured.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Names this drover in the messages sent from now on.
+    pub fn set_node(&self, node: String) {
+        let _ = self.node.set(node);
     }
 
     /// Queues `event` for every sink that wants its kind; never waits.
@@ -91,8 +104,8 @@ struct Loaded {
 }
 
 /// Reads every sink's files (refusing one that cannot be read or holds no http(s) URL)
-/// and starts the sender; `node` names this drover in every message.
-pub fn start(config: &Notifications, node: String) -> Result<Notifier, Error> {
+/// and starts the sender.
+pub fn start(config: &Notifications) -> Result<Notifier, Error> {
     if config.sinks.is_empty() {
         return Ok(Notifier::disabled());
     }
@@ -132,15 +145,16 @@ pub fn start(config: &Notifications, node: String) -> Result<Notifier, Error> {
         }));
     }
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(run(rx, sinks, config.repeat_after, node));
-    Ok(Notifier { tx: Some(tx) })
+    let node = Arc::new(OnceLock::new());
+    tokio::spawn(run(rx, sinks, config.repeat_after, node.clone()));
+    Ok(Notifier { tx: Some(tx), node })
 }
 
 async fn run(
     mut rx: mpsc::Receiver<Event>,
     sinks: Vec<Arc<Loaded>>,
     repeat_after: Duration,
-    node: String,
+    node: Arc<OnceLock<String>>,
 ) {
     let metrics = crate::metrics::get();
     let mut repeats = Repeats::new(repeat_after);
@@ -163,7 +177,8 @@ async fn run(
                 count("dropped");
                 continue;
             };
-            let message = Message::of(sink, &event, &node, crate::clock::unix_secs());
+            let name = node.get().map_or("", String::as_str);
+            let message = Message::of(sink, &event, name, crate::clock::unix_secs());
             let sink = sink.clone();
             tokio::spawn(async move {
                 let _slot = slot;
