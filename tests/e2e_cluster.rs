@@ -99,6 +99,7 @@ fn get_from(node: &Node, id: &str, ip: &str) -> Result<String> {
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn harness_a_swarm_of_one_manager_and_two_workers_runs_tasks_on_every_node_that_reach_each_other()
 -> Result<()> {
     require_e2e!();
@@ -200,6 +201,7 @@ fn harness_a_swarm_of_one_manager_and_two_workers_runs_tasks_on_every_node_that_
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn harness_three_namespace_managers_elect_a_new_leader_when_the_leaders_engine_stops() -> Result<()>
 {
     require_e2e!();
@@ -464,6 +466,7 @@ fn running_container_ids(cluster: &Cluster, service: &str) -> Result<BTreeSet<St
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn the_shipped_stack_on_a_manager_and_two_workers_serves_every_app_task_through_every_nodes_nginx()
 -> Result<()> {
     require_e2e!();
@@ -616,6 +619,7 @@ fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> Vec<(&'static str, St
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> Result<()> {
     require_e2e!();
     let s = stack()?;
@@ -710,6 +714,7 @@ fn ops_get_on(s: &ShippedStack, node: &Node, path: &str) -> Result<(u16, String)
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_the_controller()
 -> Result<()> {
     require_e2e!();
@@ -906,6 +911,7 @@ fn nginx_file_on(node: &Node, nginx: &str) -> Result<String> {
 /// hosts on port 80 for want of files, and a host without files anywhere is on port 80
 /// everywhere. Meanwhile a scale of the app reaches every node's nginx.
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn each_nodes_nginx_leaves_out_the_host_it_rejects_and_serves_tls_only_where_its_files_are_while_a_scale_reaches_every_node()
 -> Result<()> {
     require_e2e!();

@@ -229,6 +229,7 @@ fn wait_every_answer_from(
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_the_accepted_job_once()
 -> Result<()> {
     require_e2e!();
@@ -441,6 +442,7 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leaves_every_nginx_until_it_returns()
 -> Result<()> {
     require_e2e!();

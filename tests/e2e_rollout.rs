@@ -80,6 +80,7 @@ fn without(mut spec: Value, pointer: &str) -> Value {
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn rich_spec_survives_a_webhook_rollout_and_a_notify_restart_but_for_the_changed_field()
 -> Result<()> {
     require_e2e!();
@@ -202,6 +203,7 @@ fn rich_spec_survives_a_webhook_rollout_and_a_notify_restart_but_for_the_changed
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn notify_restart_and_webhook_rollout_of_one_service_are_serialised() -> Result<()> {
     require_e2e!();
     let name = unique("serial");
@@ -304,6 +306,7 @@ fn notify_restart_and_webhook_rollout_of_one_service_are_serialised() -> Result<
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn start_first_webhook_rollout_with_a_health_check_drops_no_request_through_nginx() -> Result<()> {
     require_e2e!();
     let net = create_overlay_network(&unique("zd-net"))?;

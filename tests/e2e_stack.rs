@@ -117,6 +117,7 @@ impl Drop for Stack {
 }
 
 #[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -> Result<()> {
     require_e2e!();
     // require_e2e! has passed: the test command promised a full environment, so a missing

@@ -6,8 +6,9 @@
 //! starts on 127.0.0.1:5000 and fills with test images built from local files.
 //!
 //! Invariants every test relies on:
-//! - e2e tests return early (and say so) unless `DROVER_E2E=1` (see [`e2e_enabled`] and
-//!   [`require_e2e!`]); `scripts/test` sets it with the image names below;
+//! - e2e tests are `#[ignore]`d and fail (saying why) unless `DROVER_E2E=1` (see
+//!   [`e2e_enabled`] and [`require_e2e!`]); `scripts/test` sets it with the image names
+//!   below and runs them with `--include-ignored`;
 //! - every engine object a test creates has a [`unique`] name and is owned by a [`Resource`]
 //!   guard that removes it on drop, panicking or not; declare networks *before* the
 //!   services that use them so they are dropped after them (locals drop in reverse order);
@@ -38,43 +39,23 @@ pub mod cluster;
 // Gate and names
 // ---------------------------------------------------------------------------------------
 
-/// True when end-to-end tests should run (`DROVER_E2E=1`). Otherwise prints why the
-/// calling test is skipped, so a plain `cargo test` passes without an engine.
+/// Whether the environment the end-to-end tests need was set up (`DROVER_E2E=1`).
 pub fn e2e_enabled() -> bool {
-    if std::env::var("DROVER_E2E").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!(
-        "skipping end-to-end test: set DROVER_E2E=1 (scripts/test sets up Swarm, the registry \
-         and the images, then sets it)"
-    );
-    false
+    std::env::var("DROVER_E2E").as_deref() == Ok("1")
 }
 
-/// `require_e2e!();` as the first line of an e2e test: returns early unless [`e2e_enabled`].
-/// Works in tests returning `()` and in tests returning `Result<()>`.
+/// `require_e2e!();` as the first line of an e2e test. The tests are `#[ignore]`d, so a
+/// plain `cargo test` reports them ignored; one that runs anyway (`--include-ignored`)
+/// without the environment fails with the reason rather than passing untested.
 #[macro_export]
 macro_rules! require_e2e {
     () => {
-        if !$crate::support::e2e_enabled() {
-            return $crate::support::Skipped::skipped();
-        }
+        assert!(
+            $crate::support::e2e_enabled(),
+            "an end-to-end test needs DROVER_E2E=1 and what scripts/test sets up: \
+             run `scripts/test`, or `scripts/test setup` then `eval \"$(scripts/test env)\"`"
+        );
     };
-}
-
-/// What a skipped test returns: `()` or `Ok(())` (used by [`require_e2e!`]).
-pub trait Skipped {
-    fn skipped() -> Self;
-}
-
-impl Skipped for () {
-    fn skipped() -> Self {}
-}
-
-impl<E> Skipped for std::result::Result<(), E> {
-    fn skipped() -> Self {
-        Ok(())
-    }
 }
 
 /// A name no other test (in this or a concurrent test process) uses:
