@@ -20,7 +20,12 @@ pub struct Http {
     pub max_body: usize,
     /// Bytes of webhook bodies held at once, over all requests (beyond: 503), so a crowd
     /// of stalled large bodies cannot take more memory than this. At least `max_body`.
+    /// Bytes are taken as they arrive, not as `Content-Length` promises, and one source
+    /// holds at most a quarter of it (or `max_body`, if larger).
     pub body_budget: usize,
+    /// Bytes per second a body must average once it has had a 2 s start (beyond: 408), so
+    /// a trickled body frees its share of `body_budget` long before `request_timeout`.
+    pub min_body_rate: usize,
     /// A request not answered within this is cut off (408).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -51,6 +56,7 @@ impl Default for Http {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             max_body: 1024 * 1024,
             body_budget: 8 * 1024 * 1024,
+            min_body_rate: 4096,
             request_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
@@ -115,6 +121,7 @@ impl Http {
         }
         let zero = [
             ("max_body", self.max_body),
+            ("min_body_rate", self.min_body_rate),
             ("max_connections", self.max_connections),
             (
                 "max_connections_per_source",

@@ -99,6 +99,8 @@ pub enum Reject {
     TooLarge,
     #[error("cannot read body")]
     BodyRead,
+    #[error("body arrives too slowly")]
+    TooSlow,
     #[error("missing or wrong signature or token")]
     Unauthorized,
     #[error("missing, invalid or stale X-Drover-Timestamp (unix seconds, within 300 s of now)")]
@@ -137,6 +139,7 @@ impl Reject {
             Reject::RateLimited => "rate_limited",
             Reject::TooLarge => "too_large",
             Reject::BodyRead | Reject::BadRequest(_) => "bad_request",
+            Reject::TooSlow => "too_slow",
             Reject::Unauthorized => "unauthorized",
             Reject::Stale => "stale",
             Reject::RuleMismatch(_) | Reject::NoImage => "rejected",

@@ -24,6 +24,7 @@
 //! and after [`drain_limit`] the rest is dropped.
 
 mod agent;
+mod budget;
 mod conn;
 mod error;
 mod hooks;

@@ -779,6 +779,60 @@ async fn connections_beyond_the_per_source_cap_are_closed_at_once() {
     stop.cancel();
 }
 
+/// A connection to `addr` from `source` (any 127.0.0.0/8 address on Linux's loopback).
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::from((source, 0))).expect("bind");
+    sock.connect(addr).await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_open_bodies_from_one_address_leave_a_signed_delivery_from_another_its_2xx() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture("").await;
+    let (addr, stop) = listen(&f).await;
+    // 12 bodies that promise 1 MiB each (12 MiB: more than the whole 8 MiB budget) and
+    // send nothing.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let mut tcp = connect_from([127, 0, 0, 1], addr).await;
+        tcp.write_all(b"POST /hooks/ci HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n{")
+            .await
+            .expect("write");
+        held.push(tcp);
+    }
+    // Let them all reach the body read before the real delivery comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+    let mut real = connect_from([127, 0, 0, 2], addr).await;
+    real.write_all(
+        format!(
+            "POST /hooks/github HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             X-GitHub-Event: push\r\nX-GitHub-Delivery: real-held\r\n\
+             X-Hub-Signature-256: {sig}\r\nContent-Length: {}\r\n\r\n{PUSH_BODY}",
+            PUSH_BODY.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    real.read_to_end(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+    // And the held bodies end with an answer of their own.
+    for tcp in &mut held {
+        let mut buf = [0u8; 64];
+        let n = tcp.read(&mut buf).await.expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn a_forged_flood_does_not_starve_a_correctly_signed_delivery() {
     let f = fixture("http: { auth_failures_per_minute: 10 }").await;
