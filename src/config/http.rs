@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::check::{Problem, at_field, bounds};
+use super::values::Cidr;
 
 /// The public listener (webhooks, `/healthz`, `/readyz`) and its limits. Every limit is
 /// there so one hostile client cannot take memory or sockets from the rest.
@@ -46,6 +47,11 @@ pub struct Http {
     /// Failed signature or token checks allowed per source address and minute (beyond: 429
     /// before the body is read); a forged flood does not spend a hook's own `rate`.
     pub auth_failures_per_minute: u32,
+    /// Peers whose `X-Forwarded-For` names a webhook's source (its right-most address
+    /// that is not itself a trusted proxy). Unset: the addresses of the containers the
+    /// targets' check and notify steps reach (nginx), as the last snapshot saw them; `[]`
+    /// trusts no one.
+    pub trusted_proxies: Option<Vec<Cidr>>,
     /// The operator endpoints: status page, `/jobs`, `/metrics`.
     pub ops: Ops,
 }
@@ -65,6 +71,7 @@ impl Default for Http {
             max_requests: 64,
             max_requests_per_source: 16,
             auth_failures_per_minute: 30,
+            trusted_proxies: None,
             ops: Ops::default(),
         }
     }

@@ -51,12 +51,19 @@ pub struct Intake {
     /// Bytes of bodies held at once, in all and per source.
     budget: Arc<Budget>,
     min_body_rate: usize,
+    /// Configured trusted proxies; `None`: those in `steps`.
+    trusted: Option<Vec<crate::config::Cidr>>,
+    steps: crate::state::StepAddresses,
     /// Cluster mode: where verified requests go while this instance is not the controller.
     forward: Option<Arc<Forwarder>>,
 }
 
 impl Intake {
-    pub fn new(service: Arc<hooks::Service>, http: &crate::config::Http) -> Intake {
+    pub fn new(
+        service: Arc<hooks::Service>,
+        http: &crate::config::Http,
+        steps: crate::state::StepAddresses,
+    ) -> Intake {
         Intake {
             service,
             buckets: Mutex::default(),
@@ -65,6 +72,8 @@ impl Intake {
             max_body: http.max_body,
             budget: Budget::new(http.body_budget, http.max_body),
             min_body_rate: http.min_body_rate,
+            trusted: http.trusted_proxies.clone(),
+            steps,
             forward: None,
         }
     }
@@ -76,6 +85,21 @@ impl Intake {
 
     pub fn service(&self) -> &Arc<hooks::Service> {
         &self.service
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        match &self.trusted {
+            Some(cidrs) => cidrs.iter().any(|c| c.contains(ip)),
+            None => self
+                .steps
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&ip),
+        }
+    }
+
+    fn source(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        source_of(peer, headers, |ip| self.trusts(ip))
     }
 
     fn failure_budget_left(&self, ip: IpAddr) -> bool {
@@ -125,7 +149,8 @@ async fn hook(
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    let span = info_span!("webhook", hook = ?name, peer = %peer.ip());
+    let span =
+        info_span!("webhook", hook = ?name, peer = %peer.ip(), source = tracing::field::Empty);
     let result = intake_one(&intake, &name, peer.ip(), req)
         .instrument(span.clone())
         .await;
@@ -271,11 +296,13 @@ async fn intake_one(
     req: Request,
 ) -> Result<Step, Reject> {
     let service = &intake.service;
+    let (parts, body) = req.into_parts();
+    let peer = intake.source(peer, &parts.headers);
+    tracing::Span::current().record("source", tracing::field::display(peer));
     let hook = service.admit(name, Some(peer))?;
     if !intake.failure_budget_left(peer) {
         return Err(Reject::RateLimited);
     }
-    let (parts, body) = req.into_parts();
     let (body, _held) = read_body(
         &parts.headers,
         body,
@@ -302,6 +329,35 @@ async fn intake_one(
     verified(intake, &hook, peer, &headers, &body)
         .await
         .map(Step::Done)
+}
+
+/// Who sent a request: the TCP peer, or, when the peer is a trusted proxy, the right-most
+/// address in `X-Forwarded-For` that is not one. Entries left of that are whatever the
+/// client wrote, so they are never believed; an entry that is not an address ends the walk
+/// at the last one that was.
+fn source_of(peer: IpAddr, headers: &HeaderMap, trusts: impl Fn(IpAddr) -> bool) -> IpAddr {
+    let peer = peer.to_canonical();
+    if !trusts(peer) {
+        return peer;
+    }
+    let values: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    let mut source = peer;
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                source = ip.to_canonical();
+                if !trusts(source) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    source
 }
 
 /// Verification, the hook's rate and acceptance: the steps after the body is read.
@@ -460,6 +516,49 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn forwarded_for_names_the_source_only_behind_a_trusted_proxy() {
+        let nginx: IpAddr = [10, 0, 1, 5].into();
+        let trusts = |ip: IpAddr| ip == nginx;
+        let xff = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", v.parse().expect("value"));
+            }
+            h
+        };
+        let client: IpAddr = [198, 51, 100, 7].into();
+        let other: IpAddr = [203, 0, 113, 9].into();
+        assert_eq!(
+            source_of(other, &xff(&["198.51.100.7"]), trusts),
+            other,
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(source_of(nginx, &xff(&["198.51.100.7"]), trusts), client);
+        assert_eq!(
+            source_of(nginx, &xff(&["140.82.112.1, 198.51.100.7"]), trusts),
+            client,
+            "what the client wrote left of nginx's entry is not believed"
+        );
+        assert_eq!(
+            source_of(
+                nginx,
+                &xff(&["140.82.112.1", "198.51.100.7, 10.0.1.5"]),
+                trusts
+            ),
+            client,
+            "trusted hops are skipped, over several header lines"
+        );
+        assert_eq!(
+            source_of(nginx, &xff(&["junk, 198.51.100.7"]), trusts),
+            client
+        );
+        assert_eq!(source_of(nginx, &xff(&["junk"]), trusts), nginx);
+        assert_eq!(source_of(nginx, &HeaderMap::new(), trusts), nginx);
+        let mapped: IpAddr = "::ffff:198.51.100.7".parse().expect("ip");
+        assert_eq!(source_of(mapped, &HeaderMap::new(), trusts), client);
+    }
 
     #[test]
     fn query_token_is_found_and_decoded() {

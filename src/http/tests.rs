@@ -834,6 +834,42 @@ async fn held_open_bodies_from_one_address_leave_a_signed_delivery_from_another_
 }
 
 #[tokio::test]
+async fn behind_nginx_a_forged_flood_spends_the_forgers_budget_not_the_senders() {
+    let f = fixture("http: { auth_failures_per_minute: 10 }").await;
+    // nginx's task address, as the render loop learns it from the snapshot (the default
+    // trusted proxies).
+    let nginx: std::net::IpAddr = [10, 0, 1, 5].into();
+    let steps = crate::state::StepAddresses::default();
+    steps.write().expect("lock").insert(nginx);
+    let app = router(f.state.clone().with_step_addresses(steps)).expect("router");
+    let via_nginx = |client: &str, mut req: axum::http::Request<Body>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(SocketAddr::new(nginx, 40000)));
+        // nginx appends the address it saw to whatever the client sent.
+        let xff = format!("140.82.112.1, {client}");
+        req.headers_mut()
+            .insert("x-forwarded-for", xff.parse().expect("value"));
+        req
+    };
+    let forged = crate::hooks::sign(b"guessed", PUSH_BODY.as_bytes());
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let req = github("push", &format!("n-{i}"), PUSH_BODY, Some(forged.clone()));
+        statuses.push(send(&app, via_nginx("192.0.2.66", req)).await.0);
+    }
+    assert!(
+        statuses[10..]
+            .iter()
+            .all(|s| *s == StatusCode::TOO_MANY_REQUESTS),
+        "the forger behind nginx was not limited: {statuses:?}"
+    );
+    let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+    let req = github("push", "real-nginx", PUSH_BODY, Some(sig));
+    let (status, body) = send(&app, via_nginx("140.82.112.1", req)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+#[tokio::test]
 async fn a_forged_flood_does_not_starve_a_correctly_signed_delivery() {
     let f = fixture("http: { auth_failures_per_minute: 10 }").await;
     let app = router(f.state.clone()).expect("router");

@@ -1,6 +1,9 @@
 //! Questions about a snapshot that several layers ask: which stack drover runs in, which
 //! services a step's reference names, which local containers a selector reaches. Pure.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
 use crate::config::Selector;
 
 use super::Snapshot;
@@ -86,4 +89,33 @@ pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
         })
         .map(|c| c.id.clone())
         .collect()
+}
+
+/// Every address the consumers of the rendered files send from: the live tasks of the
+/// services the steps' `service:` selectors name (anywhere in the Swarm: nginx on one node
+/// proxies to drover on another), and the local containers any selector reaches. This is
+/// the default set of trusted proxies of the webhook intake (DESIGN.md, "Sources behind
+/// proxies"): nginx, which drover configures, is the one proxy it knows.
+pub fn step_addresses(selectors: &[Selector], snapshot: &Snapshot) -> BTreeSet<IpAddr> {
+    let stack = own_stack(snapshot);
+    let parse = |ip: &String| ip.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
+    let mut out = BTreeSet::new();
+    for on in selectors {
+        if let Some(reference) = &on.service {
+            for s in snapshot
+                .services
+                .iter()
+                .filter(|s| names_service(reference, &s.name, stack))
+            {
+                for t in s.tasks.iter().filter(|t| t.is_live()) {
+                    out.extend(t.ips.values().filter_map(parse));
+                }
+            }
+        }
+        let ids = select_containers(on, snapshot);
+        for c in snapshot.containers.iter().filter(|c| ids.contains(&c.id)) {
+            out.extend(c.ips.values().filter_map(parse));
+        }
+    }
+    out
 }
