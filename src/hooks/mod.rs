@@ -16,7 +16,7 @@
 //! `webhook_requests{hook,outcome}` with a fixed outcome vocabulary.
 //!
 //! Replays: every kind remembers what it accepted, each by what its sender makes unique. A
-//! GitHub delivery id for [`REPLAY_TTL`]; a Docker Hub or token-authenticated generic body
+//! GitHub delivery id and the SHA-256 of its body for [`REPLAY_TTL`] (the id is not signed); a Docker Hub or token-authenticated generic body
 //! by its SHA-256 for the hook's `replay_window`; a signed generic request carries a signed
 //! `X-Drover-Timestamp` that must be within [`MAX_SKEW`] of drover's clock, and the
 //! timestamp with the body is remembered until it is stale anyway. A repeat of an accepted
@@ -558,12 +558,23 @@ impl Service {
             event = Some(ev);
         }
         let (memory, key) = hook.replay_key(headers, delivery, body);
-        if hook.memory(memory).contains(&key, Instant::now()) {
-            return Ok(Accepted::Duplicate);
+        // GitHub signs the body but not the delivery id: the same body under a new id is
+        // the same push sent again.
+        let by_body = delivery.map(|_| digest(&[b"github-body:", body]));
+        {
+            let m = hook.memory(memory);
+            let now = Instant::now();
+            if m.contains(&key, now) || by_body.is_some_and(|b| m.contains(&b, now)) {
+                return Ok(Accepted::Duplicate);
+            }
         }
         let result = self.decide(hook, event, body).await;
         if let Ok(Accepted::Job(_)) = &result {
-            hook.memory(memory).insert(key, Instant::now());
+            let mut m = hook.memory(memory);
+            m.insert(key, Instant::now());
+            if let Some(b) = by_body {
+                m.insert(b, Instant::now());
+            }
         }
         result
     }

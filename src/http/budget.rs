@@ -49,6 +49,7 @@ impl Budget {
     }
 
     /// Bytes held right now, in all and by `source`.
+    #[cfg(test)]
     pub fn held(&self, source: IpAddr) -> (usize, usize) {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         (held.0, held.1.get(&source).copied().unwrap_or(0))

@@ -204,9 +204,19 @@ async fn replayed_github_delivery_creates_no_second_job() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let (status, body) = send(&f.app, github("push", "d-same", PUSH_BODY, Some(sig))).await;
+    let (status, body) = send(
+        &f.app,
+        github("push", "d-same", PUSH_BODY, Some(sig.clone())),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "duplicate");
+    // The delivery id is not signed: the same signed body under a new one is a replay too.
+    let (status, body) = send(&f.app, github("push", "d-new", PUSH_BODY, Some(sig))).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &"duplicate".into())
+    );
 }
 
 #[tokio::test]
