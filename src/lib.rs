@@ -41,6 +41,9 @@ pub mod clock;
 // the one content hash
 pub mod hash;
 
+// bytes of request bodies held at once, in all and per source
+pub mod budget;
+
 // one cached Snapshot of the cluster, and the questions asked of it
 pub mod state;
 

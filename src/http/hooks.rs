@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
-use super::budget::{Budget, Full, Held};
+use crate::budget::{Budget, Full, Held};
 use crate::cluster::forward::{Envelope, Forwarder, Relay};
 use crate::hooks::{self, Accepted, Reject};
 use crate::metrics;

@@ -24,7 +24,6 @@
 //! and after [`drain_limit`] the rest is dropped.
 
 mod agent;
-mod budget;
 mod conn;
 mod error;
 mod hooks;
@@ -171,6 +170,11 @@ pub fn agent_routes(
     role: tokio::sync::watch::Receiver<Role>,
 ) -> Result<Router> {
     let side = agent::AgentSide {
+        max_envelope: state
+            .http
+            .max_body
+            .saturating_mul(2)
+            .saturating_add(64 * 1024),
         intake: state.intake.clone(),
         // Reads here are the controller's own, never forwarded again.
         ops: state.ops()?.with_forward(None),

@@ -992,11 +992,15 @@ async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, Cancel
     use crate::cluster::{agent, contacts, forward};
     let key = crate::cluster::wire::Key::from_bytes(b"cluster key");
     let controller = fixture("").await;
+    // The controller's own node, which the worker's heartbeat names below: requests are
+    // signed for it.
+    let own = Arc::new(contacts::Contacts::default());
+    own.set_peers("m1", Default::default());
     let agent = Arc::new(agent::Agent::new(
         crate::cluster::wire::Guard::new(key.clone(), Duration::from_secs(30)),
         None,
         &[],
-        Arc::default(),
+        own,
     ));
     let app = agent_routes(&controller.state, agent, controller.role.subscribe()).expect("routes");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -1,4 +1,5 @@
-//! The webhook body budget: bytes of bodies held at once, in all and per source.
+//! Body budgets (webhook intake, agent API): bytes of request bodies held at once, in
+//! all and per source.
 //!
 //! Invariants: bytes are taken as they arrive (never from a declared `Content-Length`,
 //! which costs a client nothing to send), so a request that announces a large body and
@@ -49,7 +50,6 @@ impl Budget {
     }
 
     /// Bytes held right now, in all and by `source`.
-    #[cfg(test)]
     pub fn held(&self, source: IpAddr) -> (usize, usize) {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         (held.0, held.1.get(&source).copied().unwrap_or(0))
