@@ -420,6 +420,16 @@ impl Loaded {
         for hook in hooks.values() {
             hook.keys.redact_into(&redactor);
         }
+        for h in &config.hooks {
+            if let config::HookAction::Container(c) = &h.action {
+                // Read for redaction only; an unreadable file fails the job with its path.
+                for path in c.env_files.values() {
+                    if let Ok(value) = config::read_secret(path) {
+                        redactor.add(&value);
+                    }
+                }
+            }
+        }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
             // path (jobs::runner::Executor), not here.

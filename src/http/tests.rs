@@ -947,6 +947,14 @@ async fn operator_endpoints_need_the_bearer_token_when_one_is_set() {
         StatusCode::OK
     );
     assert_eq!(send(&public, get("/healthz", None)).await.0, StatusCode::OK);
+    // The operator listener's health is open, but its cluster view needs the token.
+    let ops = operator_router(f.state.ops().expect("ops"));
+    let (status, health) = send(&ops, get("/healthz", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(health.get("peers").is_none(), "{health}");
+    assert!(health.get("controller").is_none(), "{health}");
+    let (_, health) = send(&ops, get("/healthz", Some("Bearer ops-secret"))).await;
+    assert!(health.get("peers").is_some(), "{health}");
 }
 
 #[tokio::test]
