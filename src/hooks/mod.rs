@@ -430,6 +430,17 @@ impl Loaded {
                 }
             }
         }
+        // drover's own secrets: the cluster key (which signs agent requests) and the
+        // operator token, should a command or container print them.
+        let own = [
+            Some(&config.cluster.key_file),
+            config.http.ops.token_file.as_ref(),
+        ];
+        for path in own.into_iter().flatten() {
+            if let Ok(value) = config::read_secret(path) {
+                redactor.add(value.trim_ascii());
+            }
+        }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
             // path (jobs::runner::Executor), not here.
@@ -859,6 +870,28 @@ hooks:
         assert_ne!(
             hook.replay_key(&token, Some("d1"), body).1,
             hook.replay_key(&token, Some("d2"), body).1
+        );
+    }
+
+    #[test]
+    fn the_cluster_key_and_the_operator_token_are_redacted_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key");
+        let token = dir.path().join("ops");
+        std::fs::write(&key, "the-cluster-key\n").expect("write");
+        std::fs::write(&token, "the-ops-token\n").expect("write");
+        let yaml = format!(
+            "cluster: {{ key_file: {} }}\nhttp: {{ ops: {{ token_file: {} }} }}\n",
+            key.display(),
+            token.display()
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        let loaded = Loaded::from_config(&config).expect("loaded");
+        assert_eq!(
+            loaded
+                .redactor
+                .clean("k=the-cluster-key t=the-ops-token", 100),
+            "k=[redacted] t=[redacted]"
         );
     }
 
