@@ -215,9 +215,11 @@ fn behind_nginx_a_forgers_flood_leaves_a_signed_delivery_through_nginx_its_202()
         &script,
     ])?;
     let count = |code: &str| forged.lines().filter(|l| l.contains(code)).count();
-    assert_eq!(
-        (count(" 401 "), count(" 429 ")),
-        (30, 10),
+    // 30 failures a minute: the budget refills while the 40 go out, so 30 or a few more
+    // are verified and refused, the rest are refused before verification.
+    let (refused, limited) = (count(" 401 "), count(" 429 "));
+    assert!(
+        refused >= 30 && limited >= 1 && refused + limited == 40,
         "the forger through nginx got: {forged}"
     );
 
