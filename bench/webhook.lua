@@ -1,6 +1,7 @@
 -- wrk script for bench/webhook.sh: POSTs a GitHub push payload with a valid
--- X-Hub-Signature-256 and a fresh X-GitHub-Delivery per request (replay protection would
--- answer repeats without doing the work we want to measure).
+-- X-Hub-Signature-256 and a fresh X-GitHub-Delivery per request. drover also remembers
+-- GitHub bodies by hash, so only the first request makes a job: the rest measure the whole
+-- verification (body read, HMAC, replay lookup) answered `duplicate`, without a job.
 -- Env: BODY_FILE (payload), SIGNATURE ("sha256=<hex>" of the payload), HOOK_PATH.
 --
 -- The request is formatted once with a placeholder id and split around it, so each request

@@ -72,9 +72,11 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         role.clone(),
     );
     let (retarget, retargets) = crate::reload::channel(&config);
+    let steps = crate::state::StepAddresses::default();
     tasks.spawn(
         reconciler
             .with_retargets(retargets)
+            .with_step_addresses(steps.clone())
             .run(hint_rx, shutdown.clone()),
     );
 
@@ -97,6 +99,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     )
     .await
     .context("starting the webhook intake")?
+    .with_step_addresses(steps)
     .with_forward(forward);
     state.hooks.jobs().set_notifier(notifier);
     if let Some(key) = key {

@@ -5,7 +5,9 @@
 //! unpredictable name and is created with `O_EXCL|O_NOFOLLOW`, so a symlink or file
 //! planted in a directory that others can write (a conf.d shared with the internet-facing
 //! nginx) is never followed or reused; the mode is set on the open file, before any byte
-//! is written, and is the replaced file's mode (new files: 0644); no temp file is left
+//! is written, and is the replaced file's mode, masked to `0775` (taken from the file
+//! itself, never through a symlink; new files and symlinks: 0644), so no setuid bit or
+//! world-writable mode planted in a shared directory is carried over; no temp file is left
 //! behind on any path. A single file bind-mounted into a container cannot be replaced by
 //! rename (EBUSY), nor can a file across mounts (EXDEV): then the content is rewritten in
 //! place, which is not atomic but is the only write such a file allows.
@@ -35,6 +37,25 @@ impl Error {
 
 /// Mode of a file drover creates.
 const NEW_FILE_MODE: u32 = 0o644;
+/// The bits of a replaced file's mode that are kept: no setuid, setgid, sticky or
+/// world-write.
+const KEPT_MODE: u32 = 0o775;
+
+/// The content of `path`, which must not be a symlink (`O_NOFOLLOW`): what drover reads
+/// back of its own files in a directory others may write to.
+pub fn read_own(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
 
 /// Replaces `path` with `content` atomically (see the module docs for the fallback).
 pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), Error> {
@@ -73,9 +94,12 @@ fn write_via(path: &Path, content: &[u8], temp_name: &str) -> Result<(), Error> 
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let tmp = dir.join(temp_name);
-    // Keep the mode of the file we replace, so a reader with other rights keeps reading.
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
+    // Keep the mode of the file we replace, so a reader with other rights keeps reading;
+    // a symlink's target is not ours to look at.
+    let mode = std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map(|m| m.permissions().mode() & KEPT_MODE)
         .unwrap_or(NEW_FILE_MODE);
     let mut file = OpenOptions::new()
         .write(true)
@@ -123,6 +147,32 @@ fn write_in_place(path: &Path, content: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_planted_symlink_is_neither_read_nor_followed_and_modes_are_masked() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("cluster-key");
+        std::fs::write(&secret, "key").expect("write");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o4777)).expect("chmod");
+        let out = dir.path().join("drover.conf");
+        symlink(&secret, &out).expect("symlink");
+        assert!(read_own(&out).is_err(), "read through a symlink");
+        write_atomic(&out, b"conf").expect("write");
+        let meta = std::fs::symlink_metadata(&out).expect("meta");
+        assert!(meta.file_type().is_file(), "the symlink is replaced");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o644);
+        assert_eq!(
+            std::fs::read(&secret).expect("read"),
+            b"key",
+            "target untouched"
+        );
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o6777)).expect("chmod");
+        write_atomic(&out, b"conf2").expect("write");
+        let mode = std::fs::metadata(&out).expect("meta").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o775, "setuid, setgid and world-write dropped");
+        assert_eq!(read_own(&out).expect("read"), b"conf2");
+    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -44,6 +44,9 @@ pub mod hash;
 // events that need a person, sent to the configured sinks without waiting
 pub mod notifications;
 
+// bytes of request bodies held at once, in all and per source
+pub mod budget;
+
 // one cached Snapshot of the cluster, and the questions asked of it
 pub mod state;
 

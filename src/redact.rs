@@ -97,7 +97,30 @@ impl Redactor {
         for (len, hash) in &secrets.hashed {
             out = replace_hashed(&out, *len, hash);
         }
+        // Output reaches here already cut to its tail (a command's or container's last
+        // bytes or lines): a secret split at that cut starts the text with its end.
+        for secret in &secrets.plain {
+            out = replace_cut_start(&out, secret);
+        }
         tail(&out, max)
+    }
+}
+
+/// `text` with a leading piece that is the end of `secret` (at least [`MIN_SECRET`]
+/// bytes, after an optional `…` cut mark) replaced by [`REDACTED`].
+fn replace_cut_start(text: &str, secret: &str) -> String {
+    let (mark, body) = match text.strip_prefix('…') {
+        Some(rest) => ("…", rest),
+        None => ("", text),
+    };
+    let longest = (MIN_SECRET..secret.len())
+        .rev()
+        .map(|k| secret.len() - k)
+        .filter(|&from| secret.is_char_boundary(from))
+        .find(|&from| body.starts_with(&secret[from..]));
+    match longest {
+        Some(from) => format!("{mark}{REDACTED}{}", &body[secret.len() - from..]),
+        None => text.to_owned(),
     }
 }
 
@@ -140,6 +163,20 @@ pub fn tail(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_cut_by_an_earlier_tail_is_redacted_in_part_too() {
+        let r = Redactor::default();
+        r.add(b"supersecretvalue");
+        assert_eq!(r.clean("retvalue rest", 100), "[redacted] rest");
+        assert_eq!(r.clean("…etvalue rest", 100), "…[redacted] rest");
+        assert_eq!(
+            r.clean("lue rest", 100),
+            "lue rest",
+            "under MIN_SECRET: kept"
+        );
+        assert_eq!(r.clean("x supersecretvalue", 100), "x [redacted]");
+    }
 
     fn redactor() -> Redactor {
         let r = Redactor::default();

@@ -607,13 +607,18 @@ fn post_agent(addr: &str, headers: &[(&str, String)], body: &[u8]) -> Result<(u1
     ))
 }
 
-fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+/// Headers of an apply signed for `node`.
+fn signed(key: &Key, ts: i64, nonce: &str, node: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    let to = wire::To {
+        path: wire::APPLY_PATH,
+        node,
+    };
     vec![
         (wire::TIMESTAMP_HEADER, ts.to_string()),
         (wire::NONCE_HEADER, nonce.to_string()),
         (
             wire::SIGNATURE_HEADER,
-            key.sign(&ts.to_string(), nonce, body),
+            key.sign(&ts.to_string(), nonce, to, body),
         ),
     ]
 }
@@ -629,20 +634,21 @@ fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> R
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
     let evil = serde_json::to_vec(&ApplyRequest::new("nginx", b"events {} # owned\n"))?;
     let right = Key::from_bytes(KEY.as_bytes());
+    let w1 = s.w1().node_id()?;
 
     let refusals = [
         ("no signature", vec![]),
         (
             "wrong key",
-            signed(&Key::from_bytes(b"guessed"), now, "n-wrong", &evil),
+            signed(&Key::from_bytes(b"guessed"), now, "n-wrong", &w1, &evil),
         ),
         (
             "stale timestamp",
-            signed(&right, now - 600, "n-stale", &evil),
+            signed(&right, now - 600, "n-stale", &w1, &evil),
         ),
         (
             "future timestamp",
-            signed(&right, now + 600, "n-future", &evil),
+            signed(&right, now + 600, "n-future", &w1, &evil),
         ),
     ];
     for (what, headers) in refusals {
@@ -652,7 +658,7 @@ fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> R
     // A genuine request, replayed: the first is carried out (the same file again: nothing
     // changes), the copy is refused.
     let same = serde_json::to_vec(&ApplyRequest::new("nginx", before.as_bytes()))?;
-    let headers = signed(&right, now, "n-genuine", &same);
+    let headers = signed(&right, now, "n-genuine", &w1, &same);
     let (status, body) = post_agent(&agent_addr, &headers, &same)?;
     ensure!(
         status == 200 && body.contains("\"unchanged\""),
@@ -664,8 +670,41 @@ fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> R
         "replay: {status} {body}"
     );
     // A signed body that was altered on the way does not verify either.
-    let (status, _) = post_agent(&agent_addr, &signed(&right, now, "n-altered", &same), &evil)?;
+    let (status, _) = post_agent(
+        &agent_addr,
+        &signed(&right, now, "n-altered", &w1, &same),
+        &evil,
+    )?;
     ensure!(status == 401, "altered body: {status}");
+    // An apply signed for w1, replayed to w2 within the skew: refused there.
+    let w2_addr = format!("{}:{AGENT_PORT}", s.cluster.node("w2").addr);
+    let for_w1 = signed(&right, now, "n-for-w1", &w1, &evil);
+    let (status, body) = post_agent(&w2_addr, &for_w1, &evil)?;
+    ensure!(
+        status == 401,
+        "an apply for w1 replayed to w2: {status} {body}"
+    );
+    // 32 connections announcing 8 MiB to the heartbeat path: 413 each, before the body.
+    for i in 0..32 {
+        let mut c = std::net::TcpStream::connect(&agent_addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
+            wire::HEARTBEAT_PATH,
+            8 << 20,
+            signed(&right, now, &format!("n-big-{i}"), &w1, b"")
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                .collect::<String>()
+        );
+        c.write_all(head.as_bytes())?;
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        ensure!(
+            answer.starts_with("HTTP/1.1 413"),
+            "8 MiB heartbeat {i}: {answer}"
+        );
+    }
 
     ensure!(s.nginx_file()? == before, "the file on w1 changed");
     let metrics = http_get(&format!("http://{}:{OPS_PORT}/metrics", s.w1().addr))?.body;

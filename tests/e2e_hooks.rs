@@ -643,7 +643,9 @@ fn github_delivery_is_checked_against_its_own_repositorys_secret_and_sha1_can_be
     let (status, _) = send("gh", &unknown, "X-Hub-Signature-256", &sig, 5)?;
     assert_eq!(status, 401, "a repository without a secret");
 
-    // Legacy sha1 alone: accepted, unless the hook switched it off.
+    // Legacy sha1 alone: accepted, unless the hook switched it off. A new push (the same
+    // body under a new delivery id is a replay).
+    let web_push = web_push.replace("Bump nginx", "Bump nginx again");
     let sha1 = hooks::sign_sha1(b"web-secret", web_push.as_bytes());
     let (status, body) = send("gh", &web_push, "X-Hub-Signature", &sha1, 6)?;
     assert_eq!(status, 202, "{body}");

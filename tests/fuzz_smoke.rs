@@ -20,6 +20,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "../fuzz/bodies/agent_request.rs"]
+mod agent_request;
 #[path = "../fuzz/bodies/allow_rules.rs"]
 mod allow_rules;
 #[path = "../fuzz/bodies/config.rs"]
@@ -349,6 +351,11 @@ fn smoke(name: &str, target: fn(&[u8])) {
         stats.largest,
         stats.slowest,
     );
+}
+
+#[test]
+fn smoke_agent_request() {
+    smoke("agent_request", agent_request::run);
 }
 
 #[test]

@@ -95,8 +95,10 @@ impl Applier {
         let candidate = hidden_beside(&output, "candidate");
         // A candidate left by a crash was never checked: it goes (it is rendered again).
         let _ = std::fs::remove_file(&candidate);
-        let on_disk = std::fs::read(&output).ok();
-        let good = match std::fs::read(&record) {
+        // Never through a symlink: whoever can write to a shared conf.d could point the
+        // record at a file drover can read (the cluster key) and have it copied into place.
+        let on_disk = crate::fsutil::read_own(&output).ok();
+        let good = match crate::fsutil::read_own(&record) {
             Ok(good) => Some(good),
             // No record yet (first start, or a file written before records existed):
             // the file in place is taken as good, as before.
@@ -180,10 +182,11 @@ impl Applier {
             {
                 tracing::warn!(path = %self.output.display(), reason = %output,
                     "the check cannot see the staged candidate; it is checked at the live path from now on");
-                let content = std::fs::read(&self.candidate).map_err(|source| Error::Write {
-                    path: self.candidate.clone(),
-                    source,
-                })?;
+                let content =
+                    crate::fsutil::read_own(&self.candidate).map_err(|source| Error::Write {
+                        path: self.candidate.clone(),
+                        source,
+                    })?;
                 self.in_place = true;
                 self.stage(&content)?;
                 let _ = std::fs::remove_file(&self.candidate);

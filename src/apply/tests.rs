@@ -132,6 +132,38 @@ mod stage_and_steps {
     }
 
     #[test]
+    fn a_tenants_container_or_bare_service_named_nginx_never_answers_for_the_stacks_nginx() {
+        use crate::state::Container;
+        let mut snap = stack_snapshot();
+        // A tenant's container claiming to be Compose service `nginx`, and a bare Swarm
+        // service called `nginx` outside any stack.
+        snap.containers.push(Container {
+            id: "t1".into(),
+            name: "tenant".into(),
+            state: "running".into(),
+            labels: [("com.docker.compose.service".to_owned(), "nginx".to_owned())].into(),
+            ..Container::default()
+        });
+        snap.containers.push(Container {
+            id: "t2".into(),
+            name: "nginx.1.y".into(),
+            state: "running".into(),
+            service: Some("nginx".into()),
+            ..Container::default()
+        });
+        let on = Selector {
+            service: Some("nginx".into()),
+            container: None,
+            label: None,
+        };
+        assert_eq!(select_containers(&on, &snap), vec!["n1"]);
+        // Outside Swarm a Compose service label still names its containers.
+        snap.swarm = false;
+        snap.containers.retain(|c| c.id == "t1");
+        assert_eq!(select_containers(&on, &snap), vec!["t1"]);
+    }
+
+    #[test]
     fn the_own_stack_comes_from_the_own_service_when_the_container_has_no_stack_label() {
         let mut snap = stack_snapshot();
         snap.containers[0].labels.clear();

@@ -7,7 +7,10 @@
 //! certificate files looked up in this node's proxy, committed or restored, notified.
 //! It answers with the typed [`Report`](crate::apply::Report).
 //!
-//! Invariants: every request is verified by [`wire::Guard`] before anything else; a
+//! Invariants: no byte of a body is read before its signature headers parse and its
+//! timestamp is fresh; each route has its own body limit (a heartbeat: [`SMALL_BODY`]) and
+//! all share the agent's byte budget; every request is verified by [`wire::Guard`], for
+//! its own path and this node, before anything else; answers are signed; a
 //! content whose hash does not match, or a target the agent does not know, is refused
 //! before anything is written; one request per target at a time, so a check sees the
 //! file it was asked about.
@@ -16,8 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -29,10 +31,11 @@ use tracing::info;
 
 use super::contacts::{Contacts, Heartbeat};
 use super::wire::{
-    APPLY_PATH, Applied, ApplyAnswer, ApplyRequest, Guard, HEARTBEAT_PATH, MAX_BODY,
-    REQUEST_TIMEOUT, Refusal, count_refusal, refused,
+    APPLY_PATH, Applied, ApplyAnswer, ApplyRequest, BODY_BUDGET, Guard, HEARTBEAT_PATH, MAX_BODY,
+    REQUEST_TIMEOUT, Refusal, SMALL_BODY, To, count_refusal, read_body, refused,
 };
 use crate::apply::{Candidate, Local};
+use crate::budget::{Budget, Held};
 use crate::clock::unix_secs as unix_now;
 use crate::config::Target;
 use crate::docker::Engine;
@@ -43,6 +46,8 @@ type Targets = HashMap<String, Arc<tokio::sync::Mutex<Local>>>;
 /// The agent's side: its own copies of the targets, applied with the local engine.
 pub struct Agent {
     guard: Guard,
+    /// Bytes of request bodies held at once, by every route of the agent API.
+    budget: Arc<Budget>,
     engine: Option<Engine>,
     /// Where heartbeats from the controller are remembered.
     contacts: Arc<Contacts>,
@@ -64,6 +69,7 @@ impl Agent {
     ) -> Agent {
         Agent {
             guard,
+            budget: Budget::new(BODY_BUDGET, MAX_BODY),
             engine,
             contacts,
             targets: std::sync::RwLock::new(Arc::new(
@@ -74,6 +80,40 @@ impl Agent {
 
     pub fn guard(&self) -> &Guard {
         &self.guard
+    }
+
+    /// Where a request to this instance's `path` is meant to go: this node.
+    pub fn to<'a>(&self, path: &'a str, node: &'a str) -> To<'a> {
+        To { path, node }
+    }
+
+    /// This instance's Swarm node id (empty before the first snapshot, or outside Swarm:
+    /// then only requests signed for no node pass).
+    pub fn own_node(&self) -> String {
+        self.contacts.own_node()
+    }
+
+    /// The request's body, at most `limit` bytes, read only once its signature headers
+    /// parse and its timestamp is fresh, its bytes held in the agent's budget.
+    pub async fn body(
+        &self,
+        req: Request,
+        limit: usize,
+    ) -> Result<(HeaderMap, Vec<u8>, Held), Refusal> {
+        let source = req
+            .extensions()
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        let (parts, body) = req.into_parts();
+        let (bytes, held) = read_body(
+            &self.guard,
+            &parts.headers,
+            body,
+            limit,
+            self.budget.hold(source),
+        )
+        .await?;
+        Ok((parts.headers, bytes, held))
     }
 
     /// The targets of a reloaded config: an unchanged target keeps its state (the hash of
@@ -109,7 +149,9 @@ impl Agent {
 
     /// Verifies and carries out one request.
     pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Result<ApplyAnswer, Refusal> {
-        self.guard.verify(headers, body, unix_now())?;
+        let own = self.own_node();
+        self.guard
+            .verify(headers, self.to(APPLY_PATH, &own), body, unix_now())?;
         let req: ApplyRequest = serde_json::from_slice(body).map_err(|_| Refusal::BadRequest)?;
         let content = base64::engine::general_purpose::STANDARD
             .decode(&req.content)
@@ -167,7 +209,6 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route(APPLY_PATH, post(apply))
         .route(HEARTBEAT_PATH, post(heartbeat))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
@@ -175,9 +216,23 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-async fn apply(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn apply(State(agent): State<Arc<Agent>>, req: Request) -> Response {
+    let (headers, body, _held) = match agent.body(req, MAX_BODY).await {
+        Ok(b) => b,
+        Err(refusal) => return refused(refusal),
+    };
     match agent.handle(&headers, &body).await {
-        Ok(answer) => (StatusCode::OK, axum::Json(answer)).into_response(),
+        Ok(answer) => {
+            let own = agent.own_node();
+            match serde_json::to_vec(&answer) {
+                Ok(bytes) => {
+                    agent
+                        .guard
+                        .answer(&headers, agent.to(APPLY_PATH, &own), StatusCode::OK, bytes)
+                }
+                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
         Err(refusal) => {
             count_refusal(refusal);
             refused(refusal)
@@ -186,8 +241,14 @@ async fn apply(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Bytes)
 }
 
 /// A heartbeat from the controller: remembered in `contacts`, answered with this node.
-async fn heartbeat(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = agent.guard.check(&headers, &body) {
+async fn heartbeat(State(agent): State<Arc<Agent>>, req: Request) -> Response {
+    let (headers, body, _held) = match agent.body(req, SMALL_BODY).await {
+        Ok(b) => b,
+        Err(refusal) => return refused(refusal),
+    };
+    let own = agent.own_node();
+    let to = agent.to(HEARTBEAT_PATH, &own);
+    if let Err(r) = agent.guard.check(&headers, to, &body) {
         return refused(r);
     }
     let Ok(beat) = serde_json::from_slice::<Heartbeat>(&body) else {
@@ -195,9 +256,12 @@ async fn heartbeat(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: By
     };
     agent.contacts.heard(&beat);
     let answer = serde_json::json!({ "node": agent.contacts.own_node() });
-    agent
-        .guard
-        .answer(&headers, StatusCode::OK, answer.to_string().into_bytes())
+    agent.guard.answer(
+        &headers,
+        to,
+        StatusCode::OK,
+        answer.to_string().into_bytes(),
+    )
 }
 
 #[cfg(test)]
@@ -210,6 +274,16 @@ mod tests {
     use std::time::Duration;
     use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
+
+    /// Agents in these tests have seen no snapshot: their node is "".
+    const TO_APPLY: To<'static> = To {
+        path: APPLY_PATH,
+        node: "",
+    };
+    const TO_BEAT: To<'static> = To {
+        path: HEARTBEAT_PATH,
+        node: "",
+    };
 
     #[tokio::test]
     async fn a_reload_replaces_changed_targets_and_keeps_unchanged_ones() {
@@ -231,7 +305,9 @@ mod tests {
         let now = unix_now();
         let body = serde_json::to_vec(&ApplyRequest::new("b", b"x")).unwrap();
         assert_eq!(
-            agent.handle(&signed(&key, now, "1", &body), &body).await,
+            agent
+                .handle(&signed(&key, now, "1", TO_APPLY, &body), &body)
+                .await,
             Err(Refusal::UnknownTarget)
         );
         let kept = agent.current()["a"].clone();
@@ -241,7 +317,7 @@ mod tests {
             "unchanged: same state"
         );
         let answer = agent
-            .handle(&signed(&key, now, "2", &body), &body)
+            .handle(&signed(&key, now, "2", TO_APPLY, &body), &body)
             .await
             .unwrap();
         assert!(
@@ -281,7 +357,7 @@ mod tests {
         let now = unix_now();
 
         let body = serde_json::to_vec(&ApplyRequest::new("web", b"one")).unwrap();
-        let forged = signed(&Key::from_bytes(b"guess"), now, "f", &body);
+        let forged = signed(&Key::from_bytes(b"guess"), now, "f", TO_APPLY, &body);
         assert_eq!(
             agent.handle(&forged, &body).await,
             Err(Refusal::Unauthorized)
@@ -289,7 +365,7 @@ mod tests {
         assert!(!output.exists());
 
         let answer = agent
-            .handle(&signed(&key, now, "a", &body), &body)
+            .handle(&signed(&key, now, "a", TO_APPLY, &body), &body)
             .await
             .unwrap();
         let Applied::Report(report) = &answer.result else {
@@ -303,12 +379,16 @@ mod tests {
         lying.hash = sha256_hex(b"three");
         let body = serde_json::to_vec(&lying).unwrap();
         assert_eq!(
-            agent.handle(&signed(&key, now, "b", &body), &body).await,
+            agent
+                .handle(&signed(&key, now, "b", TO_APPLY, &body), &body)
+                .await,
             Err(Refusal::HashMismatch)
         );
         let body = serde_json::to_vec(&ApplyRequest::new("nope", b"two")).unwrap();
         assert_eq!(
-            agent.handle(&signed(&key, now, "c", &body), &body).await,
+            agent
+                .handle(&signed(&key, now, "c", TO_APPLY, &body), &body)
+                .await,
             Err(Refusal::UnknownTarget)
         );
         assert_eq!(std::fs::read(&output).unwrap(), b"one");
@@ -342,15 +422,15 @@ mod tests {
         })
         .unwrap();
         let secs = Duration::from_secs(5);
-        let answer = call(addr, &key, HEARTBEAT_PATH, beat.clone(), secs, 4096)
+        let answer = call(addr, &key, TO_BEAT, beat.clone(), secs, 4096)
             .await
             .unwrap();
         assert!(serde_json::from_slice::<serde_json::Value>(&answer).is_ok());
         let wrong = call(
             addr,
             &Key::from_bytes(b"x"),
-            HEARTBEAT_PATH,
-            beat,
+            TO_BEAT,
+            beat.clone(),
             secs,
             4096,
         )
@@ -359,7 +439,25 @@ mod tests {
             matches!(wrong, Err(Error::Status { status: 401, .. })),
             "{wrong:?}"
         );
-        let unsigned = call(addr, &key, "/unsigned", b"{}".to_vec(), secs, 4096).await;
+        // A heartbeat signed for another node is refused.
+        let elsewhere = To {
+            path: HEARTBEAT_PATH,
+            node: "node-b",
+        };
+        let r = call(addr, &key, elsewhere, beat, secs, 4096).await;
+        assert!(matches!(r, Err(Error::Status { status: 401, .. })), "{r:?}");
+        let unsigned = call(
+            addr,
+            &key,
+            To {
+                path: "/unsigned",
+                node: "",
+            },
+            b"{}".to_vec(),
+            secs,
+            4096,
+        )
+        .await;
         assert!(
             matches!(unsigned, Err(Error::Transport { .. })),
             "{unsigned:?}"

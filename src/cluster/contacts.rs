@@ -154,6 +154,14 @@ impl Contacts {
         self.lock().controller.as_ref().map(|c| c.addr)
     }
 
+    /// The controller's agent API and Swarm node id, as last heard.
+    pub fn controller_at(&self) -> Option<(SocketAddr, String)> {
+        self.lock()
+            .controller
+            .as_ref()
+            .map(|c| (c.addr, c.node.clone()))
+    }
+
     pub fn own_node(&self) -> String {
         self.lock().own_node.clone()
     }
@@ -225,10 +233,14 @@ async fn beat(contacts: &Contacts, key: &Key) {
     let sends = peers.into_iter().map(|p| {
         let body = body.clone();
         async move {
+            let to = wire::To {
+                path: wire::HEARTBEAT_PATH,
+                node: &p.node_id,
+            };
             let r = wire::call(
                 p.addr,
                 key,
-                wire::HEARTBEAT_PATH,
+                to,
                 body,
                 BEAT_TIMEOUT,
                 wire::HEARTBEAT_ANSWER_MAX,

@@ -233,9 +233,11 @@ impl Deliverer {
                     resync: resync && round == 0,
                     ..ApplyRequest::new(target, &rendition.content)
                 };
-                let (key, addr) = (self.key.clone(), peer.addr);
+                let (key, addr, to) = (self.key.clone(), peer.addr, node.clone());
                 let handle =
-                    tokio::spawn(async move { (hash, wire::send(addr, &key, &request).await) });
+                    tokio::spawn(
+                        async move { (hash, wire::send(addr, &to, &key, &request).await) },
+                    );
                 self.in_flight.insert(node.clone(), handle);
                 sent.push(node);
             }

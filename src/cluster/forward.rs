@@ -213,7 +213,7 @@ impl Forwarder {
 
     pub async fn send<T: Serialize>(&self, path: &str, message: &T) -> Result<Relay, Error> {
         to_controller(
-            self.contacts.controller(),
+            self.contacts.controller_at(),
             &self.key,
             path,
             message,
@@ -225,15 +225,16 @@ impl Forwarder {
 
 /// Posts `message` to the controller's agent API at `path` and returns its relayed answer.
 pub async fn to_controller<T: Serialize>(
-    controller: Option<SocketAddr>,
+    controller: Option<(SocketAddr, String)>,
     key: &Key,
     path: &str,
     message: &T,
     timeout: Duration,
 ) -> Result<Relay, Error> {
-    let addr = controller.ok_or(Error::NoController)?;
+    let (addr, node) = controller.ok_or(Error::NoController)?;
     let body = serde_json::to_vec(message).map_err(|e| Error::Answer(e.to_string()))?;
-    let answer = wire::call(addr, key, path, body, timeout, MAX_ANSWER).await?;
+    let to = wire::To { path, node: &node };
+    let answer = wire::call(addr, key, to, body, timeout, MAX_ANSWER).await?;
     serde_json::from_slice(&answer).map_err(|e| Error::Answer(e.to_string()))
 }
 

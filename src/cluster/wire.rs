@@ -2,12 +2,16 @@
 //! and how it is signed. Both sides use these types; neither owns them.
 //!
 //! Invariants: a request changes nothing unless it carries an HMAC-SHA256, under the key
-//! from the cluster's Swarm secret, over its timestamp, nonce and body; the timestamp lies
+//! from the cluster's Swarm secret, over its timestamp, nonce, method, path, the Swarm node
+//! it is meant for ([`To`]) and body, so a request signed for one route or node is refused
+//! on any other; the timestamp lies
 //! within [`Guard`]'s skew of the receiver's clock; and its nonce was not seen before. The
 //! signature is checked first (constant time), so unauthenticated requests cannot fill the
 //! nonce cache; a nonce is remembered for twice the skew, after which its timestamp alone
-//! refuses it, which keeps the cache bounded by the request rate. Bodies are bounded by
-//! [`MAX_BODY`], requests by [`REQUEST_TIMEOUT`]. Refusals say why in fixed words; nothing
+//! refuses it, which keeps the cache bounded by the request rate. No byte of a body is read
+//! unless the signature headers parse and the timestamp is fresh ([`Guard::precheck`]);
+//! bodies are then bounded per route and by a byte budget shared by every request
+//! ([`read_body`]), requests by [`REQUEST_TIMEOUT`]. Every 200 is signed for its request. Refusals say why in fixed words; nothing
 //! from the request is echoed. Outcomes travel as typed enums, never as strings.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -47,6 +51,10 @@ pub const NONCE_HEADER: &str = "x-drover-nonce";
 pub const SIGNATURE_HEADER: &str = "x-drover-agent-signature";
 /// Rendered configs are kilobytes; a few MiB leaves room for very large clusters.
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
+/// A heartbeat or a jobs query is a few hundred bytes.
+pub const SMALL_BODY: usize = 4096;
+/// Bytes of agent request bodies held at once, over all requests (one source: half).
+pub const BODY_BUDGET: usize = 2 * MAX_BODY;
 /// A check and each notify step may take 30 s (`apply`); leave room for both.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// A peer whose overlay path is not up yet drops SYNs; the kernel would retry for minutes
@@ -102,28 +110,30 @@ impl Key {
         Key(key.into())
     }
 
-    fn mac(&self, timestamp: &str, nonce: &str, body: &[u8]) -> Hmac<Sha256> {
+    fn mac(&self, timestamp: &str, nonce: &str, to: To<'_>, body: &[u8]) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
-        mac.update(timestamp.as_bytes());
-        mac.update(b"\n");
-        mac.update(nonce.as_bytes());
-        mac.update(b"\n");
+        // Newline-separated: none of the fields before the body can hold one (headers,
+        // paths and Swarm node ids cannot).
+        for part in [timestamp, nonce, "POST", to.path, to.node] {
+            mac.update(part.as_bytes());
+            mac.update(b"\n");
+        }
         mac.update(body);
         mac
     }
 
-    /// `sha256=HEX` over timestamp, nonce and body, as the agent expects it.
-    pub fn sign(&self, timestamp: &str, nonce: &str, body: &[u8]) -> String {
-        let tag = self.mac(timestamp, nonce, body).finalize().into_bytes();
+    /// `sha256=HEX` over timestamp, nonce, route, node and body, as the agent expects it.
+    pub fn sign(&self, timestamp: &str, nonce: &str, to: To<'_>, body: &[u8]) -> String {
+        let tag = self.mac(timestamp, nonce, to, body).finalize().into_bytes();
         format!("sha256={}", hex::encode(tag))
     }
 
     /// The signature of an answer to the request signed with `timestamp` and `nonce`: bound
     /// to that request, and apart from any request's signature (a request cannot be
     /// reflected as an answer).
-    pub fn sign_answer(&self, timestamp: &str, nonce: &str, body: &[u8]) -> String {
-        self.sign(timestamp, &format!("answer:{nonce}"), body)
+    pub fn sign_answer(&self, timestamp: &str, nonce: &str, to: To<'_>, body: &[u8]) -> String {
+        self.sign(timestamp, &format!("answer:{nonce}"), to, body)
     }
 
     /// Whether `signature` is [`Key::sign_answer`]'s for this request and answer body.
@@ -131,22 +141,38 @@ impl Key {
         &self,
         timestamp: &str,
         nonce: &str,
+        to: To<'_>,
         body: &[u8],
         signature: &str,
     ) -> bool {
-        self.verify(timestamp, &format!("answer:{nonce}"), body, signature)
+        self.verify(timestamp, &format!("answer:{nonce}"), to, body, signature)
     }
 
-    fn verify(&self, timestamp: &str, nonce: &str, body: &[u8], signature: &str) -> bool {
+    fn verify(
+        &self,
+        timestamp: &str,
+        nonce: &str,
+        to: To<'_>,
+        body: &[u8],
+        signature: &str,
+    ) -> bool {
         let Some(tag) = signature
             .strip_prefix("sha256=")
             .and_then(|h| hex::decode(h).ok())
         else {
             return false;
         };
-        let expected = self.mac(timestamp, nonce, body).finalize().into_bytes();
+        let expected = self.mac(timestamp, nonce, to, body).finalize().into_bytes();
         expected.as_slice().ct_eq(&tag).into()
     }
+}
+
+/// Where a request is meant to go: its path and the Swarm node id of the instance that
+/// must carry it out (empty outside Swarm). Both are under the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct To<'a> {
+    pub path: &'a str,
+    pub node: &'a str,
 }
 
 impl std::fmt::Debug for Key {
@@ -174,6 +200,8 @@ pub enum Refusal {
     UnknownTarget,
     #[error("this instance is not the controller")]
     NotController,
+    #[error("body too large")]
+    TooLarge,
 }
 
 impl Refusal {
@@ -183,6 +211,7 @@ impl Refusal {
             Refusal::Busy | Refusal::NotController => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadRequest | Refusal::HashMismatch => StatusCode::BAD_REQUEST,
             Refusal::UnknownTarget => StatusCode::NOT_FOUND,
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }
@@ -238,22 +267,55 @@ impl Guard {
     }
 
     /// [`Guard::verify`] now, counting and logging a refusal.
-    pub fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Refusal> {
-        self.verify(headers, body, unix_now())
+    pub fn check(&self, headers: &HeaderMap, to: To<'_>, body: &[u8]) -> Result<(), Refusal> {
+        self.verify(headers, to, body, unix_now())
             .inspect_err(|r| count_refusal(*r))
     }
 
+    /// What can be told before a byte of the body is read: the three headers are there and
+    /// well formed (a nonce of at most 128 bytes, `sha256=` and 64 hex digits) and the
+    /// timestamp is within the skew of `now`.
+    pub fn precheck(&self, headers: &HeaderMap, now: i64) -> Result<(), Refusal> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(ts), Some(nonce), Some(sig)) = (
+            header(TIMESTAMP_HEADER),
+            header(NONCE_HEADER),
+            header(SIGNATURE_HEADER),
+        ) else {
+            return Err(Refusal::Unauthorized);
+        };
+        let hex = sig.strip_prefix("sha256=").unwrap_or("");
+        if nonce.is_empty()
+            || nonce.len() > 128
+            || hex.len() != 64
+            || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(Refusal::Unauthorized);
+        }
+        let ts: i64 = ts.parse().map_err(|_| Refusal::Stale)?;
+        if (now - ts).abs() > self.max_skew.as_secs() as i64 {
+            return Err(Refusal::Stale);
+        }
+        Ok(())
+    }
+
     /// The answer to a verified request, signed for it ([`Key::sign_answer`]).
-    pub fn answer(&self, request: &HeaderMap, status: StatusCode, body: Vec<u8>) -> Response {
+    pub fn answer(
+        &self,
+        request: &HeaderMap,
+        to: To<'_>,
+        status: StatusCode,
+        body: Vec<u8>,
+    ) -> Response {
         let header = |name: &str| {
             request
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
         };
-        let signature = self
-            .key
-            .sign_answer(header(TIMESTAMP_HEADER), header(NONCE_HEADER), &body);
+        let signature =
+            self.key
+                .sign_answer(header(TIMESTAMP_HEADER), header(NONCE_HEADER), to, &body);
         (
             status,
             [
@@ -272,7 +334,13 @@ impl Guard {
     }
 
     /// Checks a request's headers and body at `now` (unix seconds).
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), Refusal> {
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        to: To<'_>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), Refusal> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let (Some(ts), Some(nonce), Some(sig)) = (
             header(TIMESTAMP_HEADER),
@@ -281,7 +349,7 @@ impl Guard {
         ) else {
             return Err(Refusal::Unauthorized);
         };
-        if nonce.is_empty() || nonce.len() > 128 || !self.key.verify(ts, nonce, body, sig) {
+        if nonce.is_empty() || nonce.len() > 128 || !self.key.verify(ts, nonce, to, body, sig) {
             return Err(Refusal::Unauthorized);
         }
         let ts: i64 = ts.parse().map_err(|_| Refusal::Stale)?;
@@ -375,23 +443,25 @@ fn refusal_label(r: Refusal) -> &'static str {
         Refusal::HashMismatch => "hash_mismatch",
         Refusal::UnknownTarget => "unknown_target",
         Refusal::NotController => "not_controller",
+        Refusal::TooLarge => "too_large",
     }
 }
 
-/// The controller's side: posts `req` to the agent at `addr`, signed with `key`.
-pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<ApplyAnswer> {
+/// The controller's side: posts `req` to the agent of `node` at `addr`, signed with `key`
+/// for that node; its answer must be signed for the request.
+pub async fn send(
+    addr: SocketAddr,
+    node: &str,
+    key: &Key,
+    req: &ApplyRequest,
+) -> Result<ApplyAnswer> {
     let transport = |reason: String| Error::Transport { addr, reason };
     let body = serde_json::to_vec(req).map_err(|e| transport(e.to_string()))?;
-    let bytes = exchange(
-        addr,
-        key,
-        APPLY_PATH,
-        body,
-        REQUEST_TIMEOUT,
-        MAX_BODY,
-        false,
-    )
-    .await?;
+    let to = To {
+        path: APPLY_PATH,
+        node,
+    };
+    let bytes = exchange(addr, key, to, body, REQUEST_TIMEOUT, MAX_BODY).await?;
     serde_json::from_slice(&bytes).map_err(|e| transport(format!("bad answer: {e}")))
 }
 
@@ -402,27 +472,27 @@ pub async fn send(addr: SocketAddr, key: &Key, req: &ApplyRequest) -> Result<App
 pub async fn call(
     addr: SocketAddr,
     key: &Key,
-    path: &str,
+    to: To<'_>,
     body: Vec<u8>,
     timeout: Duration,
     max_answer: usize,
 ) -> Result<Bytes> {
-    exchange(addr, key, path, body, timeout, max_answer, true).await
+    exchange(addr, key, to, body, timeout, max_answer).await
 }
 
-/// One signed POST and its answer; `signed_answer`: a 200 must be signed for this request.
+/// One signed POST and its answer; a 200 must be signed for this request.
 async fn exchange(
     addr: SocketAddr,
     key: &Key,
-    path: &str,
+    to: To<'_>,
     body: Vec<u8>,
     timeout: Duration,
     max_answer: usize,
-    signed_answer: bool,
 ) -> Result<Bytes> {
     let timestamp = unix_now().to_string();
     let nonce = new_nonce();
-    let signature = key.sign(&timestamp, &nonce, &body);
+    let signature = key.sign(&timestamp, &nonce, to, &body);
+    let path = to.path;
     let transport = |reason: String| Error::Transport { addr, reason };
     let exchange = async {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
@@ -470,9 +540,8 @@ async fn exchange(
                 message,
             });
         }
-        if signed_answer
-            && !answer_signature
-                .is_some_and(|sig| key.verify_answer(&timestamp, &nonce, &bytes, &sig))
+        if !answer_signature
+            .is_some_and(|sig| key.verify_answer(&timestamp, &nonce, to, &bytes, &sig))
         {
             return Err(transport(
                 "the answer is not signed for this request".into(),
@@ -483,6 +552,48 @@ async fn exchange(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| Error::Timeout { addr, timeout })?
+}
+
+/// A request's body, read only once [`Guard::precheck`] passed, at most `limit` bytes (a
+/// declared `Content-Length` over it is refused before reading), every byte taken from the
+/// agent's byte budget as it arrives (`held`; beyond it: 503). Refusals are counted.
+pub async fn read_body(
+    guard: &Guard,
+    headers: &HeaderMap,
+    mut body: axum::body::Body,
+    limit: usize,
+    mut held: crate::budget::Held,
+) -> Result<(Vec<u8>, crate::budget::Held), Refusal> {
+    let result = async {
+        guard.precheck(headers, unix_now())?;
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(Refusal::TooLarge);
+        }
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| Refusal::BadRequest)?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(Refusal::TooLarge);
+                }
+                held.grow(data.len()).map_err(|_| Refusal::Busy)?;
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf)
+    }
+    .await;
+    match result {
+        Ok(buf) => Ok((buf, held)),
+        Err(r) => {
+            count_refusal(r);
+            Err(r)
+        }
+    }
 }
 
 /// 128 random bits, hex: from the OS, through the standard library's hasher seeds, so no
@@ -500,14 +611,14 @@ fn new_nonce() -> String {
 
 /// Request headers signed with `key` at `ts`, as [`call`] sends them.
 #[cfg(test)]
-pub(crate) fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> HeaderMap {
+pub(crate) fn signed(key: &Key, ts: i64, nonce: &str, to: To<'_>, body: &[u8]) -> HeaderMap {
     let mut h = HeaderMap::new();
     let ts = ts.to_string();
     h.insert(TIMESTAMP_HEADER, ts.parse().unwrap());
     h.insert(NONCE_HEADER, nonce.parse().unwrap());
     h.insert(
         SIGNATURE_HEADER,
-        key.sign(&ts, nonce, body).parse().unwrap(),
+        key.sign(&ts, nonce, to, body).parse().unwrap(),
     );
     h
 }
@@ -516,6 +627,108 @@ pub(crate) fn signed(key: &Key, ts: i64, nonce: &str, body: &[u8]) -> HeaderMap 
 mod tests {
     use super::*;
 
+    const TO: To<'static> = To {
+        path: APPLY_PATH,
+        node: "node-a",
+    };
+
+    #[test]
+    fn a_request_signed_for_one_route_or_node_is_refused_on_another() {
+        let g = guard();
+        let key = Key::from_bytes(b"cluster key");
+        let beat = To {
+            path: HEARTBEAT_PATH,
+            node: "node-a",
+        };
+        let h = signed(&key, 1000, "n1", beat, b"{}");
+        let jobs = To {
+            path: JOBS_PATH,
+            node: "node-a",
+        };
+        assert_eq!(g.verify(&h, jobs, b"{}", 1000), Err(Refusal::Unauthorized));
+        let apply_a = signed(&key, 1000, "n2", TO, b"{}");
+        let node_b = To {
+            path: APPLY_PATH,
+            node: "node-b",
+        };
+        assert_eq!(
+            g.verify(&apply_a, node_b, b"{}", 1000),
+            Err(Refusal::Unauthorized),
+            "an apply for node A replayed to node B"
+        );
+        assert_eq!(g.verify(&h, beat, b"{}", 1000), Ok(()));
+        assert_eq!(g.verify(&apply_a, TO, b"{}", 1000), Ok(()));
+    }
+
+    #[test]
+    fn the_precheck_refuses_missing_malformed_or_stale_headers_before_any_body() {
+        let g = guard();
+        let key = Key::from_bytes(b"cluster key");
+        assert_eq!(
+            g.precheck(&HeaderMap::new(), 1000),
+            Err(Refusal::Unauthorized)
+        );
+        let good = signed(&key, 1000, "n1", TO, b"whatever");
+        assert_eq!(g.precheck(&good, 1000), Ok(()));
+        assert_eq!(g.precheck(&good, 1031), Err(Refusal::Stale));
+        let mut short = good.clone();
+        short.insert(SIGNATURE_HEADER, "sha256=abcd".parse().unwrap());
+        assert_eq!(g.precheck(&short, 1000), Err(Refusal::Unauthorized));
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_route_limit_or_the_budget_are_refused() {
+        let g = guard();
+        let key = Key::from_bytes(b"cluster key");
+        let now = unix_now();
+        let budget = crate::budget::Budget::new(64, 32);
+        let source: std::net::IpAddr = [10, 0, 9, 9].into();
+        let mut h = signed(&key, now, "n1", TO, b"");
+        h.insert(
+            axum::http::header::CONTENT_LENGTH,
+            (8 << 20).to_string().parse().unwrap(),
+        );
+        // A body that fails when polled proves it was never read.
+        let unread = || {
+            axum::body::Body::from_stream(futures_util::stream::once(async {
+                Err::<Bytes, _>(std::io::Error::other("read"))
+            }))
+        };
+        let r = read_body(&g, &h, unread(), SMALL_BODY, budget.hold(source)).await;
+        assert_eq!(r.map(|b| b.0), Err(Refusal::TooLarge));
+        let r = read_body(
+            &g,
+            &HeaderMap::new(),
+            unread(),
+            SMALL_BODY,
+            budget.hold(source),
+        )
+        .await;
+        assert_eq!(
+            r.map(|b| b.0),
+            Err(Refusal::Unauthorized),
+            "no signature headers"
+        );
+        let h = signed(&key, now, "n2", TO, b"");
+        let big = || axum::body::Body::from(vec![b'x'; 40]);
+        let r = read_body(&g, &h, big(), 1000, budget.hold(source)).await;
+        assert_eq!(
+            r.map(|b| b.0),
+            Err(Refusal::Busy),
+            "over one source's share"
+        );
+        let r = read_body(
+            &g,
+            &h,
+            axum::body::Body::from("{}"),
+            1000,
+            budget.hold(source),
+        )
+        .await;
+        assert_eq!(r.map(|b| b.0), Ok(b"{}".to_vec()));
+        assert_eq!(budget.held(source), (0, 0));
+    }
+
     fn guard() -> Guard {
         Guard::new(Key::from_bytes(b"cluster key"), Duration::from_secs(30))
     }
@@ -523,32 +736,38 @@ mod tests {
     #[test]
     fn a_signed_fresh_request_passes_once() {
         let g = guard();
-        let h = signed(&Key::from_bytes(b"cluster key"), 1000, "n1", b"body");
-        assert_eq!(g.verify(&h, b"body", 1005), Ok(()));
-        assert_eq!(g.verify(&h, b"body", 1006), Err(Refusal::Replayed));
+        let h = signed(&Key::from_bytes(b"cluster key"), 1000, "n1", TO, b"body");
+        assert_eq!(g.verify(&h, TO, b"body", 1005), Ok(()));
+        assert_eq!(g.verify(&h, TO, b"body", 1006), Err(Refusal::Replayed));
     }
 
     #[test]
     fn a_wrong_key_a_changed_body_or_missing_headers_are_unauthorized() {
         let g = guard();
-        let wrong = signed(&Key::from_bytes(b"other key"), 1000, "n1", b"body");
-        assert_eq!(g.verify(&wrong, b"body", 1000), Err(Refusal::Unauthorized));
-        let right = signed(&Key::from_bytes(b"cluster key"), 1000, "n2", b"body");
-        assert_eq!(g.verify(&right, b"bodY", 1000), Err(Refusal::Unauthorized));
+        let wrong = signed(&Key::from_bytes(b"other key"), 1000, "n1", TO, b"body");
+        assert_eq!(
+            g.verify(&wrong, TO, b"body", 1000),
+            Err(Refusal::Unauthorized)
+        );
+        let right = signed(&Key::from_bytes(b"cluster key"), 1000, "n2", TO, b"body");
+        assert_eq!(
+            g.verify(&right, TO, b"bodY", 1000),
+            Err(Refusal::Unauthorized)
+        );
         let mut partial = right.clone();
         partial.remove(NONCE_HEADER);
         assert_eq!(
-            g.verify(&partial, b"body", 1000),
+            g.verify(&partial, TO, b"body", 1000),
             Err(Refusal::Unauthorized)
         );
         let mut bad_hex = right.clone();
         bad_hex.insert(SIGNATURE_HEADER, "sha256=zz".parse().unwrap());
         assert_eq!(
-            g.verify(&bad_hex, b"body", 1000),
+            g.verify(&bad_hex, TO, b"body", 1000),
             Err(Refusal::Unauthorized)
         );
         // Refused requests leave no nonce behind: the genuine one still passes.
-        assert_eq!(g.verify(&right, b"body", 1000), Ok(()));
+        assert_eq!(g.verify(&right, TO, b"body", 1000), Ok(()));
     }
 
     #[test]
@@ -556,26 +775,32 @@ mod tests {
         let g = guard();
         let key = Key::from_bytes(b"cluster key");
         assert_eq!(
-            g.verify(&signed(&key, 1000, "a", b""), b"", 1031),
+            g.verify(&signed(&key, 1000, "a", TO, b""), TO, b"", 1031),
             Err(Refusal::Stale)
         );
         assert_eq!(
-            g.verify(&signed(&key, 1031, "b", b""), b"", 1000),
+            g.verify(&signed(&key, 1031, "b", TO, b""), TO, b"", 1000),
             Err(Refusal::Stale)
         );
-        assert_eq!(g.verify(&signed(&key, 1030, "c", b""), b"", 1000), Ok(()));
+        assert_eq!(
+            g.verify(&signed(&key, 1030, "c", TO, b""), TO, b"", 1000),
+            Ok(())
+        );
     }
 
     #[test]
     fn nonces_are_forgotten_only_once_their_timestamp_is_stale_anyway() {
         let g = guard();
         let key = Key::from_bytes(b"cluster key");
-        let h = signed(&key, 1000, "n", b"");
-        assert_eq!(g.verify(&h, b"", 1000), Ok(()));
-        assert_eq!(g.verify(&h, b"", 1030), Err(Refusal::Replayed));
-        assert_eq!(g.verify(&h, b"", 1031), Err(Refusal::Stale));
+        let h = signed(&key, 1000, "n", TO, b"");
+        assert_eq!(g.verify(&h, TO, b"", 1000), Ok(()));
+        assert_eq!(g.verify(&h, TO, b"", 1030), Err(Refusal::Replayed));
+        assert_eq!(g.verify(&h, TO, b"", 1031), Err(Refusal::Stale));
         // Other requests prune it; the cache does not grow with time.
-        assert_eq!(g.verify(&signed(&key, 1100, "m", b""), b"", 1100), Ok(()));
+        assert_eq!(
+            g.verify(&signed(&key, 1100, "m", TO, b""), TO, b"", 1100),
+            Ok(())
+        );
         assert_eq!(g.nonces.lock().unwrap().seen.len(), 1);
     }
 
@@ -586,8 +811,8 @@ mod tests {
         std::fs::write(&path, "secret\n").unwrap();
         let key = Key::load(&path).unwrap();
         assert_eq!(
-            key.sign("1", "n", b"x"),
-            Key::from_bytes(b"secret").sign("1", "n", b"x")
+            key.sign("1", "n", TO, b"x"),
+            Key::from_bytes(b"secret").sign("1", "n", TO, b"x")
         );
         std::fs::write(&path, " \n").unwrap();
         assert!(matches!(Key::load(&path), Err(Error::EmptyKey(_))));
@@ -596,16 +821,16 @@ mod tests {
     #[test]
     fn an_answer_is_signed_for_its_request_only_and_is_no_request_signature() {
         let key = Key::from_bytes(b"cluster key");
-        let sig = key.sign_answer("1000", "n1", b"{}");
-        assert!(key.verify_answer("1000", "n1", b"{}", &sig));
-        assert!(!key.verify_answer("1000", "n2", b"{}", &sig));
-        assert!(!key.verify_answer("1000", "n1", b"{ }", &sig));
-        assert!(!Key::from_bytes(b"other").verify_answer("1000", "n1", b"{}", &sig));
+        let sig = key.sign_answer("1000", "n1", TO, b"{}");
+        assert!(key.verify_answer("1000", "n1", TO, b"{}", &sig));
+        assert!(!key.verify_answer("1000", "n2", TO, b"{}", &sig));
+        assert!(!key.verify_answer("1000", "n1", TO, b"{ }", &sig));
+        assert!(!Key::from_bytes(b"other").verify_answer("1000", "n1", TO, b"{}", &sig));
         // A request's own signature does not pass as its answer's (no reflection).
-        assert!(!key.verify_answer("1000", "n1", b"{}", &key.sign("1000", "n1", b"{}")));
+        assert!(!key.verify_answer("1000", "n1", TO, b"{}", &key.sign("1000", "n1", TO, b"{}")));
         let g = guard();
         assert_eq!(
-            g.verify(&signed(&key, 1000, "n1", b"{}"), b"{}", 1000),
+            g.verify(&signed(&key, 1000, "n1", TO, b"{}"), TO, b"{}", 1000),
             Ok(())
         );
     }

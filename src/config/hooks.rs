@@ -268,9 +268,14 @@ pub struct ContainerSpec {
     /// argv; empty runs the image's default command.
     #[serde(default)]
     pub command: Vec<String>,
-    /// Fixed variables, set before the facts (a fact never overrides one of these).
-    #[serde(default)]
+    /// Fixed variables, set before the facts (a fact never overrides one of these). Job
+    /// views and logs show their names only (`/jobs` serialises this as a list of names).
+    #[serde(default, serialize_with = "names_only")]
     pub env: BTreeMap<String, String>,
+    /// Variables read from files at each run (a trailing newline dropped): secrets, such as
+    /// `/run/secrets/deploy-token`. Their values are redacted from job output.
+    #[serde(default)]
+    pub env_files: BTreeMap<String, std::path::PathBuf>,
     /// `SOURCE:TARGET[:ro]`: a host path or a volume name, as `docker run -v` takes them.
     #[serde(default)]
     pub mounts: Vec<String>,
@@ -292,6 +297,14 @@ pub struct ContainerSpec {
     /// Let runs of this hook overlap (by default one runs at a time, the others wait).
     #[serde(default)]
     pub concurrent: bool,
+}
+
+/// A map's keys: what a job view may show of a container's environment.
+fn names_only<S: serde::Serializer>(
+    env: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(env.keys())
 }
 
 impl ContainerSpec {
@@ -326,8 +339,12 @@ impl ContainerSpec {
                 return Err(format!("mount {m:?} is not SOURCE:/TARGET[:ro]"));
             }
         }
-        if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+        let names = self.env.keys().chain(self.env_files.keys());
+        if let Some(k) = names.clone().find(|k| k.is_empty() || k.contains('=')) {
             return Err(format!("invalid variable name {k:?}"));
+        }
+        if let Some(k) = self.env_files.keys().find(|k| self.env.contains_key(*k)) {
+            return Err(format!("{k} is in both env and env_files"));
         }
         Ok(())
     }

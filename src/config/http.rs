@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::check::{Problem, at_field, bounds};
+use super::values::Cidr;
 
 /// The public listener (webhooks, `/healthz`, `/readyz`) and its limits. Every limit is
 /// there so one hostile client cannot take memory or sockets from the rest.
@@ -20,7 +21,12 @@ pub struct Http {
     pub max_body: usize,
     /// Bytes of webhook bodies held at once, over all requests (beyond: 503), so a crowd
     /// of stalled large bodies cannot take more memory than this. At least `max_body`.
+    /// Bytes are taken as they arrive, not as `Content-Length` promises, and one source
+    /// holds at most a quarter of it (or `max_body`, if larger).
     pub body_budget: usize,
+    /// Bytes per second a body must average once it has had a 2 s start (beyond: 408), so
+    /// a trickled body frees its share of `body_budget` long before `request_timeout`.
+    pub min_body_rate: usize,
     /// A request not answered within this is cut off (408).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -41,6 +47,11 @@ pub struct Http {
     /// Failed signature or token checks allowed per source address and minute (beyond: 429
     /// before the body is read); a forged flood does not spend a hook's own `rate`.
     pub auth_failures_per_minute: u32,
+    /// Peers whose `X-Forwarded-For` names a webhook's source (its right-most address
+    /// that is not itself a trusted proxy). Unset: the addresses of the containers the
+    /// targets' check and notify steps reach (nginx), as the last snapshot saw them; `[]`
+    /// trusts no one.
+    pub trusted_proxies: Option<Vec<Cidr>>,
     /// The operator endpoints: status page, `/jobs`, `/metrics`.
     pub ops: Ops,
 }
@@ -51,6 +62,7 @@ impl Default for Http {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             max_body: 1024 * 1024,
             body_budget: 8 * 1024 * 1024,
+            min_body_rate: 4096,
             request_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
@@ -59,6 +71,7 @@ impl Default for Http {
             max_requests: 64,
             max_requests_per_source: 16,
             auth_failures_per_minute: 30,
+            trusted_proxies: None,
             ops: Ops::default(),
         }
     }
@@ -115,6 +128,7 @@ impl Http {
         }
         let zero = [
             ("max_body", self.max_body),
+            ("min_body_rate", self.min_body_rate),
             ("max_connections", self.max_connections),
             (
                 "max_connections_per_source",

@@ -285,13 +285,34 @@ impl TryFrom<ActionRepr> for Action {
     }
 }
 
+impl Target {
+    /// The containers and services its check and notify steps reach.
+    pub fn selectors(&self) -> Vec<Selector> {
+        self.check
+            .iter()
+            .chain(&self.notify)
+            .filter_map(Action::on)
+            .collect()
+    }
+}
+
 impl Action {
+    /// The containers or service the step reaches; `None` for a local command.
+    pub fn on(&self) -> Option<Selector> {
+        match self {
+            Action::Exec(e) => Some(e.on()),
+            Action::Signal(s) => Some(s.on()),
+            Action::Restart(on) => Some(on.clone()),
+            Action::Command(_) => None,
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
-        let (on, argv) = match self {
-            Action::Exec(e) => (Some(e.on()), Some(&e.command)),
-            Action::Signal(s) => (Some(s.on()), None),
-            Action::Restart(on) => (Some(on.clone()), None),
-            Action::Command(argv) => (None, Some(argv)),
+        let on = self.on();
+        let argv = match self {
+            Action::Exec(e) => Some(&e.command),
+            Action::Command(argv) => Some(argv),
+            _ => None,
         };
         if let Some(on) = on {
             if !on.is_valid() {

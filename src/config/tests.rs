@@ -404,6 +404,11 @@ fn left_out_fields_take_the_documented_defaults() {
     assert_eq!((h.max_connections, h.max_connections_per_source), (256, 32));
     assert_eq!((h.max_requests, h.max_requests_per_source), (64, 16));
     assert_eq!(h.auth_failures_per_minute, 30);
+    assert_eq!(h.min_body_rate, 4096);
+    assert!(
+        h.trusted_proxies.is_none(),
+        "default: the steps' containers"
+    );
     assert_eq!(c.resync, Duration::from_secs(60));
     let j = &c.jobs;
     assert_eq!(
@@ -457,4 +462,17 @@ fn of_several_problems_bounds_are_reported_before_any_area_rule() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("hook name \"h h\""), "{err}");
+}
+
+#[test]
+fn trusted_proxies_are_networks_or_addresses_and_an_empty_list_trusts_no_one() {
+    let c = parse("http: { trusted_proxies: [10.0.9.0/24, 192.0.2.7] }\n").expect("valid");
+    let t = c.http.trusted_proxies.expect("set");
+    assert!(t[0].contains([10, 0, 9, 200].into()) && t[1].contains([192, 0, 2, 7].into()));
+    let c = parse("http: { trusted_proxies: [] }\n").expect("valid");
+    assert_eq!(c.http.trusted_proxies.map(|t| t.len()), Some(0));
+    let err = parse("http: { trusted_proxies: [nginx] }\n").expect_err("not an address");
+    assert!(err.to_string().contains("trusted_proxies"), "{err}");
+    let err = parse("http: { min_body_rate: 0 }\n").expect_err("zero");
+    assert!(err.to_string().contains("min_body_rate"), "{err}");
 }

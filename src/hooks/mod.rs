@@ -16,7 +16,7 @@
 //! `webhook_requests{hook,outcome}` with a fixed outcome vocabulary.
 //!
 //! Replays: every kind remembers what it accepted, each by what its sender makes unique. A
-//! GitHub delivery id for [`REPLAY_TTL`]; a Docker Hub or token-authenticated generic body
+//! GitHub delivery id and the SHA-256 of its body for [`REPLAY_TTL`] (the id is not signed); a Docker Hub or token-authenticated generic body
 //! by its SHA-256 for the hook's `replay_window`; a signed generic request carries a signed
 //! `X-Drover-Timestamp` that must be within [`MAX_SKEW`] of drover's clock, and the
 //! timestamp with the body is remembered until it is stale anyway. A repeat of an accepted
@@ -99,6 +99,8 @@ pub enum Reject {
     TooLarge,
     #[error("cannot read body")]
     BodyRead,
+    #[error("body arrives too slowly")]
+    TooSlow,
     #[error("missing or wrong signature or token")]
     Unauthorized,
     #[error("missing, invalid or stale X-Drover-Timestamp (unix seconds, within 300 s of now)")]
@@ -137,6 +139,7 @@ impl Reject {
             Reject::RateLimited => "rate_limited",
             Reject::TooLarge => "too_large",
             Reject::BodyRead | Reject::BadRequest(_) => "bad_request",
+            Reject::TooSlow => "too_slow",
             Reject::Unauthorized => "unauthorized",
             Reject::Stale => "stale",
             Reject::RuleMismatch(_) | Reject::NoImage => "rejected",
@@ -417,6 +420,27 @@ impl Loaded {
         for hook in hooks.values() {
             hook.keys.redact_into(&redactor);
         }
+        for h in &config.hooks {
+            if let config::HookAction::Container(c) = &h.action {
+                // Read for redaction only; an unreadable file fails the job with its path.
+                for path in c.env_files.values() {
+                    if let Ok(value) = config::read_secret(path) {
+                        redactor.add(&value);
+                    }
+                }
+            }
+        }
+        // drover's own secrets: the cluster key (which signs agent requests) and the
+        // operator token, should a command or container print them.
+        let own = [
+            Some(&config.cluster.key_file),
+            config.http.ops.token_file.as_ref(),
+        ];
+        for path in own.into_iter().flatten() {
+            if let Ok(value) = config::read_secret(path) {
+                redactor.add(value.trim_ascii());
+            }
+        }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
             // path (jobs::runner::Executor), not here.
@@ -555,12 +579,23 @@ impl Service {
             event = Some(ev);
         }
         let (memory, key) = hook.replay_key(headers, delivery, body);
-        if hook.memory(memory).contains(&key, Instant::now()) {
-            return Ok(Accepted::Duplicate);
+        // GitHub signs the body but not the delivery id: the same body under a new id is
+        // the same push sent again.
+        let by_body = delivery.map(|_| digest(&[b"github-body:", body]));
+        {
+            let m = hook.memory(memory);
+            let now = Instant::now();
+            if m.contains(&key, now) || by_body.is_some_and(|b| m.contains(&b, now)) {
+                return Ok(Accepted::Duplicate);
+            }
         }
         let result = self.decide(hook, event, body).await;
         if let Ok(Accepted::Job(_)) = &result {
-            hook.memory(memory).insert(key, Instant::now());
+            let mut m = hook.memory(memory);
+            m.insert(key, Instant::now());
+            if let Some(b) = by_body {
+                m.insert(b, Instant::now());
+            }
         }
         result
     }
@@ -835,6 +870,28 @@ hooks:
         assert_ne!(
             hook.replay_key(&token, Some("d1"), body).1,
             hook.replay_key(&token, Some("d2"), body).1
+        );
+    }
+
+    #[test]
+    fn the_cluster_key_and_the_operator_token_are_redacted_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key");
+        let token = dir.path().join("ops");
+        std::fs::write(&key, "the-cluster-key\n").expect("write");
+        std::fs::write(&token, "the-ops-token\n").expect("write");
+        let yaml = format!(
+            "cluster: {{ key_file: {} }}\nhttp: {{ ops: {{ token_file: {} }} }}\n",
+            key.display(),
+            token.display()
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        let loaded = Loaded::from_config(&config).expect("loaded");
+        assert_eq!(
+            loaded
+                .redactor
+                .clean("k=the-cluster-key t=the-ops-token", 100),
+            "k=[redacted] t=[redacted]"
         );
     }
 

@@ -3,7 +3,9 @@
 //! the whole agent API is served on. The agent's own routes (files, heartbeats) are in
 //! `cluster::agent`; `mod.rs` merges the two.
 //!
-//! Invariants: a forwarded request is answered only after its signature checks out
+//! Invariants: a forwarded request's body is read only once its signature headers parse
+//! and its timestamp is fresh, within the route's limit and the agent's byte budget; it is
+//! answered only after its signature, for its own path and this node, checks out
 //! (`cluster::wire::Guard`) and only while this instance is the controller (an instance
 //! that no longer is refuses, so the sender looks again); it goes through the same
 //! [`Intake`] as the public listener (shared rate buckets and failure budgets) and reads
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
@@ -26,13 +28,15 @@ use super::jobs;
 use super::state::OpsState;
 use crate::cluster::agent::Agent;
 use crate::cluster::forward::{Envelope, JobsQuery, Relay};
-use crate::cluster::wire::{Refusal, refused};
+use crate::cluster::wire::{Refusal, SMALL_BODY, To, refused};
 use crate::config;
 use crate::role::Role;
 
 /// What the agent API adds for the controller: forwarded webhooks and job reads.
 #[derive(Clone)]
 pub struct AgentSide {
+    /// The largest forwarded webhook envelope: the hook's body, base64, and a few headers.
+    pub max_envelope: usize,
     /// The public listener's intake.
     pub intake: Arc<Intake>,
     /// Job reads of this instance, without a forwarder.
@@ -53,10 +57,6 @@ pub fn routes(side: AgentSide, http: &config::Http) -> Router {
             crate::cluster::wire::JOBS_PATH,
             axum::routing::post(forwarded_jobs),
         )
-        // An envelope is the hook's body, base64, and a few headers.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            http.max_body.saturating_mul(2).saturating_add(64 * 1024),
-        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             http.request_timeout,
@@ -66,53 +66,65 @@ pub fn routes(side: AgentSide, http: &config::Http) -> Router {
 
 /// Authenticates a forwarded request, checks that this instance is the controller (a
 /// request to an instance that no longer is must not be accepted here), then parses it.
-fn admitted<T: serde::de::DeserializeOwned>(
+async fn admitted<T: serde::de::DeserializeOwned>(
     side: &AgentSide,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> std::result::Result<T, Refusal> {
-    side.agent.guard().check(headers, body)?;
+    path: &str,
+    req: Request,
+    limit: usize,
+) -> std::result::Result<(HeaderMap, T), Refusal> {
+    let (headers, body, _held) = side.agent.body(req, limit).await?;
+    let own = side.agent.own_node();
+    side.agent
+        .guard()
+        .check(&headers, To { path, node: &own }, &body)?;
     if !side.role.borrow().is_controller() {
         return Err(Refusal::NotController);
     }
-    serde_json::from_slice(body).map_err(|_| Refusal::BadRequest)
+    let parsed = serde_json::from_slice(&body).map_err(|_| Refusal::BadRequest)?;
+    Ok((headers, parsed))
 }
 
-async fn signed_relay(side: &AgentSide, headers: &HeaderMap, response: Response) -> Response {
+async fn signed_relay(
+    side: &AgentSide,
+    path: &str,
+    headers: &HeaderMap,
+    response: Response,
+) -> Response {
     let relay = Relay::of(response).await;
+    let own = side.agent.own_node();
     match serde_json::to_vec(&relay) {
-        Ok(body) => side.agent.guard().answer(headers, StatusCode::OK, body),
+        Ok(body) => {
+            side.agent
+                .guard()
+                .answer(headers, To { path, node: &own }, StatusCode::OK, body)
+        }
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
-async fn forwarded_hook(
-    State(side): State<AgentSide>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let envelope: Envelope = match admitted(&side, &headers, &body) {
-        Ok(envelope) => envelope,
-        Err(refusal) => return refused(refusal),
-    };
+async fn forwarded_hook(State(side): State<AgentSide>, req: Request) -> Response {
+    let path = crate::cluster::wire::HOOKS_PATH;
+    let (headers, envelope): (HeaderMap, Envelope) =
+        match admitted(&side, path, req, side.max_envelope).await {
+            Ok(envelope) => envelope,
+            Err(refusal) => return refused(refusal),
+        };
     let response = hooks::forwarded(&side.intake, envelope).await;
-    signed_relay(&side, &headers, response).await
+    signed_relay(&side, path, &headers, response).await
 }
 
-async fn forwarded_jobs(
-    State(side): State<AgentSide>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let query: JobsQuery = match admitted(&side, &headers, &body) {
-        Ok(query) => query,
-        Err(refusal) => return refused(refusal),
-    };
+async fn forwarded_jobs(State(side): State<AgentSide>, req: Request) -> Response {
+    let path = crate::cluster::wire::JOBS_PATH;
+    let (headers, query): (HeaderMap, JobsQuery) =
+        match admitted(&side, path, req, SMALL_BODY).await {
+            Ok(query) => query,
+            Err(refusal) => return refused(refusal),
+        };
     let response = match query.id {
         Some(id) => jobs::one_here(&side.ops, &id).into_response(),
         None => jobs::list_here(&side.ops),
     };
-    signed_relay(&side, &headers, response).await
+    signed_relay(&side, path, &headers, response).await
 }
 
 /// Serves the agent API (`app`: the router of `http::agent_routes`) until `shutdown`, with

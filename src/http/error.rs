@@ -60,6 +60,7 @@ impl Error {
                 Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
                 Reject::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 Reject::BodyRead | Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+                Reject::TooSlow => StatusCode::REQUEST_TIMEOUT,
                 Reject::Unauthorized | Reject::Stale => StatusCode::UNAUTHORIZED,
                 Reject::RuleMismatch(_) | Reject::NoImage => StatusCode::UNPROCESSABLE_ENTITY,
                 Reject::QueueFull

@@ -25,11 +25,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::BodyExt;
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::time::Duration;
+
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
+use crate::budget::{Budget, Full, Held};
 use crate::cluster::forward::{Envelope, Forwarder, Relay};
 use crate::hooks::{self, Accepted, Reject};
 use crate::metrics;
@@ -46,25 +48,32 @@ pub struct Intake {
     failures: Mutex<HashMap<IpAddr, Bucket>>,
     failures_per_minute: u32,
     max_body: usize,
-    /// Bytes of bodies held at once, over all requests.
-    budget: Arc<Semaphore>,
+    /// Bytes of bodies held at once, in all and per source.
+    budget: Arc<Budget>,
+    min_body_rate: usize,
+    /// Configured trusted proxies; `None`: those in `steps`.
+    trusted: Option<Vec<crate::config::Cidr>>,
+    steps: crate::state::StepAddresses,
     /// Cluster mode: where verified requests go while this instance is not the controller.
     forward: Option<Arc<Forwarder>>,
 }
 
 impl Intake {
-    pub fn new(service: Arc<hooks::Service>, http: &crate::config::Http) -> Intake {
+    pub fn new(
+        service: Arc<hooks::Service>,
+        http: &crate::config::Http,
+        steps: crate::state::StepAddresses,
+    ) -> Intake {
         Intake {
             service,
             buckets: Mutex::default(),
             failures: Mutex::default(),
             failures_per_minute: http.auth_failures_per_minute,
             max_body: http.max_body,
-            budget: Arc::new(Semaphore::new(
-                http.body_budget
-                    .min(Semaphore::MAX_PERMITS)
-                    .min(u32::MAX as usize),
-            )),
+            budget: Budget::new(http.body_budget, http.max_body),
+            min_body_rate: http.min_body_rate,
+            trusted: http.trusted_proxies.clone(),
+            steps,
             forward: None,
         }
     }
@@ -76,6 +85,21 @@ impl Intake {
 
     pub fn service(&self) -> &Arc<hooks::Service> {
         &self.service
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        match &self.trusted {
+            Some(cidrs) => cidrs.iter().any(|c| c.contains(ip)),
+            None => self
+                .steps
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&ip),
+        }
+    }
+
+    fn source(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        source_of(peer, headers, |ip| self.trusts(ip))
     }
 
     fn failure_budget_left(&self, ip: IpAddr) -> bool {
@@ -125,7 +149,8 @@ async fn hook(
     Path(name): Path<String>,
     req: Request,
 ) -> Response {
-    let span = info_span!("webhook", hook = ?name, peer = %peer.ip());
+    let span =
+        info_span!("webhook", hook = ?name, peer = %peer.ip(), source = tracing::field::Empty);
     let result = intake_one(&intake, &name, peer.ip(), req)
         .instrument(span.clone())
         .await;
@@ -271,12 +296,21 @@ async fn intake_one(
     req: Request,
 ) -> Result<Step, Reject> {
     let service = &intake.service;
+    let (parts, body) = req.into_parts();
+    let peer = intake.source(peer, &parts.headers);
+    tracing::Span::current().record("source", tracing::field::display(peer));
     let hook = service.admit(name, Some(peer))?;
     if !intake.failure_budget_left(peer) {
         return Err(Reject::RateLimited);
     }
-    let (parts, body) = req.into_parts();
-    let (body, _held) = read_body(&parts.headers, body, intake.max_body, &intake.budget).await?;
+    let (body, _held) = read_body(
+        &parts.headers,
+        body,
+        intake.max_body,
+        intake.budget.hold(peer),
+        intake.min_body_rate,
+    )
+    .await?;
     let token = query_token(parts.uri.query());
     let headers = RequestHeaders {
         headers: &parts.headers,
@@ -295,6 +329,35 @@ async fn intake_one(
     verified(intake, &hook, peer, &headers, &body)
         .await
         .map(Step::Done)
+}
+
+/// Who sent a request: the TCP peer, or, when the peer is a trusted proxy, the right-most
+/// address in `X-Forwarded-For` that is not one. Entries left of that are whatever the
+/// client wrote, so they are never believed; an entry that is not an address ends the walk
+/// at the last one that was.
+fn source_of(peer: IpAddr, headers: &HeaderMap, trusts: impl Fn(IpAddr) -> bool) -> IpAddr {
+    let peer = peer.to_canonical();
+    if !trusts(peer) {
+        return peer;
+    }
+    let values: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect();
+    let mut source = peer;
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                source = ip.to_canonical();
+                if !trusts(source) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    source
 }
 
 /// Verification, the hook's rate and acceptance: the steps after the body is read.
@@ -316,16 +379,22 @@ async fn verified(
     service.accept(hook, headers, body).await
 }
 
-/// The body in one buffer of at most `limit` bytes, with the share of `budget` it holds.
+/// How long a body may take to start before [`Intake::min_body_rate`] applies.
+const BODY_GRACE: Duration = Duration::from_secs(2);
+
+/// The body in one buffer of at most `limit` bytes, with the share of the budget it holds.
 /// A declared length over the limit is refused before reading; chunked bodies are copied
 /// as they come, so a million one-byte chunks cost what one million-byte chunk does.
-/// Every byte held is first taken from `budget`; when it is spent the request gets 503.
+/// Every byte is taken from the budget as it arrives (a declared length reserves nothing):
+/// beyond the source's share 429, beyond the whole budget 503. A body that falls behind
+/// `min_rate` bytes per second after [`BODY_GRACE`] is cut off (408).
 async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
-    budget: &Arc<Semaphore>,
-) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), Reject> {
+    mut held: Held,
+    min_rate: usize,
+) -> Result<(Vec<u8>, Held), Reject> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -333,27 +402,16 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Reject::TooLarge);
     }
-    let mut held: Option<OwnedSemaphorePermit> = None;
-    let hold = |n: usize, held: &mut Option<OwnedSemaphorePermit>| -> Result<(), Reject> {
-        if n == 0 {
-            return Ok(());
-        }
-        let n = u32::try_from(n).map_err(|_| Reject::TooLarge)?;
-        let permit = budget
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| Reject::Busy)?;
-        match held {
-            Some(h) => h.merge(permit),
-            None => *held = Some(permit),
-        }
-        Ok(())
-    };
-    let capacity = declared.map_or(0, |n| n as usize).min(limit);
-    hold(capacity, &mut held)?;
-    let mut buf = Vec::with_capacity(capacity);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| Reject::BodyRead)?;
+    let start = Instant::now();
+    let per_byte = 1.0 / min_rate.max(1) as f64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let due = start + BODY_GRACE + Duration::from_secs_f64(buf.len() as f64 * per_byte);
+        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+            Err(_) => return Err(Reject::TooSlow),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(|_| Reject::BodyRead)?,
+        };
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(Reject::TooLarge);
@@ -362,7 +420,17 @@ async fn read_body(
             if grow > 0 {
                 // Reserve exactly what the budget granted, so capacity never outruns it.
                 let want = grow.max(buf.capacity()).min(limit - buf.capacity());
-                hold(want, &mut held)?;
+                let want = match held.grow(want) {
+                    Ok(()) => want,
+                    // Doubling asked for more than is left: what this frame needs may fit.
+                    Err(_) => {
+                        held.grow(grow).map_err(|full| match full {
+                            Full::Source => Reject::RateLimited,
+                            Full::All => Reject::Busy,
+                        })?;
+                        grow
+                    }
+                };
                 buf.reserve_exact(want);
             }
             buf.extend_from_slice(&data);
@@ -450,6 +518,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn forwarded_for_names_the_source_only_behind_a_trusted_proxy() {
+        let nginx: IpAddr = [10, 0, 1, 5].into();
+        let trusts = |ip: IpAddr| ip == nginx;
+        let xff = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", v.parse().expect("value"));
+            }
+            h
+        };
+        let client: IpAddr = [198, 51, 100, 7].into();
+        let other: IpAddr = [203, 0, 113, 9].into();
+        assert_eq!(
+            source_of(other, &xff(&["198.51.100.7"]), trusts),
+            other,
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(source_of(nginx, &xff(&["198.51.100.7"]), trusts), client);
+        assert_eq!(
+            source_of(nginx, &xff(&["140.82.112.1, 198.51.100.7"]), trusts),
+            client,
+            "what the client wrote left of nginx's entry is not believed"
+        );
+        assert_eq!(
+            source_of(
+                nginx,
+                &xff(&["140.82.112.1", "198.51.100.7, 10.0.1.5"]),
+                trusts
+            ),
+            client,
+            "trusted hops are skipped, over several header lines"
+        );
+        assert_eq!(
+            source_of(nginx, &xff(&["junk, 198.51.100.7"]), trusts),
+            client
+        );
+        assert_eq!(source_of(nginx, &xff(&["junk"]), trusts), nginx);
+        assert_eq!(source_of(nginx, &HeaderMap::new(), trusts), nginx);
+        let mapped: IpAddr = "::ffff:198.51.100.7".parse().expect("ip");
+        assert_eq!(source_of(mapped, &HeaderMap::new(), trusts), client);
+    }
+
+    #[test]
     fn query_token_is_found_and_decoded() {
         assert_eq!(query_token(Some("a=1&token=s%2Fx")), Some("s/x".into()));
         assert_eq!(query_token(Some("a=1")), None);
@@ -466,6 +577,17 @@ mod tests {
         assert!(!b.take());
     }
 
+    const SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    async fn read(
+        headers: &HeaderMap,
+        body: Body,
+        limit: usize,
+        budget: &Arc<Budget>,
+    ) -> Result<(Vec<u8>, Held), Reject> {
+        read_body(headers, body, limit, budget.hold(SOURCE), 1024).await
+    }
+
     #[tokio::test]
     async fn a_body_of_a_million_one_byte_chunks_is_refused_at_the_cap() {
         let chunks = futures_util::stream::iter(
@@ -473,7 +595,7 @@ mod tests {
         );
         let body = Body::from_stream(chunks);
         assert_eq!(
-            read_body(&HeaderMap::new(), body, 1024, &budget(4096))
+            read(&HeaderMap::new(), body, 1024, &Budget::new(4096, 1024))
                 .await
                 .map(|b| b.0),
             Err(Reject::TooLarge)
@@ -489,7 +611,7 @@ mod tests {
             Err::<axum::body::Bytes, _>(std::io::Error::other("read"))
         }));
         assert_eq!(
-            read_body(&headers, body, 1024, &budget(4096))
+            read(&headers, body, 1024, &Budget::new(4096, 1024))
                 .await
                 .map(|b| b.0),
             Err(Reject::TooLarge)
@@ -501,29 +623,68 @@ mod tests {
         let chunks = futures_util::stream::iter(
             ["ab", "c", "de"].map(|c| Ok::<_, std::io::Error>(axum::body::Bytes::from(c))),
         );
-        let budget = budget(64);
-        let got = read_body(&HeaderMap::new(), Body::from_stream(chunks), 5, &budget).await;
+        let budget = Budget::new(64, 5);
+        let got = read(&HeaderMap::new(), Body::from_stream(chunks), 5, &budget).await;
         assert_eq!(got.as_ref().map(|b| b.0.as_slice()), Ok(&b"abcde"[..]));
-        assert!(budget.available_permits() < 64, "the body holds its bytes");
+        assert!(budget.held(SOURCE).0 > 0, "the body holds its bytes");
         drop(got);
-        assert_eq!(budget.available_permits(), 64, "and gives them back");
+        assert_eq!(budget.held(SOURCE), (0, 0), "and gives them back");
     }
 
     #[tokio::test]
-    async fn bodies_beyond_the_shared_budget_are_refused_as_busy() {
-        let budget = budget(1000);
+    async fn a_declared_length_reserves_nothing_before_its_bytes_arrive() {
+        let budget = Budget::new(1000, 1000);
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_LENGTH, "600".parse().expect("value"));
-        let first = read_body(&headers, Body::from(vec![b'x'; 600]), 1000, &budget).await;
+        headers.insert(header::CONTENT_LENGTH, "1000".parse().expect("value"));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+        let stalled = Body::from_stream(tokio_stream_of(rx));
+        let reading = tokio::spawn({
+            let budget = budget.clone();
+            async move { read(&headers, stalled, 1000, &budget).await.map(|b| b.0) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(budget.held(SOURCE), (0, 0), "nothing arrived, nothing held");
+        tx.send(Ok(axum::body::Bytes::from(vec![b'x'; 10])))
+            .await
+            .expect("send");
+        drop(tx);
+        assert_eq!(reading.await.expect("join").map(|b| b.len()), Ok(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_slower_than_the_minimum_rate_is_cut_off() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+        let stalled = Body::from_stream(tokio_stream_of(rx));
+        let got = read(&HeaderMap::new(), stalled, 1000, &Budget::new(1000, 1000)).await;
+        assert_eq!(got.map(|b| b.0), Err(Reject::TooSlow));
+    }
+
+    #[tokio::test]
+    async fn bodies_beyond_a_share_or_the_budget_are_refused() {
+        let budget = Budget::new(1000, 600);
+        let body = || Body::from(vec![b'x'; 600]);
+        let first = read(&HeaderMap::new(), body(), 1000, &budget).await;
         assert!(first.is_ok());
-        let second = read_body(&headers, Body::from(vec![b'x'; 600]), 1000, &budget).await;
-        assert_eq!(second.map(|b| b.0), Err(Reject::Busy));
+        let second = read(&HeaderMap::new(), body(), 1000, &budget).await;
+        assert_eq!(second.map(|b| b.0), Err(Reject::RateLimited), "one source");
+        let other = read_body(
+            &HeaderMap::new(),
+            body(),
+            1000,
+            budget.hold([192, 0, 2, 9].into()),
+            1024,
+        )
+        .await;
+        assert_eq!(other.map(|b| b.0), Err(Reject::Busy), "all sources");
         drop(first);
-        let third = read_body(&headers, Body::from(vec![b'x'; 600]), 1000, &budget).await;
+        let third = read(&HeaderMap::new(), body(), 1000, &budget).await;
         assert!(third.is_ok());
     }
 
-    fn budget(bytes: usize) -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(bytes))
+    /// A body stream fed by hand.
+    fn tokio_stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<axum::body::Bytes, std::io::Error>>,
+    ) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 }

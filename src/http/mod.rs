@@ -63,6 +63,8 @@ pub struct AppState {
     intake: Arc<Intake>,
     forward: Option<Arc<Forwarder>>,
     contacts: Arc<Contacts>,
+    /// The default trusted proxies of the intake, kept current by the render loop.
+    steps: crate::state::StepAddresses,
 }
 
 impl AppState {
@@ -73,20 +75,34 @@ impl AppState {
         http: config::Http,
     ) -> AppState {
         AppState {
-            intake: Arc::new(Intake::new(hooks.clone(), &http)),
+            intake: Arc::new(Intake::new(hooks.clone(), &http, Default::default())),
             hooks,
             board,
             http,
             forward: None,
             contacts,
+            steps: Default::default(),
         }
     }
 
     /// Cluster mode: webhooks and job reads go to the controller while this instance is not it.
     pub fn with_forward(mut self, forward: Option<Arc<Forwarder>>) -> AppState {
-        self.intake =
-            Arc::new(Intake::new(self.hooks.clone(), &self.http).with_forward(forward.clone()));
+        self.intake = Arc::new(
+            Intake::new(self.hooks.clone(), &self.http, self.steps.clone())
+                .with_forward(forward.clone()),
+        );
         self.forward = forward;
+        self
+    }
+
+    /// Where the render loop keeps the addresses of nginx (and every other step's
+    /// containers): the trusted proxies when `http.trusted_proxies` is unset.
+    pub fn with_step_addresses(mut self, steps: crate::state::StepAddresses) -> AppState {
+        self.steps = steps;
+        self.intake = Arc::new(
+            Intake::new(self.hooks.clone(), &self.http, self.steps.clone())
+                .with_forward(self.forward.clone()),
+        );
         self
     }
 
@@ -154,6 +170,11 @@ pub fn agent_routes(
     role: tokio::sync::watch::Receiver<Role>,
 ) -> Result<Router> {
     let side = agent::AgentSide {
+        max_envelope: state
+            .http
+            .max_body
+            .saturating_mul(2)
+            .saturating_add(64 * 1024),
         intake: state.intake.clone(),
         // Reads here are the controller's own, never forwarded again.
         ops: state.ops()?.with_forward(None),

@@ -9,7 +9,7 @@
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -64,8 +64,12 @@ async fn healthz(State(state): State<OpsState>) -> Response {
 /// [`healthz`] plus the cluster as this instance sees it: the controller and, on the
 /// controller, every peer with its last contact (`"controller":{"node":..,"hostname":..,
 /// "address":..,"last_contact_ms_ago":..},"peers":[..]`; controller `null` until one was
-/// heard of). Only on the operator listener: it names every node's address.
-async fn healthz_with_cluster(State(state): State<OpsState>) -> Response {
+/// heard of). Only on the operator listener: it names every node's address; when a token
+/// is set, a request without it gets [`healthz`] (the container's health check has none).
+async fn healthz_with_cluster(State(state): State<OpsState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return healthz(State(state)).await;
+    }
     let role = state.board.role();
     let cluster = state.contacts.view(role);
     axum::Json(serde_json::json!({
@@ -78,16 +82,16 @@ async fn healthz_with_cluster(State(state): State<OpsState>) -> Response {
 }
 
 /// The cluster view of [`healthz_with_cluster`], for the public listener behind the token.
-async fn cluster(state: State<OpsState>) -> Response {
-    healthz_with_cluster(state).await
+async fn cluster(state: State<OpsState>, headers: HeaderMap) -> Response {
+    healthz_with_cluster(state, headers).await
 }
 
-async fn bearer(State(state): State<OpsState>, req: Request, next: Next) -> Response {
+/// Whether the request carries the operator token, or none is set.
+fn authorized(state: &OpsState, headers: &HeaderMap) -> bool {
     let Some(want) = &state.token else {
-        return next.run(req).await;
+        return true;
     };
-    let presented = req
-        .headers()
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|a| {
@@ -95,9 +99,14 @@ async fn bearer(State(state): State<OpsState>, req: Request, next: Next) -> Resp
                 .or_else(|| a.strip_prefix("bearer "))
         })
         .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
-    match presented {
-        Some(got) if bool::from(got.ct_eq(want)) => next.run(req).await,
-        _ => Error::Unauthorized.into_response(),
+    presented.is_some_and(|got| bool::from(got.ct_eq(want)))
+}
+
+async fn bearer(State(state): State<OpsState>, req: Request, next: Next) -> Response {
+    if authorized(&state, req.headers()) {
+        next.run(req).await
+    } else {
+        Error::Unauthorized.into_response()
     }
 }
 

@@ -204,9 +204,19 @@ async fn replayed_github_delivery_creates_no_second_job() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let (status, body) = send(&f.app, github("push", "d-same", PUSH_BODY, Some(sig))).await;
+    let (status, body) = send(
+        &f.app,
+        github("push", "d-same", PUSH_BODY, Some(sig.clone())),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "duplicate");
+    // The delivery id is not signed: the same signed body under a new one is a replay too.
+    let (status, body) = send(&f.app, github("push", "d-new", PUSH_BODY, Some(sig))).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &"duplicate".into())
+    );
 }
 
 #[tokio::test]
@@ -779,6 +789,96 @@ async fn connections_beyond_the_per_source_cap_are_closed_at_once() {
     stop.cancel();
 }
 
+/// A connection to `addr` from `source` (any 127.0.0.0/8 address on Linux's loopback).
+async fn connect_from(source: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::from((source, 0))).expect("bind");
+    sock.connect(addr).await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_open_bodies_from_one_address_leave_a_signed_delivery_from_another_its_2xx() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture("").await;
+    let (addr, stop) = listen(&f).await;
+    // 12 bodies that promise 1 MiB each (12 MiB: more than the whole 8 MiB budget) and
+    // send nothing.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let mut tcp = connect_from([127, 0, 0, 1], addr).await;
+        tcp.write_all(b"POST /hooks/ci HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n{")
+            .await
+            .expect("write");
+        held.push(tcp);
+    }
+    // Let them all reach the body read before the real delivery comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+    let mut real = connect_from([127, 0, 0, 2], addr).await;
+    real.write_all(
+        format!(
+            "POST /hooks/github HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             X-GitHub-Event: push\r\nX-GitHub-Delivery: real-held\r\n\
+             X-Hub-Signature-256: {sig}\r\nContent-Length: {}\r\n\r\n{PUSH_BODY}",
+            PUSH_BODY.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    real.read_to_end(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+    // And the held bodies end with an answer of their own.
+    for tcp in &mut held {
+        let mut buf = [0u8; 64];
+        let n = tcp.read(&mut buf).await.expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn behind_nginx_a_forged_flood_spends_the_forgers_budget_not_the_senders() {
+    let f = fixture("http: { auth_failures_per_minute: 10 }").await;
+    // nginx's task address, as the render loop learns it from the snapshot (the default
+    // trusted proxies).
+    let nginx: std::net::IpAddr = [10, 0, 1, 5].into();
+    let steps = crate::state::StepAddresses::default();
+    steps.write().expect("lock").insert(nginx);
+    let app = router(f.state.clone().with_step_addresses(steps)).expect("router");
+    let via_nginx = |client: &str, mut req: axum::http::Request<Body>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(SocketAddr::new(nginx, 40000)));
+        // nginx appends the address it saw to whatever the client sent.
+        let xff = format!("140.82.112.1, {client}");
+        req.headers_mut()
+            .insert("x-forwarded-for", xff.parse().expect("value"));
+        req
+    };
+    let forged = crate::hooks::sign(b"guessed", PUSH_BODY.as_bytes());
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let req = github("push", &format!("n-{i}"), PUSH_BODY, Some(forged.clone()));
+        statuses.push(send(&app, via_nginx("192.0.2.66", req)).await.0);
+    }
+    assert!(
+        statuses[10..]
+            .iter()
+            .all(|s| *s == StatusCode::TOO_MANY_REQUESTS),
+        "the forger behind nginx was not limited: {statuses:?}"
+    );
+    let sig = crate::hooks::sign(SECRET.as_bytes(), PUSH_BODY.as_bytes());
+    let req = github("push", "real-nginx", PUSH_BODY, Some(sig));
+    let (status, body) = send(&app, via_nginx("140.82.112.1", req)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
 #[tokio::test]
 async fn a_forged_flood_does_not_starve_a_correctly_signed_delivery() {
     let f = fixture("http: { auth_failures_per_minute: 10 }").await;
@@ -847,6 +947,14 @@ async fn operator_endpoints_need_the_bearer_token_when_one_is_set() {
         StatusCode::OK
     );
     assert_eq!(send(&public, get("/healthz", None)).await.0, StatusCode::OK);
+    // The operator listener's health is open, but its cluster view needs the token.
+    let ops = operator_router(f.state.ops().expect("ops"));
+    let (status, health) = send(&ops, get("/healthz", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(health.get("peers").is_none(), "{health}");
+    assert!(health.get("controller").is_none(), "{health}");
+    let (_, health) = send(&ops, get("/healthz", Some("Bearer ops-secret"))).await;
+    assert!(health.get("peers").is_some(), "{health}");
 }
 
 #[tokio::test]
@@ -892,11 +1000,15 @@ async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, Cancel
     use crate::cluster::{agent, contacts, forward};
     let key = crate::cluster::wire::Key::from_bytes(b"cluster key");
     let controller = fixture("").await;
+    // The controller's own node, which the worker's heartbeat names below: requests are
+    // signed for it.
+    let own = Arc::new(contacts::Contacts::default());
+    own.set_peers("m1", Default::default());
     let agent = Arc::new(agent::Agent::new(
         crate::cluster::wire::Guard::new(key.clone(), Duration::from_secs(30)),
         None,
         &[],
-        Arc::default(),
+        own,
     ));
     let app = agent_routes(&controller.state, agent, controller.role.subscribe()).expect("routes");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

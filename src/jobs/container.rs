@@ -80,16 +80,23 @@ fn outcome(
     }
 }
 
-/// The container's environment: the spec's fixed variables, then every fact not named
-/// there.
-pub fn environment(spec: &ContainerSpec, job: &RunContext) -> Vec<String> {
+/// The container's environment: the spec's fixed variables and those of `env_files`, then
+/// every fact not named there. An unreadable file fails the run with its path.
+pub fn environment(spec: &ContainerSpec, job: &RunContext) -> Result<Vec<String>, String> {
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    for (k, path) in &spec.env_files {
+        let value = crate::config::read_secret(path)
+            .map_err(|e| format!("env_files {k}: cannot read {}: {e}", path.display()))?;
+        let value = String::from_utf8(value)
+            .map_err(|_| format!("env_files {k}: {} is not UTF-8", path.display()))?;
+        env.push(format!("{k}={value}"));
+    }
     for (k, v) in job.facts.env() {
-        if !spec.env.contains_key(k) {
+        if !spec.env.contains_key(k) && !spec.env_files.contains_key(k) {
             env.push(format!("{k}={v}"));
         }
     }
-    env
+    Ok(env)
 }
 
 /// The last `lines` lines of `text`, at most [`MAX_LOG_BYTES`] bytes of them.
@@ -131,7 +138,11 @@ impl Runs {
             Some(lock.lock().await)
         };
         let name = format!("drover-{}-{}", job.hook, job.id);
-        let id = match create(engine, &name, job, spec, credentials).await {
+        let env = match environment(spec, job) {
+            Ok(env) => env,
+            Err(message) => return Outcome::failed(message),
+        };
+        let id = match create(engine, &name, job, env, spec, credentials).await {
             Ok(id) => id,
             Err(e) => return Outcome::failed(e.to_string()),
         };
@@ -188,13 +199,14 @@ async fn create(
     engine: &Engine,
     name: &str,
     job: &RunContext,
+    env: Vec<String>,
     spec: &ContainerSpec,
     credentials: Option<Credentials>,
 ) -> Result<String, crate::docker::Error> {
     let body = ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
-        env: Some(environment(spec, job)),
+        env: Some(env),
         user: spec.user.clone(),
         working_dir: spec.working_dir.clone(),
         labels: Some(HashMap::from([
@@ -245,12 +257,44 @@ mod tests {
                 ..Facts::default()
             },
         };
-        let env = environment(&s, &job);
+        let env = environment(&s, &job).expect("env");
         assert!(env.contains(&"DROVER_REF=fixed".to_owned()), "{env:?}");
         assert!(!env.iter().any(|e| e.contains("rm -rf")), "{env:?}");
         assert!(env.contains(&"STACK=web".to_owned()));
         assert!(env.contains(&"DROVER_SENDER=rycus86".to_owned()));
         assert!(env.contains(&"DROVER_HOOK=gh".to_owned()));
+    }
+
+    #[test]
+    fn env_files_are_read_at_each_run_and_views_show_names_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret-value\n").expect("write");
+        let s = spec(&format!(
+            "{{ image: x, env: {{ PLAIN: also-hidden }}, env_files: {{ TOKEN: {} }} }}",
+            token.display()
+        ));
+        let job = RunContext {
+            id: JobId("1-1".into()),
+            hook: "gh".into(),
+            seq: 1,
+            work: Work::Container { spec: s.clone() },
+            facts: Facts::default(),
+        };
+        let env = environment(&s, &job).expect("env");
+        assert!(env.contains(&"TOKEN=s3cret-value".to_owned()), "{env:?}");
+        let view = serde_json::to_string(&job.work).expect("json");
+        assert!(view.contains("PLAIN") && view.contains("TOKEN"), "{view}");
+        assert!(
+            !view.contains("also-hidden") && !view.contains("s3cret"),
+            "{view}"
+        );
+        std::fs::remove_file(&token).expect("rm");
+        let err = environment(&s, &job).expect_err("missing file");
+        assert!(
+            err.contains("env_files TOKEN") && err.contains("token"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,7 +21,9 @@ use super::{Facts, JobState, Outcome, RunContext, Runner, ServiceResult, Work};
 use crate::config;
 use crate::docker::{self, Credentials, Engine};
 use crate::metrics;
-use crate::update::{Change, End, Error, ImageRef, OPT_OUT_LABEL, normalise_registry, roll};
+use crate::update::{
+    Change, End, Error, ImageRef, OPT_OUT_LABEL, normalise_registry, opted_out, roll,
+};
 
 /// Bytes of a command's stdout/stderr kept in the job message.
 const OUTPUT_TAIL: usize = 1000;
@@ -129,14 +131,14 @@ impl Executor {
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(OPT_OUT_LABEL))
-                .is_some_and(|v| v == "false");
+                .is_some_and(|v| opted_out(v));
             if opted_out {
                 results.push(ServiceResult {
                     service: name,
                     from_image: Some(current.clone()),
                     to_image: None,
                     outcome: JobState::Skipped,
-                    message: format!("opted out by label {OPT_OUT_LABEL}=false"),
+                    message: format!("opted out by label {OPT_OUT_LABEL}"),
                 });
             } else {
                 matching.push((id, name));

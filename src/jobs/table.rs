@@ -324,7 +324,9 @@ impl Jobs {
             e.view.state = JobState::Running;
             e.view.started_at = Some(unix_ms());
         }
-        info!(action = ?ctx.work, "job started");
+        // The serialised form: a container's env shows names only.
+        let action = serde_json::to_string(&ctx.work).unwrap_or_default();
+        info!(%action, "job started");
         let outcome = self.runner.run(ctx).await;
         self.finish(&id, outcome, true).await;
     }

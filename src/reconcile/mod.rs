@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug, info_span};
 
 use crate::cluster::contacts::Contacts;
 use crate::cluster::wire::Key;
@@ -51,6 +51,9 @@ pub struct Reconciler {
     retargets: Option<watch::Receiver<Retarget>>,
     /// In cluster mode only the controller renders; a change of role is a full pass.
     role: watch::Receiver<Role>,
+    /// Where each snapshot's addresses of the steps' containers go (the intake's default
+    /// trusted proxies).
+    steps: Option<crate::state::StepAddresses>,
 }
 
 /// What a config reload may change in the render loop without a restart.
@@ -100,6 +103,30 @@ impl Reconciler {
             contacts,
             retargets: None,
             role,
+            steps: None,
+        }
+    }
+
+    /// Keeps `steps` current with the addresses the targets' steps reach.
+    pub fn with_step_addresses(mut self, steps: crate::state::StepAddresses) -> Reconciler {
+        self.steps = Some(steps);
+        self
+    }
+
+    fn note_step_addresses(&self, snapshot: &Snapshot) {
+        let Some(steps) = &self.steps else {
+            return;
+        };
+        let selectors: Vec<_> = self
+            .targets
+            .iter()
+            .flat_map(|t| t.config.selectors())
+            .collect();
+        let now = crate::state::query::step_addresses(&selectors, snapshot);
+        let mut held = steps.write().unwrap_or_else(|e| e.into_inner());
+        if *held != now {
+            debug!(addresses = ?now, "trusted proxies (the steps' containers)");
+            *held = now;
         }
     }
 
@@ -221,6 +248,7 @@ impl Reconciler {
             let snapshot = match fetched {
                 Ok(s) => {
                     engine.succeeded();
+                    self.note_step_addresses(&s);
                     Arc::new(s)
                 }
                 Err(e) => {

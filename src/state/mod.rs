@@ -354,6 +354,11 @@ impl Error {
     }
 }
 
+/// The addresses of the consumers of the rendered files ([`query::step_addresses`]) as of
+/// the last snapshot: written by the render loop, read by the webhook intake.
+pub type StepAddresses =
+    std::sync::Arc<std::sync::RwLock<std::collections::BTreeSet<std::net::IpAddr>>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,9 @@
 //! Questions about a snapshot that several layers ask: which stack drover runs in, which
 //! services a step's reference names, which local containers a selector reaches. Pure.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
 use crate::config::Selector;
 
 use super::Snapshot;
@@ -63,20 +66,32 @@ pub fn resolve_services(reference: &str, snapshot: &Snapshot) -> Vec<String> {
     }
 }
 
-/// Ids of the local containers an action reaches.
+/// Ids of the local containers an action reaches. A `service:` selector reaches only the
+/// tasks of that Swarm service (by `com.docker.swarm.service.name`, which a container
+/// cannot choose for itself): when drover runs in a stack and that stack has the service,
+/// its tasks alone, so another stack's service or a bare service of the same name cannot
+/// answer for it. A Compose service label counts only outside Swarm.
 pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
     let stack = own_stack(snapshot);
+    let own_named = |s: &str| stack.map(|st| format!("{st}_{s}"));
+    let in_own_stack = |s: &str| {
+        own_named(s).is_some_and(|full| {
+            snapshot
+                .containers
+                .iter()
+                .any(|c| c.service.as_deref() == Some(full.as_str()))
+        })
+    };
     snapshot
         .containers
         .iter()
         .filter(|c| c.state == "running")
         .filter(|c| match (&on.service, &on.container, &on.label) {
-            (Some(s), _, _) => {
-                c.service
-                    .as_deref()
-                    .is_some_and(|name| names_service(s, name, stack))
-                    || c.labels.get("com.docker.compose.service") == Some(s)
-            }
+            (Some(s), _, _) => match c.service.as_deref() {
+                Some(name) if in_own_stack(s) => own_named(s).as_deref() == Some(name),
+                Some(name) => names_service(s, name, stack),
+                None => !snapshot.swarm && c.labels.get("com.docker.compose.service") == Some(s),
+            },
             (_, Some(name), _) => c.name == *name || c.id.starts_with(name.as_str()),
             (_, _, Some(label)) => match label.split_once('=') {
                 Some((k, v)) => c.labels.get(k).is_some_and(|x| x == v),
@@ -86,4 +101,33 @@ pub fn select_containers(on: &Selector, snapshot: &Snapshot) -> Vec<String> {
         })
         .map(|c| c.id.clone())
         .collect()
+}
+
+/// Every address the consumers of the rendered files send from: the live tasks of the
+/// services the steps' `service:` selectors name (anywhere in the Swarm: nginx on one node
+/// proxies to drover on another), and the local containers any selector reaches. This is
+/// the default set of trusted proxies of the webhook intake (DESIGN.md, "Sources behind
+/// proxies"): nginx, which drover configures, is the one proxy it knows.
+pub fn step_addresses(selectors: &[Selector], snapshot: &Snapshot) -> BTreeSet<IpAddr> {
+    let stack = own_stack(snapshot);
+    let parse = |ip: &String| ip.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
+    let mut out = BTreeSet::new();
+    for on in selectors {
+        if let Some(reference) = &on.service {
+            for s in snapshot
+                .services
+                .iter()
+                .filter(|s| names_service(reference, &s.name, stack))
+            {
+                for t in s.tasks.iter().filter(|t| t.is_live()) {
+                    out.extend(t.ips.values().filter_map(parse));
+                }
+            }
+        }
+        let ids = select_containers(on, snapshot);
+        for c in snapshot.containers.iter().filter(|c| ids.contains(&c.id)) {
+            out.extend(c.ips.values().filter_map(parse));
+        }
+    }
+    out
 }

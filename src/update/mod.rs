@@ -26,5 +26,27 @@ pub enum Error {
     },
 }
 
-/// Label that opts a service out of webhook updates.
+/// Label that opts a service out of webhook updates (see [`opted_out`]).
 pub const OPT_OUT_LABEL: &str = "drover.update";
+
+/// Whether a value of [`OPT_OUT_LABEL`] says no: `false`, `no`, `off` or `0`, in any case,
+/// surrounding spaces ignored (stack files quote booleans every which way).
+pub fn opted_out(value: &str) -> bool {
+    let v = value.trim();
+    ["false", "no", "off", "0"]
+        .iter()
+        .any(|no| v.eq_ignore_ascii_case(no))
+}
+
+#[cfg(test)]
+mod opt_out_tests {
+    #[test]
+    fn every_spelling_of_no_opts_out_and_nothing_else_does() {
+        for v in ["false", "False", "FALSE", "no", "No", "0", "off", " false "] {
+            assert!(super::opted_out(v), "{v:?}");
+        }
+        for v in ["true", "yes", "1", "", "nope", "f"] {
+            assert!(!super::opted_out(v), "{v:?}");
+        }
+    }
+}
