@@ -2,14 +2,15 @@
 //!
 //! drover's own service is the one its own container is a task of (the container's Swarm
 //! labels, in [`Snapshot::own`]); the live tasks of that service are the agents, one per
-//! node for a global service. An agent's address is its task's IP on a network the
+//! node for a global service (a task still `starting`, its health check not yet passed,
+//! counts too). An agent's address is its task's IP on a network the
 //! service is attached to (so every peer shares it), never ingress. Pure: computed from a
 //! snapshot, so the controller and the tests see the same answer.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::state::Snapshot;
+use crate::state::{Snapshot, TaskState};
 
 /// One agent: the node it runs on and where its API answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,19 @@ pub fn peers(snapshot: &Snapshot, port: u16) -> BTreeMap<String, Peer> {
         .filter(|n| !ingress.contains(n) && *n != "ingress")
         .collect();
     let mut out = BTreeMap::new();
-    for task in service.tasks.iter().filter(|t| t.is_live()) {
+    // A task Swarm holds in `starting` while the image's health check has not passed yet
+    // runs drover all the same, and its agent answers long before the check does (every
+    // 10 s in the shipped image): a restarted drover is a peer from its first moment, and
+    // one that does not answer yet is retried like any other. A running task wins over a
+    // starting one on the same node.
+    let starting = |t: &&crate::state::Task| {
+        t.state == TaskState::Starting && t.desired_state == TaskState::Running
+    };
+    let live = service.tasks.iter().filter(|t| t.is_live());
+    for task in live.chain(service.tasks.iter().filter(starting)) {
+        if out.contains_key(&task.node_id) {
+            continue;
+        }
         let ip = shared
             .iter()
             .find_map(|n| task.ips.get(*n))
@@ -137,12 +150,25 @@ mod tests {
     }
 
     #[test]
-    fn live_tasks_of_the_own_service_are_the_peers_on_the_shared_network() {
+    fn running_and_starting_tasks_of_the_own_service_are_the_peers_on_the_shared_network() {
         let p = peers(&snapshot(), 9091);
-        assert_eq!(p.len(), 2);
+        assert_eq!(p.len(), 3);
         assert_eq!(p["n1"].addr, "10.1.0.2:9091".parse().unwrap());
         assert_eq!(p["n1"].hostname, "host-n1");
         assert_eq!(p["n2"].addr, "10.1.0.3:9091".parse().unwrap());
+        // Held in `starting` by its health check, its agent already answers.
+        assert_eq!(p["n3"].addr, "10.1.0.4:9091".parse().unwrap());
+    }
+
+    #[test]
+    fn a_running_task_wins_over_a_starting_one_and_a_preparing_one_is_no_peer() {
+        let mut s = snapshot();
+        let tasks = &mut s.services[0].tasks;
+        tasks.push(task("n2", "starting", &[("drover_cluster", "10.1.0.7")]));
+        tasks[2].state = "preparing".into();
+        let p = peers(&s, 9091);
+        assert_eq!(p["n2"].addr, "10.1.0.3:9091".parse().unwrap());
+        assert!(!p.contains_key("n3"));
     }
 
     #[test]
