@@ -6,7 +6,7 @@
 //! CLI flags instead; secrets are always read from files named here, never inlined.
 //!
 //! One file per area of the file: [`http`](Http), [`targets`](Target), [`hooks`](Hook),
-//! [`jobs`](Jobs) and `registries`, [`cluster`](Cluster). Each holds its schema, the
+//! [`jobs`](Jobs) and `registries`, [`cluster`](Cluster), [`stacks`](Stack). Each holds its schema, the
 //! defaults of what may be left out (a struct-level `#[serde(default)]` over an
 //! `impl Default` wherever no field is required) and the checks of its own part; this file
 //! holds the top [`Config`], loading, the error type, and the order the checks run in.
@@ -23,6 +23,7 @@ mod cluster;
 mod hooks;
 mod http;
 mod jobs;
+mod stacks;
 mod targets;
 mod values;
 
@@ -35,6 +36,7 @@ pub use hooks::{
 };
 pub use http::{Http, Ops};
 pub use jobs::{Jobs, Registry, check_journal};
+pub use stacks::{DEFAULT_DEPLOY_IMAGE, Stack, Transport, full_name as repository_full_name};
 pub use targets::{
     Action, BUILTIN_TEMPLATES, DEFAULT_PRIVATE_NETWORKS, Debounce, Delivery, ExecSpec,
     PrivateNetworks, Selector, SignalSpec, Target, signal_number,
@@ -83,6 +85,8 @@ pub struct Config {
     pub jobs: Jobs,
     /// The agent API of cluster mode.
     pub cluster: Cluster,
+    /// Swarm stacks deployed from git repositories.
+    pub stacks: Vec<Stack>,
 }
 
 impl Default for Config {
@@ -95,6 +99,7 @@ impl Default for Config {
             registries: Vec::new(),
             jobs: Jobs::default(),
             cluster: Cluster::default(),
+            stacks: Vec::new(),
         }
     }
 }
@@ -160,9 +165,17 @@ impl Config {
         self.jobs.check_bounds()?;
         targets::check_bounds(&self.targets)?;
         hooks::check_bounds(&self.hooks)?;
+        stacks::check_bounds(&self.stacks)?;
 
         targets::validate(&self.targets)?;
         hooks::validate(&self.hooks)?;
+        let sync_hooks: Vec<&str> = self
+            .hooks
+            .iter()
+            .filter(|h| h.kind == HookKind::Github && h.action == HookAction::SyncStacks)
+            .map(|h| h.name.as_str())
+            .collect();
+        stacks::validate(&self.stacks, &sync_hooks)?;
         self.http.validate()
     }
 }

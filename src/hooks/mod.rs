@@ -586,6 +586,7 @@ impl Service {
         let work = rules::work(&cfg.action, &facts).map_err(|e| match e {
             rules::Error::NoImage => Reject::NoImage,
             rules::Error::InvalidImage => Reject::BadRequest("invalid image reference"),
+            rules::Error::NoBranch => Reject::BadRequest("push names no repository or branch"),
         })?;
         let request = Request {
             hook: cfg.name.clone(),
