@@ -97,6 +97,13 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Deploy one stack from git (run by drover inside the deploy image, not by hand):
+    /// reads the request and credentials drover uploaded to DIR.
+    #[command(hide = true)]
+    StackDeploy {
+        #[arg(long, default_value = crate::stacks::deployer::REQUEST_DIR)]
+        dir: PathBuf,
+    },
     /// Exit 0 when the local daemon answers /healthz (for the image's HEALTHCHECK).
     Healthcheck {
         #[arg(
@@ -316,6 +323,18 @@ fn verdict(program: &str) -> Verdict {
         Verdict::HereOnly
     } else {
         Verdict::Nowhere
+    }
+}
+
+/// `drover stack-deploy`: the deploy container's one job. Failure prints the step's own
+/// message and exits non-zero, which fails the job.
+pub async fn stack_deploy(dir: PathBuf) -> anyhow::Result<ExitCode> {
+    match crate::stacks::deployer::run(&dir).await {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            println!("deploy failed: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
