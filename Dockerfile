@@ -48,6 +48,25 @@ RUN --mount=type=cache,target=/root/.cargo/registry,sharing=locked \
     && mkdir -p /out/tmp /out/etc/ssl/certs && chmod 1777 /out/tmp \
     && { cp /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/ 2>/dev/null || true; }
 
+# The deploy image of `stacks:` (docs/stacks.md): drover runs it as a one-off container
+# with the Docker socket for each deploy of a stack from git. git, git-crypt and ssh from
+# Debian, the docker CLI (`docker stack deploy` is the reference compose conversion) from
+# the official CLI image, and drover itself for the deciding logic (`drover stack-deploy`).
+#
+#   docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 --target deploy \
+#     -t drover-deploy:latest .
+ARG DOCKER_CLI=docker:28-cli
+FROM ${DOCKER_CLI} AS docker-cli
+FROM debian:bookworm-slim AS deploy
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git git-crypt openssh-client ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=docker-cli /usr/local/bin/docker /usr/local/bin/docker
+COPY --from=builder /out/drover /usr/local/bin/drover
+ENV HOME=/tmp
+ENTRYPOINT ["/usr/local/bin/drover"]
+CMD ["stack-deploy"]
+
 FROM scratch AS runtime
 COPY --from=builder /out/ /
 EXPOSE 9090

@@ -417,6 +417,15 @@ impl Loaded {
         for hook in hooks.values() {
             hook.keys.redact_into(&redactor);
         }
+        for s in &config.stacks {
+            // A deploy's output never prints these; cut them out should git or the CLI
+            // ever echo one.
+            for f in s.token_file.iter().chain(&s.git_crypt_key_file) {
+                if let Ok(secret) = config::read_secret(f) {
+                    redactor.add(&secret);
+                }
+            }
+        }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
             // path (jobs::runner::Executor), not here.

@@ -10,5 +10,12 @@
 //! conversion of a compose file, never a second one here. Files are renamed by content
 //! ([`compose`]) so Swarm's immutable configs and secrets rotate.
 
+mod archive;
 pub mod compose;
 pub mod deployer;
+pub mod poll;
+pub mod refs;
+pub mod runner;
+
+pub use poll::{POLL_HOOK, SYNC_HOOK};
+pub use runner::{StackRunner, StackState};
