@@ -71,6 +71,11 @@ pub struct Stack {
     /// The GitHub hook whose verified pushes of this repository and branch deploy it.
     #[serde(default)]
     pub hook: Option<String>,
+    /// Old versions of each rotated config kept after a rollout (default 2; 0 keeps none,
+    /// and a later `docker service rollback` then has nothing to go back to). Old secret
+    /// versions are never kept.
+    #[serde(default = "Stack::default_keep_configs")]
+    pub keep_configs: usize,
     /// The image the deploy runs in (default [`DEFAULT_DEPLOY_IMAGE`]).
     #[serde(default = "Stack::default_image")]
     pub image: String,
@@ -94,6 +99,9 @@ impl Stack {
     }
     fn default_compose() -> String {
         "docker-compose.yml".into()
+    }
+    fn default_keep_configs() -> usize {
+        2
     }
     fn default_image() -> String {
         DEFAULT_DEPLOY_IMAGE.into()
@@ -203,6 +211,7 @@ pub(super) fn check_bounds(stacks: &[Stack]) -> Result<(), Problem> {
         if let Some(poll) = s.poll {
             bounds::duration("poll", poll, POLL.0, POLL.1).map_err(|r| problem(s, r))?;
         }
+        bounds::size("keep_configs", s.keep_configs, 0, 100).map_err(|r| problem(s, r))?;
         bounds::duration(
             "timeout",
             s.timeout,

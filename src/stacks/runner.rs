@@ -29,8 +29,6 @@ use crate::update::{End, follow_started};
 
 /// The label `docker stack deploy` puts on everything of a stack.
 const NAMESPACE_LABEL: &str = "com.docker.stack.namespace";
-/// Old versions of one config kept after a rollout (secrets: none).
-const KEEP_CONFIGS: usize = 2;
 /// Lines of the deploy container's output kept on the job.
 const LOG_LINES: usize = 40;
 /// Label on every deploy container.
@@ -218,7 +216,7 @@ impl StackRunner {
         let follows = changed.iter().map(|svc| self.follow(svc, &before));
         let services: Vec<ServiceResult> = futures_util::future::join_all(follows).await;
         let pruned = if services.iter().all(|s| s.outcome == JobState::Completed) {
-            self.prune(name, &result).await
+            self.prune(name, &result, stack.keep_configs).await
         } else {
             Vec::new()
         };
@@ -341,9 +339,9 @@ impl StackRunner {
     }
 
     /// Removes versions of the stack's rotated configs and secrets that no service uses
-    /// and the deploy did not just name, keeping the newest [`KEEP_CONFIGS`] old configs
+    /// and the deploy did not just name, keeping the newest `keep` old configs
     /// of each key and no old secret. Returns the names removed.
-    async fn prune(&self, stack: &str, result: &Deployed) -> Vec<String> {
+    async fn prune(&self, stack: &str, result: &Deployed, keep: usize) -> Vec<String> {
         let used: std::collections::HashSet<String> = match self.services(stack).await {
             Ok(s) => s.into_values().flat_map(|s| s.configs).collect(),
             Err(e) => {
@@ -370,7 +368,7 @@ impl StackRunner {
                         })
                     })
                     .collect();
-                for name in prunable(versions, &current, &used, KEEP_CONFIGS) {
+                for name in prunable(versions, &current, &used, keep) {
                     match self.engine.delete_config(&name).await {
                         Ok(()) => removed.push(name),
                         Err(e) => warn!(config = %name, error = %e, "cannot remove an old config"),
