@@ -347,6 +347,9 @@ stacks:
     assert_eq!(served(&service)?, "v4");
     assert_eq!(service_config(&service)?.len(), v2.len());
 
+    for j in &list {
+        eprintln!("job {} {}: {}", j["id"], j["state"], j["message"]);
+    }
     // Nothing of the token reached the jobs.
     let all = serde_json::to_string(&list)?;
     assert!(!all.contains(raw.trim()), "the git token leaked into /jobs");
