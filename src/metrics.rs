@@ -41,6 +41,7 @@ pub struct Metrics {
     pub peer_contact: IntGaugeVec,
     pub updates: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub stack_deploys: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -253,6 +254,12 @@ impl Metrics {
                 "drover_config_reloads_total",
                 "Reloads of drover's own config file on SIGHUP, by outcome (applied, refused)",
                 &["outcome"],
+            ),
+            stack_deploys: counter_vec(
+                &r,
+                "drover_stack_deploys_total",
+                "Syncs of stacks from git, by stack and outcome (completed, failed, skipped: already at the branch head or superseded)",
+                &["stack", "outcome"],
             ),
             stream_reconnects,
             resyncs,

@@ -138,6 +138,16 @@ impl StackRunner {
     }
 
     async fn sync_one(&self, job: &RunContext, stack: &Stack) -> Outcome {
+        let out = self.sync_locked(job, stack).await;
+        // Stack names come from the config: a bounded label.
+        crate::metrics::get()
+            .stack_deploys
+            .with_label_values(&[stack.name.as_str(), out.state.as_str()])
+            .inc();
+        out
+    }
+
+    async fn sync_locked(&self, job: &RunContext, stack: &Stack) -> Outcome {
         let Some(_guard) = self
             .slots
             .acquire(&format!("stack {}", stack.name), job.seq)
