@@ -182,7 +182,12 @@ async fn webhook_side(
         }
     };
     let executor = Arc::new(crate::jobs::runner::Executor::new(engine.clone(), config)?);
-    let stacks = Arc::new(crate::stacks::StackRunner::new(executor, engine, config));
+    let stacks = Arc::new(crate::stacks::StackRunner::new(
+        executor,
+        engine,
+        config,
+        board.clone(),
+    ));
     let hooks = intake(
         config,
         stacks.clone(),

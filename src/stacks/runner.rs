@@ -51,10 +51,19 @@ pub struct StackRunner {
     follow_limit: Duration,
     slots: Slots,
     state: Mutex<HashMap<String, StackState>>,
+    board: Arc<crate::status::Board>,
 }
 
 impl StackRunner {
-    pub fn new(inner: Arc<dyn Runner>, engine: Engine, config: &config::Config) -> StackRunner {
+    pub fn new(
+        inner: Arc<dyn Runner>,
+        engine: Engine,
+        config: &config::Config,
+        board: Arc<crate::status::Board>,
+    ) -> StackRunner {
+        for s in &config.stacks {
+            board.update_stack(&s.name, |row| row.branch.clone_from(&s.branch));
+        }
         let mut auths = serde_json::Map::new();
         for r in &config.registries {
             if let Ok(password) = config::read_secret(&r.password_file) {
@@ -74,6 +83,7 @@ impl StackRunner {
             follow_limit: config.jobs.update_timeout,
             slots: Slots::default(),
             state: Mutex::default(),
+            board,
         }
     }
 
@@ -104,7 +114,12 @@ impl StackRunner {
             .get(&stack.name)
             .and_then(|s| s.deployed.clone());
         match super::refs::head(stack, &stack.branch).await {
-            Ok(head) => deployed.as_deref() != Some(head.as_str()),
+            Ok(head) => {
+                let moved = deployed.as_deref() != Some(head.as_str());
+                self.board
+                    .update_stack(&stack.name, |row| row.head = Some(head));
+                moved
+            }
             Err(e) => {
                 warn!(stack = %stack.name, error = %e, "cannot look up the branch head");
                 false
@@ -138,7 +153,22 @@ impl StackRunner {
     }
 
     async fn sync_one(&self, job: &RunContext, stack: &Stack) -> Outcome {
+        self.board.update_stack(&stack.name, |row| {
+            row.last_trigger = Some(job.hook.clone());
+        });
         let out = self.sync_locked(job, stack).await;
+        let deployed = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&stack.name)
+            .and_then(|s| s.deployed.clone());
+        self.board.update_stack(&stack.name, |row| {
+            row.deployed = deployed;
+            row.outcome = Some(out.state.as_str().to_owned());
+            row.message.clone_from(&out.message);
+            row.last_at = u64::try_from(crate::clock::unix_secs()).ok();
+        });
         // Stack names come from the config: a bounded label.
         crate::metrics::get()
             .stack_deploys
@@ -167,7 +197,11 @@ impl StackRunner {
         let head = match stack.transport() {
             Some(Transport::Http) if stack.repository.starts_with("http://") => {
                 match super::refs::head(stack, &stack.branch).await {
-                    Ok(h) => Some(h),
+                    Ok(h) => {
+                        self.board
+                            .update_stack(&stack.name, |row| row.head = Some(h.clone()));
+                        Some(h)
+                    }
                     Err(e) => {
                         let out = Outcome::failed(format!("stack {}: {e}", stack.name));
                         self.record(&stack.name, |s| s.outcome = Some(out.state));
@@ -218,6 +252,8 @@ impl StackRunner {
             }
         };
         self.record(name, |s| s.deployed = Some(result.commit.clone()));
+        self.board
+            .update_stack(name, |row| row.head = Some(result.commit.clone()));
         let after = match self.services(name).await {
             Ok(s) => s,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
