@@ -355,3 +355,91 @@ stacks:
     assert!(!all.contains(raw.trim()), "the git token leaked into /jobs");
     Ok(())
 }
+
+#[test]
+fn a_polled_stack_deploys_a_push_without_a_webhook_and_an_unchanged_branch_starts_nothing()
+-> Result<()> {
+    require_e2e!();
+    let stack = unique("stkpoll");
+    let network = unique("stkpollnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    // No hook: the post-receive hook's delivery goes nowhere (and fails quietly).
+    let repo = Repo::create(&stack, "http://127.0.0.1:9/none")?;
+    let dir = temp_dir("drover-e2e-stack-poll")?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let c1 = repo.push(
+        &[
+            ("stack.yml", &compose(&busybox_image(), &network)),
+            ("conf/app.txt", "p1\n"),
+        ],
+        "p1",
+    )?;
+    let config = format!(
+        r#"jobs: {{ update_timeout: 120s }}
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    poll: 10s
+    image: {image}
+"#,
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, None)?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["hook"], "stack-poll", "{job}");
+    wait_for("p1 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "p1")
+    })?;
+
+    // Two more polls of an unchanged branch: no job, so no deploy container.
+    let before = jobs(&drover).len();
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!(jobs(&drover).len(), before, "{:?}", jobs(&drover));
+    let page = drover.get("/")?.body;
+    assert!(
+        page.contains(&format!(r#"data-name="{stack}" data-ahead="false""#)),
+        "{page}"
+    );
+
+    // A manual sync of an unchanged stack is a job that deploys nothing.
+    let answer = http_post(&drover.ops, &format!("/stacks/{stack}/sync"), &[], b"")?;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let id = serde_json::from_str::<serde_json::Value>(&answer.body)?["job"]
+        .as_str()
+        .context("job id")?
+        .to_owned();
+    wait_for("the manual sync", Duration::from_secs(30), || {
+        jobs(&drover)
+            .iter()
+            .any(|j| j["id"] == id.as_str() && j["state"] == "skipped")
+    })?;
+
+    // A push is deployed by the next poll.
+    let c2 = repo.push(&[("conf/app.txt", "p2\n")], "p2")?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    wait_for("p2 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "p2")
+    })?;
+    let metrics = drover.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "drover_stack_deploys_total",
+            &[("stack", stack.as_str()), ("outcome", "completed")]
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    Ok(())
+}
