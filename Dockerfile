@@ -22,6 +22,8 @@
 # Tests on machines that cannot pull base images use docker/runtime-local.Dockerfile.
 
 ARG RUST_CROSS=ghcr.io/rust-cross/rust-musl-cross
+# The docker CLI of the deploy image (FROM arguments must come before the first FROM).
+ARG DOCKER_CLI=docker:28-cli
 
 # One native build stage per target architecture; BuildKit builds only the one selected
 # by TARGETARCH (TARGETVARIANT "v7" for arm).
@@ -55,7 +57,6 @@ RUN --mount=type=cache,target=/root/.cargo/registry,sharing=locked \
 #
 #   docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 --target deploy \
 #     -t drover-deploy:latest .
-ARG DOCKER_CLI=docker:28-cli
 FROM ${DOCKER_CLI} AS docker-cli
 FROM debian:bookworm-slim AS deploy
 RUN apt-get update \
