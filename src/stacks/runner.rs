@@ -178,11 +178,7 @@ impl StackRunner {
     }
 
     async fn sync_locked(&self, job: &RunContext, stack: &Stack) -> Outcome {
-        let Some(_guard) = self
-            .slots
-            .acquire(&format!("stack {}", stack.name), job.seq)
-            .await
-        else {
+        let Some(_guard) = self.slots.acquire(&slot(&stack.name), job.seq).await else {
             return skipped(format!(
                 "stack {}: superseded by a newer sync (it deploys the newer head)",
                 stack.name
@@ -575,6 +571,11 @@ struct Svc {
     configs: Vec<String>,
 }
 
+/// The slot of a stack's deploys: one at a time, a newer job supersedes a waiting one.
+fn slot(stack: &str) -> String {
+    format!("stack {stack}")
+}
+
 /// Services created or whose spec the deploy changed.
 fn changed_services(before: &BTreeMap<String, Svc>, after: &BTreeMap<String, Svc>) -> Vec<Svc> {
     after
@@ -828,6 +829,35 @@ mod tests {
             .map(|s| s.id)
             .collect();
         assert_eq!(ids, vec!["b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_newer_sync_supersedes_a_waiting_one_of_its_stack_and_never_another_stacks() {
+        let slots = Arc::new(Slots::default());
+        // Job 1 deploys web; jobs 2 and 3 (web) and 4 (mon) arrive meanwhile.
+        let running = slots.acquire(&slot("web"), 1).await.expect("free");
+        let wait = |key: &'static str, seq: u64| {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire(&slot(key), seq).await.is_some() })
+        };
+        let older = wait("web", 2);
+        tokio::task::yield_now().await;
+        let newer = wait("web", 3);
+        tokio::task::yield_now().await;
+        // Another stack deploys side by side, while web's first deploy still runs.
+        assert!(
+            wait("mon", 4).await.expect("join"),
+            "mon is not blocked by web"
+        );
+        drop(running);
+        assert!(
+            !older.await.expect("join"),
+            "the older waiting sync is superseded"
+        );
+        assert!(
+            newer.await.expect("join"),
+            "the newest sync runs (and looks up the head then)"
+        );
     }
 
     #[test]
