@@ -443,3 +443,97 @@ stacks:
     );
     Ok(())
 }
+
+/// A stack file whose service checks its health with `health` (`true` or `false`).
+fn compose_with_health(image: &str, network: &str, health: &str) -> String {
+    format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [net]
+    healthcheck:
+      test: ["CMD", "{health}"]
+      interval: 1s
+      timeout: 1s
+      retries: 1
+    deploy:
+      update_config: {{ order: start-first, monitor: 5s, failure_action: rollback }}
+      rollback_config: {{ order: start-first }}
+networks:
+  net:
+    external: true
+    name: {network}
+"#
+    )
+}
+
+#[test]
+fn a_push_whose_service_never_becomes_healthy_is_rolled_back_and_fails_the_job() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stkrb");
+    let network = unique("stkrbnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let repo = Repo::create(&stack, &format!("http://{http}/hooks/gh"))?;
+    let dir = temp_dir("drover-e2e-stack-rb")?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET)?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let config = format!(
+        r#"http: {{ listen: {http} }}
+jobs: {{ update_timeout: 120s }}
+hooks:
+  - name: gh
+    kind: github
+    secret_file: {secret}
+    quiet: 0s
+    action: sync-stacks
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    hook: gh
+    image: {image}
+"#,
+        secret = secret.display(),
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+    let image = busybox_image();
+    let c1 = repo.push(
+        &[("stack.yml", &compose_with_health(&image, &network, "true"))],
+        "healthy",
+    )?;
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    let c2 = repo.push(
+        &[("stack.yml", &compose_with_health(&image, &network, "false"))],
+        "never healthy",
+    )?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "failed", "{job}");
+    let rolled_back = job["services"].as_array().is_some_and(|s| {
+        s.iter()
+            .any(|r| r["service"] == service.as_str() && r["outcome"] == "rolled_back")
+    });
+    assert!(rolled_back, "{job}");
+    let health = docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck.Test}}",
+        &service,
+    ])?;
+    assert!(health.contains("true"), "Swarm rolled back to v1: {health}");
+    Ok(())
+}
