@@ -537,3 +537,117 @@ stacks:
     assert!(health.contains("true"), "Swarm rolled back to v1: {health}");
     Ok(())
 }
+
+#[test]
+fn a_git_crypt_secret_reaches_the_service_decrypted_and_never_the_job_or_the_log() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stkcrypt");
+    let network = unique("stkcryptnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let repo = Repo::create(&stack, "http://127.0.0.1:9/none")?;
+    let dir = temp_dir("drover-e2e-stack-crypt")?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let key = dir.path().join("git-crypt-key");
+    let plaintext = format!("decrypted-{}", unique("s"));
+    let work = repo.work.path();
+    let crypt = |args: &[&str]| -> Result<()> {
+        let ok = Command::new("git-crypt")
+            .args(args)
+            .current_dir(work)
+            .status()
+            .context("run git-crypt")?
+            .success();
+        ensure!(ok, "git-crypt {args:?}");
+        Ok(())
+    };
+    crypt(&["init"])?;
+    crypt(&["export-key", &key.display().to_string()])?;
+    let file = format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [net]
+    secrets: [{{ source: token, target: token }}]
+secrets:
+  token:
+    file: ./secret.txt
+networks:
+  net:
+    external: true
+    name: {network}
+"#,
+        image = busybox_image()
+    );
+    let commit = repo.push(
+        &[
+            (
+                ".gitattributes",
+                "secret.txt filter=git-crypt diff=git-crypt\n",
+            ),
+            ("secret.txt", &plaintext),
+            ("stack.yml", &file),
+        ],
+        "encrypted secret",
+    )?;
+    let stored = git(&repo.bare, &["show", &format!("{commit}:secret.txt")]).unwrap_or_default();
+    ensure!(
+        !stored.contains(&plaintext),
+        "the repository holds the secret encrypted"
+    );
+    let config = format!(
+        r#"jobs: {{ update_timeout: 120s }}
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    git_crypt_key_file: {key}
+    image: {image}
+"#,
+        url = repo.url,
+        token = token.display(),
+        key = key.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, None)?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let answer = http_post(&drover.ops, &format!("/stacks/{stack}/sync"), &[], b"")?;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let job = wait_deployed(&drover, &commit, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    let service = format!("{stack}_app");
+    wait_for(
+        "the decrypted secret in the task",
+        Duration::from_secs(60),
+        || {
+            let ids = docker(&[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.swarm.service.name={service}"),
+            ])
+            .unwrap_or_default();
+            ids.split_whitespace().any(|id| {
+                docker(&["exec", id, "cat", "/run/secrets/token"])
+                    .is_ok_and(|s| s.trim() == plaintext)
+            })
+        },
+    )?;
+    let everything = format!(
+        "{}\n{}\n{}",
+        serde_json::to_string(&jobs(&drover))?,
+        drover.get("/")?.body,
+        drover.logs()
+    );
+    assert!(
+        !everything.contains(&plaintext),
+        "a decrypted byte reached /jobs, the status page or the log"
+    );
+    assert!(!everything.contains(raw.trim()), "the git token leaked");
+    Ok(())
+}
