@@ -378,7 +378,8 @@ fn a_polled_stack_deploys_a_push_without_a_webhook_and_an_unchanged_branch_start
         "p1",
     )?;
     let config = format!(
-        r#"jobs: {{ update_timeout: 120s }}
+        r#"http: {{ listen: 127.0.0.1:{port} }}
+jobs: {{ update_timeout: 120s }}
 stacks:
   - name: {stack}
     repository: {url}
@@ -390,6 +391,7 @@ stacks:
         url = repo.url,
         token = token.display(),
         image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+        port = free_port(),
     );
     let mut drover = DroverProcess::start(&config, None)?;
     drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
@@ -600,7 +602,8 @@ networks:
         "the repository holds the secret encrypted"
     );
     let config = format!(
-        r#"jobs: {{ update_timeout: 120s }}
+        r#"http: {{ listen: 127.0.0.1:{port} }}
+jobs: {{ update_timeout: 120s }}
 stacks:
   - name: {stack}
     repository: {url}
@@ -613,6 +616,7 @@ stacks:
         token = token.display(),
         key = key.display(),
         image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+        port = free_port(),
     );
     let mut drover = DroverProcess::start(&config, None)?;
     drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
