@@ -22,6 +22,8 @@
 # Tests on machines that cannot pull base images use docker/runtime-local.Dockerfile.
 
 ARG RUST_CROSS=ghcr.io/rust-cross/rust-musl-cross
+# The docker CLI of the deploy image (FROM arguments must come before the first FROM).
+ARG DOCKER_CLI=docker:28-cli
 
 # One native build stage per target architecture; BuildKit builds only the one selected
 # by TARGETARCH (TARGETVARIANT "v7" for arm).
@@ -47,6 +49,24 @@ RUN --mount=type=cache,target=/root/.cargo/registry,sharing=locked \
     && install -D -m 0755 "target/${RUST_TARGET}/release/drover" /out/drover \
     && mkdir -p /out/tmp /out/etc/ssl/certs && chmod 1777 /out/tmp \
     && { cp /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/ 2>/dev/null || true; }
+
+# The deploy image of `stacks:` (docs/stacks.md): drover runs it as a one-off container
+# with the Docker socket for each deploy of a stack from git. git, git-crypt and ssh from
+# Debian, the docker CLI (`docker stack deploy` is the reference compose conversion) from
+# the official CLI image, and drover itself for the deciding logic (`drover stack-deploy`).
+#
+#   docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7 --target deploy \
+#     -t drover-deploy:latest .
+FROM ${DOCKER_CLI} AS docker-cli
+FROM debian:bookworm-slim AS deploy
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git git-crypt openssh-client ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=docker-cli /usr/local/bin/docker /usr/local/bin/docker
+COPY --from=builder /out/drover /usr/local/bin/drover
+ENV HOME=/tmp
+ENTRYPOINT ["/usr/local/bin/drover"]
+CMD ["stack-deploy"]
 
 FROM scratch AS runtime
 COPY --from=builder /out/ /

@@ -97,6 +97,13 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Deploy one stack from git (run by drover inside the deploy image, not by hand):
+    /// reads the request and credentials drover uploaded to DIR.
+    #[command(hide = true)]
+    StackDeploy {
+        #[arg(long, default_value = crate::stacks::deployer::REQUEST_DIR)]
+        dir: PathBuf,
+    },
     /// Exit 0 when the local daemon answers /healthz (for the image's HEALTHCHECK).
     Healthcheck {
         #[arg(
@@ -206,7 +213,16 @@ pub fn check(args: ConfigArgs, strict: bool) -> anyhow::Result<ExitCode> {
         .registries
         .iter()
         .map(|r| (format!("registry {}", r.address), &r.password_file));
-    for (owner, path) in hook_files.chain(registry_files) {
+    let stack_files = config.stacks.iter().flat_map(|s| {
+        let owner = format!("stack {}", s.name);
+        s.token_file
+            .iter()
+            .chain(&s.ssh_key_file)
+            .chain(&s.known_hosts_file)
+            .chain(&s.git_crypt_key_file)
+            .map(move |p| (owner.clone(), p))
+    });
+    for (owner, path) in hook_files.chain(registry_files).chain(stack_files) {
         if let Err(e) = crate::config::read_secret(path) {
             if strict {
                 eprintln!("drover: {owner}: cannot read {}: {e}", path.display());
@@ -219,15 +235,106 @@ pub fn check(args: ConfigArgs, strict: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    for c in local_commands(&config) {
+        match c.verdict {
+            Verdict::Image => {}
+            Verdict::HereOnly => eprintln!(
+                "drover: warning: {}: {:?} is not in drover's image (FROM scratch: it holds only /drover); it runs only where drover runs outside that image (use a container action there)",
+                c.owner, c.program
+            ),
+            Verdict::Nowhere => {
+                eprintln!(
+                    "drover: {}: {:?} cannot run: drover's image (FROM scratch) holds only /drover and this machine has no such program either (use a container action, or stacks: to deploy from git)",
+                    c.owner, c.program
+                );
+                ok = false;
+            }
+        }
+    }
     if ok {
         println!(
-            "config ok: {} targets, {} hooks",
+            "config ok: {} targets, {} hooks, {} stacks",
             config.targets.len(),
-            config.hooks.len()
+            config.hooks.len(),
+            config.stacks.len()
         );
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Where a local command's program can exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// drover itself: in its image and wherever it runs.
+    Image,
+    /// On this machine, never in drover's image.
+    HereOnly,
+    /// Neither in drover's image nor on this machine.
+    Nowhere,
+}
+
+/// A `command:` (a target's check or notify step, or a hook's action): local commands run
+/// inside drover's own container, whose release image holds nothing but `/drover`.
+struct LocalCommand {
+    owner: String,
+    program: String,
+    verdict: Verdict,
+}
+
+fn local_commands(config: &Config) -> Vec<LocalCommand> {
+    let mut out = Vec::new();
+    let mut push = |owner: String, argv: &[String]| {
+        let Some(program) = argv.first() else { return };
+        out.push(LocalCommand {
+            owner,
+            program: program.clone(),
+            verdict: verdict(program),
+        });
+    };
+    for t in &config.targets {
+        for a in t.check.iter().chain(&t.notify) {
+            if let Action::Command(argv) = a {
+                push(format!("target {}", t.name), argv);
+            }
+        }
+    }
+    for h in &config.hooks {
+        if let crate::config::HookAction::Command(argv) = &h.action {
+            push(format!("hook {}", h.name), argv);
+        }
+    }
+    out
+}
+
+fn verdict(program: &str) -> Verdict {
+    if program == "/drover" {
+        return Verdict::Image;
+    }
+    let here = if program.contains('/') {
+        std::path::Path::new(program).is_file()
+    } else {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
+        })
+    };
+    if here {
+        Verdict::HereOnly
+    } else {
+        Verdict::Nowhere
+    }
+}
+
+/// `drover stack-deploy`: the deploy container's one job. Failure prints the step's own
+/// message and exits non-zero, which fails the job.
+pub async fn stack_deploy(dir: PathBuf) -> anyhow::Result<ExitCode> {
+    match crate::stacks::deployer::run(&dir).await {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            println!("deploy failed: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
@@ -263,5 +370,18 @@ pub fn healthcheck(url: &str) -> ExitCode {
             eprintln!("drover: unhealthy: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_absent_from_drovers_image_and_this_machine_cannot_run() {
+        assert_eq!(verdict("/drover"), Verdict::Image);
+        assert_eq!(verdict("/usr/local/bin/deploy-stack.sh"), Verdict::Nowhere);
+        assert_eq!(verdict("no-such-program-anywhere"), Verdict::Nowhere);
+        assert_eq!(verdict("sh"), Verdict::HereOnly);
     }
 }

@@ -208,8 +208,30 @@ async fn webhook_side(
             }
         }
     };
-    let runner = Arc::new(crate::jobs::runner::Executor::new(engine, config)?);
-    let hooks = intake(config, runner, journal, role, shutdown).await?;
+    let executor = Arc::new(crate::jobs::runner::Executor::new(engine.clone(), config)?);
+    let stacks = Arc::new(crate::stacks::StackRunner::new(
+        executor,
+        engine,
+        config,
+        board.clone(),
+    ));
+    let hooks = intake(
+        config,
+        stacks.clone(),
+        journal,
+        role.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    if config.stacks.iter().any(|s| s.poll.is_some()) {
+        tokio::spawn(crate::stacks::poll::run(
+            config.stacks.clone(),
+            stacks,
+            hooks.jobs().clone(),
+            role,
+            shutdown,
+        ));
+    }
     Ok(crate::http::AppState::new(
         hooks,
         board,

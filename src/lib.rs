@@ -71,6 +71,9 @@ pub mod status;
 // queue, coalesce, journal and run webhook work (the runner and the container action)
 pub mod jobs;
 
+// stacks from git: the deploy container, content-named configs, one deploy per stack
+pub mod stacks;
+
 // pure: Snapshot + template -> bytes
 pub mod render;
 

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             Command::Run(args) => drover::daemon::run(args).await,
             Command::Render { args, target } => cli::render_once(args, target).await,
             Command::Check { args, strict } => cli::check(args, strict),
+            Command::StackDeploy { dir } => cli::stack_deploy(dir).await,
             Command::Healthcheck { url } => Ok(cli::healthcheck(&url)),
         }
     });

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub updates: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub notifications: IntCounterVec,
+    pub stack_deploys: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -260,6 +261,12 @@ impl Metrics {
                 "drover_notifications_total",
                 "Notifications by sink and outcome (sent, failed, suppressed, dropped)",
                 &["sink", "outcome"],
+            ),
+            stack_deploys: counter_vec(
+                &r,
+                "drover_stack_deploys_total",
+                "Syncs of stacks from git, by stack and outcome (completed, failed, skipped: already at the branch head or superseded)",
+                &["stack", "outcome"],
             ),
             stream_reconnects,
             resyncs,

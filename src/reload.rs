@@ -5,7 +5,7 @@
 //! or nothing: targets (their templates compiled again) and `resync` go to the render
 //! loop and to the agent API (a target added or changed is delivered and applied as
 //! the new config says), hooks to the webhook intake. Settings bound to something opened at start — the
-//! listeners and HTTP limits, `jobs`, `registries`, `cluster`, `notifications` — keep their running values;
+//! listeners and HTTP limits, `jobs`, `registries`, `cluster`, `notifications`, `stacks` — keep their running values;
 //! a changed one is named in a log line that says it needs a restart. A refused reload
 //! changes nothing and is counted. A reload never touches the job queue (queued and
 //! running jobs go on as they were) nor the engine's event stream.
@@ -161,6 +161,10 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     if differs(&running.notifications, &new.notifications) {
         changed.push("notifications");
     }
+    // The stacks runner and its poll loops are built once at start.
+    if differs(&running.stacks, &new.stacks) {
+        changed.push("stacks");
+    }
     changed
 }
 
@@ -186,6 +190,14 @@ mod tests {
              targets:\n  - name: b\n    template: builtin:nginx\n    output: /tmp/b.conf\n",
         );
         assert!(needs_restart(&parse(BASE), &new).is_empty());
+    }
+
+    #[test]
+    fn a_changed_stack_needs_a_restart() {
+        let new = parse(&format!(
+            "{BASE}stacks:\n  - name: web\n    repository: https://git.example.com/lab/web.git\n"
+        ));
+        assert_eq!(needs_restart(&parse(BASE), &new), vec!["stacks"]);
     }
 
     #[test]

@@ -154,6 +154,32 @@ impl NodeResult {
     }
 }
 
+/// One stack deployed from git, as the status page shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StackStatus {
+    pub name: String,
+    pub branch: String,
+    /// The commit drover last deployed (since it started).
+    pub deployed: Option<String>,
+    /// The branch head last looked up, when a lookup was made.
+    pub head: Option<String>,
+    /// What last asked for a sync: a hook's name, `stack-poll` or `stack-sync`.
+    pub last_trigger: Option<String>,
+    /// Unix seconds of the last sync's end.
+    pub last_at: Option<u64>,
+    /// The last sync's outcome (`completed`, `failed`, `skipped`).
+    pub outcome: Option<String>,
+    pub message: Option<String>,
+}
+
+impl StackStatus {
+    /// The branch has a head that is not what runs.
+    pub fn ahead(&self) -> bool {
+        matches!((&self.head, &self.deployed), (Some(h), Some(d)) if h != d)
+            || (self.head.is_some() && self.deployed.is_none())
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub version: &'static str,
@@ -164,6 +190,7 @@ pub struct Summary {
     pub ready: bool,
     pub peers: Vec<String>,
     pub targets: Vec<TargetStatus>,
+    pub stacks: Vec<StackStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -172,6 +199,7 @@ pub struct Board {
     targets: RwLock<BTreeMap<String, TargetStatus>>,
     /// Told when a host is newly left out or a node newly stops answering.
     notifier: OnceLock<Notifier>,
+    stacks: RwLock<BTreeMap<String, StackStatus>>,
 }
 
 impl Board {
@@ -183,6 +211,7 @@ impl Board {
             }),
             targets: RwLock::default(),
             notifier: OnceLock::new(),
+            stacks: RwLock::default(),
         }
     }
 
@@ -198,7 +227,22 @@ impl Board {
             .read()
             .map(|t| t.values().cloned().collect())
             .unwrap_or_default();
+        s.stacks = self
+            .stacks
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
         s
+    }
+
+    pub fn update_stack(&self, name: &str, f: impl FnOnce(&mut StackStatus)) {
+        if let Ok(mut t) = self.stacks.write() {
+            let entry = t.entry(name.to_owned()).or_insert_with(|| StackStatus {
+                name: name.to_owned(),
+                ..StackStatus::default()
+            });
+            f(entry);
+        }
     }
 
     pub fn role(&self) -> Option<crate::role::Role> {

@@ -188,6 +188,9 @@ pub enum HookAction {
     Command(Vec<String>),
     /// Run a one-off container with payload facts as `DROVER_*` environment variables.
     Container(ContainerSpec),
+    /// GitHub hooks: hint every stack that names this hook, and whose repository and
+    /// branch the push names, that its branch moved (`stacks:`).
+    SyncStacks,
 }
 
 enum HookActionRepr {
@@ -227,9 +230,12 @@ impl TryFrom<HookActionRepr> for HookAction {
             HookActionRepr::Name(n) if n == "update-services" => {
                 return Ok(HookAction::UpdateServices);
             }
+            HookActionRepr::Name(n) if n == "sync-stacks" => {
+                return Ok(HookAction::SyncStacks);
+            }
             HookActionRepr::Name(n) => {
                 return Err(format!(
-                    "unknown action {n:?}: use update-services, {{restart-service: NAME}}, {{command: [argv]}} or {{container: {{image: ...}}}}"
+                    "unknown action {n:?}: use update-services, sync-stacks, {{restart-service: NAME}}, {{command: [argv]}} or {{container: {{image: ...}}}}"
                 ));
             }
             HookActionRepr::Map(m) => *m,
@@ -435,6 +441,9 @@ pub(super) fn validate(hooks: &[Hook]) -> Result<(), Problem> {
         if let HookAction::Container(c) = &h.action {
             c.validate()
                 .map_err(|r| problem(h, format!("container: {r}")))?;
+        }
+        if h.action == HookAction::SyncStacks && h.kind != HookKind::Github {
+            return Err(problem(h, "sync-stacks is an action of github hooks"));
         }
     }
     Ok(())

@@ -6,7 +6,7 @@
 //! CLI flags instead; secrets are always read from files named here, never inlined.
 //!
 //! One file per area of the file: [`http`](Http), [`targets`](Target), [`hooks`](Hook),
-//! [`jobs`](Jobs) and `registries`, [`cluster`](Cluster). Each holds its schema, the
+//! [`jobs`](Jobs) and `registries`, [`cluster`](Cluster), [`stacks`](Stack). Each holds its schema, the
 //! defaults of what may be left out (a struct-level `#[serde(default)]` over an
 //! `impl Default` wherever no field is required) and the checks of its own part; this file
 //! holds the top [`Config`], loading, the error type, and the order the checks run in.
@@ -24,6 +24,7 @@ mod hooks;
 mod http;
 mod jobs;
 mod notifications;
+mod stacks;
 mod targets;
 mod values;
 
@@ -37,6 +38,7 @@ pub use hooks::{
 pub use http::{Http, Ops};
 pub use jobs::{Jobs, Registry, check_journal};
 pub use notifications::{EventKind, Notifications, Sink, SinkKind};
+pub use stacks::{DEFAULT_DEPLOY_IMAGE, Stack, Transport, full_name as repository_full_name};
 pub use targets::{
     Action, BUILTIN_TEMPLATES, DEFAULT_PRIVATE_NETWORKS, Debounce, Delivery, ExecSpec,
     PrivateNetworks, Selector, SignalSpec, Target, signal_number,
@@ -87,6 +89,8 @@ pub struct Config {
     pub cluster: Cluster,
     /// Where drover tells a person what needs one.
     pub notifications: Notifications,
+    /// Swarm stacks deployed from git repositories.
+    pub stacks: Vec<Stack>,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             jobs: Jobs::default(),
             cluster: Cluster::default(),
             notifications: Notifications::default(),
+            stacks: Vec::new(),
         }
     }
 }
@@ -165,10 +170,18 @@ impl Config {
         self.jobs.check_bounds()?;
         targets::check_bounds(&self.targets)?;
         hooks::check_bounds(&self.hooks)?;
+        stacks::check_bounds(&self.stacks)?;
 
         targets::validate(&self.targets)?;
         hooks::validate(&self.hooks)?;
         self.notifications.validate()?;
+        let sync_hooks: Vec<&str> = self
+            .hooks
+            .iter()
+            .filter(|h| h.kind == HookKind::Github && h.action == HookAction::SyncStacks)
+            .map(|h| h.name.as_str())
+            .collect();
+        stacks::validate(&self.stacks, &sync_hooks)?;
         self.http.validate()
     }
 }

@@ -476,3 +476,116 @@ fn trusted_proxies_are_networks_or_addresses_and_an_empty_list_trusts_no_one() {
     let err = parse("http: { min_body_rate: 0 }\n").expect_err("zero");
     assert!(err.to_string().contains("min_body_rate"), "{err}");
 }
+
+#[test]
+fn a_stack_from_git_parses_with_its_defaults() {
+    let c = parse(
+        r#"
+hooks:
+  - name: github
+    kind: github
+    secret_file: /run/secrets/github
+    action: sync-stacks
+stacks:
+  - name: web
+    repository: https://git.example.com/lab/home-stack-web.git
+    token_file: /run/secrets/git-token
+    environment: { DOMAIN: example.com }
+    poll: 1m
+    hook: github
+  - name: monitoring
+    repository: git@git.example.com:lab/monitoring.git
+    branch: release/2.x
+    compose: deploy/stack.yml
+    ssh_key_file: /run/secrets/deploy-key
+    known_hosts_file: /etc/drover/known_hosts
+    git_crypt_key_file: /run/secrets/git-crypt
+    prune: true
+"#,
+    )
+    .expect("valid");
+    let web = &c.stacks[0];
+    assert_eq!(web.branch, "main");
+    assert_eq!(web.compose, "docker-compose.yml");
+    assert_eq!(web.poll, Some(Duration::from_secs(60)));
+    assert_eq!(web.image, DEFAULT_DEPLOY_IMAGE);
+    assert_eq!(web.transport(), Some(Transport::Http));
+    assert_eq!(web.full_name().as_deref(), Some("lab/home-stack-web"));
+    let mon = &c.stacks[1];
+    assert_eq!(mon.transport(), Some(Transport::Ssh));
+    assert!(mon.prune && mon.poll.is_none() && mon.hook.is_none());
+    assert_eq!(c.hooks[0].action, HookAction::SyncStacks);
+}
+
+#[test]
+fn a_wrong_stack_is_refused_at_its_line() {
+    let cases = [
+        (
+            "stacks:\n  - name: web\n    repository: https://u:tok@example.com/a/b.git\n",
+            "must not carry credentials",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: /srv/git/web.git\n",
+            "is not an https://",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: git@h:a/b.git\n    ssh_key_file: /k\n",
+            "go together",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: git@h:a/b.git\n    token_file: /t\n",
+            "token_file is for https",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: https://h/a/b.git\n    compose: ../../etc/x.yml\n",
+            "relative path",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: https://h/a/b.git\n    branch: --upload-pack=x\n",
+            "not a valid branch",
+            2,
+        ),
+        (
+            "stacks:\n  - name: Web\n    repository: https://h/a/b.git\n",
+            "stack name",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: https://h/a/b.git\n    poll: 1s\n",
+            "poll must be between",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: https://h/a/b.git\n    hook: github\n",
+            "not a github hook with action sync-stacks",
+            2,
+        ),
+        (
+            "stacks:\n  - name: web\n    repository: https://h/a/b.git\n  - name: web\n    repository: https://h/a/c.git\n",
+            "defined twice",
+            2,
+        ),
+        (
+            "hooks:\n  - name: ci\n    kind: generic\n    token_file: /t\n    action: sync-stacks\n",
+            "sync-stacks is an action of github hooks",
+            2,
+        ),
+    ];
+    for (text, reason, line) in cases {
+        let err = parse(text).expect_err(text).to_string();
+        assert!(err.contains(reason), "{text}: {err}");
+        assert!(
+            err.starts_with(&format!("drover.yml:{line}:")),
+            "{text}: {err}"
+        );
+    }
+    let err = parse("stacks:\n  - name: web\n    repository: https://h/a/b.git\n    colour: red\n")
+        .expect_err("unknown field")
+        .to_string();
+    assert!(err.starts_with("drover.yml:4:"), "{err}");
+}

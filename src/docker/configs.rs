@@ -53,3 +53,39 @@ impl Engine {
         .await
     }
 }
+
+impl Engine {
+    /// `GET /secrets` with the label filter `label`: each secret's name and labels (the
+    /// engine never returns a secret's data).
+    pub async fn list_secrets(
+        &self,
+        label: &str,
+    ) -> Result<Vec<(String, HashMap<String, String>)>, Error> {
+        let filters = HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+        let secrets = self
+            .call(
+                || format!("list secrets labelled {label}"),
+                self.api
+                    .list_secrets(Some(bollard::query_parameters::ListSecretsOptions {
+                        filters: Some(filters),
+                    })),
+            )
+            .await?;
+        Ok(secrets
+            .into_iter()
+            .filter_map(|s| {
+                let spec = s.spec?;
+                Some((spec.name?, spec.labels.unwrap_or_default()))
+            })
+            .collect())
+    }
+
+    /// `DELETE /secrets/{id or name}`.
+    pub async fn delete_secret(&self, name: &str) -> Result<(), Error> {
+        self.call(
+            || format!("delete secret {name}"),
+            self.api.delete_secret(name),
+        )
+        .await
+    }
+}

@@ -171,6 +171,24 @@ impl Engine {
             })?
     }
 
+    /// `PUT /containers/{id}/archive?path=/`: unpacks `tar` into the (created, not yet
+    /// started) container, so files reach it without a bind mount or its environment.
+    pub async fn upload_archive(&self, id: &str, tar: Vec<u8>) -> Result<(), Error> {
+        let options = bollard::query_parameters::UploadToContainerOptions {
+            path: "/".to_owned(),
+            ..Default::default()
+        };
+        self.call(
+            || format!("upload files to container {id}"),
+            self.api.upload_to_container(
+                id,
+                Some(options),
+                bollard::body_full(hyper::body::Bytes::from(tar)),
+            ),
+        )
+        .await
+    }
+
     /// `POST /networks/{net}/connect` for container `id`.
     pub async fn connect_container(&self, net: &str, id: &str) -> Result<(), Error> {
         let req = bollard::models::NetworkConnectRequest {

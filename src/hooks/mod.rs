@@ -441,6 +441,15 @@ impl Loaded {
                 redactor.add(value.trim_ascii());
             }
         }
+        for s in &config.stacks {
+            // A deploy's output never prints these; cut them out should git or the CLI
+            // ever echo one.
+            for f in s.token_file.iter().chain(&s.git_crypt_key_file) {
+                if let Ok(secret) = config::read_secret(f) {
+                    redactor.add(&secret);
+                }
+            }
+        }
         for r in &config.registries {
             // Read for redaction only; an unreadable file fails where it is used, with its
             // path (jobs::runner::Executor), not here.
@@ -621,6 +630,7 @@ impl Service {
         let work = rules::work(&cfg.action, &facts).map_err(|e| match e {
             rules::Error::NoImage => Reject::NoImage,
             rules::Error::InvalidImage => Reject::BadRequest("invalid image reference"),
+            rules::Error::NoBranch => Reject::BadRequest("push names no repository or branch"),
         })?;
         let request = Request {
             hook: cfg.name.clone(),

@@ -37,6 +37,8 @@ pub enum Error {
     NoImage,
     #[error("invalid image reference")]
     InvalidImage,
+    #[error("payload names no repository or branch")]
+    NoBranch,
 }
 
 /// The job's work for this hook's action.
@@ -52,6 +54,18 @@ pub fn work(action: &HookAction, facts: &Facts) -> Result<Work, Error> {
         },
         HookAction::Command(argv) => Work::Command { argv: argv.clone() },
         HookAction::Container(spec) => Work::Container { spec: spec.clone() },
+        HookAction::SyncStacks => {
+            let repository = facts.repository.clone().ok_or(Error::NoBranch)?;
+            let branch = facts
+                .r#ref
+                .as_deref()
+                .and_then(|r| r.strip_prefix("refs/heads/"))
+                .ok_or(Error::NoBranch)?;
+            Work::SyncStacks {
+                repository,
+                branch: branch.to_owned(),
+            }
+        }
     })
 }
 

@@ -9,7 +9,7 @@
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::json;
 
 use tracing::warn;
@@ -23,6 +23,43 @@ pub fn router() -> Router<OpsState> {
     Router::new()
         .route("/jobs", get(list))
         .route("/jobs/{id}", get(one))
+        .route("/stacks/{name}/sync", post(sync_stack))
+}
+
+/// `POST /stacks/{name}/sync`: deploy one stack at its branch head now (202 and the job;
+/// a stack already at its head ends `skipped`). Only the controller runs jobs.
+async fn sync_stack(State(state): State<OpsState>, Path(name): Path<String>) -> Response {
+    let valid = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return Error::NoSuchJob.into_response();
+    }
+    let Some(jobs) = &state.jobs else {
+        return Error::NotReady.into_response();
+    };
+    let request = crate::jobs::Request {
+        hook: crate::stacks::SYNC_HOOK.to_owned(),
+        work: crate::jobs::Work::SyncStack { stack: name },
+        facts: crate::jobs::Facts {
+            hook: crate::stacks::SYNC_HOOK.to_owned(),
+            ..Default::default()
+        },
+        quiet: std::time::Duration::ZERO,
+    };
+    match jobs.submit(request).await {
+        Ok(s) => (
+            axum::http::StatusCode::ACCEPTED,
+            axum::Json(json!({ "job": s.id })),
+        )
+            .into_response(),
+        Err(e) => {
+            warn!(error = %e, "cannot queue a stack sync");
+            Error::NotReady.into_response()
+        }
+    }
 }
 
 async fn list(State(state): State<OpsState>) -> Response {

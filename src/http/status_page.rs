@@ -108,7 +108,22 @@ struct Page<'a> {
     peers: &'a [String],
     now: String,
     targets: Vec<TargetView<'a>>,
+    stacks: Vec<StackView<'a>>,
     jobs: Vec<JobView>,
+}
+
+#[derive(Serialize)]
+struct StackView<'a> {
+    name: &'a str,
+    branch: &'a str,
+    deployed: &'a str,
+    head: &'a str,
+    ahead: bool,
+    last_trigger: &'a str,
+    last_at: String,
+    outcome: &'a str,
+    outcome_class: &'static str,
+    message: &'a str,
 }
 
 #[derive(Serialize)]
@@ -183,6 +198,32 @@ impl<'a> Page<'a> {
                         skipped: &t.skipped,
                         left_out: &t.left_out,
                         without_certificate: &t.without_certificate,
+                    }
+                })
+                .collect(),
+            stacks: s
+                .stacks
+                .iter()
+                .map(|st| {
+                    let short = |c: &'a Option<String>| {
+                        c.as_deref().map_or("", |c| c.get(..12).unwrap_or(c))
+                    };
+                    let outcome = st.outcome.as_deref().unwrap_or("");
+                    StackView {
+                        name: &st.name,
+                        branch: &st.branch,
+                        deployed: short(&st.deployed),
+                        head: short(&st.head),
+                        ahead: st.ahead(),
+                        last_trigger: st.last_trigger.as_deref().unwrap_or(""),
+                        last_at: format_time(st.last_at, now),
+                        outcome,
+                        outcome_class: match outcome {
+                            "completed" => "ok",
+                            "failed" | "rolled_back" => "bad",
+                            _ => "neutral",
+                        },
+                        message: st.message.as_deref().unwrap_or(""),
                     }
                 })
                 .collect(),

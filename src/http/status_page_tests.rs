@@ -49,6 +49,7 @@ fn summary() -> Summary {
             without_certificate: vec!["new.example.com".into()],
             nodes: vec![],
         }],
+        stacks: Vec::new(),
     }
 }
 
@@ -212,4 +213,43 @@ fn dates_convert_to_utc_calendar_days() {
     assert_eq!(format_time(None, NOW), "never");
     assert_eq!(format_time(Some(NOW + 10), NOW), "2024-05-01 12:00:10 UTC");
     assert_eq!(human_duration(90_000), "1d1h");
+}
+
+#[test]
+fn each_stack_shows_its_deployed_commit_last_trigger_outcome_and_whether_the_branch_is_ahead() {
+    let mut s = summary();
+    s.stacks = vec![
+        crate::status::StackStatus {
+            name: "web".into(),
+            branch: "main".into(),
+            deployed: Some("a".repeat(40)),
+            head: Some("b".repeat(40)),
+            last_trigger: Some("github".into()),
+            last_at: Some(NOW - 30),
+            outcome: Some("failed".into()),
+            message: Some("stack web: exit code 1: <script>".into()),
+        },
+        crate::status::StackStatus {
+            name: "mon".into(),
+            branch: "main".into(),
+            deployed: Some("c".repeat(40)),
+            head: Some("c".repeat(40)),
+            outcome: Some("completed".into()),
+            ..Default::default()
+        },
+    ];
+    let html = render_at(&s, &jobs(), NOW);
+    assert!(
+        html.contains(r#"data-name="web" data-ahead="true""#),
+        "{html}"
+    );
+    assert!(
+        html.contains(r#"data-name="mon" data-ahead="false""#),
+        "{html}"
+    );
+    assert!(
+        html.contains(&"a".repeat(12)) && html.contains("github"),
+        "{html}"
+    );
+    assert!(!html.contains("<script>"), "messages are escaped");
 }

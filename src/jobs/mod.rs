@@ -124,6 +124,16 @@ pub enum Work {
     Container {
         spec: config::ContainerSpec,
     },
+    /// Sync the stacks that name `hook` and deploy `repository` (`owner/name`) at
+    /// `branch`, each to its branch head (`stacks`).
+    SyncStacks {
+        repository: String,
+        branch: String,
+    },
+    /// Sync one stack to its branch head (a poll that saw it move, or a manual sync).
+    SyncStack {
+        stack: String,
+    },
 }
 
 impl Work {
@@ -131,6 +141,12 @@ impl Work {
         match self {
             Work::UpdateServices { image } => Some(format!("image {image}")),
             Work::RestartService { service } => Some(format!("service {service}")),
+            // A sync looks the branch head up when it runs: requests in one quiet window
+            // are the same request.
+            Work::SyncStacks { repository, branch } => {
+                Some(format!("stacks {repository} {branch}"))
+            }
+            Work::SyncStack { stack } => Some(format!("stack {stack}")),
             Work::Command { .. } | Work::Container { .. } => None,
         }
     }

@@ -272,6 +272,9 @@ impl Runner for Executor {
                         .run(&self.engine, &job, spec, credentials)
                         .await
                 }
+                Work::SyncStacks { .. } | Work::SyncStack { .. } => {
+                    Outcome::failed("stacks are deployed by the stacks runner".into())
+                }
                 Work::Command { argv } => {
                     let Some(_guard) = self
                         .slots

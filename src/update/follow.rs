@@ -87,7 +87,7 @@ pub async fn roll(
             Some(at) => {
                 info!(service = %edited.name, image = ?to_image, "following the rollout already under way");
                 let ours = |s: &UpdateStatus| s.started_at.as_ref() == Some(&at);
-                follow(engine, &edited, ours, started + limit, limit).await
+                follow(engine, &Watched::of(&edited), ours, started + limit, limit).await
             }
             None => End::Unchanged,
         };
@@ -100,7 +100,7 @@ pub async fn roll(
     }
     info!(service = %edited.name, image = ?to_image, "service update started");
     let ours = |s: &UpdateStatus| s.started_at.is_some() && s.started_at != edited.previous_update;
-    let end = follow(engine, &edited, ours, started + limit, limit).await;
+    let end = follow(engine, &Watched::of(&edited), ours, started + limit, limit).await;
     Ok(Rolled {
         service: edited.name.clone(),
         from_image,
@@ -109,22 +109,59 @@ pub async fn roll(
     })
 }
 
+/// Follows a rollout someone else started (`docker stack deploy` changed the spec of
+/// service `id`): the one whose `StartedAt` differs from `previous`, the service's
+/// `UpdateStatus.StartedAt` before the change.
+pub async fn follow_started(
+    engine: &Engine,
+    id: &str,
+    name: &str,
+    spec: &serde_json::Value,
+    previous: Option<String>,
+    limit: Duration,
+) -> End {
+    let ours = |s: &UpdateStatus| s.started_at.is_some() && s.started_at != previous;
+    let watched = Watched {
+        id,
+        name,
+        replicas: pin::replicas(spec),
+    };
+    follow(engine, &watched, ours, Instant::now() + limit, limit).await
+}
+
+/// The service a rollout is followed on.
+struct Watched<'a> {
+    id: &'a str,
+    name: &'a str,
+    replicas: Option<u64>,
+}
+
+impl<'a> Watched<'a> {
+    fn of(edited: &'a Edited) -> Watched<'a> {
+        Watched {
+            id: &edited.id,
+            name: &edited.name,
+            replicas: pin::replicas(&edited.spec),
+        }
+    }
+}
+
 /// Polls the service until Swarm reports the end of the rollout `ours` picks.
 async fn follow(
     engine: &Engine,
-    edited: &Edited,
+    edited: &Watched<'_>,
     ours: impl Fn(&UpdateStatus) -> bool,
     deadline: Instant,
     limit: Duration,
 ) -> End {
-    let replicas = pin::replicas(&edited.spec);
+    let replicas = edited.replicas;
     let posted = Instant::now();
     loop {
         if Instant::now() >= deadline {
             return End::TimedOut(limit);
         }
         tokio::time::sleep(POLL).await;
-        let status = match engine.update_status(&edited.id).await {
+        let status = match engine.update_status(edited.id).await {
             Ok(s) => s,
             Err(e) if e.is_not_found() => return End::Removed,
             Err(e) => {

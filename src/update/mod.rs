@@ -11,7 +11,7 @@ mod follow;
 mod image;
 mod pin;
 
-pub use follow::{Change, End, Rolled, roll};
+pub use follow::{Change, End, Rolled, follow_started, roll};
 pub use image::{ImageRef, InvalidImage, normalise_registry, without_digest};
 
 #[derive(Debug, thiserror::Error)]

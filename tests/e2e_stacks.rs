@@ -1,0 +1,661 @@
+//! Stacks from git end to end: a real git server (smart HTTP through nginx and
+//! `git http-backend`, basic auth, started by `scripts/test`), real `git push`es whose
+//! `post-receive` hook sends the signed GitHub push payload to drover, drover running
+//! `drover stack-deploy` in the deploy image (built from local binaries by `scripts/test`)
+//! against the real Swarm.
+//!
+//! Environment from `scripts/test env`: `DROVER_TEST_DEPLOY_IMAGE`, `DROVER_TEST_GIT_URL`,
+//! `DROVER_TEST_GIT_ROOT`, `DROVER_TEST_GIT_TOKEN_FILE`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const SECRET: &str = "e2e-stack-secret";
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set (eval \"$(scripts/test env)\")"))
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.email=e2e@drover", "-c", "user.name=e2e"])
+        .args(args)
+        .output()
+        .context("run git")?;
+    ensure!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A bare repository on the test git server whose `post-receive` hook signs a GitHub push
+/// payload and sends it to `hook_url`, and a work tree that pushes to it.
+struct Repo {
+    bare: PathBuf,
+    work: tempfile::TempDir,
+    url: String,
+    full_name: String,
+    push_url: String,
+}
+
+impl Repo {
+    fn create(name: &str, hook_url: &str) -> Result<Repo> {
+        let root = PathBuf::from(env("DROVER_TEST_GIT_ROOT")?);
+        let token = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+        let bare = root.join("lab").join(format!("{name}.git"));
+        std::fs::create_dir_all(&bare)?;
+        git(&bare, &["init", "-q", "--bare", "-b", "main"])?;
+        git(&bare, &["config", "http.receivepack", "true"])?;
+        let full_name = format!("lab/{name}");
+        let hook = format!(
+            r#"#!/bin/sh
+# GitHub's push payload for each updated branch, signed like GitHub signs it.
+while read old new ref; do
+  body='{{"ref":"'"$ref"'","before":"'"$old"'","after":"'"$new"'","repository":{{"full_name":"{full_name}","name":"{name}"}},"sender":{{"login":"e2e"}},"commits":[{{"id":"'"$new"'","message":"push"}}],"head_commit":{{"id":"'"$new"'","message":"push"}}}}'
+  sig=$(printf '%s' "$body" | openssl dgst -sha256 -hmac '{SECRET}' | sed 's/^.*= //')
+  curl -fsS -o /dev/null -H 'Content-Type: application/json' -H 'X-GitHub-Event: push' \
+    -H "X-GitHub-Delivery: $new-$(date +%s%N)" -H "X-Hub-Signature-256: sha256=$sig" \
+    --data-binary "$body" '{hook_url}' || echo "hook delivery failed" >&2
+done
+"#
+        );
+        let hook_path = bare.join("hooks/post-receive");
+        std::fs::write(&hook_path, hook)?;
+        Command::new("chmod").arg("+x").arg(&hook_path).status()?;
+        let base = env("DROVER_TEST_GIT_URL")?;
+        let url = format!("{base}/lab/{name}.git");
+        let push_url = url.replacen("http://", &format!("http://drover:{}@", token.trim()), 1);
+        let work = temp_dir("drover-e2e-stack-work")?;
+        git(work.path(), &["init", "-q", "-b", "main"])?;
+        Ok(Repo {
+            bare,
+            work,
+            url,
+            full_name,
+            push_url,
+        })
+    }
+
+    /// Writes `files`, commits and pushes; returns the new commit.
+    fn push(&self, files: &[(&str, &str)], message: &str) -> Result<String> {
+        for (path, content) in files {
+            let p = self.work.path().join(path);
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(p, content)?;
+        }
+        git(self.work.path(), &["add", "-A"])?;
+        git(self.work.path(), &["commit", "-q", "-m", message])?;
+        git(self.work.path(), &["push", "-q", &self.push_url, "main"])?;
+        git(self.work.path(), &["rev-parse", "HEAD"])
+    }
+}
+
+impl Drop for Repo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bare);
+    }
+}
+
+/// The stack file: one service reading its config (a file in the repository).
+fn compose(image: &str, network: &str) -> String {
+    format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [net]
+    configs:
+      - source: app_conf
+        target: /conf/app.txt
+    deploy:
+      update_config: {{ order: start-first, monitor: 1s }}
+configs:
+  app_conf:
+    file: ./conf/app.txt
+networks:
+  net:
+    external: true
+    name: {network}
+"#
+    )
+}
+
+/// Removes the stack and every rotated object of it on drop.
+struct StackGuard(String);
+
+impl Drop for StackGuard {
+    fn drop(&mut self) {
+        let _ = docker(&["stack", "rm", &self.0]);
+        std::thread::sleep(Duration::from_secs(2));
+        if let Ok(names) = docker(&[
+            "config",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=drover.stack={}", self.0),
+        ]) {
+            for id in names.split_whitespace() {
+                let _ = docker(&["config", "rm", id]);
+            }
+        }
+    }
+}
+
+fn jobs(drover: &DroverProcess) -> Vec<serde_json::Value> {
+    drover
+        .get("/jobs")
+        .ok()
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok())
+        .and_then(|v| v["jobs"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Waits for a finished stack job whose message names `commit`, or a failed one.
+fn wait_deployed(
+    drover: &DroverProcess,
+    commit: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let mut found = serde_json::Value::Null;
+    let done = wait_until(timeout, Duration::from_millis(300), || {
+        found = jobs(drover)
+            .into_iter()
+            .find(|j| {
+                let msg = j["message"].as_str().unwrap_or_default();
+                msg.contains(commit) && j["state"] != "queued" && j["state"] != "running"
+            })
+            .unwrap_or(serde_json::Value::Null);
+        !found.is_null()
+    });
+    ensure!(
+        done,
+        "no finished job deployed {commit}; jobs: {:?}\nlog:\n{}",
+        jobs(drover),
+        drover.logs()
+    );
+    Ok(found)
+}
+
+/// What the stack's running task reads from its config.
+fn served(service: &str) -> Result<String> {
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=com.docker.swarm.service.name={service}"),
+    ])?;
+    let mut out = Vec::new();
+    for id in ids.split_whitespace() {
+        if let Ok(text) = docker(&["exec", id, "cat", "/conf/app.txt"]) {
+            out.push(text.trim().to_owned());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out.join(","))
+}
+
+fn service_config(service: &str) -> Result<String> {
+    docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{range .Spec.TaskTemplate.ContainerSpec.Configs}}{{.ConfigName}}{{end}}",
+        service,
+    ])
+    .map(|s| s.trim().to_owned())
+}
+
+fn config_exists(name: &str) -> bool {
+    docker(&["config", "inspect", name]).is_ok()
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_signed_push_deploys_its_commit_rotates_configs_ends_at_the_newest_push_and_survives_a_broken_file()
+-> Result<()> {
+    require_e2e!();
+    let stack = unique("stk");
+    let network = unique("stknet");
+    // Dropped in reverse order: the stack first, then its network.
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let hook_url = format!("http://{http}/hooks/gh");
+    let repo = Repo::create(&stack, &hook_url)?;
+    let dir = temp_dir("drover-e2e-stack")?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET)?;
+    // The git server's user and token, in the `USER:TOKEN` form of token_file.
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let config = format!(
+        r#"http: {{ listen: {http} }}
+jobs: {{ update_timeout: 120s }}
+hooks:
+  - name: gh
+    kind: github
+    secret_file: {secret}
+    quiet: 0s
+    action: sync-stacks
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    keep_configs: 0
+    hook: gh
+    image: {image}
+    timeout: 3m
+"#,
+        secret = secret.display(),
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+    let file = compose(&busybox_image(), &network);
+
+    // v1: the network is created, the stack deployed at that commit.
+    let c1 = repo.push(&[("stack.yml", &file), ("conf/app.txt", "v1\n")], "v1")?;
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["facts"]["repository"], repo.full_name.as_str(), "{job}");
+    let v1 = service_config(&service)?;
+    assert!(v1.starts_with(&format!("{stack}_app_conf-")), "{v1}");
+    wait_for("v1 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "v1")
+    })?;
+
+    // v2: a new content name, followed to the end, and v1 pruned after the rollout.
+    let c2 = repo.push(&[("conf/app.txt", "v2\n")], "v2")?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    let v2 = service_config(&service)?;
+    assert_ne!(v1, v2);
+    assert!(
+        job["message"].as_str().unwrap_or_default().contains(&v2),
+        "{job}"
+    );
+    wait_for("v2 served", Duration::from_secs(30), || {
+        served(&service).is_ok_and(|s| s == "v2")
+    })?;
+    assert!(
+        !config_exists(&v1),
+        "{v1} is pruned after the rollout: {job}"
+    );
+    assert!(
+        job["services"].as_array().is_some_and(|s| s
+            .iter()
+            .any(|r| r["service"] == service.as_str() && r["outcome"] == "completed")),
+        "{job}"
+    );
+
+    // Two pushes within 2 s: the stack ends at the last one, and no job deploys the
+    // earlier one after it.
+    let c3 = repo.push(&[("conf/app.txt", "v3\n")], "v3")?;
+    let c4 = repo.push(&[("conf/app.txt", "v4\n")], "v4")?;
+    let job = wait_deployed(&drover, &c4, Duration::from_secs(240))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    wait_for("v4 served", Duration::from_secs(30), || {
+        served(&service).is_ok_and(|s| s == "v4")
+    })?;
+    let finished: Vec<serde_json::Value> = jobs(&drover);
+    let at = |c: &str| {
+        finished
+            .iter()
+            .filter(|j| j["message"].as_str().unwrap_or_default().contains(c))
+            .filter_map(|j| j["finished_at"].as_u64())
+            .max()
+    };
+    if let (Some(t3), Some(t4)) = (at(&c3), at(&c4)) {
+        assert!(t3 <= t4, "v3 deployed after v4: {finished:?}");
+    }
+
+    // A broken compose file: the job fails with the CLI's own message, v4 keeps running.
+    let c5 = repo.push(
+        &[("stack.yml", "services:\n  app: [not, a, mapping]\n")],
+        "broken",
+    )?;
+    let failed = wait_until(Duration::from_secs(180), Duration::from_millis(300), || {
+        jobs(&drover).iter().any(|j| {
+            j["state"] == "failed" && j["log_tail"].as_str().unwrap_or_default().contains(&c5)
+        })
+    });
+    let list = jobs(&drover);
+    ensure!(failed, "no failed job for the broken file: {list:?}");
+    let job = list
+        .iter()
+        .find(|j| j["state"] == "failed")
+        .context("failed job")?;
+    let message = job["message"].as_str().unwrap_or_default();
+    assert!(message.contains("docker stack config"), "{job}");
+    assert_eq!(served(&service)?, "v4");
+    assert_eq!(service_config(&service)?.len(), v2.len());
+
+    for j in &list {
+        eprintln!("job {} {}: {}", j["id"], j["state"], j["message"]);
+    }
+    // Nothing of the token reached the jobs.
+    let all = serde_json::to_string(&list)?;
+    assert!(!all.contains(raw.trim()), "the git token leaked into /jobs");
+    Ok(())
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_polled_stack_deploys_a_push_without_a_webhook_and_an_unchanged_branch_starts_nothing()
+-> Result<()> {
+    require_e2e!();
+    let stack = unique("stkpoll");
+    let network = unique("stkpollnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    // No hook: the post-receive hook's delivery goes nowhere (and fails quietly).
+    let repo = Repo::create(&stack, "http://127.0.0.1:9/none")?;
+    let dir = temp_dir("drover-e2e-stack-poll")?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let c1 = repo.push(
+        &[
+            ("stack.yml", &compose(&busybox_image(), &network)),
+            ("conf/app.txt", "p1\n"),
+        ],
+        "p1",
+    )?;
+    let config = format!(
+        r#"http: {{ listen: 127.0.0.1:{port} }}
+jobs: {{ update_timeout: 120s }}
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    poll: 10s
+    image: {image}
+"#,
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+        port = free_port(),
+    );
+    let mut drover = DroverProcess::start(&config, None)?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["hook"], "stack-poll", "{job}");
+    wait_for("p1 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "p1")
+    })?;
+
+    // Two more polls of an unchanged branch: no job, so no deploy container.
+    let before = jobs(&drover).len();
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!(jobs(&drover).len(), before, "{:?}", jobs(&drover));
+    let page = drover.get("/")?.body;
+    assert!(
+        page.contains(&format!(r#"data-name="{stack}" data-ahead="false""#)),
+        "{page}"
+    );
+
+    // A manual sync of an unchanged stack is a job that deploys nothing.
+    let answer = http_post(&drover.ops, &format!("/stacks/{stack}/sync"), &[], b"")?;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let id = serde_json::from_str::<serde_json::Value>(&answer.body)?["job"]
+        .as_str()
+        .context("job id")?
+        .to_owned();
+    wait_for("the manual sync", Duration::from_secs(30), || {
+        jobs(&drover)
+            .iter()
+            .any(|j| j["id"] == id.as_str() && j["state"] == "skipped")
+    })?;
+
+    // A push is deployed by the next poll.
+    let c2 = repo.push(&[("conf/app.txt", "p2\n")], "p2")?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    wait_for("p2 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "p2")
+    })?;
+    let metrics = drover.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "drover_stack_deploys_total",
+            &[("stack", stack.as_str()), ("outcome", "completed")]
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// A stack file whose service checks its health with `health` (`true` or `false`).
+fn compose_with_health(image: &str, network: &str, health: &str) -> String {
+    format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [net]
+    healthcheck:
+      test: ["CMD", "{health}"]
+      interval: 1s
+      timeout: 1s
+      retries: 1
+    deploy:
+      update_config: {{ order: start-first, monitor: 5s, failure_action: rollback }}
+      rollback_config: {{ order: start-first }}
+networks:
+  net:
+    external: true
+    name: {network}
+"#
+    )
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_push_whose_service_never_becomes_healthy_is_rolled_back_and_fails_the_job() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stkrb");
+    let network = unique("stkrbnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let repo = Repo::create(&stack, &format!("http://{http}/hooks/gh"))?;
+    let dir = temp_dir("drover-e2e-stack-rb")?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET)?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let config = format!(
+        r#"http: {{ listen: {http} }}
+jobs: {{ update_timeout: 120s }}
+hooks:
+  - name: gh
+    kind: github
+    secret_file: {secret}
+    quiet: 0s
+    action: sync-stacks
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    hook: gh
+    image: {image}
+"#,
+        secret = secret.display(),
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+    let image = busybox_image();
+    let c1 = repo.push(
+        &[("stack.yml", &compose_with_health(&image, &network, "true"))],
+        "healthy",
+    )?;
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    let c2 = repo.push(
+        &[("stack.yml", &compose_with_health(&image, &network, "false"))],
+        "never healthy",
+    )?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "failed", "{job}");
+    let rolled_back = job["services"].as_array().is_some_and(|s| {
+        s.iter()
+            .any(|r| r["service"] == service.as_str() && r["outcome"] == "rolled_back")
+    });
+    assert!(rolled_back, "{job}");
+    let health = docker(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck.Test}}",
+        &service,
+    ])?;
+    assert!(health.contains("true"), "Swarm rolled back to v1: {health}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_git_crypt_secret_reaches_the_service_decrypted_and_never_the_job_or_the_log() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stkcrypt");
+    let network = unique("stkcryptnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let repo = Repo::create(&stack, "http://127.0.0.1:9/none")?;
+    let dir = temp_dir("drover-e2e-stack-crypt")?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let key = dir.path().join("git-crypt-key");
+    let plaintext = format!("decrypted-{}", unique("s"));
+    let work = repo.work.path();
+    let crypt = |args: &[&str]| -> Result<()> {
+        let ok = Command::new("git-crypt")
+            .args(args)
+            .current_dir(work)
+            .status()
+            .context("run git-crypt")?
+            .success();
+        ensure!(ok, "git-crypt {args:?}");
+        Ok(())
+    };
+    crypt(&["init"])?;
+    crypt(&["export-key", &key.display().to_string()])?;
+    let file = format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [net]
+    secrets: [{{ source: token, target: token }}]
+secrets:
+  token:
+    file: ./secret.txt
+networks:
+  net:
+    external: true
+    name: {network}
+"#,
+        image = busybox_image()
+    );
+    let commit = repo.push(
+        &[
+            (
+                ".gitattributes",
+                "secret.txt filter=git-crypt diff=git-crypt\n",
+            ),
+            ("secret.txt", &plaintext),
+            ("stack.yml", &file),
+        ],
+        "encrypted secret",
+    )?;
+    let stored = git(&repo.bare, &["show", &format!("{commit}:secret.txt")]).unwrap_or_default();
+    ensure!(
+        !stored.contains(&plaintext),
+        "the repository holds the secret encrypted"
+    );
+    let config = format!(
+        r#"http: {{ listen: 127.0.0.1:{port} }}
+jobs: {{ update_timeout: 120s }}
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    git_crypt_key_file: {key}
+    image: {image}
+"#,
+        url = repo.url,
+        token = token.display(),
+        key = key.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+        port = free_port(),
+    );
+    let mut drover = DroverProcess::start(&config, None)?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let answer = http_post(&drover.ops, &format!("/stacks/{stack}/sync"), &[], b"")?;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let job = wait_deployed(&drover, &commit, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    let service = format!("{stack}_app");
+    wait_for(
+        "the decrypted secret in the task",
+        Duration::from_secs(60),
+        || {
+            let ids = docker(&[
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.swarm.service.name={service}"),
+            ])
+            .unwrap_or_default();
+            ids.split_whitespace().any(|id| {
+                docker(&["exec", id, "cat", "/run/secrets/token"])
+                    .is_ok_and(|s| s.trim() == plaintext)
+            })
+        },
+    )?;
+    let everything = format!(
+        "{}\n{}\n{}",
+        serde_json::to_string(&jobs(&drover))?,
+        drover.get("/")?.body,
+        drover.logs()
+    );
+    assert!(
+        !everything.contains(&plaintext),
+        "a decrypted byte reached /jobs, the status page or the log"
+    );
+    assert!(!everything.contains(raw.trim()), "the git token leaked");
+    Ok(())
+}
