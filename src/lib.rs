@@ -65,6 +65,9 @@ pub mod status;
 // queue, coalesce, journal and run webhook work (the runner and the container action)
 pub mod jobs;
 
+// certificates drover obtains (ACME): renewal schedule, backoff per name, the CA's limits
+pub mod certs;
+
 // pure: Snapshot + template -> bytes
 pub mod render;
 
