@@ -73,7 +73,7 @@ pub async fn run_action(
 /// Which of `hosts` have both certificate files (`fullchain.pem`, `privkey.pem`, not
 /// empty) under `dir/HOST/`, each with a fingerprint of the two files' content, looked up
 /// where `check` runs: in the check's container (one `sh` loop for every host, names
-/// passed as arguments, never spliced into the script; `cksum` of both files, which every
+/// passed as arguments, never spliced into the script; `md5sum` of both files, which every
 /// nginx image has), or on drover's own host for a local command. `None` when the check
 /// runs nowhere a file can be looked up (no check, a signal or restart step). The
 /// fingerprint only tells a change: it is never compared across the two ways.
@@ -84,7 +84,7 @@ pub async fn existing_certificates(
     dir: &str,
     hosts: &[String],
 ) -> Option<Result<BTreeMap<String, String>, Error>> {
-    const SCRIPT: &str = r#"d="$1"; shift; for h in "$@"; do c="$d/$h/fullchain.pem"; k="$d/$h/privkey.pem"; [ -s "$c" ] && [ -s "$k" ] && echo "$h $(cat "$c" "$k" | cksum)"; done; exit 0"#;
+    const SCRIPT: &str = r#"d="$1"; shift; for h in "$@"; do c="$d/$h/fullchain.pem"; k="$d/$h/privkey.pem"; [ -s "$c" ] && [ -s "$k" ] && echo "$h $(cat "$c" "$k" | md5sum)"; done; exit 0"#;
     match check {
         Action::Command(_) => Some(Ok(hosts
             .iter()

@@ -1,0 +1,194 @@
+//! End-to-end: HTTPS as the home lab served it, through a real nginx on the test Swarm
+//! (issue 22, items 5 and 6).
+//!
+//! A TLS host with its certificate files is served with HTTP/2 (`curl --http2` negotiates
+//! h2) and HSTS, port 80 answers 301 to https except the ACME challenge path, which is
+//! served for the host, its extra names and names nobody routes; a certificate replaced in
+//! place, with nothing else changed, is served after the next resync.
+//!
+//! Run by `scripts/test` (`DROVER_E2E=1`, images built); skipped otherwise. Unique names
+//! per test; everything is removed on drop.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+/// How long drover and nginx may take to follow a change (resync is 2 s here).
+const BOUND: Duration = Duration::from_secs(40);
+/// How long Swarm itself may take to start tasks (not drover's time).
+const SWARM: Duration = Duration::from_secs(90);
+
+fn config(http: &str, target: &str) -> String {
+    format!("http: {{ listen: {http} }}\nresync: 2s\ntargets:{target}")
+}
+
+/// `curl` over TLS to nginx's published 443 for `host`: (HTTP version, status, headers).
+fn curl_tls(port: u16, host: &str, path: &str) -> Result<(String, String)> {
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "--http2", "-D", "-", "-o", "/dev/null"])
+        .args(["--max-time", "5", "-w", "%{http_version}"])
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .context("curl")?;
+    ensure!(
+        out.status.success(),
+        "curl https://{host}:{port}{path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text.lines().last().unwrap_or_default().trim().to_owned();
+    Ok((version, text))
+}
+
+/// The SHA-256 fingerprint of the certificate nginx shows for `host` on `port`.
+fn served_fingerprint(port: u16, host: &str) -> Result<String> {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} -servername {host} </dev/null 2>/dev/null \
+         | openssl x509 -noout -fingerprint -sha256"
+    );
+    let out = Command::new("sh").args(["-c", &script]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        text.contains("Fingerprint="),
+        "no certificate served: {text:?}"
+    );
+    Ok(text)
+}
+
+/// The SHA-256 fingerprint of the certificate file `cert`.
+fn file_fingerprint(cert: &Path) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(cert)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn world_readable(paths: &[&Path]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for p in paths {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_tls_host_is_served_with_h2_hsts_and_redirects_and_a_certificate_renewed_in_place_is_served()
+-> Result<()> {
+    require_e2e!();
+    let net = create_overlay_network(&unique("crt-net"))?;
+    let certs = temp_dir("crt-certs")?;
+    let live = certs.path().join("live");
+    let webroot = temp_dir("crt-challenge")?;
+    let tokens = webroot.path().join(".well-known/acme-challenge");
+    std::fs::create_dir_all(&live)?;
+    std::fs::create_dir_all(&tokens)?;
+    std::fs::write(tokens.join("token-1"), "token-1.thumbprint")?;
+    world_readable(&[
+        certs.path(),
+        &live,
+        webroot.path(),
+        &webroot.path().join(".well-known"),
+        &tokens,
+        &tokens.join("token-1"),
+    ])?;
+
+    let host = format!("{}.test", unique("crt-shop"));
+    let alias = format!("www.{host}");
+    make_certificate(&live, &host, false)?;
+    let nginx = nginx_service_mounting(
+        net.name(),
+        &[],
+        &[
+            (certs.path(), "/etc/letsencrypt"),
+            (webroot.path(), "/var/www/challenge"),
+        ],
+    )?;
+    let shop = ServiceBuilder::backend(&unique("crt-shop"))
+        .network(net.name())
+        .label("routing-host", &host)
+        .label("routing-port", "80")
+        .label("routing-extra-hosts", &alias)
+        .label("routing-hsts", "600")
+        .create()?;
+    wait_running(shop.name(), 1, SWARM)?;
+
+    let http = format!("127.0.0.1:{}", free_port());
+    let conf = nginx.conf("drover.conf");
+    let mut drover = DroverProcess::start(
+        &config(&http, &nginx_target(&conf, net.name(), nginx.name())),
+        Some(&http),
+    )?;
+    drover.wait_http_ok("/healthz", BOUND)?;
+
+    // Port 80: 301 to https for the host and its extra name.
+    let mut last = None;
+    let redirected = wait_until(BOUND, Duration::from_millis(250), || {
+        let r = nginx.get(&host, "/x?y=1");
+        let done = matches!(&r, Ok(r) if r.status == 301);
+        last = Some(r);
+        done
+    });
+    ensure!(redirected, "port 80 redirects {host}: {last:?}");
+    let r = nginx.get(&host, "/x?y=1")?;
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://{host}/x?y=1").as_str())
+    );
+    assert_eq!(nginx.get(&alias, "/")?.status, 301, "the extra name too");
+
+    // The challenge path is not redirected: served from the webroot for every name.
+    for name in [host.as_str(), alias.as_str(), "nobody-routes-this.test"] {
+        let r = nginx.get(name, "/.well-known/acme-challenge/token-1")?;
+        assert_eq!(r.status, 200, "challenge for {name}: {r:?}");
+        assert_eq!(r.body.trim(), "token-1.thumbprint", "challenge for {name}");
+    }
+
+    // Port 443: h2, HSTS, the backend behind it, and the certificate on disk.
+    let (version, head) = curl_tls(nginx.tls_port, &host, "/")?;
+    assert_eq!(version, "2", "curl --http2 negotiates h2: {head}");
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=600"),
+        "{head}"
+    );
+    let (version, _) = curl_tls(nginx.tls_port, &alias, "/")?;
+    assert_eq!(version, "2");
+    let cert = live.join(&host).join("fullchain.pem");
+    let first = file_fingerprint(&cert)?;
+    assert_eq!(served_fingerprint(nginx.tls_port, &host)?, first);
+
+    // Renewed in place, nothing else changes: served after a resync, with the same file.
+    let before = std::fs::read(&conf)?;
+    make_certificate(&live, &host, false)?;
+    let renewed = file_fingerprint(&cert)?;
+    assert_ne!(first, renewed);
+    let mut seen = String::new();
+    let served = wait_until(BOUND, Duration::from_millis(500), || {
+        seen = served_fingerprint(nginx.tls_port, &host).unwrap_or_default();
+        seen == renewed
+    });
+    assert!(
+        served,
+        "renewed certificate {renewed} served; nginx shows {seen}"
+    );
+    assert_eq!(
+        std::fs::read(&conf)?,
+        before,
+        "drover's file did not change"
+    );
+    assert!(
+        drover.logs().contains("certificate files changed on disk"),
+        "{}",
+        drover.logs()
+    );
+    assert!(drover.is_running());
+    Ok(())
+}
