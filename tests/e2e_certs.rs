@@ -192,3 +192,187 @@ fn a_tls_host_is_served_with_h2_hsts_and_redirects_and_a_certificate_renewed_in_
     assert!(drover.is_running());
     Ok(())
 }
+
+/// Pebble as `scripts/test` starts it: (directory URL, its listener certificate, the host
+/// port its HTTP-01 validation dials).
+fn pebble() -> Result<(String, std::path::PathBuf, u16)> {
+    let var = |k: &str| {
+        std::env::var(k).with_context(|| {
+            format!("{k} unset: run `scripts/test pebble` and `eval \"$(scripts/test env)\"`")
+        })
+    };
+    Ok((
+        var("DROVER_TEST_PEBBLE")?,
+        var("DROVER_TEST_PEBBLE_CA")?.into(),
+        var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?,
+    ))
+}
+
+/// Pebble's issuing root (new at every Pebble start), as a PEM file in `dir`.
+fn pebble_root(ca: &Path, dir: &Path) -> Result<std::path::PathBuf> {
+    let root = dir.join("pebble-root.pem");
+    let out = Command::new("curl")
+        .args(["-fsS", "--cacert"])
+        .arg(ca)
+        .args(["-o"])
+        .arg(&root)
+        .arg("https://127.0.0.1:15000/roots/0")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "Pebble's root: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(root)
+}
+
+#[test]
+fn a_certificate_from_pebble_for_a_host_and_its_extra_name_chains_to_its_root_and_is_served_with_h2()
+-> Result<()> {
+    require_e2e!();
+    let (directory, ca, http_port) = pebble()?;
+    let net = create_overlay_network(&unique("acme-net"))?;
+    let certs = temp_dir("acme-certs")?;
+    let live = certs.path().join("live");
+    let webroot = temp_dir("acme-challenge")?;
+    let tokens = webroot.path().join(".well-known/acme-challenge");
+    std::fs::create_dir_all(&live)?;
+    std::fs::create_dir_all(&tokens)?;
+    world_readable(&[
+        certs.path(),
+        &live,
+        webroot.path(),
+        &webroot.path().join(".well-known"),
+        &tokens,
+    ])?;
+    let nginx = nginx_service_on(
+        net.name(),
+        &[],
+        &[
+            (certs.path(), "/etc/letsencrypt"),
+            (webroot.path(), "/var/www/challenge"),
+        ],
+        http_port,
+    )?;
+    let host = format!("{}.test", unique("acme-shop"));
+    let alias = format!("www.{host}");
+    let shop = ServiceBuilder::backend(&unique("acme-shop"))
+        .network(net.name())
+        .label("routing-host", &host)
+        .label("routing-port", "80")
+        .label("routing-extra-hosts", &alias)
+        .create()?;
+    wait_running(shop.name(), 1, SWARM)?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let conf = nginx.conf("drover.conf");
+    let mut drover = DroverProcess::start(
+        &config(&http, &nginx_target(&conf, net.name(), nginx.name())),
+        Some(&http),
+    )?;
+    drover.wait_http_ok("/healthz", BOUND)?;
+    // No certificate yet: the host is proxied on port 80, challenge path included.
+    let proxied = wait_until(BOUND, Duration::from_millis(250), || {
+        nginx.get(&host, "/").is_ok_and(|r| r.status == 200)
+    });
+    ensure!(proxied, "{host} on port 80 before its certificate");
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let names = vec![host.clone(), alias.clone()];
+    let issued = runtime.block_on(async {
+        let (client, created) =
+            drover::certs::acme::Client::connect(&directory, Some(&ca), None).await?;
+        ensure!(created.is_some(), "a new account's credentials come back");
+        let dir = tokens.clone();
+        let issued = client
+            .obtain(
+                &names,
+                async move |list: Vec<drover::certs::acme::Token>| {
+                    for t in list {
+                        let path = dir.join(&t.token);
+                        std::fs::write(&path, &t.key_authorization).map_err(|e| e.to_string())?;
+                        world_readable(&[&path]).map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        // A name nobody serves a token for fails, with the CA's words, and nothing else.
+        let nobody = format!("{}.test", unique("acme-nobody"));
+        let failed = client
+            .obtain(std::slice::from_ref(&nobody), async |_| Ok(()))
+            .await
+            .expect_err("no token served");
+        let text = failed.to_string();
+        ensure!(
+            text.contains(&format!("the order for [{nobody}] ended invalid"))
+                && text.contains("unauthorized"),
+            "the failure names the order, its status and the CA's words: {text}"
+        );
+        Ok(issued)
+    })?;
+
+    // The chain verifies against Pebble's root, for both names.
+    let root = pebble_root(&ca, certs.path())?;
+    let dir = live.join(&host);
+    std::fs::create_dir_all(&dir)?;
+    world_readable(&[&dir])?;
+    let chain = dir.join("fullchain.pem");
+    std::fs::write(&chain, &issued.chain_pem)?;
+    world_readable(&[&chain])?;
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&root)
+        .arg("-untrusted")
+        .arg(&chain)
+        .arg(&chain)
+        .output()?;
+    ensure!(
+        verify.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&chain)
+        .output()?;
+    let sans = String::from_utf8_lossy(&text.stdout).into_owned();
+    ensure!(
+        sans.contains(&format!("DNS:{host}")) && sans.contains(&format!("DNS:{alias}")),
+        "{sans}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.join("privkey.pem");
+        std::fs::write(&key, issued.key_pem())?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
+
+    // drover finds the files on a resync and serves the host with TLS: curl trusts Pebble's
+    // root only, and negotiates h2 for both names.
+    for name in [&host, &alias] {
+        let mut last = String::new();
+        let served = wait_until(BOUND, Duration::from_millis(500), || {
+            let out = Command::new("curl")
+                .args(["-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version}"])
+                .args(["--max-time", "5", "--cacert"])
+                .arg(&root)
+                .args(["--resolve", &format!("{name}:{}:127.0.0.1", nginx.tls_port)])
+                .arg(format!("https://{name}:{}/", nginx.tls_port))
+                .output();
+            last = match out {
+                Ok(o) => format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => e.to_string(),
+            };
+            last.trim() == "2"
+        });
+        ensure!(served, "https://{name} with Pebble's certificate: {last}");
+    }
+    assert_eq!(nginx.get(&host, "/")?.status, 301);
+    assert!(drover.is_running());
+    Ok(())
+}

@@ -7,9 +7,13 @@
 //! try; [`ledger`] remembers what was ordered and what failed, and refuses an order that
 //! would go past Let's Encrypt's limits, with a message saying why and until when.
 //! Times are unix seconds from [`crate::clock`]; nothing here reads the clock itself.
+//! [`acme`] is the conversation with the CA (instant-acme); [`seal`] encrypts what is kept
+//! in Swarm config objects with a key derived from the cluster key.
 
+pub mod acme;
 pub mod ledger;
 pub mod schedule;
+pub mod seal;
 
 pub use ledger::{Ledger, Refusal};
 pub use schedule::{Failures, RenewalWindow, renew_at};

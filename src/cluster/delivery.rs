@@ -146,7 +146,8 @@ impl Deliverer {
 
     /// Brings each of `nodes` to the content `render` makes for that node's certificate
     /// files, through `peers`. A node whose file already holds its content is not asked
-    /// (on a `resync` it is, when it has hosts left out or certificate files missing).
+    /// (on a `resync` it is, when it has hosts left out or TLS hosts whose certificate
+    /// files it looks up: they may have appeared or changed).
     pub async fn deliver(
         &mut self,
         target: &str,

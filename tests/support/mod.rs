@@ -1087,11 +1087,22 @@ pub fn nginx_service_mounting(
     seed: &[(&str, &str)],
     mounts: &[(&Path, &str)],
 ) -> Result<NginxService> {
+    nginx_service_on(network, seed, mounts, free_port())
+}
+
+/// [`nginx_service_mounting`] with nginx's port 80 published on the host's `port` (a CA's
+/// validation dials a fixed port: Pebble's `httpPort`).
+pub fn nginx_service_on(
+    network: &str,
+    seed: &[(&str, &str)],
+    mounts: &[(&Path, &str)],
+    port: u16,
+) -> Result<NginxService> {
     let dir = temp_dir("nginx-conf")?;
     for (file, content) in seed {
         std::fs::write(dir.path().join(file), content)?;
     }
-    let (port, health, tls_port) = (free_port(), free_port(), free_port());
+    let (health, tls_port) = (free_port(), free_port());
     let mut builder = ServiceBuilder::new(&unique("nginx"), &nginx_image())
         .network(network)
         .publish_host(80, port)
