@@ -326,7 +326,15 @@ impl Local {
             let checked = String::from_utf8_lossy(&content).into_owned();
             outcome = self
                 .leave_out_failing(
-                    w, full, &checked, output, &blocks, &mut left, engine, snapshot,
+                    w,
+                    full,
+                    &checked,
+                    output,
+                    &blocks,
+                    &mut left,
+                    !renewed.is_empty(),
+                    engine,
+                    snapshot,
                 )
                 .await?;
         }
@@ -335,7 +343,7 @@ impl Local {
             self.left_out = left;
         }
         if !renewed.is_empty() {
-            if outcome.settled() {
+            if matches!(outcome, Outcome::Applied | Outcome::NotifyFailed(_)) {
                 tracing::info!(target = %self.config.name, hosts = ?renewed, outcome = outcome.label(),
                     "certificate files changed on disk: checked and reloaded");
             } else if let Some(c) = self.certs.as_mut() {
@@ -432,7 +440,9 @@ impl Local {
 
     /// The check of `checked` failed with `output`: leaves out the hosts nginx blames (see
     /// [`isolate`]) and checks again, at most [`isolate::MAX_EXTRA_CHECKS`] times. Returns
-    /// the last outcome; `left` ends as the hosts left out of the file in place.
+    /// the last outcome; `left` ends as the hosts left out of the file in place. With
+    /// `reload`, content equal to the file in place is checked and notified all the same
+    /// (certificate files changed under it).
     #[allow(clippy::too_many_arguments)]
     async fn leave_out_failing(
         &mut self,
@@ -442,6 +452,7 @@ impl Local {
         mut output: String,
         full_blocks: &[isolate::Block],
         left: &mut BTreeMap<String, LeftOut>,
+        reload: bool,
         engine: Option<&Engine>,
         snapshot: &Snapshot,
     ) -> Result<Outcome, Error> {
@@ -474,7 +485,7 @@ impl Local {
             }
             let text = isolate::without(full, &left.keys().cloned().collect());
             let hash = sha256_hex(text.as_bytes());
-            if self.applier.current_hash() == Some(hash.as_str()) {
+            if !reload && self.applier.current_hash() == Some(hash.as_str()) {
                 return Ok(Outcome::Unchanged);
             }
             let attempt = plan::Write {
