@@ -73,6 +73,8 @@ pub mod jobs;
 
 // stacks from git: the deploy container, content-named configs, one deploy per stack
 pub mod stacks;
+// certificates drover obtains (ACME): renewal schedule, backoff per name, the CA's limits
+pub mod certs;
 
 // pure: Snapshot + template -> bytes
 pub mod render;

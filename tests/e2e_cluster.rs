@@ -8,6 +8,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover::cluster::wire::{self, ApplyRequest, Key};
@@ -1064,6 +1065,49 @@ fn each_nodes_nginx_leaves_out_the_host_it_rejects_and_serves_tls_only_where_its
         gauge("drover_hosts_without_certificate") == Some(3.0),
         "without certificate: {:?}",
         gauge("drover_hosts_without_certificate")
+    );
+
+    // w1's certificate is renewed in place, nothing else changes: w1's nginx serves the
+    // new one after a resync (the shipped 60 s), its file unchanged.
+    let tls = format!("{}:{}", w1.addr, ISOLATE_HTTP_PORT + 1);
+    let served = || -> String {
+        let script = format!(
+            "openssl s_client -connect {tls} -servername {good} </dev/null 2>/dev/null \
+             | openssl x509 -noout -fingerprint -sha256"
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let before = served();
+    ensure!(
+        before.contains("Fingerprint="),
+        "w1 serves {good} on 443: {before:?}"
+    );
+    let file_before = nginx_file_on(w1, &nginx)?;
+    make_certificate(&root.join("live"), good, false)?;
+    let renewed = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(root.join("live").join(good).join("fullchain.pem"))
+        .output()?;
+    let renewed = String::from_utf8_lossy(&renewed.stdout).trim().to_owned();
+    ensure!(renewed != before);
+    w1.docker(&["cp", &root.display().to_string(), &format!("{id}:/etc/")])?;
+    let mut now = String::new();
+    let ok = wait_until(
+        Duration::from_secs(60) + BOUND,
+        Duration::from_millis(500),
+        || {
+            now = served();
+            now == renewed
+        },
+    );
+    ensure!(ok, "w1 serves the renewed {renewed}; it shows {now}");
+    ensure!(
+        nginx_file_on(w1, &nginx)? == file_before,
+        "w1's file did not change"
     );
     Ok(())
 }

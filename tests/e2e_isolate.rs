@@ -204,7 +204,7 @@ fn a_bad_host_is_left_out_and_a_host_without_its_certificate_waits_on_port_80_wh
     let tls = wait_until(BOUND, Duration::from_millis(250), || {
         let text = std::fs::read_to_string(&conf).unwrap_or_default();
         host_block(&text, &waiting_host).is_some_and(|b| {
-            b.contains("listen 443 ssl;")
+            b.contains("listen 443 ssl http2;")
                 && b.contains(&format!(
                     "ssl_certificate /etc/letsencrypt/live/{waiting_host}/fullchain.pem;"
                 ))
@@ -223,7 +223,7 @@ fn a_bad_host_is_left_out_and_a_host_without_its_certificate_waits_on_port_80_wh
     make_certificate(&live, &broken_host, false)?;
     let back = wait_until(BOUND, Duration::from_millis(250), || {
         let text = std::fs::read_to_string(&conf).unwrap_or_default();
-        host_block(&text, &broken_host).is_some_and(|b| b.contains("listen 443 ssl;"))
+        host_block(&text, &broken_host).is_some_and(|b| b.contains("listen 443 ssl http2;"))
             && gauge(&drover, "drover_hosts_left_out") == Some(0.0)
     });
     assert!(back, "{}", std::fs::read_to_string(&conf)?);

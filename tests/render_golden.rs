@@ -270,6 +270,16 @@ fn home_lab() -> Snapshot {
                 &["10.0.1.40", "10.0.1.41"],
             ),
             service(
+                "lab_shop",
+                &[
+                    ("routing-host", "shop.viktoradam.net"),
+                    ("routing-port", "80"),
+                    ("routing-extra-hosts", "www.shop.viktoradam.net"),
+                    ("routing-hsts", "true"),
+                ],
+                &["10.0.1.44"],
+            ),
+            service(
                 "lab_plain",
                 &[
                     ("routing-host", "plain.local"),
@@ -921,7 +931,7 @@ fn tls_config_passes_nginx_t_with_certificates_in_place() {
         std::fs::copy(&key, dir.join("privkey.pem")).expect("copy key");
         std::fs::copy(&cert, dir.join("fullchain.pem")).expect("copy cert");
     }
-    assert!(out.text.contains("listen 443 ssl;"));
+    assert!(out.text.contains("listen 443 ssl http2;"));
     nginx_t(&out.text, Some(certs.path())).expect("nginx -t");
 }
 
@@ -1062,14 +1072,14 @@ fn a_tls_host_without_its_certificate_is_served_on_port_80_until_it_appears() {
     );
     let blog = host_block(&waiting.text, "blog.test");
     assert!(
-        blog.contains("listen 443 ssl;") && blog.contains("return 301"),
+        blog.contains("listen 443 ssl http2;") && blog.contains("return 301"),
         "{blog}"
     );
 
     let both = render(&["blog.test", "shop.test"]);
     let shop = host_block(&both.text, "shop.test");
     assert!(
-        shop.contains("listen 443 ssl;"),
+        shop.contains("listen 443 ssl http2;"),
         "switches to TLS once the files are there: {shop}"
     );
     assert!(
@@ -1079,6 +1089,80 @@ fn a_tls_host_without_its_certificate_is_served_on_port_80_until_it_appears() {
     // Nobody looked: every TLS host keeps its certificate, as before drover could look.
     assert_eq!(template.render(&snapshot).expect("renders").text, both.text);
     assert!(drover::render::CERT_DIR.ends_with("/live"));
+}
+
+#[test]
+fn tls_hosts_are_served_as_the_lab_served_them_with_http2_redirects_hsts_and_extra_names() {
+    let out = render_builtin("nginx", &home_lab());
+    let text = &out.text;
+    let block = |host: &str| {
+        let start = text.find(&format!("# host {host}\n")).expect("host marker");
+        let rest = &text[start + 1..];
+        let end = rest
+            .find("\n# host ")
+            .or_else(|| rest.find("# end of hosts"))
+            .unwrap_or(rest.len());
+        rest[..end].to_owned()
+    };
+    let shop = block("shop.viktoradam.net");
+    assert_eq!(
+        shop.matches("server_name shop.viktoradam.net www.shop.viktoradam.net;")
+            .count(),
+        2,
+        "extra names on port 80 and 443: {shop}"
+    );
+    assert!(shop.contains("listen 443 ssl http2;"), "{shop}");
+    assert!(
+        shop.contains("add_header Strict-Transport-Security \"max-age=31536000\" always;"),
+        "{shop}"
+    );
+    let port_80 = &shop[..shop.find("listen 443").expect("a TLS server")];
+    let challenge = port_80
+        .find("location /.well-known/acme-challenge/")
+        .expect("challenge on port 80");
+    let redirect = port_80
+        .find("return 301 https://$host$request_uri;")
+        .expect("redirect");
+    assert!(challenge < redirect, "{port_80}");
+    assert!(!block("blog.viktoradam.net").contains("Strict-Transport-Security"));
+    // The challenge path is answered for every host, TLS or not, and for names nobody routes.
+    assert!(block("plain.local").contains("location /.well-known/acme-challenge/"));
+    let default = &text[..text.find("# host ").expect("hosts")];
+    assert!(
+        default.contains("location /.well-known/acme-challenge/"),
+        "{default}"
+    );
+    assert!(
+        default.contains("listen 443 ssl http2 default_server;"),
+        "{default}"
+    );
+    assert!(default.contains("ssl_reject_handshake on;"), "{default}");
+    // The extra names on the certificate tool's list, with the names of the nginx service.
+    let certbot = render_builtin("certbot", &home_lab()).text;
+    assert!(
+        certbot.contains("\nshop.viktoradam.net,www.shop.viktoradam.net\n"),
+        "{certbot}"
+    );
+    assert!(certbot.ends_with("\nviktoradam.net\n"), "{certbot}");
+}
+
+#[test]
+fn a_service_cannot_take_the_challenge_path() {
+    let snapshot = Snapshot {
+        services: vec![service(
+            "thief",
+            &[
+                ("routing-host", "a.test"),
+                ("routing-port", "80"),
+                ("routing-context", "/.well-known/acme-challenge"),
+            ],
+            &["10.0.1.5"],
+        )],
+        ..Snapshot::default()
+    };
+    let out = render_builtin("nginx", &snapshot);
+    assert_eq!(out.skipped.len(), 1, "{:?}", out.skipped);
+    assert!(out.skipped[0].reason.contains("reserved for ACME"));
 }
 
 #[test]

@@ -178,10 +178,15 @@ struct LeftOut {
 
 #[derive(Debug, Default)]
 struct Certs {
-    /// Hosts whose certificate files were there when last looked at.
-    present: BTreeSet<String>,
+    /// Hosts whose certificate files were there when last looked at, with the
+    /// fingerprint of their content then.
+    present: BTreeMap<String, String>,
     /// Hosts looked at since they became TLS hosts.
     probed: BTreeSet<String>,
+    /// Hosts whose files changed on disk since nginx last loaded them (renewed in place,
+    /// by drover or any other tool): the next apply checks and reloads even for unchanged
+    /// content.
+    changed: BTreeSet<String>,
 }
 
 /// One target as one node keeps it: its file, and what earlier applies taught.
@@ -229,18 +234,14 @@ impl Local {
     pub fn certificates(&self) -> BTreeSet<String> {
         self.certs
             .as_ref()
-            .map(|c| c.present.clone())
+            .map(|c| c.present.keys().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Whether a resync has something to look at again: hosts left out, or TLS hosts
-    /// still without their certificate files.
+    /// (their certificate files may appear, or change on disk).
     pub fn looks_outside(&self) -> bool {
-        !self.left_out.is_empty()
-            || self
-                .certs
-                .as_ref()
-                .is_some_and(|c| c.probed.len() > c.present.len())
+        !self.left_out.is_empty() || self.certs.as_ref().is_some_and(|c| !c.probed.is_empty())
     }
 
     /// When a check that could not run is due again.
@@ -270,6 +271,13 @@ impl Local {
                 return Ok(self.report(Outcome::Rerender, certificates));
             }
         }
+        // Certificate files changed in place: nginx serves the old ones until it loads the
+        // file again, so the same content is checked (the new pair must load) and notified.
+        let renewed: BTreeSet<String> = self
+            .certs
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.changed))
+            .unwrap_or_default();
         let full = std::str::from_utf8(candidate.content).ok();
         let blocks = full.map(isolate::blocks).unwrap_or_default();
         // Hosts that failed before with the same block stay out without another check; a
@@ -292,8 +300,13 @@ impl Local {
             _ => Cow::Borrowed(candidate.content),
         };
         let memory = TargetMemory {
-            current: self.applier.current_hash().map(str::to_owned),
-            known_bad: self.known_bad.clone(),
+            current: self
+                .applier
+                .current_hash()
+                .filter(|_| renewed.is_empty())
+                .map(str::to_owned),
+            // Content that failed with the old files may pass with the new ones.
+            known_bad: self.known_bad.clone().filter(|_| renewed.is_empty()),
             unavailable: self.unavailable.clone(),
         };
         let planned = plan::plan(&self.config, snapshot, &content, &memory, now);
@@ -313,13 +326,30 @@ impl Local {
             let checked = String::from_utf8_lossy(&content).into_owned();
             outcome = self
                 .leave_out_failing(
-                    w, full, &checked, output, &blocks, &mut left, engine, snapshot,
+                    w,
+                    full,
+                    &checked,
+                    output,
+                    &blocks,
+                    &mut left,
+                    !renewed.is_empty(),
+                    engine,
+                    snapshot,
                 )
                 .await?;
         }
         // The hosts left out stay as they were while the file in place did not change.
         if outcome.settled() {
             self.left_out = left;
+        }
+        if !renewed.is_empty() {
+            if matches!(outcome, Outcome::Applied | Outcome::NotifyFailed(_)) {
+                tracing::info!(target = %self.config.name, hosts = ?renewed, outcome = outcome.label(),
+                    "certificate files changed on disk: checked and reloaded");
+            } else if let Some(c) = self.certs.as_mut() {
+                // Not loaded yet (the check could not run, or failed): tried again.
+                c.changed.extend(renewed);
+            }
         }
         self.remember(&planned, &outcome, now);
         Ok(self.report(outcome, certificates))
@@ -410,7 +440,9 @@ impl Local {
 
     /// The check of `checked` failed with `output`: leaves out the hosts nginx blames (see
     /// [`isolate`]) and checks again, at most [`isolate::MAX_EXTRA_CHECKS`] times. Returns
-    /// the last outcome; `left` ends as the hosts left out of the file in place.
+    /// the last outcome; `left` ends as the hosts left out of the file in place. With
+    /// `reload`, content equal to the file in place is checked and notified all the same
+    /// (certificate files changed under it).
     #[allow(clippy::too_many_arguments)]
     async fn leave_out_failing(
         &mut self,
@@ -420,6 +452,7 @@ impl Local {
         mut output: String,
         full_blocks: &[isolate::Block],
         left: &mut BTreeMap<String, LeftOut>,
+        reload: bool,
         engine: Option<&Engine>,
         snapshot: &Snapshot,
     ) -> Result<Outcome, Error> {
@@ -452,7 +485,7 @@ impl Local {
             }
             let text = isolate::without(full, &left.keys().cloned().collect());
             let hash = sha256_hex(text.as_bytes());
-            if self.applier.current_hash() == Some(hash.as_str()) {
+            if !reload && self.applier.current_hash() == Some(hash.as_str()) {
                 return Ok(Outcome::Unchanged);
             }
             let attempt = plan::Write {
@@ -488,20 +521,29 @@ impl Local {
         // Hosts no longer TLS are forgotten, so they are looked at again if they come back.
         let tls_set: BTreeSet<&String> = tls.iter().collect();
         c.probed.retain(|h| tls_set.contains(h));
-        c.present.retain(|h| tls_set.contains(h));
+        c.present.retain(|h, _| tls_set.contains(h));
+        c.changed.retain(|h| tls_set.contains(h));
+        // A resync looks at every TLS host: files may appear, or change in place.
         let ask: Vec<String> = tls
             .iter()
-            .filter(|h| !c.probed.contains(*h) || (resync && !c.present.contains(*h)))
+            .filter(|h| resync || !c.probed.contains(*h))
             .cloned()
             .collect();
         if !ask.is_empty() {
             match existing_certificates(&check, engine, snapshot, CERT_DIR, &ask).await {
-                Some(Ok(found)) => {
+                Some(Ok(mut found)) => {
                     for h in ask {
-                        if found.contains(&h) {
-                            c.present.insert(h.clone());
-                        } else {
-                            c.present.remove(&h);
+                        match found.remove(&h) {
+                            Some(print) => {
+                                let before = c.present.insert(h.clone(), print.clone());
+                                if before.is_some_and(|b| b != print) {
+                                    c.changed.insert(h.clone());
+                                }
+                            }
+                            None => {
+                                c.present.remove(&h);
+                                c.changed.remove(&h);
+                            }
                         }
                         c.probed.insert(h);
                     }
@@ -511,7 +553,7 @@ impl Local {
                 None => {}
             }
         }
-        Some(c.present.clone())
+        Some(c.present.keys().cloned().collect())
     }
 }
 

@@ -1,11 +1,13 @@
 //! The check and notify steps: run an action against the containers, Swarm service or
 //! local command it reaches, each bounded by a timeout, with the output kept short.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::config::Action;
 use crate::docker::Engine;
+use crate::hash::sha256_hex;
 use crate::state::{Snapshot, resolve_services, select_containers};
 
 use super::Error;
@@ -69,29 +71,31 @@ pub async fn run_action(
 }
 
 /// Which of `hosts` have both certificate files (`fullchain.pem`, `privkey.pem`, not
-/// empty) under `dir/HOST/`, looked up where `check` runs: in the check's container (one
-/// `sh` loop for every host, names passed as arguments, never spliced into the script), or
-/// on drover's own host for a local command. `None` when the check runs nowhere a file
-/// can be looked up (no check, a signal or restart step).
+/// empty) under `dir/HOST/`, each with a fingerprint of the two files' content, looked up
+/// where `check` runs: in the check's container (one `sh` loop for every host, names
+/// passed as arguments, never spliced into the script; `md5sum` of both files, which every
+/// nginx image has), or on drover's own host for a local command. `None` when the check
+/// runs nowhere a file can be looked up (no check, a signal or restart step). The
+/// fingerprint only tells a change: it is never compared across the two ways.
 pub async fn existing_certificates(
     check: &Action,
     engine: Option<&Engine>,
     snapshot: &Snapshot,
     dir: &str,
     hosts: &[String],
-) -> Option<Result<std::collections::BTreeSet<String>, Error>> {
-    const SCRIPT: &str = r#"d="$1"; shift; for h in "$@"; do [ -s "$d/$h/fullchain.pem" ] && [ -s "$d/$h/privkey.pem" ] && echo "$h"; done; exit 0"#;
+) -> Option<Result<BTreeMap<String, String>, Error>> {
+    const SCRIPT: &str = r#"d="$1"; shift; for h in "$@"; do c="$d/$h/fullchain.pem"; k="$d/$h/privkey.pem"; [ -s "$c" ] && [ -s "$k" ] && echo "$h $(cat "$c" "$k" | md5sum)"; done; exit 0"#;
     match check {
         Action::Command(_) => Some(Ok(hosts
             .iter()
-            .filter(|h| {
-                let has = |f: &str| {
-                    std::fs::metadata(Path::new(dir).join(h.as_str()).join(f))
-                        .is_ok_and(|m| m.len() > 0)
-                };
-                has("fullchain.pem") && has("privkey.pem")
+            .filter_map(|h| {
+                let read = |f: &str| std::fs::read(Path::new(dir).join(h.as_str()).join(f)).ok();
+                let (cert, key) = (read("fullchain.pem")?, read("privkey.pem")?);
+                if cert.is_empty() || key.is_empty() {
+                    return None;
+                }
+                Some((h.clone(), sha256_hex(&[cert, key].concat())))
             })
-            .cloned()
             .collect())),
         Action::Exec(e) => {
             let run = async {
@@ -110,18 +114,22 @@ pub async fn existing_certificates(
                         output: tail(&done.output),
                     });
                 }
-                Ok(done
-                    .output
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| hosts.iter().any(|h| h == l))
-                    .map(str::to_owned)
-                    .collect())
+                Ok(parse_fingerprints(&done.output, hosts))
             };
             Some(run.await)
         }
         Action::Signal(_) | Action::Restart(_) => None,
     }
+}
+
+/// The `HOST FINGERPRINT` lines of the probe script, for the hosts asked about only.
+fn parse_fingerprints(output: &str, hosts: &[String]) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .filter(|(h, _)| hosts.iter().any(|x| x == h))
+        .map(|(h, f)| (h.to_owned(), f.trim().to_owned()))
+        .collect()
 }
 
 /// Restarts every task of a Swarm service the way `docker service update --force` does,
@@ -188,4 +196,23 @@ fn tail(s: &str) -> String {
         start += 1;
     }
     format!("...{}", &s[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_read_for_the_hosts_asked_about_only() {
+        let hosts = ["a.com".to_owned(), "b.com".to_owned()];
+        let out = "a.com 123 456\nnoise\nc.com 1 2\nb.com 9 9\r\n";
+        let got = parse_fingerprints(out, &hosts);
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            [
+                ("a.com".to_owned(), "123 456".to_owned()),
+                ("b.com".to_owned(), "9 9".to_owned())
+            ]
+        );
+    }
 }

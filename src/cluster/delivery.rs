@@ -124,15 +124,11 @@ impl Deliverer {
     }
 
     /// Whether a resync has something to look at again on some node: hosts left out, or
-    /// certificate files missing.
+    /// TLS hosts (certificate files may appear, or change on disk).
     pub fn looks_outside(&self) -> bool {
-        self.delivered.values().any(|(_, last)| {
-            !last.left_out.is_empty()
-                || last
-                    .certificates
-                    .as_ref()
-                    .is_some_and(|c| self.tls.iter().any(|h| !c.contains(h)))
-        })
+        self.delivered
+            .values()
+            .any(|(_, last)| looks_outside(last, &self.tls))
     }
 
     /// The TLS hosts some delivered node has no certificate files for.
@@ -150,7 +146,8 @@ impl Deliverer {
 
     /// Brings each of `nodes` to the content `render` makes for that node's certificate
     /// files, through `peers`. A node whose file already holds its content is not asked
-    /// (on a `resync` it is, when it has hosts left out or certificate files missing).
+    /// (on a `resync` it is, when it has hosts left out or TLS hosts whose certificate
+    /// files it looks up: they may have appeared or changed).
     pub async fn deliver(
         &mut self,
         target: &str,
@@ -322,13 +319,11 @@ impl NodeResult {
     }
 }
 
-/// Whether a node's last report leaves something a resync looks at again there.
+/// Whether a node's last report leaves something a resync looks at again there: hosts
+/// left out, or TLS hosts whose certificate files the node looks up (they may appear, or
+/// change on disk and need a reload).
 fn looks_outside(last: &Report, tls: &[String]) -> bool {
-    !last.left_out.is_empty()
-        || last
-            .certificates
-            .as_ref()
-            .is_some_and(|c| tls.iter().any(|h| !c.contains(h)))
+    !last.left_out.is_empty() || (last.certificates.is_some() && !tls.is_empty())
 }
 
 /// The target's overall outcome from its nodes' outcomes: a check failure anywhere wins

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::labels::validate_service;
-use super::nginx::{HostView, UpstreamView, bucket_size, routes};
+use super::nginx::{HostView, UpstreamView, bucket_size, routes, unrouted_extra_hosts};
 use super::prometheus::{JobView, jobs};
 use super::views::{Networks, ServiceView, service_view};
 use crate::state::{Container, Network, Node, Own, Service, Snapshot};
@@ -62,6 +62,8 @@ pub struct Root<'a> {
     pub networks: Option<&'a [Network]>,
     pub own: Option<&'a Own>,
     pub hosts: Option<Vec<HostView>>,
+    /// `routing-extra-hosts` names of services that route nothing (with `hosts`).
+    pub extra_hosts: Vec<String>,
     pub upstreams: Option<Vec<UpstreamView>>,
     pub prometheus_jobs: Option<Vec<JobView>>,
 }
@@ -100,6 +102,7 @@ impl Root<'_> {
             let bucket = bucket_size(&v).map_or(Value::Null, |n| Value::from(n as u64));
             m.insert("server_names_hash_bucket_size".into(), bucket);
             m.insert("hosts".into(), list(v));
+            m.insert("extra_hosts".into(), list(self.extra_hosts));
         }
         if let Some(v) = self.upstreams {
             m.insert("upstreams".into(), list(v));
@@ -163,6 +166,11 @@ pub fn build<'a>(
     }
     let routed: BTreeSet<&str> = skipped.iter().map(|s| s.service.as_str()).collect();
     services.retain(|s| !routed.contains(s.name));
+    let extra_hosts = if uses.hosts {
+        unrouted_extra_hosts(&services, &hosts)
+    } else {
+        Vec::new()
+    };
     let prometheus_jobs = uses
         .prometheus_jobs
         .then(|| jobs(&services, &snapshot.nodes));
@@ -180,6 +188,7 @@ pub fn build<'a>(
         networks: uses.networks.then_some(&snapshot.networks[..]),
         own: snapshot.own.as_ref(),
         hosts: uses.hosts.then_some(hosts),
+        extra_hosts,
         upstreams: uses.upstreams.then_some(upstreams),
         prometheus_jobs,
     };

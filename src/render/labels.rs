@@ -22,6 +22,11 @@ pub const AUTH: &str = "routing-auth";
 pub const AUTH_REALM: &str = "routing-auth-realm";
 pub const ON_HTTPS: &str = "routing-on-https";
 pub const TLS: &str = "routing-tls";
+/// The home lab's extra names (domain-automation read them): more server names for the
+/// service's first host, and more names on that host's certificate.
+pub const EXTRA_HOSTS: &str = "routing-extra-hosts";
+/// drover's extension: `Strict-Transport-Security` on the host's TLS server.
+pub const HSTS: &str = "routing-hsts";
 pub const NETWORK: &str = "routing-network";
 pub const PROMETHEUS_JOB: &str = "prometheus-job";
 pub const PROMETHEUS_PORT: &str = "prometheus-port";
@@ -39,6 +44,8 @@ pub const INTERPRETED: &[&str] = &[
     AUTH_REALM,
     ON_HTTPS,
     TLS,
+    EXTRA_HOSTS,
+    HSTS,
     NETWORK,
     PROMETHEUS_JOB,
     PROMETHEUS_PORT,
@@ -49,8 +56,9 @@ type Rule = fn(&str) -> Result<(), String>;
 /// The rule for a label drover interprets, `None` for any other label.
 fn rule(label: &str) -> Option<Rule> {
     Some(match label {
-        HOST => check_hosts,
-        CONTEXT | INTERNAL_CONTEXT | PRIVATE_CONTEXT => check_path,
+        HOST | EXTRA_HOSTS => check_hosts,
+        CONTEXT | PRIVATE_CONTEXT => check_location,
+        INTERNAL_CONTEXT => check_path,
         PORT | PROMETHEUS_PORT => check_port,
         MAX_BODY => check_size,
         CONNECT_TIMEOUT => check_timeout,
@@ -59,6 +67,7 @@ fn rule(label: &str) -> Option<Rule> {
         // Never inserted into the config: any value is fine (non-empty means https).
         ON_HTTPS => return None,
         TLS => check_bool,
+        HSTS => check_hsts,
         NETWORK => check_network,
         PROMETHEUS_JOB => check_job,
         _ => return None,
@@ -119,6 +128,21 @@ pub fn prefix(value: &str) -> String {
 pub fn truthy(value: &str) -> bool {
     matches!(value.to_ascii_lowercase().as_str(), "true" | "yes" | "1")
 }
+
+/// The `max-age` of a validated `routing-hsts`: digits are seconds, `true`/`yes` one year,
+/// `false`/`no` (or `0`) none.
+pub fn hsts_max_age(value: &str) -> Option<u64> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" => Some(HSTS_DEFAULT),
+        v => v.parse::<u64>().ok().filter(|n| *n > 0),
+    }
+}
+
+/// One year, as most HSTS guidance (and the preload list) asks for.
+pub const HSTS_DEFAULT: u64 = 31_536_000;
+
+/// Where the built-in nginx template serves ACME HTTP-01 tokens from, for every host.
+pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge";
 
 /// `routing-on-https` as the home lab's Jinja template read it: any non-empty value is true
 /// (even `false`).
@@ -185,6 +209,33 @@ fn check_path(value: &str) -> Result<(), String> {
         return Err("path must not contain a .. segment".into());
     }
     Ok(())
+}
+
+/// A path that becomes an nginx location: [`check_path`], and not the ACME challenge path,
+/// which the built-in template routes for every host (a second location there would fail
+/// the whole file).
+fn check_location(value: &str) -> Result<(), String> {
+    check_path(value)?;
+    let p = prefix(value);
+    if p == CHALLENGE_PATH || p.starts_with(&format!("{CHALLENGE_PATH}/")) {
+        return Err(format!(
+            "{CHALLENGE_PATH}/ is reserved for ACME challenges on every host"
+        ));
+    }
+    Ok(())
+}
+
+fn check_hsts(value: &str) -> Result<(), String> {
+    let ok =
+        matches!(
+            value.to_ascii_lowercase().as_str(),
+            "true" | "false" | "yes" | "no"
+        ) || (!value.is_empty() && value.len() <= 9 && value.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be true, false, yes, no or a max-age in seconds (up to 9 digits)".into())
+    }
 }
 
 fn check_port(value: &str) -> Result<(), String> {
@@ -519,5 +570,40 @@ mod tests {
             "/etc/auth-config/kibana.auth.conf"
         );
         assert_eq!(auth_file("team/admins"), "/etc/nginx/auth/team/admins");
+    }
+
+    #[test]
+    fn the_challenge_path_cannot_be_a_service_location() {
+        for v in [
+            "/.well-known/acme-challenge",
+            ".well-known/acme-challenge/",
+            "/.well-known/acme-challenge/x",
+        ] {
+            assert!(validate_service(&service(CONTEXT, v)).is_err(), "{v}");
+            assert!(
+                validate_service(&service(PRIVATE_CONTEXT, v)).is_err(),
+                "{v}"
+            );
+        }
+        assert!(validate_service(&service(CONTEXT, "/.well-known")).is_ok());
+        assert!(validate_service(&service(CONTEXT, "/.well-known/acme")).is_ok());
+        // The backend's path is not a location of nginx.
+        assert!(
+            validate_service(&service(INTERNAL_CONTEXT, "/.well-known/acme-challenge")).is_ok()
+        );
+    }
+
+    #[test]
+    fn hsts_takes_a_boolean_or_seconds() {
+        assert_eq!(hsts_max_age("true"), Some(HSTS_DEFAULT));
+        assert_eq!(hsts_max_age("YES"), Some(HSTS_DEFAULT));
+        assert_eq!(hsts_max_age("600"), Some(600));
+        assert_eq!(hsts_max_age("0"), None);
+        assert_eq!(hsts_max_age("false"), None);
+        for bad in ["", "1y", "-1", "1234567890", "max-age=1", "on"] {
+            assert!(validate_service(&service(HSTS, bad)).is_err(), "{bad:?}");
+        }
+        assert!(validate_service(&service(EXTRA_HOSTS, "a.com, b.com")).is_ok());
+        assert!(validate_service(&service(EXTRA_HOSTS, "a.com;b")).is_err());
     }
 }

@@ -21,7 +21,8 @@
 //! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
 //! | `services[].tasks[]` | `id, service_id, slot, node_id, state, desired_state, container_id, ips` (map network → address)`, message, error`, plus `live` (state and desired state are `running`) and `ip` (address on the service's `network`, or null) |
 //! | `containers`, `nodes`, `networks`, `own` | as in the snapshot (`own` may be null) |
-//! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, locations: [{path, upstream, uri, private, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path; `proxy_pass` is `upstream` + `uri` |
+//! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, cert, aliases, hsts, locations: [{path, upstream, uri, private, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path; `proxy_pass` is `upstream` + `uri`; `aliases` are the host's extra names (`routing-extra-hosts`), `hsts` a max-age or null |
+//! | `extra_hosts` | `routing-extra-hosts` names of services that route nothing, sorted |
 //! | `server_names_hash_bucket_size` | the bucket size the longest host name needs, null when nginx's default fits |
 //! | `upstreams` | `[{name, servers: ["IP:PORT", ...]}]`, one per (host, context); `servers` is empty when no task is live |
 //! | `prometheus_jobs` | `[{name, targets: ["IP:PORT", ...]}]`, one per `prometheus-job` value of services with a `prometheus-port`, plus `docker` (every node address on :9323, the engine's metrics), sorted by name |
@@ -64,6 +65,8 @@
 //! | `routing-on-https` | anything (never inserted) | off | any non-empty value, as Jinja read it: `proxy_pass https://` |
 //! | `routing-private-context` | same as `routing-context` (extension) | none | nginx: extra location, private networks only, path passed through |
 //! | `routing-tls` | `true/false/yes/no/1/0` (extension) | true | nginx: `false` serves the host on port 80 only; certbot leaves it out |
+//! | `routing-extra-hosts` | like `routing-host` | none | more names for the service's first host: nginx `server_name`, certbot (the home lab's label); on a service that routes nothing, names listed in `extra_hosts` |
+//! | `routing-hsts` | `true/false/yes/no` or seconds (extension) | off | nginx: `Strict-Transport-Security` on the TLS server (`true`: one year) |
 //! | `routing-network` | `[A-Za-z0-9][A-Za-z0-9_.-]*` (extension) | see above | routing network |
 //! | `prometheus-job` | `[a-zA-Z_][a-zA-Z0-9_-]*` | not scraped | prometheus |
 //! | `prometheus-port` | 1–65535 | `routing-port`, else 80 | prometheus |

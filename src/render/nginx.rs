@@ -36,6 +36,13 @@ pub struct HostView {
     /// Whether the certificate files of a TLS host are there (true when drover does not
     /// know: nothing probed them). A TLS host without them is served on port 80.
     pub cert: bool,
+    /// More server names, and more names on the host's certificate: the
+    /// `routing-extra-hosts` of the services whose first `routing-host` this is, sorted,
+    /// without names that are routed hosts themselves or another host's extra names.
+    pub aliases: Vec<String>,
+    /// `Strict-Transport-Security` max-age for the TLS server: the largest any service on
+    /// the host asks for with `routing-hsts`.
+    pub hsts: Option<u64>,
     pub locations: Vec<LocationView>,
 }
 
@@ -102,6 +109,8 @@ impl From<HostView> for Value {
         m.insert("name".into(), string(h.name));
         m.insert("tls".into(), Value::Bool(h.tls));
         m.insert("cert".into(), Value::Bool(h.cert));
+        m.insert("aliases".into(), strings(h.aliases));
+        m.insert("hsts".into(), h.hsts.map_or(Value::Null, Value::from));
         m.insert(
             "locations".into(),
             Value::Array(h.locations.into_iter().map(Value::from).collect()),
@@ -139,6 +148,8 @@ impl From<UpstreamView> for Value {
 #[derive(Default)]
 struct HostAcc {
     tls: bool,
+    aliases: BTreeSet<String>,
+    hsts: Option<u64>,
     locations: BTreeMap<String, LocationView>,
 }
 
@@ -201,6 +212,13 @@ pub fn routes(
         let wanted = Wanted::of(service);
         let tls = service.label(labels::TLS).is_none_or(labels::truthy);
         let names: BTreeSet<String> = labels::hosts(host_label).collect();
+        // The lab's extra names go with the first host the service names.
+        let first = labels::hosts(host_label).next().unwrap_or_default();
+        let extra: Vec<String> = service
+            .label(labels::EXTRA_HOSTS)
+            .map(|v| labels::hosts(v).collect())
+            .unwrap_or_default();
+        let hsts = service.label(labels::HSTS).and_then(labels::hsts_max_age);
 
         if let Some(clash) = find_clash(&hosts, &names, &wanted) {
             skipped.push(SkippedService {
@@ -225,6 +243,10 @@ pub fn routes(
         for host in names {
             let acc = hosts.entry(host.clone()).or_default();
             acc.tls |= tls;
+            acc.hsts = acc.hsts.max(hsts);
+            if host == first {
+                acc.aliases.extend(extra.iter().cloned());
+            }
             let mut paths = vec![(wanted.location.clone(), false)];
             if let Some(private) = &wanted.private {
                 paths.push((private.clone(), true));
@@ -282,9 +304,19 @@ pub fn routes(
         });
     }
 
+    // An extra name belongs to the first host (in name order) that claims it, and to none
+    // when it is routed itself: nginx would warn of a conflicting server name, and two
+    // certificates would carry it.
+    let routed: BTreeSet<String> = hosts.keys().cloned().collect();
+    let mut claimed: BTreeSet<String> = BTreeSet::new();
     let hosts = hosts
         .into_iter()
         .map(|(name, acc)| {
+            let aliases: Vec<String> = acc
+                .aliases
+                .into_iter()
+                .filter(|a| !routed.contains(a) && claimed.insert(a.clone()))
+                .collect();
             let host_names = names.get(&name);
             let locations = acc
                 .locations
@@ -299,6 +331,8 @@ pub fn routes(
                 name,
                 tls: acc.tls,
                 cert: true,
+                aliases,
+                hsts: acc.hsts,
                 locations,
             }
         })
@@ -367,9 +401,32 @@ fn find_clash(
 /// is too small. nginx wants room for a pointer, the name plus 2 bytes aligned to a
 /// pointer, and a closing pointer per bucket (`NGX_HASH_ELT_SIZE` in `ngx_hash.c`).
 pub fn bucket_size(hosts: &[HostView]) -> Option<usize> {
-    let longest = hosts.iter().map(|h| h.name.len()).max()?;
+    let longest = hosts
+        .iter()
+        .flat_map(|h| std::iter::once(&h.name).chain(&h.aliases))
+        .map(String::len)
+        .max()?;
     let need = 8 + (longest + 2).div_ceil(8) * 8 + 8;
     (need > NGINX_DEFAULT_BUCKET).then(|| need.next_power_of_two())
+}
+
+/// The `routing-extra-hosts` names of services that route nothing (the home lab put its
+/// apex domain on the nginx service this way): names a certificate tool needs, with no
+/// server block of drover's. Sorted, without names `hosts` already serve.
+pub fn unrouted_extra_hosts(services: &[ServiceView<'_>], hosts: &[HostView]) -> Vec<String> {
+    let served: BTreeSet<&str> = hosts
+        .iter()
+        .flat_map(|h| std::iter::once(&h.name).chain(&h.aliases))
+        .map(String::as_str)
+        .collect();
+    let names: BTreeSet<String> = services
+        .iter()
+        .filter(|s| s.label(labels::HOST).is_none() || s.port(labels::PORT).is_none())
+        .filter_map(|s| s.label(labels::EXTRA_HOSTS))
+        .flat_map(labels::hosts)
+        .filter(|n| !served.contains(n.as_str()))
+        .collect();
+    names.into_iter().collect()
 }
 
 fn sanitize(raw: &str) -> String {
@@ -909,12 +966,71 @@ mod tests {
             name: "h".repeat(len),
             tls: true,
             cert: true,
+            aliases: Vec::new(),
+            hsts: None,
             locations: Vec::new(),
         };
         assert_eq!(bucket_size(&[]), None);
         assert_eq!(bucket_size(&[host(46)]), None);
         assert_eq!(bucket_size(&[host(10), host(47)]), Some(128));
         assert_eq!(bucket_size(&[host(200)]), Some(256));
+    }
+
+    #[test]
+    fn extra_hosts_go_with_the_first_host_once_and_never_shadow_a_routed_host() {
+        let r = route(&[
+            service(
+                "a",
+                &[
+                    (HOST, "b.com, a.com"),
+                    (PORT, "80"),
+                    (labels::EXTRA_HOSTS, "www.b.com, c.com, a.com"),
+                    (labels::HSTS, "600"),
+                ],
+                &["10.0.0.1"],
+            ),
+            service(
+                "b",
+                &[
+                    (HOST, "a.com"),
+                    (PORT, "80"),
+                    (labels::EXTRA_HOSTS, "www.b.com, z.com"),
+                ],
+                &["10.0.0.2"],
+            ),
+            service(
+                "c",
+                &[(HOST, "c.com"), (PORT, "80"), (labels::HSTS, "true")],
+                &["10.0.0.3"],
+            ),
+        ]);
+        // a.com comes first by name and claims www.b.com; c.com is routed itself.
+        assert_eq!(r.host("a.com").aliases, ["www.b.com", "z.com"]);
+        assert!(r.host("b.com").aliases.is_empty());
+        assert!(r.host("c.com").aliases.is_empty());
+        assert_eq!(r.host("b.com").hsts, Some(600));
+        assert_eq!(r.host("a.com").hsts, Some(600));
+        assert_eq!(r.host("c.com").hsts, Some(labels::HSTS_DEFAULT));
+    }
+
+    #[test]
+    fn extra_hosts_of_a_service_that_routes_nothing_are_listed_apart() {
+        let services = [
+            service("nginx", &[(labels::EXTRA_HOSTS, "lab.com, a.com")], &[]),
+            service("a", &[(HOST, "a.com"), (PORT, "80")], &["10.0.0.1"]),
+        ];
+        let ingress = BTreeSet::new();
+        let networks = Networks {
+            target: None,
+            proxy: &[],
+            ingress: &ingress,
+        };
+        let views: Vec<_> = services
+            .iter()
+            .map(|s| service_view(s, &networks))
+            .collect();
+        let (hosts, _) = routes(&views, &mut Vec::new());
+        assert_eq!(unrouted_extra_hosts(&views, &hosts), ["lab.com"]);
     }
 
     #[test]

@@ -1013,6 +1013,8 @@ pub struct NginxService {
     pub addr: String,
     /// `127.0.0.1:PORT`: nginx's own health server (port 8080 in the container).
     pub health_addr: String,
+    /// The host port nginx's port 443 is published on.
+    pub tls_port: u16,
     /// The conf.d directory on the host; drover's nginx target writes here.
     pub conf_dir: PathBuf,
     // Drop order: the service before the directory it mounts.
@@ -1066,15 +1068,27 @@ pub fn nginx_service_mounting(
     seed: &[(&str, &str)],
     mounts: &[(&Path, &str)],
 ) -> Result<NginxService> {
+    nginx_service_on(network, seed, mounts, free_port())
+}
+
+/// [`nginx_service_mounting`] with nginx's port 80 published on the host's `port` (a CA's
+/// validation dials a fixed port: Pebble's `httpPort`).
+pub fn nginx_service_on(
+    network: &str,
+    seed: &[(&str, &str)],
+    mounts: &[(&Path, &str)],
+    port: u16,
+) -> Result<NginxService> {
     let dir = temp_dir("nginx-conf")?;
     for (file, content) in seed {
         std::fs::write(dir.path().join(file), content)?;
     }
-    let (port, health) = (free_port(), free_port());
+    let (health, tls_port) = (free_port(), free_port());
     let mut builder = ServiceBuilder::new(&unique("nginx"), &nginx_image())
         .network(network)
         .publish_host(80, port)
         .publish_host(8080, health)
+        .publish_host(443, tls_port)
         .mount_bind(dir.path(), "/etc/nginx/conf.d");
     for (src, dst) in mounts {
         builder = builder.mount_bind(src, dst);
@@ -1097,6 +1111,7 @@ pub fn nginx_service_mounting(
         url: format!("http://127.0.0.1:{port}"),
         addr: format!("127.0.0.1:{port}"),
         health_addr,
+        tls_port,
         conf_dir: dir.path().to_path_buf(),
         service,
         _dir: dir,
