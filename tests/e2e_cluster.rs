@@ -724,11 +724,21 @@ fn forged_stale_or_replayed_agent_requests_are_refused_and_change_no_file() -> R
 /// `GET path` of drover's operator listener on `node`, from inside that node's nginx
 /// container (the operator port is on the overlay network only): (status, body).
 fn ops_get_on(s: &ShippedStack, node: &Node, path: &str) -> Result<(u16, String)> {
-    let drover_ip = task_placement(&s.cluster, &s.service("drover"), NET)?
-        .into_iter()
-        .find(|(host, _)| *host == node.hostname)
-        .map(|(_, ip)| ip)
-        .with_context(|| format!("no drover task on {}", node.short))?;
+    // The node's drover answers (and hears the controller) while Swarm still holds its
+    // task in `starting` for the image's health check: wait for `running` here.
+    let mut drover_ip = None;
+    wait_for(
+        &format!("a running drover task on {}", node.short),
+        Duration::from_secs(60),
+        || {
+            drover_ip = task_placement(&s.cluster, &s.service("drover"), NET)
+                .ok()
+                .and_then(|p| p.into_iter().find(|(host, _)| *host == node.hostname))
+                .map(|(_, ip)| ip);
+            drover_ip.is_some()
+        },
+    )?;
+    let drover_ip = drover_ip.with_context(|| format!("no drover task on {}", node.short))?;
     let nginx = containers_on(node, &s.service("nginx"))?
         .pop()
         .with_context(|| format!("no nginx container on {}", node.short))?;
