@@ -107,12 +107,7 @@ impl StackRunner {
         if !stack.repository.starts_with("http://") {
             return true;
         }
-        let deployed = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&stack.name)
-            .and_then(|s| s.deployed.clone());
+        let deployed = self.deployed(&stack.name);
         match super::refs::head(stack, &stack.branch).await {
             Ok(head) => {
                 let moved = deployed.as_deref() != Some(head.as_str());
@@ -125,6 +120,15 @@ impl StackRunner {
                 false
             }
         }
+    }
+
+    /// The commit this instance last deployed for `stack`.
+    fn deployed(&self, stack: &str) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stack)
+            .and_then(|s| s.deployed.clone())
     }
 
     fn record(&self, stack: &str, f: impl FnOnce(&mut StackState)) {
@@ -157,12 +161,7 @@ impl StackRunner {
             row.last_trigger = Some(job.hook.clone());
         });
         let out = self.sync_locked(job, stack).await;
-        let deployed = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&stack.name)
-            .and_then(|s| s.deployed.clone());
+        let deployed = self.deployed(&stack.name);
         self.board.update_stack(&stack.name, |row| {
             row.deployed = deployed;
             row.outcome = Some(out.state.as_str().to_owned());
@@ -184,12 +183,7 @@ impl StackRunner {
                 stack.name
             ));
         };
-        let deployed = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&stack.name)
-            .and_then(|s| s.deployed.clone());
+        let deployed = self.deployed(&stack.name);
         let head = match stack.transport() {
             Some(Transport::Http) if stack.repository.starts_with("http://") => {
                 match super::refs::head(stack, &stack.branch).await {
