@@ -313,6 +313,7 @@ async fn post(url: &Uri, message: &Message) -> Result<u16, String> {
         let name = rustls_pki_types::ServerName::try_from(bare.to_owned())
             .map_err(|_| "not a TLS server name".to_owned())?;
         let tls = tls()
+            .ok_or("no TLS client")?
             .connect(name, stream)
             .await
             .map_err(|e| format!("TLS: {}", e.kind()))?;
@@ -345,9 +346,10 @@ where
 }
 
 /// A TLS client trusting the system's roots (`SSL_CERT_FILE`, else Debian's bundle, which
-/// the image carries).
-fn tls() -> tokio_rustls::TlsConnector {
-    static CONNECTOR: OnceLock<tokio_rustls::TlsConnector> = OnceLock::new();
+/// the image carries); `None` if rustls cannot build one (an https sink then fails its
+/// tries, and says why).
+fn tls() -> Option<tokio_rustls::TlsConnector> {
+    static CONNECTOR: OnceLock<Option<tokio_rustls::TlsConnector>> = OnceLock::new();
     CONNECTOR
         .get_or_init(|| {
             use rustls_pki_types::CertificateDer;
@@ -365,21 +367,10 @@ fn tls() -> tokio_rustls::TlsConnector {
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-            match config {
-                Ok(c) => tokio_rustls::TlsConnector::from(Arc::new(c)),
-                // ring's defaults always have protocol versions; keep a client that
-                // refuses every server rather than panic.
-                Err(_) => tokio_rustls::TlsConnector::from(Arc::new(
-                    rustls::ClientConfig::builder_with_provider(Arc::new(
-                        rustls::crypto::ring::default_provider(),
-                    ))
-                    .with_protocol_versions(&[&rustls::version::TLS13])
-                    .expect("TLS 1.3 is supported by ring")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-                )),
-            }
+            .ok()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
         })
         .clone()
 }
