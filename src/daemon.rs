@@ -62,7 +62,16 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     let key = cluster_key(&config)?;
-    let reconciler = Reconciler::new(
+    let certs = start_certificates(
+        &config,
+        &engine,
+        key.as_ref(),
+        &board,
+        role.clone(),
+        &shutdown,
+        &mut tasks,
+    )?;
+    let mut reconciler = Reconciler::new(
         engine.clone(),
         &config.targets,
         board.clone(),
@@ -71,6 +80,9 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         contacts.clone(),
         role.clone(),
     );
+    if let Some((exchange, dir)) = certs {
+        reconciler = reconciler.with_certificates(exchange, dir);
+    }
     let (retarget, retargets) = crate::reload::channel(&config);
     let steps = crate::state::StepAddresses::default();
     tasks.spawn(
@@ -240,6 +252,45 @@ async fn webhook_side(
     ))
 }
 
+/// drover's ACME client, when `certificates:` is configured: the manager runs on every
+/// instance and orders only while it is the controller; the render loop gets the other
+/// end of its exchange and the directory nodes write certificates to.
+fn start_certificates(
+    config: &Config,
+    engine: &Engine,
+    key: Option<&crate::cluster::wire::Key>,
+    board: &Arc<Board>,
+    role: watch::Receiver<Role>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Option<(Arc<crate::certs::Exchange>, std::path::PathBuf)>> {
+    let Some(c) = &config.certificates else {
+        return Ok(None);
+    };
+    let Some(key) = key else {
+        anyhow::bail!(
+            "certificates: the account and certificates are kept sealed with the cluster key, and {} is not there",
+            config.cluster.key_file.display()
+        );
+    };
+    let Some(target) = c.target(&config.targets) else {
+        anyhow::bail!("certificates: no builtin:nginx target serves the challenges");
+    };
+    let exchange = crate::certs::Exchange::new(&target.name);
+    let manager = crate::certs::manager::Manager {
+        config: c.clone(),
+        engine: engine.clone(),
+        key: key.bytes().to_vec(),
+        scope: config.jobs.journal.clone(),
+        exchange: exchange.clone(),
+        board: board.clone(),
+        role,
+    };
+    info!(directory = %c.directory, target = %target.name, "certificates: drover's ACME client is on");
+    tasks.spawn(manager.run(shutdown.clone()));
+    Ok(Some((exchange, c.dir.clone())))
+}
+
 /// The cluster key when its file is there (cluster mode); a key file that is there but
 /// cannot be read is a start-up error.
 fn cluster_key(config: &Config) -> anyhow::Result<Option<crate::cluster::wire::Key>> {
@@ -283,12 +334,15 @@ async fn start_agent(
     let listener = tokio::net::TcpListener::bind(cluster.listen)
         .await
         .with_context(|| format!("cannot listen on {} (agent API)", cluster.listen))?;
-    let agent = Arc::new(agent::Agent::new(
-        crate::cluster::wire::Guard::new(a.key.clone(), cluster.max_skew),
-        Some(a.engine.clone()),
-        &a.config.targets,
-        a.contacts.clone(),
-    ));
+    let agent = Arc::new(
+        agent::Agent::new(
+            crate::cluster::wire::Guard::new(a.key.clone(), cluster.max_skew),
+            Some(a.engine.clone()),
+            &a.config.targets,
+            a.contacts.clone(),
+        )
+        .with_pair_dir(a.config.certificates.as_ref().map(|c| c.dir.clone())),
+    );
     let app = crate::http::agent_routes(a.state, agent.clone(), a.role.clone())?;
     let (http, stop) = (a.config.http.clone(), shutdown.clone());
     tasks.spawn(async move { crate::http::serve_agent(listener, app, &http, stop).await });

@@ -59,6 +59,16 @@ pub fn read_own(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Replaces `path` with `content` atomically (see the module docs for the fallback).
 pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), Error> {
+    write_with(path, content, None)
+}
+
+/// [`write_atomic`] for a private key: mode 0600 whatever the file had, from the first
+/// byte (no window in which another reader could open it).
+pub fn write_private(path: &Path, content: &[u8]) -> Result<(), Error> {
+    write_with(path, content, Some(0o600))
+}
+
+fn write_with(path: &Path, content: &[u8], mode: Option<u32>) -> Result<(), Error> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -67,6 +77,7 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), Error> {
         path,
         content,
         &format!(".{name}.drover-{}", random_suffix()),
+        mode,
     )
 }
 
@@ -84,7 +95,12 @@ fn random_suffix() -> String {
 }
 
 /// [`write_atomic`] with a given temp file name (tests plant things there).
-fn write_via(path: &Path, content: &[u8], temp_name: &str) -> Result<(), Error> {
+fn write_via(
+    path: &Path,
+    content: &[u8],
+    temp_name: &str,
+    fixed_mode: Option<u32>,
+) -> Result<(), Error> {
     let err = |source| Error::Write {
         path: path.to_owned(),
         source,
@@ -96,11 +112,13 @@ fn write_via(path: &Path, content: &[u8], temp_name: &str) -> Result<(), Error> 
     let tmp = dir.join(temp_name);
     // Keep the mode of the file we replace, so a reader with other rights keeps reading;
     // a symlink's target is not ours to look at.
-    let mode = std::fs::symlink_metadata(path)
-        .ok()
-        .filter(|m| m.file_type().is_file())
-        .map(|m| m.permissions().mode() & KEPT_MODE)
-        .unwrap_or(NEW_FILE_MODE);
+    let mode = fixed_mode.unwrap_or_else(|| {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .map(|m| m.permissions().mode() & KEPT_MODE)
+            .unwrap_or(NEW_FILE_MODE)
+    });
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -147,6 +165,18 @@ fn write_in_place(path: &Path, content: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_file_is_0600_even_over_a_looser_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("privkey.pem");
+        std::fs::write(&key, "old").expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_private(&key, b"new").expect("write");
+        let mode = std::fs::metadata(&key).expect("meta").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(read_own(&key).expect("read"), b"new");
+    }
 
     #[test]
     fn a_planted_symlink_is_neither_read_nor_followed_and_modes_are_masked() {
@@ -201,7 +231,7 @@ mod tests {
         let out = dir.path().join("a.conf");
         std::fs::write(&out, b"old").expect("write");
         std::os::unix::fs::symlink(&victim, dir.path().join(".a.conf.tmp")).expect("symlink");
-        let e = write_via(&out, b"new", ".a.conf.tmp").expect_err("refused");
+        let e = write_via(&out, b"new", ".a.conf.tmp", None).expect_err("refused");
         assert_eq!(e.io().kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&victim).expect("read"), b"untouched");
         assert_eq!(std::fs::read(&out).expect("read"), b"old");

@@ -41,6 +41,8 @@ pub mod clock;
 // the one content hash and the one body signature
 pub mod hash;
 
+pub mod tls;
+
 // events that need a person, sent to the configured sinks without waiting
 pub mod notifications;
 

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub updates: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub notifications: IntCounterVec,
+    pub certificate_expiry: IntGaugeVec,
+    pub acme_orders: IntCounterVec,
     pub stack_deploys: IntCounterVec,
 }
 
@@ -261,6 +263,18 @@ impl Metrics {
                 "drover_notifications_total",
                 "Notifications by sink and outcome (sent, failed, suppressed, dropped)",
                 &["sink", "outcome"],
+            ),
+            certificate_expiry: gauge_vec(
+                &r,
+                "drover_certificate_expiry_timestamp_seconds",
+                "When each certificate drover obtained ends (unix seconds), by host",
+                &["host"],
+            ),
+            acme_orders: counter_vec(
+                &r,
+                "drover_acme_orders_total",
+                "ACME orders by outcome (issued, failed, refused: the ledger kept it inside the CA's limits)",
+                &["outcome"],
             ),
             stack_deploys: counter_vec(
                 &r,

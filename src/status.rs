@@ -180,6 +180,20 @@ impl StackStatus {
     }
 }
 
+/// A certificate drover obtains, as the status page shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CertificateStatus {
+    pub host: String,
+    pub names: Vec<String>,
+    /// Unix seconds.
+    pub not_after: Option<i64>,
+    pub renew_at: Option<i64>,
+    /// The last order's failure or refusal, until one succeeds.
+    pub error: Option<String>,
+    /// When a failed or refused order is tried again.
+    pub retry_at: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub version: &'static str,
@@ -191,6 +205,7 @@ pub struct Summary {
     pub peers: Vec<String>,
     pub targets: Vec<TargetStatus>,
     pub stacks: Vec<StackStatus>,
+    pub certificates: Vec<CertificateStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -200,6 +215,7 @@ pub struct Board {
     /// Told when a host is newly left out or a node newly stops answering.
     notifier: OnceLock<Notifier>,
     stacks: RwLock<BTreeMap<String, StackStatus>>,
+    certificates: RwLock<BTreeMap<String, CertificateStatus>>,
 }
 
 impl Board {
@@ -212,6 +228,7 @@ impl Board {
             targets: RwLock::default(),
             notifier: OnceLock::new(),
             stacks: RwLock::default(),
+            certificates: RwLock::default(),
         }
     }
 
@@ -232,7 +249,24 @@ impl Board {
             .read()
             .map(|t| t.values().cloned().collect())
             .unwrap_or_default();
+        s.certificates = self
+            .certificates
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
         s
+    }
+
+    pub fn update_certificate(&self, host: &str, f: impl FnOnce(&mut CertificateStatus)) {
+        if let Ok(mut t) = self.certificates.write() {
+            let entry = t
+                .entry(host.to_owned())
+                .or_insert_with(|| CertificateStatus {
+                    host: host.to_owned(),
+                    ..CertificateStatus::default()
+                });
+            f(entry);
+        }
     }
 
     pub fn update_stack(&self, name: &str, f: impl FnOnce(&mut StackStatus)) {

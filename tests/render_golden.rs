@@ -1038,6 +1038,7 @@ fn a_tls_host_without_its_certificate_is_served_on_port_80_until_it_appears() {
     let render = |present: &[&str]| {
         let options = drover::render::Options {
             certificates: Some(present.iter().map(|h| (*h).to_owned()).collect()),
+            ..Default::default()
         };
         template.render_with(&snapshot, &options).expect("renders")
     };
@@ -1194,4 +1195,62 @@ fn nginx_gives_up_on_a_vanished_task_after_the_connect_timeout_and_never_repeats
     let out = render_builtin("nginx", &lab);
     let blog = location_block(&out.text, "blog.viktoradam.net", "/");
     assert!(blog.contains("proxy_connect_timeout 250ms;"), "{blog}");
+}
+
+#[test]
+fn acme_tokens_are_answered_on_every_servers_challenge_path_and_certificate_fingerprints_are_in_the_file()
+ {
+    let snapshot = Snapshot {
+        services: vec![service(
+            "shop",
+            &[
+                ("routing-host", "shop.test"),
+                ("routing-port", "80"),
+                ("routing-extra-hosts", "www.shop.test"),
+                ("routing-acme", "true"),
+            ],
+            &["10.0.1.5"],
+        )],
+        ..Snapshot::default()
+    };
+    let template = Template::load(&target("builtin:nginx")).expect("built-in compiles");
+    let options = drover::render::Options {
+        certificates: Some(Default::default()),
+        challenges: [
+            ("tok-1_A".to_owned(), "tok-1_A.thumb".to_owned()),
+            // Never into the file: it could end the quoted string.
+            ("evil\";".to_owned(), "x".to_owned()),
+        ]
+        .into(),
+        fingerprints: [("shop.test".to_owned(), "ab12".to_owned())].into(),
+    };
+    let out = template.render_with(&snapshot, &options).expect("renders");
+    assert!(
+        out.text
+            .contains("\"/.well-known/acme-challenge/tok-1_A\" \"tok-1_A.thumb\";"),
+        "{}",
+        out.text
+    );
+    assert!(!out.text.contains("evil"), "{}", out.text);
+    assert!(
+        out.text.contains("# certificate shop.test ab12"),
+        "{}",
+        out.text
+    );
+    // The default server and the host's port-80 server both answer the token first.
+    assert_eq!(
+        out.text.matches("return 200 $drover_test_acme;").count(),
+        2,
+        "{}",
+        out.text
+    );
+    assert_eq!(
+        out.wanted,
+        [drover::certs::Wanted {
+            host: "shop.test".into(),
+            names: vec!["shop.test".into(), "www.shop.test".into()],
+            opted_in: true,
+        }]
+    );
+    nginx_t(&out.text, None).expect("nginx -t");
 }

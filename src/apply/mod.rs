@@ -166,6 +166,11 @@ pub struct Candidate<'a> {
     /// Look again at what the cluster does not tell: certificate files that may have
     /// appeared, hosts left out that may pass now.
     pub resync: bool,
+    /// Certificates drover obtained, written under `pair_dir` (`HOST/fullchain.pem`,
+    /// `HOST/privkey.pem` 0600) before the probe, so the check and reload load them.
+    pub pairs: &'a [std::sync::Arc<crate::tls::Pair>],
+    /// Where this node writes `pairs` (`certificates.dir`); `None`: not written.
+    pub pair_dir: Option<&'a std::path::Path>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,8 +262,14 @@ impl Local {
         snapshot: &Snapshot,
         now: Instant,
     ) -> Result<Report, Error> {
+        let wrote = match candidate.pair_dir {
+            Some(dir) => write_pairs(dir, candidate.pairs)?,
+            None => false,
+        };
+        // New files are looked at at once: the probe sees their fingerprint change, and
+        // the same content is checked and reloaded for them.
         let certificates = self
-            .probe(candidate.tls, candidate.resync, engine, snapshot)
+            .probe(candidate.tls, candidate.resync || wrote, engine, snapshot)
             .await;
         if let Some(present) = &certificates {
             let rendered_for: BTreeSet<String> = candidate
@@ -555,6 +566,46 @@ impl Local {
         }
         Some(c.present.keys().cloned().collect())
     }
+}
+
+/// Writes each pair whose files differ from it under `dir/HOST/`; whether any was written.
+fn write_pairs(
+    dir: &std::path::Path,
+    pairs: &[std::sync::Arc<crate::tls::Pair>],
+) -> Result<bool, Error> {
+    let mut wrote = false;
+    for pair in pairs {
+        // The host is a validated routing-host (no `/`, no `..`): one directory level.
+        if pair.host.is_empty() || pair.host.contains('/') || pair.host.starts_with('.') {
+            continue;
+        }
+        let host_dir = dir.join(&pair.host);
+        let err = |source| Error::Write {
+            path: host_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&host_dir).map_err(err)?;
+        let files = [
+            ("fullchain.pem", pair.chain_pem.as_bytes(), false),
+            ("privkey.pem", pair.key_pem().as_bytes(), true),
+        ];
+        for (name, content, private) in files {
+            let path = host_dir.join(name);
+            if crate::fsutil::read_own(&path).is_ok_and(|old| old == content) {
+                continue;
+            }
+            let written = if private {
+                crate::fsutil::write_private(&path, content)
+            } else {
+                crate::fsutil::write_atomic(&path, content)
+            };
+            written.map_err(|e| match e {
+                crate::fsutil::Error::Write { path, source } => Error::Write { path, source },
+            })?;
+            wrote = true;
+        }
+    }
+    Ok(wrote)
 }
 
 /// Whether drover can look up `target`'s certificate files: the built-in nginx template

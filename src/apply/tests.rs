@@ -490,6 +490,8 @@ mod executor {
         async fn apply(&mut self, content: &[u8]) -> Outcome {
             let none = std::collections::BTreeSet::new();
             let candidate = Candidate {
+                pairs: &[],
+                pair_dir: None,
                 content,
                 tls: &[],
                 with_certificates: &none,

@@ -8,15 +8,22 @@
 //! would go past Let's Encrypt's limits, with a message saying why and until when.
 //! Times are unix seconds from [`crate::clock`]; nothing here reads the clock itself.
 //! [`acme`] is the conversation with the CA (instant-acme); [`seal`] encrypts what is kept
-//! in Swarm config objects with a key derived from the cluster key.
+//! in Swarm config objects ([`store`]) with a key derived from the cluster key;
+//! [`manager`] is the controller's loop, and [`exchange`] what it and the render loop tell
+//! each other (tokens to serve, certificates to deliver, what is served, what is wanted).
 
 pub mod acme;
+pub mod exchange;
 pub mod ledger;
+pub mod manager;
 pub mod schedule;
 pub mod seal;
+pub mod store;
+pub mod x509;
 
+pub use exchange::{Exchange, Pair, Published, Wanted};
 pub use ledger::{Ledger, Refusal};
-pub use schedule::{Failures, RenewalWindow, renew_at};
+pub use schedule::{Failures, RenewalWindow, renew_at, renew_at_left};
 
 /// A certificate's names as one key: lowercased, sorted, without duplicates (Let's
 /// Encrypt counts certificates per *exact* set of names, in any order or case).

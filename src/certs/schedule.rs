@@ -45,6 +45,18 @@ pub fn renew_at(
     }
 }
 
+/// When a certificate valid from `not_before` to `not_after` is due with `left` (0 to 1)
+/// of its lifetime left: the operator's setting (`certificates.renew_when_left`).
+pub fn renew_at_left(not_before: i64, not_after: i64, left: f64) -> i64 {
+    let lifetime = not_after.saturating_sub(not_before).max(0);
+    let left = if left.is_finite() {
+        left.clamp(0.0, 1.0)
+    } else {
+        1.0 / 3.0
+    };
+    not_after.saturating_sub((lifetime as f64 * left) as i64)
+}
+
 /// Consecutive failures of one name (or name set) and when the last one happened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failures {
@@ -101,6 +113,16 @@ mod tests {
     use super::*;
 
     const DAY: i64 = 86_400;
+
+    #[test]
+    fn the_operator_can_renew_earlier() {
+        assert_eq!(
+            renew_at_left(0, 90 * DAY, 1.0 / 3.0),
+            renew_at(0, 90 * DAY, None, 0.0)
+        );
+        assert_eq!(renew_at_left(0, 100, 0.9), 10);
+        assert_eq!(renew_at_left(0, 100, f64::NAN), 67);
+    }
 
     #[test]
     fn a_certificate_is_renewed_with_a_third_of_its_lifetime_left() {

@@ -54,6 +54,8 @@ pub struct Agent {
     /// Swapped whole by [`Agent::retarget`] (a config reload); a request in flight keeps
     /// the target it started with.
     targets: std::sync::RwLock<Arc<Targets>>,
+    /// Where certificates sent with an apply are written (`certificates.dir`).
+    pair_dir: Option<std::path::PathBuf>,
 }
 
 fn local(t: &Target) -> Arc<tokio::sync::Mutex<Local>> {
@@ -75,7 +77,14 @@ impl Agent {
             targets: std::sync::RwLock::new(Arc::new(
                 targets.iter().map(|t| (t.name.clone(), local(t))).collect(),
             )),
+            pair_dir: None,
         }
+    }
+
+    /// Writes certificates sent with an apply under `dir` (drover's ACME client is on).
+    pub fn with_pair_dir(mut self, dir: Option<std::path::PathBuf>) -> Agent {
+        self.pair_dir = dir;
+        self
     }
 
     pub fn guard(&self) -> &Guard {
@@ -175,11 +184,19 @@ impl Agent {
             .map(|s| s.node_id.clone())
             .unwrap_or_default();
         let snapshot = snapshot.unwrap_or_default();
+        let pairs = req
+            .pairs
+            .iter()
+            .map(|p| crate::certs::exchange::open_pair(self.guard.key().bytes(), p).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Refusal::BadRequest)?;
         let candidate = Candidate {
             content: &content,
             tls: &req.tls,
             with_certificates: &req.with_certificates,
             resync: req.resync,
+            pairs: &pairs,
+            pair_dir: self.pair_dir.as_deref(),
         };
         let result = match applier
             .apply(candidate, self.engine.as_ref(), &snapshot, Instant::now())

@@ -30,6 +30,8 @@ pub struct Rendition {
     pub content: Vec<u8>,
     /// The TLS hosts of the content.
     pub tls: Vec<String>,
+    /// Certificates to write with it, sealed for the wire.
+    pub pairs: Vec<String>,
 }
 
 /// Services whose containers the target's check and notify steps reach.
@@ -117,6 +119,11 @@ impl Deliverer {
             tls: Vec::new(),
             in_flight: BTreeMap::new(),
         }
+    }
+
+    /// The cluster key the deliveries are signed with.
+    pub fn key(&self) -> &Key {
+        &self.key
     }
 
     pub fn port(&self) -> u16 {
@@ -228,6 +235,7 @@ impl Deliverer {
                     tls: rendition.tls.clone(),
                     with_certificates: with,
                     resync: resync && round == 0,
+                    pairs: rendition.pairs.clone(),
                     ..ApplyRequest::new(target, &rendition.content)
                 };
                 let (key, addr, to) = (self.key.clone(), peer.addr, node.clone());
@@ -516,6 +524,7 @@ mod tests {
             Some(Rendition {
                 content: b"x".to_vec(),
                 tls: Vec::new(),
+                pairs: Vec::new(),
             })
         };
         let contacts = Contacts::default();
@@ -553,6 +562,7 @@ mod tests {
             Some(Rendition {
                 content: b"x".to_vec(),
                 tls: Vec::new(),
+                pairs: Vec::new(),
             })
         };
         let contacts = Contacts::default();

@@ -110,6 +110,11 @@ impl Key {
         Key(key.into())
     }
 
+    /// The key itself, for what is sealed with it (certificates on the wire and in Swarm).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self, timestamp: &str, nonce: &str, to: To<'_>, body: &[u8]) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
@@ -383,6 +388,10 @@ pub struct ApplyRequest {
     /// Look again at left-out hosts and missing certificate files (the controller's resync).
     #[serde(default)]
     pub resync: bool,
+    /// Certificates drover obtained, each sealed with the cluster key
+    /// ([`crate::certs::exchange::seal_pair`]): written before the apply.
+    #[serde(default)]
+    pub pairs: Vec<String>,
 }
 
 impl ApplyRequest {
@@ -394,6 +403,7 @@ impl ApplyRequest {
             tls: Vec::new(),
             with_certificates: BTreeSet::new(),
             resync: false,
+            pairs: Vec::new(),
         }
     }
 }

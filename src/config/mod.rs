@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod certificates;
 mod check;
 mod cluster;
 mod hooks;
@@ -31,6 +32,7 @@ mod values;
 #[cfg(test)]
 mod tests;
 
+pub use certificates::{Certificates, HostChoice, LETS_ENCRYPT};
 pub use cluster::Cluster;
 pub use hooks::{
     ContainerSpec, DEFAULT_REPLAY_WINDOW, Hook, HookAction, HookKind, RepoSecret, RepoSecrets,
@@ -91,6 +93,8 @@ pub struct Config {
     pub notifications: Notifications,
     /// Swarm stacks deployed from git repositories.
     pub stacks: Vec<Stack>,
+    /// drover's own ACME client; `None`: certificates come from elsewhere.
+    pub certificates: Option<Certificates>,
 }
 
 impl Default for Config {
@@ -105,6 +109,7 @@ impl Default for Config {
             cluster: Cluster::default(),
             notifications: Notifications::default(),
             stacks: Vec::new(),
+            certificates: None,
         }
     }
 }
@@ -182,6 +187,9 @@ impl Config {
             .map(|h| h.name.as_str())
             .collect();
         stacks::validate(&self.stacks, &sync_hooks)?;
+        if let Some(c) = &self.certificates {
+            c.validate(&self.targets)?;
+        }
         self.http.validate()
     }
 }

@@ -109,7 +109,18 @@ struct Page<'a> {
     now: String,
     targets: Vec<TargetView<'a>>,
     stacks: Vec<StackView<'a>>,
+    certificates: Vec<CertificateView<'a>>,
     jobs: Vec<JobView>,
+}
+
+#[derive(Serialize)]
+struct CertificateView<'a> {
+    host: &'a str,
+    names: String,
+    not_after: String,
+    renew_at: String,
+    error: &'a str,
+    retry_at: String,
 }
 
 #[derive(Serialize)]
@@ -224,6 +235,22 @@ impl<'a> Page<'a> {
                             _ => "neutral",
                         },
                         message: st.message.as_deref().unwrap_or(""),
+                    }
+                })
+                .collect(),
+            certificates: s
+                .certificates
+                .iter()
+                .map(|c| {
+                    let at =
+                        |t: Option<i64>| format_time(t.and_then(|t| u64::try_from(t).ok()), now);
+                    CertificateView {
+                        host: &c.host,
+                        names: c.names.join(", "),
+                        not_after: at(c.not_after),
+                        renew_at: at(c.renew_at),
+                        error: c.error.as_deref().unwrap_or(""),
+                        retry_at: c.retry_at.map(|t| at(Some(t))).unwrap_or_default(),
                     }
                 })
                 .collect(),

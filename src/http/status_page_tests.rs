@@ -50,6 +50,7 @@ fn summary() -> Summary {
             nodes: vec![],
         }],
         stacks: Vec::new(),
+        certificates: Vec::new(),
     }
 }
 
@@ -252,4 +253,39 @@ fn each_stack_shows_its_deployed_commit_last_trigger_outcome_and_whether_the_bra
         "{html}"
     );
     assert!(!html.contains("<script>"), "messages are escaped");
+}
+
+#[test]
+fn each_certificate_shows_its_names_expiry_renewal_and_last_error() {
+    let mut s = summary();
+    s.certificates = vec![
+        crate::status::CertificateStatus {
+            host: "shop.example.com".into(),
+            names: vec!["shop.example.com".into(), "www.shop.example.com".into()],
+            not_after: Some(NOW as i64 + 90 * 86_400),
+            renew_at: Some(NOW as i64 + 60 * 86_400),
+            error: None,
+            retry_at: None,
+        },
+        crate::status::CertificateStatus {
+            host: "bad.example.com".into(),
+            names: vec!["bad.example.com".into()],
+            error: Some("the order for [bad.example.com] ended invalid: <b>".into()),
+            retry_at: Some(NOW as i64 + 60),
+            ..Default::default()
+        },
+    ];
+    let html = render_at(&s, &jobs(), NOW);
+    assert!(html.contains(r#"data-host="shop.example.com""#), "{html}");
+    assert!(
+        html.contains("shop.example.com, www.shop.example.com")
+            && html.contains("2024-07-30 12:00:00 UTC")
+            && html.contains("2024-06-30 12:00:00 UTC"),
+        "{html}"
+    );
+    assert!(
+        html.contains("ended invalid") && html.contains("retry 2024-05-01 12:01:00 UTC"),
+        "{html}"
+    );
+    assert!(!html.contains("<b>"), "the CA's words are escaped");
 }

@@ -8,6 +8,7 @@
 //! one target is logged, counted and shown on the status page; it never affects other
 //! targets and never stops the loop.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
+use crate::certs::Exchange;
 use crate::cluster::contacts::Contacts;
 use crate::cluster::wire::Key;
 use crate::config::Target;
@@ -54,6 +56,8 @@ pub struct Reconciler {
     /// Where each snapshot's addresses of the steps' containers go (the intake's default
     /// trusted proxies).
     steps: Option<crate::state::StepAddresses>,
+    /// drover's ACME client's side of the ACME target, and where nodes write certificates.
+    certs: Option<(Arc<Exchange>, PathBuf)>,
 }
 
 /// What a config reload may change in the render loop without a restart.
@@ -61,6 +65,18 @@ pub struct Reconciler {
 pub struct Retarget {
     pub targets: Vec<Target>,
     pub resync: Duration,
+}
+
+/// Whether what the certificate manager publishes changed; never when there is nothing
+/// to follow (or the manager is gone).
+async fn next_publish(published: &mut Option<watch::Receiver<crate::certs::Published>>) -> bool {
+    if let Some(rx) = published {
+        if rx.changed().await.is_ok() {
+            return true;
+        }
+    }
+    *published = None;
+    std::future::pending().await
 }
 
 /// The next reloaded config, or never when there is no reload channel (or it closed).
@@ -92,7 +108,7 @@ impl Reconciler {
     ) -> Reconciler {
         let targets = targets
             .iter()
-            .map(|t| target_state(t, &board, agents.as_ref()))
+            .map(|t| target_state(t, &board, agents.as_ref(), None))
             .collect();
         Reconciler {
             engine,
@@ -104,7 +120,19 @@ impl Reconciler {
             retargets: None,
             role,
             steps: None,
+            certs: None,
         }
+    }
+
+    /// Serves the challenges and delivers the certificates of drover's ACME client with
+    /// the target `exchange` names, written under `dir` on each node.
+    pub fn with_certificates(mut self, exchange: Arc<Exchange>, dir: PathBuf) -> Reconciler {
+        self.certs = Some((exchange, dir));
+        let certs = self.certs.as_ref();
+        for t in &mut self.targets {
+            *t = target_state(&t.config, &self.board, self.agents.as_ref(), certs);
+        }
+        self
     }
 
     /// Keeps `steps` current with the addresses the targets' steps reach.
@@ -152,7 +180,7 @@ impl Reconciler {
         self.targets = new
             .targets
             .iter()
-            .map(|t| target_state(t, &self.board, self.agents.as_ref()))
+            .map(|t| target_state(t, &self.board, self.agents.as_ref(), self.certs.as_ref()))
             .collect();
         self.resync = new.resync;
     }
@@ -169,6 +197,7 @@ impl Reconciler {
         let mut retry_at: Option<Instant> = None;
         let mut engine = Policy::default();
         let mut role_open = true;
+        let mut published = self.certs.as_ref().map(|(x, _)| x.published.subscribe());
         loop {
             if !std::mem::take(&mut immediate) {
                 let wake = match retry_at {
@@ -207,6 +236,14 @@ impl Reconciler {
                         Err(_) => role_open = false,
                     },
                     _ = sleep_until(wake) => {}
+                    // New tokens or certificates: the ACME target is rendered at once.
+                    changed = next_publish(&mut published) => {
+                        if changed {
+                            for t in self.targets.iter_mut().filter(|t| t.acme.is_some()) {
+                                t.next_look = Some(Instant::now());
+                            }
+                        }
+                    }
                     new = next_retarget(&mut self.retargets) => {
                         self.retarget(&new);
                         full_pass = true;

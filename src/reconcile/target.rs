@@ -10,6 +10,7 @@
 //! (hosts left out, certificate files missing).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use tracing::warn;
 use super::{report, unix_now};
 use crate::apply::{Candidate, Local, Outcome, Report};
 use crate::backoff::Backoff;
+use crate::certs::{Exchange, Published};
 use crate::cluster::contacts::Contacts;
 use crate::cluster::delivery::{self, Deliverer, Rendition};
 use crate::cluster::wire::Key;
@@ -29,6 +31,7 @@ use crate::render::{Rendered, Template};
 use crate::role::Role;
 use crate::state::Snapshot;
 use crate::status::{Board, NodeState, SkippedService};
+use crate::tls::Pair;
 
 /// The longest wait before a node the last delivery did not reach is tried again. A node
 /// that comes back (its engine restarted) looks the same to the controller as one still
@@ -98,6 +101,18 @@ pub(super) struct TargetState {
     pub(super) left_out: BTreeMap<String, String>,
     /// TLS hosts last reported as served on port 80 (on some node); `None`: not yet.
     pub(super) without_certificate: Option<BTreeSet<String>>,
+    /// The target that serves drover's ACME challenges and delivers its certificates.
+    pub(super) acme: Option<Acme>,
+}
+
+/// The ACME side of a target: what the certificate manager publishes, and what this
+/// target last rendered of it.
+pub(super) struct Acme {
+    exchange: Arc<Exchange>,
+    /// Where this node writes the certificates (`certificates.dir`).
+    dir: PathBuf,
+    /// The generation of the published tokens and certificates last rendered.
+    rendered: u64,
 }
 
 impl TargetState {
@@ -126,7 +141,12 @@ impl TargetState {
 }
 
 /// A target's state as at start: template compiled, last applied hash read back.
-pub(super) fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)>) -> TargetState {
+pub(super) fn target_state(
+    t: &Target,
+    board: &Board,
+    agents: Option<&(Key, u16)>,
+    certs: Option<&(Arc<Exchange>, PathBuf)>,
+) -> TargetState {
     let template = Template::load(t).map_err(|e| e.to_string());
     if let Err(e) = &template {
         warn!(target = %t.name, error = %e, "template does not compile; target disabled");
@@ -151,6 +171,13 @@ pub(super) fn target_state(t: &Target, board: &Board, agents: Option<&(Key, u16)
         unavailable_reason: None,
         left_out: BTreeMap::new(),
         without_certificate: None,
+        acme: certs
+            .filter(|(x, _)| x.target == t.name)
+            .map(|(exchange, dir)| Acme {
+                exchange: exchange.clone(),
+                dir: dir.clone(),
+                rendered: 0,
+            }),
     }
 }
 
@@ -161,7 +188,13 @@ pub(super) async fn reconcile(
     ctx: &Ctx<'_>,
 ) -> Result<Action, Error> {
     let outside = ctx.resync && t.looks_outside();
-    if t.settled.as_deref() == Some(&**snapshot) && !outside {
+    let published: Option<Published> = t
+        .acme
+        .as_ref()
+        .map(|a| a.exchange.published.borrow().clone());
+    let generation = published.as_ref().map_or(0, |p| p.generation);
+    let republish = t.acme.as_ref().is_some_and(|a| a.rendered != generation);
+    if t.settled.as_deref() == Some(&**snapshot) && !outside && !republish {
         return Ok(Action::AwaitChange);
     }
     // In cluster mode only the controller (the instance on the Raft leader) renders; the
@@ -176,11 +209,21 @@ pub(super) async fn reconcile(
     let name = t.config.name.clone();
     let m = crate::metrics::get();
     let probes = t.local.probes_certificates();
+    let (challenges, fingerprints) = published
+        .as_ref()
+        .map(|p| (p.challenges(), p.fingerprints()))
+        .unwrap_or_default();
+    let pairs: Vec<Arc<Pair>> = published
+        .as_ref()
+        .map(|p| p.pairs.values().cloned().collect())
+        .unwrap_or_default();
     let render = |with: &BTreeSet<String>| {
         template.render_with(
             snapshot,
             &crate::render::Options {
                 certificates: probes.then(|| with.clone()),
+                challenges: challenges.clone(),
+                fingerprints: fingerprints.clone(),
             },
         )
     };
@@ -191,6 +234,16 @@ pub(super) async fn reconcile(
         .with_label_values(&[name.as_str()])
         .observe(started.elapsed().as_secs_f64());
     let rendered = rendered.map_err(|e| Error::Render(e.to_string()))?;
+    if let Some(a) = &mut t.acme {
+        a.exchange.wanted.send_if_modified(|w| {
+            let changed = *w != rendered.wanted;
+            if changed {
+                w.clone_from(&rendered.wanted);
+            }
+            changed
+        });
+        a.rendered = generation;
+    }
     if rendered.skipped != t.last_skipped {
         for s in &rendered.skipped {
             warn!(service = %s.service, label = %s.label, value = %s.value, reason = %s.reason,
@@ -213,9 +266,15 @@ pub(super) async fn reconcile(
         let peers = crate::cluster::peers::peers(snapshot, d.port());
         // The render above is already the one for nodes whose files match `with` (most of
         // them): only another set of certificate files costs a render.
+        // Sealed once per pass for every node: the overlay may not be encrypted.
+        let sealed: Vec<String> = pairs
+            .iter()
+            .filter_map(|p| crate::certs::exchange::seal_pair(d.key().bytes(), p).ok())
+            .collect();
         let first = Rendition {
             content: rendered.text.clone().into_bytes(),
             tls: rendered.tls_hosts.clone(),
+            pairs: sealed.clone(),
         };
         let for_node = |set: &BTreeSet<String>| {
             if *set == with {
@@ -224,6 +283,7 @@ pub(super) async fn reconcile(
             render(set).ok().map(|r| Rendition {
                 content: r.text.into_bytes(),
                 tls: r.tls_hosts,
+                pairs: sealed.clone(),
             })
         };
         let nodes = d
@@ -238,6 +298,9 @@ pub(super) async fn reconcile(
             .await;
         let without = d.without_certificates(&rendered.tls_hosts);
         let outcome = delivery::overall(&nodes);
+        if outcome.settled() {
+            served(t, generation);
+        }
         // No consumer at all is not retried: one appearing is a Swarm change, with events.
         let owed: BTreeSet<(String, &'static str)> = nodes
             .iter()
@@ -273,14 +336,22 @@ pub(super) async fn reconcile(
     }
 
     let now = Instant::now();
-    let mut applied = apply_here(&mut t.local, snapshot, &rendered, &with, ctx, now).await;
+    let here = Here {
+        pairs: &pairs,
+        dir: t.acme.as_ref().map(|a| a.dir.clone()),
+        now,
+    };
+    let mut applied = apply_here(&mut t.local, snapshot, &rendered, &with, ctx, &here).await;
     if let Ok(r) = &applied {
         if r.outcome == Outcome::Rerender {
             // This node's certificate files differ from what was known: render for them.
             let with = r.certificates.clone().unwrap_or_default();
             let again = render(&with).map_err(|e| Error::Render(e.to_string()))?;
-            applied = apply_here(&mut t.local, snapshot, &again, &with, ctx, now).await;
+            applied = apply_here(&mut t.local, snapshot, &again, &with, ctx, &here).await;
         }
+    }
+    if applied.as_ref().is_ok_and(|r| r.outcome.settled()) {
+        served(t, generation);
     }
     if probes {
         let present = t.local.certificates();
@@ -353,6 +424,26 @@ pub(super) fn error_policy(t: &mut TargetState, error: &Error, ctx: &Ctx<'_>) ->
     }
 }
 
+/// Tells the certificate manager that every node serves `generation` of what it published.
+fn served(t: &TargetState, generation: u64) {
+    if let Some(a) = &t.acme {
+        a.exchange.served.send_if_modified(|g| {
+            let newer = generation > *g;
+            if newer {
+                *g = generation;
+            }
+            newer
+        });
+    }
+}
+
+/// What an apply on this node carries besides the file.
+struct Here<'a> {
+    pairs: &'a [Arc<Pair>],
+    dir: Option<PathBuf>,
+    now: Instant,
+}
+
 /// `rendered` (made for the certificate files `with`) through this node's executor.
 async fn apply_here(
     local: &mut Local,
@@ -360,15 +451,17 @@ async fn apply_here(
     rendered: &Rendered,
     with: &BTreeSet<String>,
     ctx: &Ctx<'_>,
-    now: Instant,
+    here: &Here<'_>,
 ) -> Result<Report, crate::apply::Error> {
     let candidate = Candidate {
         content: rendered.text.as_bytes(),
         tls: &rendered.tls_hosts,
         with_certificates: with,
         resync: ctx.resync,
+        pairs: here.pairs,
+        pair_dir: here.dir.as_deref(),
     };
-    local.apply(candidate, ctx.engine, snapshot, now).await
+    local.apply(candidate, ctx.engine, snapshot, here.now).await
 }
 
 #[cfg(test)]
@@ -445,7 +538,7 @@ mod tests {
     async fn an_unchanged_cluster_settles_and_writes_nothing_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let w = World::new();
-        let mut t = target_state(&target(dir.path(), None), &w.board, None);
+        let mut t = target_state(&target(dir.path(), None), &w.board, None, None);
         let snapshot = Arc::new(Snapshot::default());
         assert_eq!(
             w.step(&mut t, &snapshot, Role::Standalone).await,
@@ -475,6 +568,7 @@ mod tests {
             &target(dir.path(), Some(nginx_like_check())),
             &w.board,
             None,
+            None,
         );
         let snapshot = Arc::new(Snapshot::default());
         assert_eq!(
@@ -503,7 +597,7 @@ mod tests {
             label: None,
             command: vec!["nginx".into(), "-t".into()],
         });
-        let mut t = target_state(&target(dir.path(), Some(exec)), &w.board, None);
+        let mut t = target_state(&target(dir.path(), Some(exec)), &w.board, None, None);
         let snapshot = Arc::new(Snapshot::default());
         let action = w.step(&mut t, &snapshot, Role::Standalone).await;
         assert!(requeued_within(action, Backoff::START * 2), "{action:?}");
@@ -576,7 +670,7 @@ mod tests {
             .expect("port")
             .port();
         let agents = (Key::from_bytes(b"k"), port);
-        let mut t = target_state(&agents_target(dir.path()), &w.board, Some(&agents));
+        let mut t = target_state(&agents_target(dir.path()), &w.board, Some(&agents), None);
         let snapshot = Arc::new(cluster("127.0.0.1"));
         let action = w.step(&mut t, &snapshot, Role::Leader).await;
         assert!(requeued_within(action, REDELIVER_MAX), "{action:?}");
@@ -600,7 +694,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let w = World::new();
         let agents = (Key::from_bytes(b"k"), 1);
-        let mut t = target_state(&agents_target(dir.path()), &w.board, Some(&agents));
+        let mut t = target_state(&agents_target(dir.path()), &w.board, Some(&agents), None);
         let snapshot = Arc::new(cluster("127.0.0.1"));
         assert_eq!(
             w.step(&mut t, &snapshot, Role::Manager).await,
@@ -616,7 +710,7 @@ mod tests {
         let broken = dir.path().join("broken.tera");
         std::fs::write(&broken, "{% if %}").expect("template");
         let t = Target::new("t", &broken.display().to_string(), dir.path().join("o"));
-        let mut t = target_state(&t, &w.board, None);
+        let mut t = target_state(&t, &w.board, None, None);
         let snapshot = Arc::new(Snapshot::default());
         assert_eq!(
             w.step(&mut t, &snapshot, Role::Standalone).await,
@@ -630,7 +724,7 @@ mod tests {
             output: dir.path().join("file").join("out.conf"),
             ..unwritable
         };
-        let mut t = target_state(&unwritable, &w.board, None);
+        let mut t = target_state(&unwritable, &w.board, None, None);
         let action = w.step(&mut t, &snapshot, Role::Standalone).await;
         assert!(requeued_within(action, Backoff::START * 2), "{action:?}");
         assert!(action != Action::AwaitChange);

@@ -27,6 +27,8 @@ pub const TLS: &str = "routing-tls";
 pub const EXTRA_HOSTS: &str = "routing-extra-hosts";
 /// drover's extension: `Strict-Transport-Security` on the host's TLS server.
 pub const HSTS: &str = "routing-hsts";
+/// drover's extension: drover obtains the host's certificate (`certificates.hosts: label`).
+pub const ACME: &str = "routing-acme";
 pub const NETWORK: &str = "routing-network";
 pub const PROMETHEUS_JOB: &str = "prometheus-job";
 pub const PROMETHEUS_PORT: &str = "prometheus-port";
@@ -46,6 +48,7 @@ pub const INTERPRETED: &[&str] = &[
     TLS,
     EXTRA_HOSTS,
     HSTS,
+    ACME,
     NETWORK,
     PROMETHEUS_JOB,
     PROMETHEUS_PORT,
@@ -66,7 +69,7 @@ fn rule(label: &str) -> Option<Rule> {
         AUTH_REALM => check_realm,
         // Never inserted into the config: any value is fine (non-empty means https).
         ON_HTTPS => return None,
-        TLS => check_bool,
+        TLS | ACME => check_bool,
         HSTS => check_hsts,
         NETWORK => check_network,
         PROMETHEUS_JOB => check_job,

@@ -87,7 +87,7 @@ mod views;
 
 pub use labels::INTERPRETED as INTERPRETED_LABELS;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::config::{Action, Target};
@@ -178,6 +178,9 @@ pub struct Rendered {
     /// The hosts that want TLS (sorted; empty when the template does not use `hosts`):
     /// whose certificate files decide how they are served.
     pub tls_hosts: Vec<String>,
+    /// The certificate each TLS host wants (its name and extra names), for drover's ACME
+    /// client.
+    pub wanted: Vec<crate::certs::Wanted>,
 }
 
 fn private_networks(networks: &crate::config::PrivateNetworks) -> Vec<String> {
@@ -194,6 +197,11 @@ pub struct Options {
     /// The TLS hosts whose certificate files exist; `None` when nobody looked (every TLS
     /// host is then rendered with its certificate, as before drover could look).
     pub certificates: Option<BTreeSet<String>>,
+    /// ACME HTTP-01 tokens to answer (`token → key authorization`), on every host.
+    pub challenges: BTreeMap<String, String>,
+    /// The certificates drover delivers with the file, `host → fingerprint`: written into
+    /// it, so a renewed pair is a changed file (delivered, checked and reloaded).
+    pub fingerprints: BTreeMap<String, String>,
 }
 
 impl Template {
@@ -273,11 +281,38 @@ impl Template {
             .filter(|h| h.tls)
             .map(|h| h.name.clone())
             .collect();
+        let wanted = root
+            .hosts
+            .iter()
+            .flatten()
+            .filter(|h| h.tls)
+            .map(|h| crate::certs::Wanted {
+                host: h.name.clone(),
+                names: std::iter::once(h.name.clone())
+                    .chain(h.aliases.iter().cloned())
+                    .collect(),
+                opted_in: h.acme,
+            })
+            .collect();
         let mut context = root
             .into_context()
             .map_err(|e| Error::Context(Box::new(e.into())))?;
         context.insert("private_networks", &self.private_networks);
         context.insert("vars", &self.vars);
+        // Only what cannot break out of nginx's quoting reaches the file (the manager
+        // checks too).
+        let challenges: Vec<[&String; 2]> = options
+            .challenges
+            .iter()
+            .filter(|(t, k)| {
+                crate::certs::exchange::safe_token(t) && crate::certs::exchange::safe_token(k)
+            })
+            .map(|(t, k)| [t, k])
+            .collect();
+        context.insert("acme_challenges", &challenges);
+        let fingerprints: Vec<[&String; 2]> =
+            options.fingerprints.iter().map(|(h, f)| [h, f]).collect();
+        context.insert("acme_certificates", &fingerprints);
         let text = self
             .tera
             .render(&self.name, &context)
@@ -291,6 +326,7 @@ impl Template {
             text,
             skipped,
             tls_hosts,
+            wanted,
         })
     }
 

@@ -43,6 +43,8 @@ pub struct HostView {
     /// `Strict-Transport-Security` max-age for the TLS server: the largest any service on
     /// the host asks for with `routing-hsts`.
     pub hsts: Option<u64>,
+    /// A service on the host says `routing-acme: "true"`: drover obtains its certificate.
+    pub acme: bool,
     pub locations: Vec<LocationView>,
 }
 
@@ -111,6 +113,7 @@ impl From<HostView> for Value {
         m.insert("cert".into(), Value::Bool(h.cert));
         m.insert("aliases".into(), strings(h.aliases));
         m.insert("hsts".into(), h.hsts.map_or(Value::Null, Value::from));
+        m.insert("acme".into(), Value::Bool(h.acme));
         m.insert(
             "locations".into(),
             Value::Array(h.locations.into_iter().map(Value::from).collect()),
@@ -148,6 +151,7 @@ impl From<UpstreamView> for Value {
 #[derive(Default)]
 struct HostAcc {
     tls: bool,
+    acme: bool,
     aliases: BTreeSet<String>,
     hsts: Option<u64>,
     locations: BTreeMap<String, LocationView>,
@@ -219,6 +223,7 @@ pub fn routes(
             .map(|v| labels::hosts(v).collect())
             .unwrap_or_default();
         let hsts = service.label(labels::HSTS).and_then(labels::hsts_max_age);
+        let acme = service.label(labels::ACME).is_some_and(labels::truthy);
 
         if let Some(clash) = find_clash(&hosts, &names, &wanted) {
             skipped.push(SkippedService {
@@ -243,6 +248,7 @@ pub fn routes(
         for host in names {
             let acc = hosts.entry(host.clone()).or_default();
             acc.tls |= tls;
+            acc.acme |= acme;
             acc.hsts = acc.hsts.max(hsts);
             if host == first {
                 acc.aliases.extend(extra.iter().cloned());
@@ -333,6 +339,7 @@ pub fn routes(
                 cert: true,
                 aliases,
                 hsts: acc.hsts,
+                acme: acc.acme,
                 locations,
             }
         })
@@ -968,6 +975,7 @@ mod tests {
             cert: true,
             aliases: Vec::new(),
             hsts: None,
+            acme: false,
             locations: Vec::new(),
         };
         assert_eq!(bucket_size(&[]), None);

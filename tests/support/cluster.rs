@@ -334,7 +334,7 @@ impl ShippedStack {
         Self::deploy_files(&files, cluster, network, app_host, http_port, vars, |c| c)
     }
 
-    fn deploy_files(
+    pub fn deploy_files(
         files: &[&str],
         cluster: Cluster,
         network: &str,
