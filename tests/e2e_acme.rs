@@ -207,18 +207,7 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
     relay_certificate(dir.path(), &m1_host)?;
     let _relay = Relay::start(dir.path(), &m1_host, &pebble_ca)?;
 
-    // The second compose file docs/certificates.md shows for a private CA's root.
-    let ca_copy = dir.path().join("acme-ca.pem");
-    std::fs::copy(dir.path().join("ca.pem"), &ca_copy)?;
-    let extra = dir.path().join("stack.acme-ca.yml");
-    std::fs::write(
-        &extra,
-        format!(
-            "version: \"3.7\"\nservices:\n  drover:\n    configs:\n      - source: drover-config\n        target: /etc/drover/drover.yml\n        mode: 0444\n      - source: acme-ca\n        target: /etc/drover/ca.pem\n        mode: 0444\nconfigs:\n  acme-ca:\n    file: {}\n",
-            ca_copy.display()
-        ),
-    )?;
-    let extra_path = extra.display().to_string();
+    let extra_path = ca_compose_file(dir.path())?;
     let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");
     let s = ShippedStack::deploy_files(
         &["stack.yml", &extra_path],
@@ -264,16 +253,7 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
         &busybox_image(),
     ])?;
 
-    let root = dir.path().join("pebble-root.pem");
-    let got_root = wait_until(SWARM, Duration::from_secs(1), || {
-        Command::new("curl")
-            .args(["-fsS", "--cacert", &pebble_ca, "-o"])
-            .arg(&root)
-            .arg("https://127.0.0.1:15000/roots/0")
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    ensure!(got_root, "Pebble's root");
+    let root = pebble_root(&pebble_ca, dir.path())?;
 
     let mut last = String::new();
     let mut leaves = Vec::new();
@@ -367,4 +347,148 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
     }
     dns(&[host, alias], "", false)?;
     Ok(())
+}
+
+/// Renewal set to come almost at once (`renew_when_left` close to 1): every renewed
+/// certificate reaches every node's nginx with no step by anyone, until the ledger refuses
+/// the sixth certificate for the same names within the week, on the status page. A name
+/// the CA cannot validate (its DNS points where no nginx listens) fails with the CA's
+/// words and backs off, and the other host is served all along.
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_cannot_validate_backs_off_alone()
+-> Result<()> {
+    require_e2e!();
+    let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
+    let http_port: u16 = var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?;
+    let cluster = Cluster::new(1, 1)?;
+    let m1_host = cluster.node("m1").host_addr.clone();
+    let dir = temp_dir("acme-renew")?;
+    relay_certificate(dir.path(), &m1_host)?;
+    let _relay = Relay::start(dir.path(), &m1_host, &pebble_ca)?;
+    let extra = ca_compose_file(dir.path())?;
+    let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");
+    let s = ShippedStack::deploy_files(
+        &["stack.yml", &extra],
+        cluster,
+        NET,
+        APP_HOST,
+        http_port,
+        &[],
+        |c| {
+            format!(
+                "{c}\ncertificates:\n  directory: {directory}\n  ca_file: /etc/drover/ca.pem\n  hosts: all\n  renew_when_left: 0.9999999\n"
+            )
+        },
+    )?;
+    let tls_port = http_port + 1;
+    let (m1, w1) = (s.cluster.node("m1"), s.cluster.node("w1"));
+    let (good, bad) = ("renew.acme.test", "bad.acme.test");
+    dns(&[good], &w1.addr, true)?;
+    // Nothing listens on the host's side of the veth on nginx's port.
+    dns(&[bad], &m1_host, true)?;
+    for (name, host) in [("acme-renew", good), ("acme-bad", bad)] {
+        s.cluster.docker(&[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            NET,
+            "--stop-grace-period",
+            "1s",
+            "--label",
+            &format!("routing-host={host}"),
+            "--label",
+            "routing-port=80",
+            &busybox_image(),
+        ])?;
+    }
+    let root = pebble_root(&pebble_ca, dir.path())?;
+
+    // Certificates as served: each new one on both nodes, until the ledger stops them.
+    let mut seen: Vec<String> = Vec::new();
+    let mut last = String::new();
+    let drover = s.service("drover");
+    let refused = wait_until(SWARM + 4 * ISSUED, Duration::from_secs(1), || {
+        let leaves: Vec<String> = [m1, w1]
+            .iter()
+            .map(|n| {
+                served(n, tls_port, good, &root)
+                    .map(|(_, l)| l)
+                    .unwrap_or_default()
+            })
+            .collect();
+        if !leaves[0].is_empty() && leaves[0] == leaves[1] && !seen.contains(&leaves[0]) {
+            seen.push(leaves[0].clone());
+        }
+        last = m1.get_inside(&drover, 9091, "/").unwrap_or_default();
+        last.contains("5 certificates for exactly [renew.acme.test]")
+    });
+    ensure!(
+        refused,
+        "the ledger's refusal on the status page; {} certificates seen on both nodes:\n{}",
+        seen.len(),
+        last
+    );
+    ensure!(
+        seen.len() >= 2,
+        "a renewed certificate served on every node: {seen:?}"
+    );
+    // The name that cannot validate: the CA's words on the status page, and a retry time.
+    ensure!(
+        last.contains(r#"data-host="bad.acme.test""#) && last.contains("ended invalid"),
+        "{last}"
+    );
+    let metrics = m1.get_inside(&drover, 9091, "/metrics")?;
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "drover_acme_orders_total{{outcome=\"{outcome}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    ensure!(count("issued") == 5 && count("refused") >= 1, "{metrics}");
+    ensure!(
+        count("failed") <= 2,
+        "the bad name backs off (1 min, then 2): {metrics}"
+    );
+    dns(&[good, bad], "", false)?;
+    Ok(())
+}
+
+/// Pebble's issuing root (new at every Pebble start), as a PEM file in `dir`.
+fn pebble_root(pebble_ca: &str, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let root = dir.join("pebble-root.pem");
+    let got = wait_until(SWARM, Duration::from_secs(1), || {
+        Command::new("curl")
+            .args(["-fsS", "--cacert", pebble_ca, "-o"])
+            .arg(&root)
+            .arg("https://127.0.0.1:15000/roots/0")
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    ensure!(got, "Pebble's root");
+    Ok(root)
+}
+
+/// The second compose file docs/certificates.md shows for a private CA's root (the
+/// relay's CA in `dir`); its path.
+fn ca_compose_file(dir: &std::path::Path) -> Result<String> {
+    let ca_copy = dir.join("acme-ca.pem");
+    std::fs::copy(dir.join("ca.pem"), &ca_copy)?;
+    let extra = dir.join("stack.acme-ca.yml");
+    std::fs::write(
+        &extra,
+        format!(
+            "version: \"3.7\"\nservices:\n  drover:\n    configs:\n      - source: drover-config\n        target: /etc/drover/drover.yml\n        mode: 0444\n      - source: acme-ca\n        target: /etc/drover/ca.pem\n        mode: 0444\nconfigs:\n  acme-ca:\n    file: {}\n",
+            ca_copy.display()
+        ),
+    )?;
+    Ok(extra.display().to_string())
 }

@@ -164,8 +164,8 @@ impl Store {
     async fn put(&self, kind: Kind, host: &str, plain: &[u8]) -> Result<(), Error> {
         let sealed = seal::seal(&self.key, &purpose(kind.as_str()), plain)?;
         let at = crate::clock::unix_nanos().to_string();
-        let id = &sha256_hex(host.as_bytes())[..12];
-        let version = &sha256_hex(&sealed)[..12];
+        let id = &sha256_hex(host.as_bytes())[..8];
+        let version = &sha256_hex(&sealed)[..8];
         let name = object_name(&self.scope, kind.as_str(), id, version);
         let labels = HashMap::from([
             (SCOPE_LABEL.to_owned(), self.scope.clone()),
@@ -211,7 +211,7 @@ mod tests {
     #[test]
     fn object_names_fit_swarm_for_the_longest_scope() {
         let scope = "a".repeat(32);
-        let name = object_name(&scope, "certificate", &"f".repeat(12), &"0".repeat(12));
+        let name = object_name(&scope, "certificate", &"f".repeat(8), &"0".repeat(8));
         assert!(name.len() <= 64, "{} characters: {name}", name.len());
         assert!(name.starts_with("drover-acme-"));
     }
