@@ -194,34 +194,58 @@ fn served(
     ))
 }
 
+/// The shipped stack on one manager and `workers` workers, with `certificates:` naming
+/// Pebble through the relay (and `settings` below it).
+struct World {
+    stack: ShippedStack,
+    dir: tempfile::TempDir,
+    http_port: u16,
+    m1_host: String,
+    _relay: Relay,
+}
+
+impl World {
+    fn deploy(workers: usize, settings: &str) -> Result<World> {
+        let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
+        let http_port: u16 = var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?;
+        let cluster = Cluster::new(1, workers)?;
+        let m1_host = cluster.node("m1").host_addr.clone();
+        let dir = temp_dir("acme-e2e")?;
+        relay_certificate(dir.path(), &m1_host)?;
+        let relay = Relay::start(dir.path(), &m1_host, &pebble_ca)?;
+        let extra = ca_compose_file(dir.path())?;
+        let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");
+        let stack = ShippedStack::deploy_files(
+            &["stack.yml", &extra],
+            cluster,
+            NET,
+            APP_HOST,
+            http_port,
+            &[],
+            |c| {
+                format!(
+                    "{c}\ncertificates:\n  directory: {directory}\n  ca_file: /etc/drover/ca.pem\n{settings}"
+                )
+            },
+        )?;
+        Ok(World {
+            stack,
+            dir,
+            http_port,
+            m1_host,
+            _relay: relay,
+        })
+    }
+}
+
 #[test]
 #[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_by_every_node_and_a_restart_orders_nothing()
 -> Result<()> {
     require_e2e!();
     let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
-    let http_port: u16 = var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?;
-    let cluster = Cluster::new(1, 2)?;
-    let m1_host = cluster.node("m1").host_addr.clone();
-    let dir = temp_dir("acme-e2e")?;
-    relay_certificate(dir.path(), &m1_host)?;
-    let _relay = Relay::start(dir.path(), &m1_host, &pebble_ca)?;
-
-    let extra_path = ca_compose_file(dir.path())?;
-    let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");
-    let s = ShippedStack::deploy_files(
-        &["stack.yml", &extra_path],
-        cluster,
-        NET,
-        APP_HOST,
-        http_port,
-        &[],
-        |c| {
-            format!(
-                "{c}\ncertificates:\n  directory: {directory}\n  ca_file: /etc/drover/ca.pem\n  hosts: label\n"
-            )
-        },
-    )?;
+    let w = World::deploy(2, "  hosts: label\n")?;
+    let (s, dir, http_port) = (&w.stack, &w.dir, w.http_port);
     let tls_port = http_port + 1;
     let (m1, w1, w2) = (
         s.cluster.node("m1"),
@@ -360,27 +384,8 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
 -> Result<()> {
     require_e2e!();
     let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
-    let http_port: u16 = var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?;
-    let cluster = Cluster::new(1, 1)?;
-    let m1_host = cluster.node("m1").host_addr.clone();
-    let dir = temp_dir("acme-renew")?;
-    relay_certificate(dir.path(), &m1_host)?;
-    let _relay = Relay::start(dir.path(), &m1_host, &pebble_ca)?;
-    let extra = ca_compose_file(dir.path())?;
-    let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");
-    let s = ShippedStack::deploy_files(
-        &["stack.yml", &extra],
-        cluster,
-        NET,
-        APP_HOST,
-        http_port,
-        &[],
-        |c| {
-            format!(
-                "{c}\ncertificates:\n  directory: {directory}\n  ca_file: /etc/drover/ca.pem\n  hosts: all\n  renew_when_left: 0.9999999\n"
-            )
-        },
-    )?;
+    let w = World::deploy(1, "  hosts: all\n  renew_when_left: 0.9999999\n")?;
+    let (s, dir, http_port, m1_host) = (&w.stack, &w.dir, w.http_port, w.m1_host.clone());
     let tls_port = http_port + 1;
     let (m1, w1) = (s.cluster.node("m1"), s.cluster.node("w1"));
     let (good, bad) = ("renew.acme.test", "bad.acme.test");

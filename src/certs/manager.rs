@@ -31,6 +31,10 @@ use crate::status::{Board, CertificateStatus};
 const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest sleep between two looks at what is due.
 const LOOK_EVERY: Duration = Duration::from_secs(30);
+/// How long after every node reported the tokens in place before the CA is asked to
+/// validate: a reload by signal is asynchronous (nginx's old workers keep accepting until
+/// the new ones run), and a CA that validates at once would meet an old worker.
+const RELOAD_SETTLE: Duration = Duration::from_secs(2);
 /// After the store or the CA could not be reached at all.
 const RETRY_SETUP: Duration = Duration::from_secs(15);
 
@@ -290,8 +294,15 @@ async fn serve(exchange: &Exchange, tokens: Vec<Token>) -> Result<(), String> {
     }
     let generation = exchange.publish(|p| p.tokens = tokens);
     let mut served = exchange.served.subscribe();
-    match tokio::time::timeout(SERVE_TIMEOUT, served.wait_for(|g| *g >= generation)).await {
-        Ok(Ok(_)) => Ok(()),
+    // The watch's guard is dropped here, before the settle delay below.
+    let waited = tokio::time::timeout(SERVE_TIMEOUT, served.wait_for(|g| *g >= generation))
+        .await
+        .map(|r| r.map(drop));
+    match waited {
+        Ok(Ok(_)) => {
+            tokio::time::sleep(RELOAD_SETTLE).await;
+            Ok(())
+        }
         Ok(Err(_)) => Err("the render loop is gone".to_owned()),
         Err(_) => Err(format!(
             "not every node's nginx served the challenge within {}s (see the target's nodes on the status page)",

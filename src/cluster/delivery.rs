@@ -66,6 +66,22 @@ pub fn consumer_nodes(target: &Target, snapshot: &Snapshot) -> BTreeSet<String> 
         .collect()
 }
 
+/// Whether a task of a consumer service is on its way to running: its node gets the file
+/// once it runs, and does not serve it before.
+pub fn consumers_starting(target: &Target, snapshot: &Snapshot) -> bool {
+    let services = consumer_services(target);
+    let stack = crate::state::own_stack(snapshot);
+    snapshot
+        .services
+        .iter()
+        .filter(|s| {
+            services
+                .iter()
+                .any(|r| crate::state::names_service(r, &s.name, stack))
+        })
+        .any(|s| s.tasks.iter().any(|t| t.is_transitional()))
+}
+
 /// Whether `target` goes through agents on this snapshot (`agents_on`: this instance has
 /// the cluster key).
 pub fn uses_agents(target: &Target, snapshot: &Snapshot, agents_on: bool) -> bool {

@@ -298,7 +298,12 @@ pub(super) async fn reconcile(
             .await;
         let without = d.without_certificates(&rendered.tls_hosts);
         let outcome = delivery::overall(&nodes);
-        if outcome.settled() {
+        // Every node that runs the proxy: none while they start (a node whose nginx is on
+        // its way is not in `nodes` yet).
+        if outcome.settled()
+            && !nodes.is_empty()
+            && !delivery::consumers_starting(&t.config, snapshot)
+        {
             served(t, generation);
         }
         // No consumer at all is not retried: one appearing is a Swarm change, with events.
@@ -350,7 +355,9 @@ pub(super) async fn reconcile(
             applied = apply_here(&mut t.local, snapshot, &again, &with, ctx, &here).await;
         }
     }
-    if applied.as_ref().is_ok_and(|r| r.outcome.settled()) {
+    if applied.as_ref().is_ok_and(|r| r.outcome.settled())
+        && !delivery::consumers_starting(&t.config, snapshot)
+    {
         served(t, generation);
     }
     if probes {
