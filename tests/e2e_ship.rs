@@ -467,9 +467,17 @@ targets:
     )?;
     drover.wait_http_ok("/healthz", BOUND)?;
 
-    // While the socket does not exist: alive, not ready, no file — for a couple of seconds.
-    let waiting_until = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < waiting_until {
+    // While the socket does not exist: alive, not ready, no file — through three of
+    // drover's attempts to reach the engine (a count of its retries, not a stretch of
+    // time: on a loaded machine the first attempt may come late).
+    let attempts = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("docker engine not reachable; retrying"))
+            .count()
+    };
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let tried = attempts(&drover.logs());
         let healthz = drover.get("/healthz").map(|r| r.status);
         let readyz = drover.get("/readyz").map(|r| r.status);
         // The server is re-bound once the engine answers; here it never should have.
@@ -485,17 +493,23 @@ targets:
         );
         ensure!(!output.exists(), "no render without an engine");
         ensure!(drover.is_running(), "drover exited while waiting");
+        if tried >= 3 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "drover tried to reach the engine {tried} times within {BOUND:?}:\n{}",
+            drover.logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
     let appeared = Instant::now();
     let _forwarder = EngineForwarder::start(&socket)?;
-    drover.wait_ready(Duration::from_secs(12))?;
-    wait_for(
-        "the target's file after the first sync",
-        Duration::from_secs(5),
-        || output.exists(),
-    )?;
+    drover.wait_ready(BOUND)?;
+    wait_for("the target's file after the first sync", BOUND, || {
+        output.exists()
+    })?;
     eprintln!("ready {:?} after the engine appeared", appeared.elapsed());
     assert_eq!(drover.get("/healthz")?.status, 200, "still alive");
     Ok(())
@@ -1032,18 +1046,46 @@ fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() ->
     );
 
     // 2. It compiles with the host toolchain, reusing the checkout's dependency builds
-    // (same profile, same registry sources: only drover itself is compiled again).
+    // (same profile, same registry sources: only drover itself is compiled again). Cargo
+    // would put the new binary at `target/PROFILE/drover`, the file every other test
+    // starts: it builds in a private target dir instead, a tree of hard links to the
+    // checkout's `target/PROFILE` (same filesystem, made in an instant; cargo only adds
+    // files for the units it builds, and replaces the binary's link, never the file).
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("target"));
     let profile = std::env::var("DROVER_TEST_PROFILE").unwrap_or_else(|_| "ci".into());
-    let uplifted = target_dir.join(&profile).join("drover");
-    // Cargo copies the new binary over the checkout's `target/PROFILE/drover`, which
-    // other tests run: keep the checkout's one aside and put it back afterwards.
-    let kept = target_dir
-        .join(&profile)
-        .join(format!(".drover.{}", unique("kept")));
-    let had_binary = std::fs::hard_link(&uplifted, &kept).is_ok();
+    let private = tempfile::Builder::new()
+        .prefix(".ship-build-")
+        .tempdir_in(&target_dir)?;
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(target_dir.join(&profile))
+        .arg(private.path().join(&profile))
+        .output()
+        .context("run cp -al")?;
+    ensure!(
+        linked.status.success(),
+        "cannot link {} into a private target dir: {}",
+        target_dir.join(&profile).display(),
+        String::from_utf8_lossy(&linked.stderr)
+    );
+    // The files cargo rewrites in place at the top of the profile dir: unlinked, so it
+    // writes new ones (the lock, too, so this build never waits for the checkout's).
+    for top in [
+        ".cargo-lock",
+        "drover",
+        "drover.d",
+        "libdrover.rlib",
+        "libdrover.d",
+    ] {
+        let _ = std::fs::remove_file(private.path().join(&profile).join(top));
+    }
+    let shared = target_dir.join(&profile).join("drover");
+    let shared_before = std::fs::metadata(&shared).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    });
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let build = Command::new(&cargo)
         .args([
@@ -1055,26 +1097,26 @@ fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() ->
             "--profile",
         ])
         .arg(&profile)
-        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_TARGET_DIR", private.path())
         .current_dir(&context)
         .stdin(Stdio::null())
         .output()
         .context("run cargo")?;
-    let built = dir.path().join("drover");
-    let copied = if build.status.success() {
-        std::fs::copy(&uplifted, &built).map(drop)
-    } else {
-        Ok(())
-    };
-    if had_binary {
-        std::fs::rename(&kept, &uplifted)?;
-    }
     ensure!(
         build.status.success(),
         "the Docker build context does not compile: {}",
         String::from_utf8_lossy(&build.stderr)
     );
-    copied?;
+    let built = private.path().join(&profile).join("drover");
+    let shared_after = std::fs::metadata(&shared).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    });
+    ensure!(
+        shared_before == shared_after,
+        "the build replaced {}, the binary other tests run",
+        shared.display()
+    );
     eprintln!(
         "build context assembled and compiled in {:?}",
         started.elapsed()

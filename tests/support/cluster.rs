@@ -670,6 +670,29 @@ impl Node {
         Ok(out.lines().map(str::to_string).collect())
     }
 
+    /// The logs (stdout and stderr: nginx and drover log to stderr) of this node's running
+    /// containers of `service`, one after the other.
+    pub fn container_logs(&self, service: &str) -> Result<String> {
+        let mut logs = String::new();
+        for id in self.containers(service)? {
+            let out = Command::new("docker")
+                .args(["-H", &format!("unix://{}", self.socket.display())])
+                .args(["logs", &id])
+                .stdin(Stdio::null())
+                .output()
+                .context("cannot run docker logs")?;
+            ensure!(
+                out.status.success(),
+                "docker logs {id} on {}: {}",
+                self.short,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            logs.push_str(&String::from_utf8_lossy(&out.stdout));
+            logs.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(logs)
+    }
+
     /// `GET http://127.0.0.1:PORT/PATH` inside the network namespace of a running
     /// container of `service` on this node (the nodes' engines share the host's pid
     /// namespace): for listeners that are not published, like drover's operator port.
