@@ -1046,11 +1046,12 @@ fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() ->
     );
 
     // 2. It compiles with the host toolchain, reusing the checkout's dependency builds
-    // (same profile, same registry sources: only drover itself is compiled again). Cargo
-    // would put the new binary at `target/PROFILE/drover`, the file every other test
-    // starts: it builds in a private target dir instead, a tree of hard links to the
-    // checkout's `target/PROFILE` (same filesystem, made in an instant; cargo only adds
-    // files for the units it builds, and replaces the binary's link, never the file).
+    // (same profile, same registry sources). Cargo would put the new binary at
+    // `target/PROFILE/drover`, the file every other test starts: it builds in a private
+    // target dir instead, a copy of the checkout's `target/PROFILE`. A copy, not hard
+    // links: cargo rewrites fingerprints and build-script outputs in place, and the
+    // crates whose build scripts record their absolute OUT_DIR (ring, psm) are rebuilt
+    // in the moved tree, which would write through links into the checkout's target.
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("target"));
@@ -1058,29 +1059,18 @@ fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() ->
     let private = tempfile::Builder::new()
         .prefix(".ship-build-")
         .tempdir_in(&target_dir)?;
-    let linked = Command::new("cp")
-        .arg("-al")
+    let copied = Command::new("cp")
+        .arg("-a")
         .arg(target_dir.join(&profile))
         .arg(private.path().join(&profile))
         .output()
-        .context("run cp -al")?;
+        .context("run cp -a")?;
     ensure!(
-        linked.status.success(),
-        "cannot link {} into a private target dir: {}",
+        copied.status.success(),
+        "cannot copy {} into a private target dir: {}",
         target_dir.join(&profile).display(),
-        String::from_utf8_lossy(&linked.stderr)
+        String::from_utf8_lossy(&copied.stderr)
     );
-    // The files cargo rewrites in place at the top of the profile dir: unlinked, so it
-    // writes new ones (the lock, too, so this build never waits for the checkout's).
-    for top in [
-        ".cargo-lock",
-        "drover",
-        "drover.d",
-        "libdrover.rlib",
-        "libdrover.d",
-    ] {
-        let _ = std::fs::remove_file(private.path().join(&profile).join(top));
-    }
     let shared = target_dir.join(&profile).join("drover");
     let shared_before = std::fs::metadata(&shared).ok().map(|m| {
         use std::os::unix::fs::MetadataExt;
