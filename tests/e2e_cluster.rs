@@ -328,6 +328,7 @@ fn stack() -> Result<Stack> {
         "routing-tls=false",
         &busybox_image(),
     ])?;
+    census(Delivery::Agents);
     c.docker(&[
         "service",
         "create",

@@ -672,7 +672,9 @@ fn a_rollout_through_a_workers_nginx_loses_no_request_and_a_stopped_worker_leave
         Ok(out)
     };
     for node in stack.cluster.nodes.iter().filter(|n| n.short != "w2") {
-        wait_every_answer_from(node, &nginx_service, every_host, BOUND, || up(&stack.cluster))?;
+        wait_every_answer_from(node, &nginx_service, every_host, BOUND, || {
+            up(&stack.cluster)
+        })?;
     }
     eprintln!(
         "w2's task left every nginx {:?} after its engine stopped",

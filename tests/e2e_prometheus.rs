@@ -63,7 +63,10 @@ impl Prometheus {
             .arg(format!("--net={netns}"))
             .arg("/usr/bin/prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={PROMETHEUS_ADDR}"))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)

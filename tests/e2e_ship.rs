@@ -67,6 +67,7 @@ fn drover_as_a_swarm_service_routes_a_scaled_backend_through_nginx_and_reports_m
     // The operator listener (metrics), published for this test only.
     let ops_port = free_port();
     let ops = format!("127.0.0.1:{ops_port}");
+    census(Delivery::Local);
     let drover = ServiceBuilder::new(&unique("ship-a-drover"), &drover_image())
         .mount_bind(Path::new("/var/run/docker.sock"), "/var/run/docker.sock")
         .mount_bind(&nginx.conf_dir, "/out")
@@ -162,6 +163,7 @@ fn behind_nginx_a_forgers_flood_leaves_a_signed_delivery_through_nginx_its_202()
         nginx_target(Path::new("/out/drover.conf"), net.name(), nginx.name())
     );
     let config = create_config(&unique("ship-x-cfg"), yaml.as_bytes())?;
+    census(Delivery::Local);
     let drover = ServiceBuilder::new(&name, &drover_image())
         .mount_bind(Path::new("/var/run/docker.sock"), "/var/run/docker.sock")
         .mount_bind(&nginx.conf_dir, "/out")
@@ -842,6 +844,7 @@ fn a_single_file_bind_mount_is_rewritten_in_place() -> Result<()> {
         "http: { listen: 127.0.0.1:0 }\ntargets:\n  - name: prom\n    template: builtin:prometheus\n    output: /out/prometheus.yml\n",
     )?;
     let name = unique("ship-f");
+    census(Delivery::Local);
     docker(&[
         "run",
         "-d",

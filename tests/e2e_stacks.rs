@@ -414,9 +414,11 @@ stacks:
             .count()
     };
     let polls = unchanged(&drover.logs());
-    wait_for("two more polls of the unchanged branch", Duration::from_secs(60), || {
-        unchanged(&drover.logs()) >= polls + 2
-    })?;
+    wait_for(
+        "two more polls of the unchanged branch",
+        Duration::from_secs(60),
+        || unchanged(&drover.logs()) >= polls + 2,
+    )?;
     assert_eq!(jobs(&drover).len(), before, "{:?}", jobs(&drover));
     let page = drover.get("/")?.body;
     assert!(

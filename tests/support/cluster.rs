@@ -359,6 +359,7 @@ impl ShippedStack {
         }
         let name = "home".to_owned();
         let manager = cluster.manager()?;
+        super::census(super::Delivery::Agents);
         let out = Command::new("docker")
             .args(["-H", &format!("unix://{}", manager.socket.display())])
             .args(["stack", "deploy"])

@@ -58,6 +58,46 @@ macro_rules! require_e2e {
     };
 }
 
+/// How the drover a test starts gets its files to nginx (and the other consumers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// drover writes them itself: `drover run` on the host, or its image without the
+    /// cluster key.
+    Local,
+    /// The shipped way: drover as a Swarm service with the cluster key, the agent on each
+    /// node writing that node's files.
+    Agents,
+}
+
+/// Records that the running test starts drover delivering `how`: an empty file
+/// `$DROVER_TEST_CENSUS/{agents,local}/BINARY::TEST` (nothing when the variable is unset).
+/// `scripts/test` sets it and prints the counts after the run: how many end-to-end tests
+/// went through the agents, how many ran drover locally only.
+pub fn census(how: Delivery) {
+    let Some(root) = std::env::var_os("DROVER_TEST_CENSUS") else {
+        return;
+    };
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    // Test binaries are named NAME-HASH.
+    let binary = binary.rsplit_once('-').map_or(binary.as_str(), |(n, _)| n);
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    let dir = Path::new(&root).join(match how {
+        Delivery::Local => "local",
+        Delivery::Agents => "agents",
+    });
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{binary}::{test}")), b""))
+    {
+        eprintln!("census in {}: {e}", dir.display());
+    }
+}
+
 /// A name no other test (in this or a concurrent test process) uses:
 /// `PREFIX-<pid><time>-<counter>`, lowercase, valid for services, networks and configs.
 /// Keep prefixes short (≤ 30 chars); Swarm limits names to 63.
@@ -616,7 +656,13 @@ impl ServiceEvents {
     pub fn start(service: &str) -> Result<ServiceEvents> {
         let since = SystemTime::now().duration_since(UNIX_EPOCH)?;
         let mut child = Command::new("docker")
-            .args(["events", "--format", "{{json .}}", "--filter", "type=service"])
+            .args([
+                "events",
+                "--format",
+                "{{json .}}",
+                "--filter",
+                "type=service",
+            ])
             .args(["--filter", &format!("service={service}")])
             .args([
                 "--since",
@@ -689,12 +735,22 @@ pub fn wait_tasks_stopped_on(
     let mut running = ids.clone();
     let stopped = wait_until(timeout, Duration::from_millis(200), || {
         running.retain(|id| {
-            docker(&["inspect", "--type", "task", "--format", "{{.Status.State}}", id])
-                .is_ok_and(|state| state == "running")
+            docker(&[
+                "inspect",
+                "--type",
+                "task",
+                "--format",
+                "{{.Status.State}}",
+                id,
+            ])
+            .is_ok_and(|state| state == "running")
         });
         running.is_empty()
     });
-    ensure!(stopped, "tasks still running after {timeout:?}: {running:?}");
+    ensure!(
+        stopped,
+        "tasks still running after {timeout:?}: {running:?}"
+    );
     Ok(())
 }
 
@@ -955,11 +1011,9 @@ impl LoadClient {
     /// Waits until the client has had `n` answers (or errors), at most `timeout`: it is
     /// under way before what it is meant to watch starts.
     pub fn wait_requests(&self, n: u64, timeout: Duration) -> Result<()> {
-        wait_for(
-            &format!("{n} requests of the load client"),
-            timeout,
-            || self.answered.load(Ordering::Relaxed) >= n,
-        )
+        wait_for(&format!("{n} requests of the load client"), timeout, || {
+            self.answered.load(Ordering::Relaxed) >= n
+        })
     }
 
     pub fn finish(self) -> (u64, Vec<String>, Duration) {
@@ -1357,6 +1411,7 @@ impl DroverProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<DroverProcess> {
+        census(Delivery::Local);
         let dir = temp_dir("drover")?;
         let config_path = dir.path().join("drover.yml");
         std::fs::write(&config_path, config)?;
