@@ -1446,6 +1446,48 @@ impl DroverProcess {
         })
     }
 
+    /// `drover run` with no config file (the README's zero-config default): `args` are
+    /// its flags after `run --ops-listen OPS` (`--nginx-output`, `--listen`, ...);
+    /// `DROVER_CONFIG` and the flags' environment fallbacks are cleared, so only `args`
+    /// count.
+    pub fn start_without_config(args: &[&str]) -> Result<DroverProcess> {
+        census(Delivery::Local);
+        let dir = temp_dir("drover")?;
+        let log = std::fs::File::create(dir.path().join("drover.log"))?;
+        let bin = drover_bin();
+        let ops = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run").arg("--ops-listen").arg(&ops).args(args);
+        for key in [
+            "DROVER_CONFIG",
+            "DROVER_NGINX_OUTPUT",
+            "DROVER_NGINX_SERVICE",
+            "DROVER_NETWORK",
+            "DROVER_LISTEN",
+            "DROVER_OPS_LISTEN",
+        ] {
+            cmd.env_remove(key);
+        }
+        let child = cmd
+            .env(
+                "DROVER_LOG",
+                std::env::var("DROVER_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
+            )
+            .env("RUST_BACKTRACE", "1")
+            .env("DROVER_JOURNAL", unique("t"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(DroverProcess {
+            child,
+            dir,
+            http: None,
+            ops,
+        })
+    }
+
     /// Everything drover logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("drover.log")).unwrap_or_default()
