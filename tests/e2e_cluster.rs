@@ -328,6 +328,7 @@ fn stack() -> Result<Stack> {
         "routing-tls=false",
         &busybox_image(),
     ])?;
+    census(Delivery::Agents);
     c.docker(&[
         "service",
         "create",
@@ -833,10 +834,31 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
     })
     .with_context(|| format!("w1 /healthz: {health}"))?;
     ensure!(health["role"] == "worker", "{health}");
-    let ago = health["controller"]["last_contact_ms_ago"]
-        .as_u64()
-        .context("no last contact")?;
-    ensure!(ago < 15_000, "w1 last heard of the controller {ago} ms ago");
+    ensure!(
+        health["controller"]["last_contact_ms_ago"].is_u64(),
+        "w1 has no last contact with the controller: {health}"
+    );
+    // Contact goes on: after this first look, w1 hears another heartbeat from the
+    // controller, and the controller has another exchange with w1 (each side's
+    // `drover_peer_last_contact_timestamp_seconds` for the other moves on). An ordering
+    // of events, not an age: how fresh a contact is depends on the machine's load.
+    let contact = |node: &Node, peer: &str| -> Option<f64> {
+        let text = node.get_inside(&drover_service, 9091, "/metrics").ok()?;
+        metric_value(
+            &text,
+            "drover_peer_last_contact_timestamp_seconds",
+            &[("peer", peer)],
+        )
+    };
+    for (node, peer) in [(w1, &m1.hostname), (m1, &w1.hostname)] {
+        let first = contact(node, peer)
+            .with_context(|| format!("{} records no contact with {peer}", node.short))?;
+        wait_for(
+            &format!("{} to record a later contact with {peer}", node.short),
+            BOUND,
+            || contact(node, peer).is_some_and(|at| at > first),
+        )?;
+    }
     // And the controller lists the worker with its last contact.
     let controller: serde_json::Value =
         serde_json::from_str(&m1.get_inside(&drover_service, 9091, "/healthz")?)?;
@@ -853,10 +875,8 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
         .find(|p| p["hostname"] == w1.hostname.as_str())
         .with_context(|| format!("the controller does not list w1: {controller}"))?;
     ensure!(
-        w1_seen["last_contact_ms_ago"]
-            .as_u64()
-            .is_some_and(|ms| ms < 15_000),
-        "{controller}"
+        w1_seen["last_contact_ms_ago"].is_u64(),
+        "the controller lists no contact with w1: {controller}"
     );
 
     let secret = s.secret("ci-secret")?;

@@ -323,3 +323,54 @@ fn a_failing_check_keeps_the_previous_file_and_nginx_serving() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn drover_run_without_a_config_routes_through_the_nginx_service_its_flags_name_and_takes_no_webhook()
+-> Result<()> {
+    require_e2e!();
+    // The README's zero-config default: one nginx target with the lab's labels, checked
+    // with `nginx -t` and reloaded with HUP in the named nginx service, no webhooks; the
+    // output file, nginx service, network and listener given by flags.
+    let net = create_overlay_network(&unique("core-z-net"))?;
+    let nginx = nginx_service(net.name(), &[])?;
+    let host = format!("{}.test", unique("core-z"));
+    let be = routed_backend(&unique("core-z-be"), &host, net.name(), 2)?;
+    wait_running(be.name(), 2, SWARM)?;
+    let output = nginx.conf("zero.conf");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let output_arg = output.display().to_string();
+    let mut drover = DroverProcess::start_without_config(&[
+        "--nginx-output",
+        &output_arg,
+        "--nginx-service",
+        nginx.name(),
+        "--network",
+        net.name(),
+        "--listen",
+        &listen,
+    ])?;
+    drover.wait_ready(SWARM)?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)?;
+    ensure!(
+        upstream_ips(&std::fs::read_to_string(&output)?)
+            == running_task_ips(be.name(), net.name())?,
+        "the file at --nginx-output lists the running tasks"
+    );
+    // --listen is the public listener: health answers there, and no hook exists.
+    let health = http_get_host(&listen, &listen, "/healthz")?;
+    assert_eq!(health.status, 200, "{}", health.body);
+    let hook = http_post(
+        &listen,
+        "/hooks/ci",
+        &[("Content-Type", "application/json")],
+        br#"{"image":"127.0.0.1:5000/x:latest"}"#,
+    )?;
+    assert_eq!(hook.status, 404, "no webhooks: {}", hook.body);
+    // And it follows the Swarm: a scale reaches nginx through the same check and HUP.
+    scale(be.name(), 3)?;
+    wait_running(be.name(), 3, SWARM)?;
+    wait_all_tasks_answer(&nginx, &host, be.name(), BOUND)?;
+    assert!(drover.is_running(), "drover still runs");
+    Ok(())
+}

@@ -67,6 +67,7 @@ fn drover_as_a_swarm_service_routes_a_scaled_backend_through_nginx_and_reports_m
     // The operator listener (metrics), published for this test only.
     let ops_port = free_port();
     let ops = format!("127.0.0.1:{ops_port}");
+    census(Delivery::Local);
     let drover = ServiceBuilder::new(&unique("ship-a-drover"), &drover_image())
         .mount_bind(Path::new("/var/run/docker.sock"), "/var/run/docker.sock")
         .mount_bind(&nginx.conf_dir, "/out")
@@ -162,6 +163,7 @@ fn behind_nginx_a_forgers_flood_leaves_a_signed_delivery_through_nginx_its_202()
         nginx_target(Path::new("/out/drover.conf"), net.name(), nginx.name())
     );
     let config = create_config(&unique("ship-x-cfg"), yaml.as_bytes())?;
+    census(Delivery::Local);
     let drover = ServiceBuilder::new(&name, &drover_image())
         .mount_bind(Path::new("/var/run/docker.sock"), "/var/run/docker.sock")
         .mount_bind(&nginx.conf_dir, "/out")
@@ -467,9 +469,17 @@ targets:
     )?;
     drover.wait_http_ok("/healthz", BOUND)?;
 
-    // While the socket does not exist: alive, not ready, no file — for a couple of seconds.
-    let waiting_until = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < waiting_until {
+    // While the socket does not exist: alive, not ready, no file — through three of
+    // drover's attempts to reach the engine (a count of its retries, not a stretch of
+    // time: on a loaded machine the first attempt may come late).
+    let attempts = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("docker engine not reachable; retrying"))
+            .count()
+    };
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let tried = attempts(&drover.logs());
         let healthz = drover.get("/healthz").map(|r| r.status);
         let readyz = drover.get("/readyz").map(|r| r.status);
         // The server is re-bound once the engine answers; here it never should have.
@@ -485,17 +495,23 @@ targets:
         );
         ensure!(!output.exists(), "no render without an engine");
         ensure!(drover.is_running(), "drover exited while waiting");
+        if tried >= 3 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "drover tried to reach the engine {tried} times within {BOUND:?}:\n{}",
+            drover.logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
     let appeared = Instant::now();
     let _forwarder = EngineForwarder::start(&socket)?;
-    drover.wait_ready(Duration::from_secs(12))?;
-    wait_for(
-        "the target's file after the first sync",
-        Duration::from_secs(5),
-        || output.exists(),
-    )?;
+    drover.wait_ready(BOUND)?;
+    wait_for("the target's file after the first sync", BOUND, || {
+        output.exists()
+    })?;
     eprintln!("ready {:?} after the engine appeared", appeared.elapsed());
     assert_eq!(drover.get("/healthz")?.status, 200, "still alive");
     Ok(())
@@ -828,6 +844,7 @@ fn a_single_file_bind_mount_is_rewritten_in_place() -> Result<()> {
         "http: { listen: 127.0.0.1:0 }\ntargets:\n  - name: prom\n    template: builtin:prometheus\n    output: /out/prometheus.yml\n",
     )?;
     let name = unique("ship-f");
+    census(Delivery::Local);
     docker(&[
         "run",
         "-d",
@@ -1032,18 +1049,36 @@ fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() ->
     );
 
     // 2. It compiles with the host toolchain, reusing the checkout's dependency builds
-    // (same profile, same registry sources: only drover itself is compiled again).
+    // (same profile, same registry sources). Cargo would put the new binary at
+    // `target/PROFILE/drover`, the file every other test starts: it builds in a private
+    // target dir instead, a copy of the checkout's `target/PROFILE`. A copy, not hard
+    // links: cargo rewrites fingerprints and build-script outputs in place, and the
+    // crates whose build scripts record their absolute OUT_DIR (ring, psm) are rebuilt
+    // in the moved tree, which would write through links into the checkout's target.
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("target"));
     let profile = std::env::var("DROVER_TEST_PROFILE").unwrap_or_else(|_| "ci".into());
-    let uplifted = target_dir.join(&profile).join("drover");
-    // Cargo copies the new binary over the checkout's `target/PROFILE/drover`, which
-    // other tests run: keep the checkout's one aside and put it back afterwards.
-    let kept = target_dir
-        .join(&profile)
-        .join(format!(".drover.{}", unique("kept")));
-    let had_binary = std::fs::hard_link(&uplifted, &kept).is_ok();
+    let private = tempfile::Builder::new()
+        .prefix(".ship-build-")
+        .tempdir_in(&target_dir)?;
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(target_dir.join(&profile))
+        .arg(private.path().join(&profile))
+        .output()
+        .context("run cp -a")?;
+    ensure!(
+        copied.status.success(),
+        "cannot copy {} into a private target dir: {}",
+        target_dir.join(&profile).display(),
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let shared = target_dir.join(&profile).join("drover");
+    let shared_before = std::fs::metadata(&shared).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    });
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let build = Command::new(&cargo)
         .args([
@@ -1055,26 +1090,26 @@ fn the_release_build_context_compiles_and_its_runtime_stage_runs_the_binary() ->
             "--profile",
         ])
         .arg(&profile)
-        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_TARGET_DIR", private.path())
         .current_dir(&context)
         .stdin(Stdio::null())
         .output()
         .context("run cargo")?;
-    let built = dir.path().join("drover");
-    let copied = if build.status.success() {
-        std::fs::copy(&uplifted, &built).map(drop)
-    } else {
-        Ok(())
-    };
-    if had_binary {
-        std::fs::rename(&kept, &uplifted)?;
-    }
     ensure!(
         build.status.success(),
         "the Docker build context does not compile: {}",
         String::from_utf8_lossy(&build.stderr)
     );
-    copied?;
+    let built = private.path().join(&profile).join("drover");
+    let shared_after = std::fs::metadata(&shared).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    });
+    ensure!(
+        shared_before == shared_after,
+        "the build replaced {}, the binary other tests run",
+        shared.display()
+    );
     eprintln!(
         "build context assembled and compiled in {:?}",
         started.elapsed()

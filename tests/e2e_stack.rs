@@ -160,6 +160,7 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
         name: name.clone(),
         removed: false,
     };
+    census(Delivery::Agents);
     docker_env(&["stack", "deploy", "-c", "stack.yml", &name], &env)?;
 
     // The example app answers through nginx on the published HTTP port, by its Host. The

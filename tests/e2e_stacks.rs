@@ -405,9 +405,20 @@ stacks:
         served(&service).is_ok_and(|s| s == "p1")
     })?;
 
-    // Two more polls of an unchanged branch: no job, so no deploy container.
+    // Two more polls of an unchanged branch (counted in drover's log, however long they
+    // take): no job, so no deploy container.
     let before = jobs(&drover).len();
-    std::thread::sleep(Duration::from_secs(25));
+    let unchanged = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("branch head unchanged") && l.contains(stack.as_str()))
+            .count()
+    };
+    let polls = unchanged(&drover.logs());
+    wait_for(
+        "two more polls of the unchanged branch",
+        Duration::from_secs(60),
+        || unchanged(&drover.logs()) >= polls + 2,
+    )?;
     assert_eq!(jobs(&drover).len(), before, "{:?}", jobs(&drover));
     let page = drover.get("/")?.body;
     assert!(

@@ -359,6 +359,7 @@ impl ShippedStack {
         }
         let name = "home".to_owned();
         let manager = cluster.manager()?;
+        super::census(super::Delivery::Agents);
         let out = Command::new("docker")
             .args(["-H", &format!("unix://{}", manager.socket.display())])
             .args(["stack", "deploy"])
@@ -668,6 +669,29 @@ impl Node {
             &format!("label=com.docker.swarm.service.name={service}"),
         ])?;
         Ok(out.lines().map(str::to_string).collect())
+    }
+
+    /// The logs (stdout and stderr: nginx and drover log to stderr) of this node's running
+    /// containers of `service`, one after the other.
+    pub fn container_logs(&self, service: &str) -> Result<String> {
+        let mut logs = String::new();
+        for id in self.containers(service)? {
+            let out = Command::new("docker")
+                .args(["-H", &format!("unix://{}", self.socket.display())])
+                .args(["logs", &id])
+                .stdin(Stdio::null())
+                .output()
+                .context("cannot run docker logs")?;
+            ensure!(
+                out.status.success(),
+                "docker logs {id} on {}: {}",
+                self.short,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            logs.push_str(&String::from_utf8_lossy(&out.stdout));
+            logs.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(logs)
     }
 
     /// `GET http://127.0.0.1:PORT/PATH` inside the network namespace of a running

@@ -58,6 +58,46 @@ macro_rules! require_e2e {
     };
 }
 
+/// How the drover a test starts gets its files to nginx (and the other consumers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// drover writes them itself: `drover run` on the host, or its image without the
+    /// cluster key.
+    Local,
+    /// The shipped way: drover as a Swarm service with the cluster key, the agent on each
+    /// node writing that node's files.
+    Agents,
+}
+
+/// Records that the running test starts drover delivering `how`: an empty file
+/// `$DROVER_TEST_CENSUS/{agents,local}/BINARY::TEST` (nothing when the variable is unset).
+/// `scripts/test` sets it and prints the counts after the run: how many end-to-end tests
+/// went through the agents, how many ran drover locally only.
+pub fn census(how: Delivery) {
+    let Some(root) = std::env::var_os("DROVER_TEST_CENSUS") else {
+        return;
+    };
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    // Test binaries are named NAME-HASH.
+    let binary = binary.rsplit_once('-').map_or(binary.as_str(), |(n, _)| n);
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    let dir = Path::new(&root).join(match how {
+        Delivery::Local => "local",
+        Delivery::Agents => "agents",
+    });
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{binary}::{test}")), b""))
+    {
+        eprintln!("census in {}: {e}", dir.display());
+    }
+}
+
 /// A name no other test (in this or a concurrent test process) uses:
 /// `PREFIX-<pid><time>-<counter>`, lowercase, valid for services, networks and configs.
 /// Keep prefixes short (≤ 30 chars); Swarm limits names to 63.
@@ -603,6 +643,117 @@ pub fn wait_running(service: &str, n: usize, timeout: Duration) -> Result<()> {
     )
 }
 
+/// The engine's events about one service, streamed by `docker events` from the moment
+/// [`ServiceEvents::start`] was called (`--since` that moment: nothing between the call
+/// and the stream's start is missed) until dropped. An event stream, unlike polling
+/// `docker service inspect`, sees every state an update passes through, however briefly.
+pub struct ServiceEvents {
+    child: Child,
+    events: std::sync::Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl ServiceEvents {
+    pub fn start(service: &str) -> Result<ServiceEvents> {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH)?;
+        let mut child = Command::new("docker")
+            .args([
+                "events",
+                "--format",
+                "{{json .}}",
+                "--filter",
+                "type=service",
+            ])
+            .args(["--filter", &format!("service={service}")])
+            .args([
+                "--since",
+                &format!("{}.{:09}", since.as_secs(), since.subsec_nanos()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run docker events")?;
+        let stdout = child.stdout.take().context("docker events stdout")?;
+        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(event) = serde_json::from_str(&line) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+                }
+            }
+        });
+        Ok(ServiceEvents { child, events })
+    }
+
+    /// The update states the service went through so far, in order: the
+    /// `updatestate.new` attribute of each event that has one (`updating`, `completed`,
+    /// `paused`, `rollback_started`, ...).
+    pub fn update_states(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|e| e["Actor"]["Attributes"]["updatestate.new"].as_str())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for ServiceEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The ids of the tasks of `service` that are running now.
+pub fn running_task_ids(service: &str) -> Result<BTreeSet<String>> {
+    Ok(tasks(service)?
+        .into_iter()
+        .filter(|t| t.state == "running")
+        .map(|t| t.id)
+        .collect())
+}
+
+/// Waits until none of the tasks `ids` is running any more (its container has stopped:
+/// state `shutdown`, `complete`, `failed`...; or the task is gone), e.g. the tasks a
+/// rollout replaces, at most `timeout`.
+pub fn wait_tasks_stopped(ids: &BTreeSet<String>, timeout: Duration) -> Result<()> {
+    wait_tasks_stopped_on(docker, ids, timeout)
+}
+
+/// [`wait_tasks_stopped`] asking another Swarm's manager: `docker` runs the CLI against
+/// it (e.g. `|a| cluster.docker(a)`).
+pub fn wait_tasks_stopped_on(
+    docker: impl Fn(&[&str]) -> Result<String>,
+    ids: &BTreeSet<String>,
+    timeout: Duration,
+) -> Result<()> {
+    let mut running = ids.clone();
+    let stopped = wait_until(timeout, Duration::from_millis(200), || {
+        running.retain(|id| {
+            docker(&[
+                "inspect",
+                "--type",
+                "task",
+                "--format",
+                "{{.Status.State}}",
+                id,
+            ])
+            .is_ok_and(|state| state == "running")
+        });
+        running.is_empty()
+    });
+    ensure!(
+        stopped,
+        "tasks still running after {timeout:?}: {running:?}"
+    );
+    Ok(())
+}
+
 /// The id of one running container of `service` on this node.
 pub fn service_container(service: &str) -> Result<String> {
     let out = docker(&[
@@ -626,19 +777,69 @@ pub fn service_logs(service: &str) -> String {
 // Network helpers
 // ---------------------------------------------------------------------------------------
 
-/// A TCP port that was free on 127.0.0.1 a moment ago and that no other caller in this
-/// process has been given.
+/// Where the tests draw ports from: below the kernel's ephemeral range (32768–60999 here,
+/// `net.ipv4.ip_local_port_range`), so none of the thousands of outgoing connections a
+/// load client or an engine opens can take a port a test has picked and not yet bound.
+const TEST_PORTS: std::ops::RangeInclusive<u16> = 20000..=29999;
+/// One lock file per port handed out (see [`free_port`]).
+const PORT_LOCKS: &str = "/tmp/drover-test-ports";
+
+/// A TCP port for a test to bind (or publish) later, unique among every test process on
+/// the machine: from [`TEST_PORTS`], outside the ephemeral range (checked against
+/// `/proc/sys/net/ipv4/ip_local_port_range`), claimed with an exclusive `flock` on
+/// `/tmp/drover-test-ports/PORT` that this process holds until it exits (the kernel drops
+/// the lock of a process that died, so a crashed run leaves nothing claimed), and free on
+/// 127.0.0.1 and 0.0.0.0 when claimed. A port is never handed out twice by one process,
+/// and never to two processes at once.
 pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<BTreeSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(Default::default);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port");
-        if given.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+    use std::os::fd::AsRawFd;
+    static HELD: OnceLock<Mutex<(u16, Vec<std::fs::File>)>> = OnceLock::new();
+    let (low, high) = ephemeral_range();
+    let span = TEST_PORTS.end() - TEST_PORTS.start() + 1;
+    let held = HELD.get_or_init(|| {
+        // Processes started together begin at different places and rarely contend.
+        Mutex::new(((std::process::id() % u32::from(span)) as u16, Vec::new()))
+    });
+    let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(PORT_LOCKS).expect("create the port lock directory");
+    for _ in 0..span {
+        let port = TEST_PORTS.start() + held.0 % span;
+        held.0 = (held.0 + 1) % span;
+        assert!(
+            !(low..=high).contains(&port),
+            "test port {port} is in the ephemeral range {low}-{high}: move TEST_PORTS"
+        );
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Path::new(PORT_LOCKS).join(port.to_string()))
+        else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // another test process holds it
+        }
+        let free = ["127.0.0.1", "0.0.0.0"]
+            .iter()
+            .all(|ip| TcpListener::bind((*ip, port)).is_ok());
+        if free {
+            held.1.push(file);
             return port;
         }
+    }
+    panic!("no free port left in {TEST_PORTS:?}");
+}
+
+/// The kernel's ephemeral port range (`low`, `high`); Linux's default when unreadable.
+fn ephemeral_range() -> (u16, u16) {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().filter_map(|p| p.parse().ok());
+    match (it.next(), it.next()) {
+        (Some(low), Some(high)) => (low, high),
+        _ => (32768, 60999),
     }
 }
 
@@ -757,6 +958,7 @@ pub struct LoadClient {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
     started: Instant,
+    answered: std::sync::Arc<AtomicU64>,
 }
 
 impl LoadClient {
@@ -765,13 +967,15 @@ impl LoadClient {
         let n_threads = rate.div_ceil(50).max(1);
         let period = Duration::from_secs(1) * n_threads / rate.max(1);
         let started = Instant::now();
+        let answered = std::sync::Arc::new(AtomicU64::new(0));
         let threads = (0..n_threads)
             .map(|t| {
-                let (addr, host, path, flag) = (
+                let (addr, host, path, flag, answered) = (
                     addr.to_owned(),
                     host.to_owned(),
                     path.to_owned(),
                     stop.clone(),
+                    answered.clone(),
                 );
                 std::thread::spawn(move || {
                     let (mut n, mut failures) = (0u64, Vec::new());
@@ -787,6 +991,7 @@ impl LoadClient {
                             )),
                             Err(e) => failures.push(format!("thread {t} request {n}: {e}")),
                         }
+                        answered.fetch_add(1, Ordering::Relaxed);
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
@@ -799,7 +1004,16 @@ impl LoadClient {
             stop,
             threads,
             started,
+            answered,
         }
+    }
+
+    /// Waits until the client has had `n` answers (or errors), at most `timeout`: it is
+    /// under way before what it is meant to watch starts.
+    pub fn wait_requests(&self, n: u64, timeout: Duration) -> Result<()> {
+        wait_for(&format!("{n} requests of the load client"), timeout, || {
+            self.answered.load(Ordering::Relaxed) >= n
+        })
     }
 
     pub fn finish(self) -> (u64, Vec<String>, Duration) {
@@ -1197,6 +1411,7 @@ impl DroverProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<DroverProcess> {
+        census(Delivery::Local);
         let dir = temp_dir("drover")?;
         let config_path = dir.path().join("drover.yml");
         std::fs::write(&config_path, config)?;
@@ -1227,6 +1442,48 @@ impl DroverProcess {
             child,
             dir,
             http: http.map(str::to_string),
+            ops,
+        })
+    }
+
+    /// `drover run` with no config file (the README's zero-config default): `args` are
+    /// its flags after `run --ops-listen OPS` (`--nginx-output`, `--listen`, ...);
+    /// `DROVER_CONFIG` and the flags' environment fallbacks are cleared, so only `args`
+    /// count.
+    pub fn start_without_config(args: &[&str]) -> Result<DroverProcess> {
+        census(Delivery::Local);
+        let dir = temp_dir("drover")?;
+        let log = std::fs::File::create(dir.path().join("drover.log"))?;
+        let bin = drover_bin();
+        let ops = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run").arg("--ops-listen").arg(&ops).args(args);
+        for key in [
+            "DROVER_CONFIG",
+            "DROVER_NGINX_OUTPUT",
+            "DROVER_NGINX_SERVICE",
+            "DROVER_NETWORK",
+            "DROVER_LISTEN",
+            "DROVER_OPS_LISTEN",
+        ] {
+            cmd.env_remove(key);
+        }
+        let child = cmd
+            .env(
+                "DROVER_LOG",
+                std::env::var("DROVER_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
+            )
+            .env("RUST_BACKTRACE", "1")
+            .env("DROVER_JOURNAL", unique("t"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(DroverProcess {
+            child,
+            dir,
+            http: None,
             ops,
         })
     }
