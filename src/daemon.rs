@@ -227,7 +227,7 @@ async fn webhook_side(
         config,
         board.clone(),
     ));
-    let hooks = intake(
+    let hooks = crate::hooks::intake(
         config,
         stacks.clone(),
         journal,
@@ -392,26 +392,4 @@ fn cancel_on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
         }
         shutdown.cancel();
     }
-}
-
-/// The webhook intake and the job table behind it, sharing one redactor (the hooks' and
-/// registries' secrets), with any runner and journal: the daemon's, or a test's.
-pub async fn intake(
-    config: &Config,
-    runner: Arc<dyn crate::jobs::Runner>,
-    journal: Journal,
-    role: watch::Receiver<Role>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Arc<crate::hooks::Service>> {
-    let loaded = crate::hooks::Loaded::from_config(config)?;
-    let jobs = crate::jobs::Jobs::start_redacting(
-        config.jobs.clone(),
-        runner,
-        crate::hooks::resolver(config),
-        journal,
-        shutdown,
-        loaded.redactor.clone(),
-    )
-    .await?;
-    Ok(crate::hooks::Service::new(loaded, jobs, role))
 }

@@ -80,7 +80,7 @@ impl Drover {
                     // A journal scoped to this test: nothing of others' to resume.
                     let (_, role) = tokio::sync::watch::channel(Role::Standalone);
                     let service =
-                        drover::daemon::intake(&config, runner, journal, role, token.clone())
+                        drover::hooks::intake(&config, runner, journal, role, token.clone())
                             .await?;
                     let app = drover::http::AppState::new(
                         service,

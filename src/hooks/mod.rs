@@ -669,6 +669,28 @@ fn load_hooks(
     Ok(hooks)
 }
 
+/// The webhook intake and the job table behind it, sharing one redactor (the hooks' and
+/// registries' secrets), with any runner and journal: the daemon's, or a test's.
+pub async fn intake(
+    config: &crate::config::Config,
+    runner: Arc<dyn crate::jobs::Runner>,
+    journal: crate::jobs::Journal,
+    role: tokio::sync::watch::Receiver<crate::role::Role>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Arc<crate::hooks::Service>> {
+    let loaded = Loaded::from_config(config)?;
+    let jobs = crate::jobs::Jobs::start_redacting(
+        config.jobs.clone(),
+        runner,
+        resolver(config),
+        journal,
+        shutdown,
+        loaded.redactor.clone(),
+    )
+    .await?;
+    Ok(Service::new(loaded, jobs, role))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -942,7 +964,7 @@ hooks:
             delay: Duration::ZERO,
         });
         let (_, role) = watch::channel(Role::Standalone);
-        let service = crate::daemon::intake(
+        let service = super::intake(
             &config,
             runner,
             Journal::Memory,
@@ -1013,7 +1035,7 @@ hooks:
             delay: Duration::ZERO,
         });
         let (_, role) = watch::channel(Role::Standalone);
-        let service = crate::daemon::intake(
+        let service = super::intake(
             &at_start,
             runner,
             Journal::Memory,

@@ -72,7 +72,7 @@ hooks:
     let config = config::Config::parse(FsPath::new("test.yml"), &yaml).expect("config");
     let runner = FakeRunner::new(JobState::Completed);
     let (role, role_rx) = tokio::sync::watch::channel(Role::Standalone);
-    let service = crate::daemon::intake(
+    let service = crate::hooks::intake(
         &config,
         runner.clone(),
         Journal::Memory,
