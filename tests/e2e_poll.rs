@@ -117,6 +117,9 @@ fn a_push_to_a_polled_tag_rolls_its_labelled_service_and_an_unchanged_tag_costs_
         "the CLI pins the digest"
     );
 
+    // Read before drover starts: its first check follows at once.
+    let manifests = format!("/v2/{repo}/manifests/latest");
+    let heads_before = drover_requests(&registry_log(), "HEAD", &manifests);
     // Tests share the Swarm: this drover polls this test's repository only.
     let drover = start_drover(
         &format!(
@@ -124,8 +127,6 @@ fn a_push_to_a_polled_tag_rolls_its_labelled_service_and_an_unchanged_tag_costs_
         ),
         "",
     )?;
-    let manifests = format!("/v2/{repo}/manifests/latest");
-    let heads_before = drover_requests(&registry_log(), "HEAD", &manifests);
     // Three checks of an unchanged tag: one HEAD each, no GET, no job.
     wait_for("three unchanged checks", Duration::from_secs(60), || {
         unchanged(&drover, &image) >= 3
@@ -275,6 +276,8 @@ fn poll_all_spares_git_stacks_unless_labelled_and_a_platform_manifest_of_the_ind
         wait_running(s.name(), 1, Duration::from_secs(60))?;
     }
 
+    // Read before drover starts: its first check follows at once.
+    let before = registry_log();
     let stacks =
         format!("stacks:\n  - name: {stack}\n    repository: http://127.0.0.1:1/nowhere.git\n");
     let drover = start_drover(
@@ -286,7 +289,6 @@ fn poll_all_spares_git_stacks_unless_labelled_and_a_platform_manifest_of_the_ind
     let index_image = format!("127.0.0.1:5000/{repo}:{index_tag}");
     let index_path = format!("/v2/{repo}/manifests/{index_tag}");
     let by_digest = format!("/v2/{repo}/manifests/{index}");
-    let before = registry_log();
     let heads_before = drover_requests(&before, "HEAD", &index_path);
     // Two checks of each image: the index is fetched once (its platform list is
     // remembered while its digest stays), and the platform-pinned service is current.
