@@ -221,6 +221,7 @@ async fn webhook_side(
         }
     };
     let executor = Arc::new(crate::jobs::runner::Executor::new(engine.clone(), config)?);
+    let engine_for_poll = engine.clone();
     let stacks = Arc::new(crate::stacks::StackRunner::new(
         executor,
         engine,
@@ -240,10 +241,14 @@ async fn webhook_side(
             config.stacks.clone(),
             stacks,
             hooks.jobs().clone(),
-            role,
-            shutdown,
+            role.clone(),
+            shutdown.clone(),
         ));
     }
+    // Always started: a `drover.poll` label on any service opts it in, without a config.
+    let poller =
+        crate::poll::Poller::new(engine_for_poll, config, hooks.jobs().clone(), board.clone())?;
+    tokio::spawn(poller.run(role, shutdown));
     Ok(crate::http::AppState::new(
         hooks,
         board,

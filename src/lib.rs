@@ -43,6 +43,12 @@ pub mod hash;
 
 pub mod tls;
 
+// the one HTTP client for requests drover makes (sinks, registries)
+pub mod outbound;
+
+// the registry API polling asks: manifest HEADs, tokens, rate-limit headers
+pub mod registry;
+
 // events that need a person, sent to the configured sinks without waiting
 pub mod notifications;
 
@@ -75,6 +81,9 @@ pub mod jobs;
 
 // stacks from git: the deploy container, content-named configs, one deploy per stack
 pub mod stacks;
+
+// registry polling: images of polled services checked in budget, changes queued as jobs
+pub mod poll;
 // certificates drover obtains (ACME): renewal schedule, backoff per name, the CA's limits
 pub mod certs;
 

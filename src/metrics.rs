@@ -45,6 +45,9 @@ pub struct Metrics {
     pub certificate_expiry: IntGaugeVec,
     pub acme_orders: IntCounterVec,
     pub stack_deploys: IntCounterVec,
+    pub registry_checks: IntCounterVec,
+    pub registry_requests: IntCounterVec,
+    pub registry_remaining: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -281,6 +284,24 @@ impl Metrics {
                 "drover_stack_deploys_total",
                 "Syncs of stacks from git, by stack and outcome (completed, failed, skipped: already at the branch head or superseded)",
                 &["stack", "outcome"],
+            ),
+            registry_checks: counter_vec(
+                &r,
+                "drover_registry_checks_total",
+                "Registry polls of one image reference, by registry and outcome (unchanged, changed, failed, unauthorized, not_found, rate_limited)",
+                &["registry", "outcome"],
+            ),
+            registry_requests: counter_vec(
+                &r,
+                "drover_registry_requests_total",
+                "Manifest requests to registries by polling, by registry and method (HEAD, GET)",
+                &["registry", "method"],
+            ),
+            registry_remaining: gauge_vec(
+                &r,
+                "drover_registry_ratelimit_remaining",
+                "What a registry last said is left of its rate limit (ratelimit-remaining)",
+                &["registry"],
             ),
             stream_reconnects,
             resyncs,

@@ -14,10 +14,8 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
 use hyper::Uri;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
@@ -292,87 +290,19 @@ async fn deliver(sink: &Loaded, message: &Message) -> &'static str {
     "failed"
 }
 
-/// One POST to `url`; the status. Errors name no part of the URL.
+/// One POST to `url`; the status. Errors name no part of the URL (`outbound`'s rule).
 async fn post(url: &Uri, message: &Message) -> Result<u16, String> {
-    let host = url.host().ok_or("no host")?;
-    let https = url.scheme_str() == Some("https");
-    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let stream = tokio::net::TcpStream::connect((bare, port))
-        .await
-        .map_err(|e| format!("connect: {}", e.kind()))?;
-    let path = url.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = hyper::Request::post(path).header("host", host);
-    for (name, value) in &message.headers {
-        request = request.header(*name, value);
-    }
-    let request = request
-        .body(Full::new(message.body.clone()))
-        .map_err(|e| e.to_string())?;
-    if https {
-        let name = rustls_pki_types::ServerName::try_from(bare.to_owned())
-            .map_err(|_| "not a TLS server name".to_owned())?;
-        let tls = tls()
-            .ok_or("no TLS client")?
-            .connect(name, stream)
-            .await
-            .map_err(|e| format!("TLS: {}", e.kind()))?;
-        exchange(TokioIo::new(tls), request).await
-    } else {
-        exchange(TokioIo::new(stream), request).await
-    }
-}
-
-async fn exchange<T>(io: T, request: hyper::Request<Full<Bytes>>) -> Result<u16, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    let status = response.status().as_u16();
-    // Read a little of the answer so the connection ends cleanly; its content is unused.
-    let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024)
-        .collect()
-        .await;
-    Ok(status)
-}
-
-/// A TLS client trusting the system's roots (`SSL_CERT_FILE`, else Debian's bundle, which
-/// the image carries); `None` if rustls cannot build one (an https sink then fails its
-/// tries, and says why).
-fn tls() -> Option<tokio_rustls::TlsConnector> {
-    static CONNECTOR: OnceLock<Option<tokio_rustls::TlsConnector>> = OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            use rustls_pki_types::CertificateDer;
-            use rustls_pki_types::pem::PemObject;
-            let file = std::env::var_os("SSL_CERT_FILE")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-            let mut roots = rustls::RootCertStore::empty();
-            if let Ok(certs) = CertificateDer::pem_file_iter(&file) {
-                for cert in certs.flatten() {
-                    let _ = roots.add(cert);
-                }
-            }
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .ok()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-        })
-        .clone()
+    // A little of the answer is read so the connection ends cleanly; its content is unused.
+    crate::outbound::send(
+        hyper::Method::POST,
+        url,
+        &message.headers,
+        message.body.clone(),
+        64 * 1024,
+    )
+    .await
+    .map(|r| r.status)
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! or nothing: targets (their templates compiled again) and `resync` go to the render
 //! loop and to the agent API (a target added or changed is delivered and applied as
 //! the new config says), hooks to the webhook intake. Settings bound to something opened at start — the
-//! listeners and HTTP limits, `jobs`, `registries`, `cluster`, `notifications`, `stacks` — keep their running values;
+//! listeners and HTTP limits, `jobs`, `registries`, `cluster`, `notifications`, `stacks`, `poll` — keep their running values;
 //! a changed one is named in a log line that says it needs a restart. A refused reload
 //! changes nothing and is counted. A reload never touches the job queue (queued and
 //! running jobs go on as they were) nor the engine's event stream.
@@ -165,6 +165,10 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     if differs(&running.stacks, &new.stacks) {
         changed.push("stacks");
     }
+    // So is the registry poller (its schedule and its registry client).
+    if differs(&running.poll, &new.poll) {
+        changed.push("poll");
+    }
     changed
 }
 
@@ -193,11 +197,13 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_stack_needs_a_restart() {
+    fn a_changed_stack_or_poll_section_needs_a_restart() {
         let new = parse(&format!(
             "{BASE}stacks:\n  - name: web\n    repository: https://git.example.com/lab/web.git\n"
         ));
         assert_eq!(needs_restart(&parse(BASE), &new), vec!["stacks"]);
+        let new = parse(&format!("{BASE}poll:\n  all: true\n"));
+        assert_eq!(needs_restart(&parse(BASE), &new), vec!["poll"]);
     }
 
     #[test]

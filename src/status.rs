@@ -194,6 +194,30 @@ pub struct CertificateStatus {
     pub retry_at: Option<i64>,
 }
 
+/// One image reference registry polling follows, as the status page shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PollStatus {
+    /// `registry/repo:tag`.
+    pub image: String,
+    /// The polled services that run it.
+    pub services: Vec<String>,
+    /// Seconds between checks (the shortest period of its services).
+    pub every: u64,
+    /// The digest the tag pointed at in the last answer.
+    pub digest: Option<String>,
+    /// Unix seconds of the last check.
+    pub last_at: Option<u64>,
+    /// Unix seconds of the next check (its period, or later when the registry's budget or
+    /// its rate limit spreads the checks).
+    pub next_at: Option<u64>,
+    /// `unchanged`, `changed` (a job was queued), `held` (that digest was asked for
+    /// already) or the error's kind.
+    pub outcome: Option<String>,
+    pub message: Option<String>,
+    /// The job the last change queued.
+    pub job: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub version: &'static str,
@@ -206,6 +230,8 @@ pub struct Summary {
     pub targets: Vec<TargetStatus>,
     pub stacks: Vec<StackStatus>,
     pub certificates: Vec<CertificateStatus>,
+    /// Images registry polling follows (the controller's; empty elsewhere).
+    pub polls: Vec<PollStatus>,
 }
 
 #[derive(Debug, Default)]

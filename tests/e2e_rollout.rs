@@ -48,6 +48,8 @@ async fn webhook_job(executor: &Executor, image: &str, seq: u64) -> drover::jobs
             seq,
             work: Work::UpdateServices {
                 image: image.to_owned(),
+                digest: None,
+                only: Vec::new(),
             },
             facts: Facts::default(),
         })

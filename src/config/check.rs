@@ -10,6 +10,9 @@ pub struct Problem {
     pub reason: String,
     /// Searched for line by line; the first line that contains it is reported.
     pub near: String,
+    /// Searched from the first line that starts with this (a top-level section such as
+    /// `poll:`), when set: a field name other sections use too is found in its own.
+    pub section: Option<&'static str>,
 }
 
 impl Problem {
@@ -17,6 +20,15 @@ impl Problem {
         Problem {
             reason: reason.into(),
             near: near.into(),
+            section: None,
+        }
+    }
+
+    /// The same problem, looked for under the top-level `section`.
+    pub fn under(self, section: &'static str) -> Problem {
+        Problem {
+            section: Some(section),
+            ..self
         }
     }
 }

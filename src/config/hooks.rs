@@ -395,6 +395,10 @@ pub(super) fn check_bounds(hooks: &[Hook]) -> Result<(), Problem> {
 }
 
 /// Names valid and unique, the secret each kind needs, and an action that can run.
+/// The names jobs drover queues itself are recorded under (registry polls, stack polls and
+/// manual syncs): a hook of the same name would take over their journalled jobs.
+pub const RESERVED_HOOK_NAMES: [&str; 3] = ["registry-poll", "stack-poll", "stack-sync"];
+
 pub(super) fn validate(hooks: &[Hook]) -> Result<(), Problem> {
     let mut names = std::collections::HashSet::new();
     for h in hooks {
@@ -408,6 +412,15 @@ pub(super) fn validate(hooks: &[Hook]) -> Result<(), Problem> {
         if !names.insert(h.name.clone()) {
             return Err(Problem::new(
                 format!("hook {:?} is defined twice", h.name),
+                at,
+            ));
+        }
+        if RESERVED_HOOK_NAMES.contains(&h.name.as_str()) {
+            return Err(Problem::new(
+                format!(
+                    "hook name {:?} is drover's own (jobs of polls and syncs are recorded under it)",
+                    h.name
+                ),
                 at,
             ));
         }

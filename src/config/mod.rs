@@ -6,7 +6,7 @@
 //! CLI flags instead; secrets are always read from files named here, never inlined.
 //!
 //! One file per area of the file: [`http`](Http), [`targets`](Target), [`hooks`](Hook),
-//! [`jobs`](Jobs) and `registries`, [`cluster`](Cluster), [`stacks`](Stack). Each holds its schema, the
+//! [`jobs`](Jobs) and `registries`, [`cluster`](Cluster), [`stacks`](Stack), [`poll`](Poll). Each holds its schema, the
 //! defaults of what may be left out (a struct-level `#[serde(default)]` over an
 //! `impl Default` wherever no field is required) and the checks of its own part; this file
 //! holds the top [`Config`], loading, the error type, and the order the checks run in.
@@ -25,6 +25,7 @@ mod hooks;
 mod http;
 mod jobs;
 mod notifications;
+mod poll;
 mod stacks;
 mod targets;
 mod values;
@@ -35,11 +36,13 @@ mod tests;
 pub use certificates::{Certificates, HostChoice, LETS_ENCRYPT};
 pub use cluster::Cluster;
 pub use hooks::{
-    ContainerSpec, DEFAULT_REPLAY_WINDOW, Hook, HookAction, HookKind, RepoSecret, RepoSecrets,
+    ContainerSpec, DEFAULT_REPLAY_WINDOW, Hook, HookAction, HookKind, RESERVED_HOOK_NAMES,
+    RepoSecret, RepoSecrets,
 };
 pub use http::{Http, Ops};
 pub use jobs::{Jobs, Registry, check_journal};
 pub use notifications::{EventKind, Notifications, Sink, SinkKind};
+pub use poll::{Budget, POLL_EVERY, Poll, PollLabel};
 pub use stacks::{DEFAULT_DEPLOY_IMAGE, Stack, Transport, full_name as repository_full_name};
 pub use targets::{
     Action, BUILTIN_TEMPLATES, DEFAULT_PRIVATE_NETWORKS, Debounce, Delivery, ExecSpec,
@@ -95,6 +98,8 @@ pub struct Config {
     pub stacks: Vec<Stack>,
     /// drover's own ACME client; `None`: certificates come from elsewhere.
     pub certificates: Option<Certificates>,
+    /// Registry polling for image updates.
+    pub poll: Poll,
 }
 
 impl Default for Config {
@@ -110,6 +115,7 @@ impl Default for Config {
             notifications: Notifications::default(),
             stacks: Vec::new(),
             certificates: None,
+            poll: Poll::default(),
         }
     }
 }
@@ -138,7 +144,7 @@ impl Config {
         })?;
         config.validate().map_err(|problem| {
             // Semantic errors point at the line of the offending name when we can find it.
-            match find_line(text, &problem.near) {
+            match find_line(text, &problem.near, problem.section) {
                 Some(line) => Error::Parse {
                     path: path.to_owned(),
                     line,
@@ -180,6 +186,7 @@ impl Config {
         targets::validate(&self.targets)?;
         hooks::validate(&self.hooks)?;
         self.notifications.validate()?;
+        self.poll.validate()?;
         let sync_hooks: Vec<&str> = self
             .hooks
             .iter()
@@ -194,8 +201,15 @@ impl Config {
     }
 }
 
-fn find_line(text: &str, needle: &str) -> Option<usize> {
-    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+fn find_line(text: &str, needle: &str, section: Option<&str>) -> Option<usize> {
+    let start = match section {
+        Some(s) => text.lines().position(|l| l.starts_with(s))?,
+        None => 0,
+    };
+    text.lines()
+        .skip(start)
+        .position(|l| l.contains(needle))
+        .map(|i| i + start + 1)
 }
 
 /// Reads a secret file, trimming the trailing newline editors and `docker secret create` leave.

@@ -589,3 +589,62 @@ fn a_wrong_stack_is_refused_at_its_line() {
         .to_string();
     assert!(err.starts_with("drover.yml:4:"), "{err}");
 }
+
+#[test]
+fn polling_is_off_by_label_only_by_default_and_a_section_parses() {
+    let c = parse("").expect("empty");
+    assert!(!c.poll.all);
+    assert_eq!(c.poll.every, Duration::from_secs(300));
+    let c = parse(
+        "poll:\n  every: 2m\n  all: true\n  images: 'ghcr\\.io/me/.*'\n  budget: { requests: 50, per: 1h }\n  plain_http: [lab.internal:5000]\n  timeout: 5s\n",
+    )
+    .expect("valid");
+    assert!(c.poll.all);
+    assert_eq!(c.poll.budget.spacing(), Duration::from_secs(72));
+    assert!(
+        c.poll
+            .images
+            .as_ref()
+            .is_some_and(|m| m.is_match("ghcr.io/me/app:1"))
+    );
+    assert_eq!(c.poll.plain_http, ["lab.internal:5000"]);
+}
+
+#[test]
+fn a_wrong_poll_section_is_refused_at_its_line() {
+    let cases = [
+        ("poll:\n  every: 1s\n", "poll.every must be between", 2),
+        // `timeout:` of another section comes first: the poll's own line is named.
+        (
+            "jobs:\n  update_timeout: 60s\npoll:\n  all: true\n  timeout: 0s\n",
+            "poll.timeout must be between",
+            5,
+        ),
+        (
+            "poll:\n  budget:\n    requests: 0\n",
+            "poll.budget.requests must be between",
+            3,
+        ),
+        (
+            "poll:\n  plain_http: [\"http://x\"]\n",
+            "is not a registry host",
+            2,
+        ),
+        ("poll:\n  images: '('\n", "invalid regex", 2),
+        ("poll:\n  every: often\n", "every", 2),
+        ("poll:\n  colour: red\n", "colour", 2),
+        (
+            "hooks:\n  - name: registry-poll\n    kind: generic\n    token_file: /t\n    action: update-services\n",
+            "is drover's own",
+            2,
+        ),
+    ];
+    for (text, reason, line) in cases {
+        let err = parse(text).expect_err(text).to_string();
+        assert!(err.contains(reason), "{text}: {err}");
+        assert!(
+            err.starts_with(&format!("drover.yml:{line}:")),
+            "{text}: {err}"
+        );
+    }
+}

@@ -705,6 +705,8 @@ mod tests {
                 hook: hook.into(),
                 work: crate::jobs::Work::UpdateServices {
                     image: "docker.io/o/r:latest".into(),
+                    digest: None,
+                    only: Vec::new(),
                 },
                 facts: Facts::default(),
                 quiet: Duration::ZERO,

@@ -47,7 +47,11 @@ pub fn work(action: &HookAction, facts: &Facts) -> Result<Work, Error> {
         HookAction::UpdateServices => {
             let image = facts.image.as_deref().ok_or(Error::NoImage)?;
             let image = ImageRef::parse(image).map_err(|_| Error::InvalidImage)?;
-            Work::UpdateServices { image: image.key() }
+            Work::UpdateServices {
+                image: image.key(),
+                digest: None,
+                only: Vec::new(),
+            }
         }
         HookAction::RestartService(service) => Work::RestartService {
             service: service.clone(),

@@ -11,6 +11,7 @@
 //! keeps stable ids, classes and `data-*` attributes for browser tests.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -110,6 +111,7 @@ struct Page<'a> {
     targets: Vec<TargetView<'a>>,
     stacks: Vec<StackView<'a>>,
     certificates: Vec<CertificateView<'a>>,
+    polls: Vec<PollView<'a>>,
     jobs: Vec<JobView>,
 }
 
@@ -121,6 +123,21 @@ struct CertificateView<'a> {
     renew_at: String,
     error: &'a str,
     retry_at: String,
+}
+
+#[derive(Serialize)]
+struct PollView<'a> {
+    image: &'a str,
+    services: &'a [String],
+    every: String,
+    /// The digest shortened to its first 12 hex digits.
+    digest: &'a str,
+    last_at: String,
+    next_in: String,
+    outcome: &'a str,
+    outcome_class: &'static str,
+    job: &'a str,
+    message: &'a str,
 }
 
 #[derive(Serialize)]
@@ -251,6 +268,42 @@ impl<'a> Page<'a> {
                         renew_at: at(c.renew_at),
                         error: c.error.as_deref().unwrap_or(""),
                         retry_at: c.retry_at.map(|t| at(Some(t))).unwrap_or_default(),
+                    }
+                })
+                .collect(),
+            polls: s
+                .polls
+                .iter()
+                .map(|p| {
+                    let outcome = p.outcome.as_deref().unwrap_or("");
+                    let secs =
+                        |n: u64| humantime::format_duration(Duration::from_secs(n)).to_string();
+                    PollView {
+                        image: &p.image,
+                        services: &p.services,
+                        every: secs(p.every),
+                        digest: p.digest.as_deref().map_or("", |d| {
+                            d.strip_prefix("sha256:")
+                                .unwrap_or(d)
+                                .get(..12)
+                                .unwrap_or(d)
+                        }),
+                        last_at: format_time(p.last_at, now),
+                        next_in: p.next_at.map_or_else(String::new, |at| {
+                            match at.checked_sub(now) {
+                                Some(n) if n > 0 => format!("in {}", secs(n)),
+                                _ => "due".into(),
+                            }
+                        }),
+                        outcome,
+                        outcome_class: match outcome {
+                            "unchanged" => "ok",
+                            "changed" | "held" => "neutral",
+                            "" => "neutral",
+                            _ => "bad",
+                        },
+                        job: p.job.as_deref().unwrap_or(""),
+                        message: p.message.as_deref().unwrap_or(""),
                     }
                 })
                 .collect(),

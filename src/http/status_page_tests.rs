@@ -51,6 +51,7 @@ fn summary() -> Summary {
         }],
         stacks: Vec::new(),
         certificates: Vec::new(),
+        polls: Vec::new(),
     }
 }
 
@@ -288,4 +289,48 @@ fn each_certificate_shows_its_names_expiry_renewal_and_last_error() {
         "{html}"
     );
     assert!(!html.contains("<b>"), "the CA's words are escaped");
+}
+
+#[test]
+fn each_polled_image_shows_its_services_digest_next_check_and_the_job_it_queued() {
+    let mut s = summary();
+    s.polls = vec![
+        crate::status::PollStatus {
+            image: "docker.io/me/app:main".into(),
+            services: vec!["web_app".into(), "web_worker".into()],
+            every: 300,
+            digest: Some(format!("sha256:{}", "d".repeat(64))),
+            last_at: Some(NOW - 10),
+            next_at: Some(NOW + 290),
+            outcome: Some("changed".into()),
+            message: Some("update of web_app queued".into()),
+            job: Some("j-7".into()),
+        },
+        crate::status::PollStatus {
+            image: "ghcr.io/me/private:1".into(),
+            services: vec!["private".into()],
+            every: 60,
+            outcome: Some("unauthorized".into()),
+            message: Some("registry ghcr.io: not authorized <x>".into()),
+            ..Default::default()
+        },
+    ];
+    let html = render_at(&s, &jobs(), NOW);
+    assert!(
+        html.contains(r#"data-image="docker.io/me/app:main" data-outcome="changed""#),
+        "{html}"
+    );
+    assert!(html.contains("web_app, web_worker"), "{html}");
+    assert!(
+        html.contains(&"d".repeat(12)) && !html.contains(&"d".repeat(13)),
+        "{html}"
+    );
+    assert!(
+        html.contains("in 4m 50s") && html.contains("#job-j-7"),
+        "{html}"
+    );
+    assert!(
+        html.contains(r#"data-outcome="unauthorized""#) && !html.contains("<x>"),
+        "{html}"
+    );
 }

@@ -112,6 +112,14 @@ pub enum Work {
     /// Roll every service running this (normalised) `registry/repo:tag`.
     UpdateServices {
         image: String,
+        /// The digest to pin, when the requester read it from the registry (a poll);
+        /// otherwise the job resolves the tag through the engine.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+        /// Only these services (by name), when not empty: a poll rolls the services it
+        /// polls, never one that opted out of polling or belongs to a stack from git.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        only: Vec<String>,
     },
     RestartService {
         service: String,
@@ -139,7 +147,14 @@ pub enum Work {
 impl Work {
     fn coalesce_key(&self) -> Option<String> {
         match self {
-            Work::UpdateServices { image } => Some(format!("image {image}")),
+            // A poll's job names its services: it joins only a poll's job for the same
+            // services, so a webhook's job never loses services to it (or it to one).
+            Work::UpdateServices { image, only, .. } if only.is_empty() => {
+                Some(format!("image {image}"))
+            }
+            Work::UpdateServices { image, only, .. } => {
+                Some(format!("image {image} only {}", only.join(",")))
+            }
             Work::RestartService { service } => Some(format!("service {service}")),
             // A sync looks the branch head up when it runs: requests in one quiet window
             // are the same request.

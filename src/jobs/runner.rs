@@ -2,7 +2,9 @@
 //! service, run a local command, or run a one-off container (`container`).
 //!
 //! Invariants: a tag is resolved to its digest once per job, through the engine
-//! (`GET /distribution/{name}/json`, the index digest of a multi-arch image); a service
+//! (`GET /distribution/{name}/json`, the index digest of a multi-arch image), unless the
+//! job names the digest (a poll read it from the registry: resolving again would be a
+//! second, counted registry request, and could pin a newer digest than was checked); a service
 //! already pinned to that digest is left alone (no forced restart); at most one job per
 //! service runs at a time and a newer job supersedes an older one still waiting for that
 //! service. Command actions get payload facts as `DROVER_*` environment variables, never
@@ -100,7 +102,15 @@ impl Executor {
             .map(|(_, c)| c)
     }
 
-    async fn update_services(&self, image: &str, seq: u64) -> Outcome {
+    /// Rolls the services running `image` (only those named in `only`, when not empty) to
+    /// `digest`, or to the digest the engine resolves the tag to when none is given.
+    async fn update_services(
+        &self,
+        image: &str,
+        digest: Option<&str>,
+        only: &[String],
+        seq: u64,
+    ) -> Outcome {
         let target = match ImageRef::parse(image) {
             Ok(t) => t,
             Err(e) => return Outcome::failed(e.to_string()),
@@ -125,6 +135,9 @@ impl Executor {
                 continue;
             };
             if !ImageRef::parse(&current).is_ok_and(|r| r.same_repo_tag(&target)) {
+                continue;
+            }
+            if !only.is_empty() && !only.contains(&name) {
                 continue;
             }
             let opted_out = spec
@@ -154,13 +167,21 @@ impl Executor {
             };
         }
         let credentials = self.credentials(&target.registry);
-        let digest = match self
-            .engine
-            .image_digest(&target.key(), credentials.cloned())
-            .await
-        {
-            Ok(d) => d,
-            Err(e) => return Outcome::failed(e.to_string()),
+        let digest = match digest {
+            // A journalled job is read back from outside the process: a digest becomes part
+            // of every service's image reference, so it is checked again.
+            Some(d) if !crate::registry::valid_digest(d) => {
+                return Outcome::failed(format!("invalid digest {d:?}"));
+            }
+            Some(d) => d.to_owned(),
+            None => match self
+                .engine
+                .image_digest(&target.key(), credentials.cloned())
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => return Outcome::failed(e.to_string()),
+            },
         };
         info!(image = %target.key(), %digest, services = matching.len(), "resolved digest");
         let runs = matching
@@ -258,9 +279,14 @@ impl Runner for Executor {
     fn run(&self, job: RunContext) -> BoxFuture<'_, Outcome> {
         Box::pin(async move {
             match &job.work {
-                Work::UpdateServices { image } => {
-                    count_updates(self.update_services(image, job.seq).await)
-                }
+                Work::UpdateServices {
+                    image,
+                    digest,
+                    only,
+                } => count_updates(
+                    self.update_services(image, digest.as_deref(), only, job.seq)
+                        .await,
+                ),
                 Work::RestartService { service } => {
                     count_updates(self.restart_service(service, job.seq).await)
                 }

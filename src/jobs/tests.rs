@@ -43,6 +43,8 @@ fn update(image: &str) -> Request {
         hook: "hub".into(),
         work: Work::UpdateServices {
             image: image.into(),
+            digest: None,
+            only: Vec::new(),
         },
         facts: Facts {
             hook: "hub".into(),
@@ -58,6 +60,8 @@ pub(crate) fn resolve() -> Resolve {
     Arc::new(|hook: &str, facts: &Facts| match (hook, &facts.image) {
         ("hub", Some(image)) => Ok(Work::UpdateServices {
             image: image.clone(),
+            digest: None,
+            only: Vec::new(),
         }),
         _ => Err("the hook is no longer configured".into()),
     })
@@ -263,7 +267,9 @@ async fn file_journal_requeues_pending_jobs_on_start_and_drops_unknown_hooks() {
     assert_eq!(
         done.work,
         Work::UpdateServices {
-            image: "docker.io/o/r:latest".into()
+            image: "docker.io/o/r:latest".into(),
+            digest: None,
+            only: Vec::new(),
         },
         "the work is derived from the current config"
     );
@@ -475,6 +481,8 @@ fn job_json_has_the_documented_shape() {
         state: JobState::RolledBack,
         work: Work::UpdateServices {
             image: "docker.io/o/r:latest".into(),
+            digest: None,
+            only: Vec::new(),
         },
         facts: Facts {
             hook: "hub".into(),
