@@ -25,6 +25,7 @@ mod hooks;
 mod http;
 mod jobs;
 mod notifications;
+mod owners;
 mod stacks;
 mod targets;
 mod values;
@@ -40,6 +41,7 @@ pub use hooks::{
 pub use http::{Http, Ops};
 pub use jobs::{Jobs, Registry, check_journal};
 pub use notifications::{EventKind, Notifications, Sink, SinkKind};
+pub use owners::{HostPattern, Owner, OwnerList, Owners};
 pub use stacks::{DEFAULT_DEPLOY_IMAGE, Stack, Transport, full_name as repository_full_name};
 pub use targets::{
     Action, BUILTIN_TEMPLATES, DEFAULT_PRIVATE_NETWORKS, Debounce, Delivery, ExecSpec,

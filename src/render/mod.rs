@@ -82,6 +82,7 @@ mod context;
 mod filters;
 mod labels;
 mod nginx;
+mod owners;
 mod prometheus;
 mod views;
 
@@ -157,6 +158,8 @@ pub struct Template {
     private_networks: Vec<String>,
     /// The target's `vars`, as the context's `vars`.
     vars: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The target's `owners`: which stacks may route which hosts.
+    owners: crate::config::Owners,
 }
 
 impl std::fmt::Debug for Template {
@@ -231,6 +234,7 @@ impl Template {
         template.proxy = proxy_service(target);
         template.private_networks = private_networks(&target.private_networks);
         template.vars = target.vars.clone();
+        template.owners = target.owners.clone();
         Ok(template)
     }
 
@@ -255,6 +259,7 @@ impl Template {
             uses: context::Uses::scan(source),
             private_networks: private_networks(&Default::default()),
             vars: Default::default(),
+            owners: Default::default(),
         })
     }
 
@@ -273,6 +278,7 @@ impl Template {
             self.proxy.as_deref(),
             self.uses,
             options.certificates.as_ref(),
+            &self.owners,
         );
         let tls_hosts = root
             .hosts
