@@ -473,6 +473,38 @@ fn prometheus_vars_give_global_and_external_labels_that_promtool_accepts() {
     promtool_check(&out.text);
 }
 
+#[test]
+fn prometheus_authorization_gives_a_job_its_bearer_file_and_leaves_the_others_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("ops-token");
+    std::fs::write(&token, "secret").expect("write token");
+    let mut t = target("builtin:prometheus");
+    t.vars = [(
+        "authorization".to_owned(),
+        serde_json::json!({ "demo-site": token.display().to_string() }),
+    )]
+    .into();
+    let out = Template::load(&t)
+        .expect("built-in compiles")
+        .render(&home_lab())
+        .expect("renders");
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out.text).expect("valid YAML");
+    let jobs = yaml["scrape_configs"].as_sequence().expect("jobs");
+    for job in jobs {
+        let auth = &job["authorization"];
+        if job["job_name"].as_str() == Some("demo-site") {
+            assert_eq!(auth["type"].as_str(), Some("Bearer"));
+            assert_eq!(
+                auth["credentials_file"].as_str(),
+                Some(token.to_str().expect("utf-8"))
+            );
+        } else {
+            assert!(auth.is_null(), "{:?}: {auth:?}", job["job_name"]);
+        }
+    }
+    promtool_check(&out.text);
+}
+
 const PROMTOOL: &str = "/usr/bin/promtool";
 
 /// `promtool check config` on `text`; skipped only outside the test command and CI.
