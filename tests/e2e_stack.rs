@@ -235,6 +235,34 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
     Ok(())
 }
 
+/// A service's log, stdout and stderr (drover logs to stderr, which `docker service logs`
+/// passes on as its own stderr).
+fn all_logs(service: &str) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["service", "logs", "--raw", service])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run the docker CLI")?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// The address of the stack's drover task on `web`, once Swarm says it runs (the image's
+/// health check holds a new task in `starting` for up to 10 s).
+fn drover_ip(stack: &str, network: &str) -> Result<String> {
+    let mut ip = None;
+    wait_for("a running drover task", STACK, || {
+        ip = running_task_ips(&format!("{stack}_drover"), network)
+            .ok()
+            .and_then(|ips| ips.into_iter().next());
+        ip.is_some()
+    })?;
+    ip.context("no drover task on the web network")
+}
+
 /// `GET path` on drover's operator port (9091, unpublished) from a fresh container on the
 /// stack's `web` network, as any tenant's container there could: (status, body).
 fn ops_get_from_web(
@@ -282,8 +310,7 @@ fn operator_port_wants_the_token(
         .context("deploy/gen-secrets.sh makes ops-token")?;
     let token = token.trim();
     ensure!(token.len() == 64, "a 32-byte hex token: {token:?}");
-    let ips = running_task_ips(&format!("{stack}_drover"), network)?;
-    let ip = ips.first().context("no drover task on the web network")?;
+    let ip = &drover_ip(stack, network)?;
     for path in ["/jobs", "/metrics", "/"] {
         let (status, body) = ops_get_from_web(network, ip, path, None)?;
         ensure!(status == 401, "{path} without the token: {status} {body}");
@@ -342,8 +369,7 @@ fn another_stacks_claim_on_the_app_host_is_refused(
 
     let reason = format!("host {app_host} belongs to stack {stack}, which claimed it first");
     let token = std::fs::read_to_string(secrets.join("ops-token"))?;
-    let ips = running_task_ips(&format!("{stack}_drover"), network)?;
-    let ip = ips.first().context("no drover task on the web network")?;
+    let ip = &drover_ip(stack, network)?;
     let mut page = String::new();
     wait_for("the status page to show the refused claim", STACK, || {
         page = ops_get_from_web(network, ip, "/", Some(token.trim()))
@@ -352,7 +378,7 @@ fn another_stacks_claim_on_the_app_host_is_refused(
         page.contains(&thief) && page.contains(&reason)
     })
     .with_context(|| format!("status page:\n{page}"))?;
-    let log = service_logs(&format!("{stack}_drover"));
+    let log = all_logs(&format!("{stack}_drover"))?;
     ensure!(
         log.lines()
             .any(|l| l.contains("service skipped") && l.contains(&thief) && l.contains(&reason)),
