@@ -1,6 +1,7 @@
 //! Who a routed host belongs to, and which services' claims on hosts are refused.
 //!
-//! A host belongs to the owner of the service that claimed it first: its stack (the
+//! A host (a `routing-host` or `routing-extra-hosts` name of a routed service) belongs to
+//! the owner of the service that claimed it first: its stack (the
 //! `com.docker.stack.namespace` label; outside Swarm, the Compose project), or the service
 //! itself when it is in none. "First" is Swarm's `CreatedAt`, then the name, so the order
 //! does not change when services are renamed in between or listed differently, and a
@@ -57,34 +58,44 @@ pub fn refusals(services: &[ServiceView<'_>], owners: &Owners) -> BTreeMap<Strin
     let mut refused = BTreeMap::new();
     for (_, service, value) in routed {
         let owner = owner_of(service);
-        let mut hosts: Vec<String> = labels::hosts(value).collect();
+        // The names it serves: its hosts, and its extra names (server names and certificate
+        // names too, so another stack's alias could take a host as well).
+        let extra = service.label(labels::EXTRA_HOSTS);
+        let mut hosts: Vec<(String, &'static str, &str)> = labels::hosts(value)
+            .map(|h| (h, labels::HOST, value))
+            .chain(
+                extra
+                    .into_iter()
+                    .flat_map(|v| labels::hosts(v).map(move |h| (h, labels::EXTRA_HOSTS, v))),
+            )
+            .collect();
         hosts.sort();
-        hosts.dedup();
-        let reason = hosts.iter().find_map(|host| match owners.of(host) {
-            Some(allowed) if !allowed.contains(&owner) => Some(format!(
-                "host {host} belongs to {} (the target's owners setting)",
-                list(allowed)
-            )),
-            Some(_) => None,
-            None => first
-                .get(host)
-                .filter(|o| **o != owner)
-                .map(|o| format!("host {host} belongs to {o}, which claimed it first")),
+        hosts.dedup_by(|a, b| a.0 == b.0);
+        let refusal = hosts.iter().find_map(|(host, label, value)| {
+            let reason = match owners.of(host) {
+                Some(allowed) if !allowed.contains(&owner) => Some(format!(
+                    "host {host} belongs to {} (the target's owners setting)",
+                    list(allowed)
+                )),
+                Some(_) => None,
+                None => first
+                    .get(host)
+                    .filter(|o| **o != owner)
+                    .map(|o| format!("host {host} belongs to {o}, which claimed it first")),
+            };
+            reason.map(|reason| SkippedService {
+                service: service.name.to_owned(),
+                label: (*label).to_owned(),
+                value: (*value).to_owned(),
+                reason,
+            })
         });
-        match reason {
-            Some(reason) => {
-                refused.insert(
-                    service.name.to_owned(),
-                    SkippedService {
-                        service: service.name.to_owned(),
-                        label: labels::HOST.to_owned(),
-                        value: value.to_owned(),
-                        reason,
-                    },
-                );
+        match refusal {
+            Some(refusal) => {
+                refused.insert(service.name.to_owned(), refusal);
             }
             None => {
-                for host in hosts {
+                for (host, _, _) in hosts {
                     first.entry(host).or_insert_with(|| owner.clone());
                 }
             }
@@ -245,6 +256,37 @@ mod tests {
             &Owners::default(),
         );
         assert_eq!(r.keys().collect::<Vec<_>>(), ["thief"]);
+    }
+
+    #[test]
+    fn an_extra_name_is_claimed_like_a_host_and_cannot_take_another_stacks_host() {
+        let mut owner = service("a", "a.com", Some("one"), T1);
+        owner
+            .labels
+            .insert(labels::EXTRA_HOSTS.to_owned(), "www.a.com".to_owned());
+        let mut alias_thief = service("b", "b.com", Some("two"), T2);
+        alias_thief
+            .labels
+            .insert(labels::EXTRA_HOSTS.to_owned(), "www.a.com".to_owned());
+        let mut host_thief = service("c", "c.com", Some("three"), T3);
+        host_thief
+            .labels
+            .insert(labels::EXTRA_HOSTS.to_owned(), "a.com".to_owned());
+        let r = refused(&[owner, alias_thief, host_thief], &Owners::default());
+        assert_eq!(
+            r,
+            [
+                (
+                    "b".to_owned(),
+                    "host www.a.com belongs to stack one, which claimed it first".to_owned()
+                ),
+                (
+                    "c".to_owned(),
+                    "host a.com belongs to stack one, which claimed it first".to_owned()
+                ),
+            ]
+            .into()
+        );
     }
 
     #[test]
