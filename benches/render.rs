@@ -28,6 +28,11 @@ fn snapshot(services: usize, tasks: usize) -> Snapshot {
         );
         labels.insert("routing-context".to_owned(), format!("/svc{i}"));
         labels.insert("routing-port".to_owned(), "8080".to_owned());
+        // A host belongs to one stack: the ten services of a host are one stack's.
+        labels.insert(
+            "com.docker.stack.namespace".to_owned(),
+            format!("stack{}", i / 10),
+        );
         if i % 3 == 0 {
             labels.insert("routing-auth".to_owned(), "users.htpasswd".to_owned());
             labels.insert("routing-max-body".to_owned(), "10m".to_owned());

@@ -9,11 +9,13 @@
 # Give the same values to Docker Hub (as ?token=... in the webhook URL), to GitHub (the
 # webhook's secret) and to your CI (the key it signs with). drover-cluster-key stays
 # inside the cluster: drover's instances sign and check their agent requests with it.
+# ops-token guards the operator endpoints (status page, /jobs, /metrics): send it as
+# `Authorization: Bearer TOKEN`; the shipped Prometheus scrapes drover with it.
 set -eu
 dir="${1:-${DROVER_SECRETS_DIR:-$(dirname "$0")/secrets}}"
 mkdir -p "$dir"
 umask 077
-for name in dockerhub-token github-secret ci-secret drover-cluster-key; do
+for name in dockerhub-token github-secret ci-secret drover-cluster-key ops-token; do
     if [ ! -s "$dir/$name" ]; then
         od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dir/$name"
         echo "created $dir/$name"

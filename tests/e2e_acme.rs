@@ -246,6 +246,8 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
     let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
     let w = World::deploy(2, "  hosts: label\n")?;
     let (s, dir, http_port) = (&w.stack, &w.dir, w.http_port);
+    // The shipped operator listener wants the ops token.
+    let token = s.ops_token()?;
     let tls_port = http_port + 1;
     let (m1, w1, w2) = (
         s.cluster.node("m1"),
@@ -301,7 +303,7 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
         true
     });
     let metrics = m1
-        .get_inside(&s.service("drover"), 9091, "/metrics")
+        .get_inside_as(&s.service("drover"), 9091, "/metrics", Some(&token))
         .unwrap_or_default();
     ensure!(
         everywhere,
@@ -352,11 +354,11 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
         m1.containers(&drover)
             .is_ok_and(|now| !now.is_empty() && now.iter().all(|c| !before.contains(c)))
             && m1
-                .get_inside(&drover, 9091, "/metrics")
+                .get_inside_as(&drover, 9091, "/metrics", Some(&token))
                 .is_ok_and(|m| m.contains(&gauge))
     });
     ensure!(again, "the restarted controller shows the kept certificate");
-    let metrics = m1.get_inside(&s.service("drover"), 9091, "/metrics")?;
+    let metrics = m1.get_inside_as(&s.service("drover"), 9091, "/metrics", Some(&token))?;
     ensure!(
         !metrics.contains("drover_acme_orders_total{outcome=\"issued\"}"),
         "the restarted controller ordered again:\n{metrics}"
@@ -386,6 +388,8 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
     let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
     let w = World::deploy(1, "  hosts: all\n  renew_when_left: 0.9999999\n")?;
     let (s, dir, http_port, m1_host) = (&w.stack, &w.dir, w.http_port, w.m1_host.clone());
+    // The shipped operator listener wants the ops token.
+    let token = s.ops_token()?;
     let tls_port = http_port + 1;
     let (m1, w1) = (s.cluster.node("m1"), s.cluster.node("w1"));
     let (good, bad) = ("renew.acme.test", "bad.acme.test");
@@ -428,7 +432,9 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
         if !leaves[0].is_empty() && leaves[0] == leaves[1] && !seen.contains(&leaves[0]) {
             seen.push(leaves[0].clone());
         }
-        last = m1.get_inside(&drover, 9091, "/").unwrap_or_default();
+        last = m1
+            .get_inside_as(&drover, 9091, "/", Some(&token))
+            .unwrap_or_default();
         last.contains("5 certificates for exactly [renew.acme.test]")
     });
     ensure!(
@@ -446,7 +452,7 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
         last.contains(r#"data-host="bad.acme.test""#) && last.contains("ended invalid"),
         "{last}"
     );
-    let metrics = m1.get_inside(&drover, 9091, "/metrics")?;
+    let metrics = m1.get_inside_as(&drover, 9091, "/metrics", Some(&token))?;
     let count = |outcome: &str| {
         metrics
             .lines()

@@ -745,8 +745,10 @@ fn ops_get_on(s: &ShippedStack, node: &Node, path: &str) -> Result<(u16, String)
         .with_context(|| format!("no nginx container on {}", node.short))?;
     // stdin stays open until the answer is in: a half-closed request may be dropped by
     // the server before it answers.
-    let command =
-        format!("(printf 'GET {path} HTTP/1.0\\r\\n\\r\\n'; sleep 3) | nc -w 5 {drover_ip} 9091");
+    let token = s.ops_token()?;
+    let command = format!(
+        "(printf 'GET {path} HTTP/1.0\\r\\nAuthorization: Bearer {token}\\r\\n\\r\\n'; sleep 3) | nc -w 5 {drover_ip} 9091"
+    );
     let mut out = String::new();
     for _ in 0..5 {
         out = node.docker(&["exec", &nginx, "sh", "-c", &command])?;
@@ -822,11 +824,13 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
 
     // The worker has heard from the controller, recently (the cluster view is on the
     // operator port, which the stack does not publish; the public /healthz has the role).
+    // The view names the nodes' addresses: only with the operator token.
     let drover_service = s.service("drover");
+    let token = s.ops_token()?;
     let mut health = serde_json::Value::Null;
     wait_for("w1's drover to know the controller", BOUND, || {
         health = w1
-            .get_inside(&drover_service, 9091, "/healthz")
+            .get_inside_as(&drover_service, 9091, "/healthz", Some(&token))
             .ok()
             .and_then(|body| serde_json::from_str(&body).ok())
             .unwrap_or_default();
@@ -860,8 +864,12 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
         )?;
     }
     // And the controller lists the worker with its last contact.
-    let controller: serde_json::Value =
-        serde_json::from_str(&m1.get_inside(&drover_service, 9091, "/healthz")?)?;
+    let controller: serde_json::Value = serde_json::from_str(&m1.get_inside_as(
+        &drover_service,
+        9091,
+        "/healthz",
+        Some(&token),
+    )?)?;
     let public: serde_json::Value =
         serde_json::from_str(&http_get(&format!("http://{hooks_on_w1}/healthz"))?.body)?;
     ensure!(
@@ -1078,7 +1086,8 @@ fn each_nodes_nginx_leaves_out_the_host_it_rejects_and_serves_tls_only_where_its
     on(w1, none, 200, "serves the host without files on port 80")?;
 
     // The controller shows the host left out, and the TLS hosts some node lacks files for.
-    let metrics = m1.get_inside(&s.service("drover"), 9091, "/metrics")?;
+    let token = s.ops_token()?;
+    let metrics = m1.get_inside_as(&s.service("drover"), 9091, "/metrics", Some(&token))?;
     let gauge = |name: &str| {
         metrics
             .lines()

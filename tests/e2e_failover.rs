@@ -338,6 +338,7 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
     );
 
     // The job ran exactly once, on the new controller, under its own id.
+    let token = stack.ops_token()?;
     wait_for("the app rolled to v2", SWARM, || {
         spec_image_and_update(&stack.cluster, &roll)
             .is_ok_and(|(img, state)| img.ends_with(digest_of(&v2)) && state == "completed")
@@ -350,7 +351,12 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
             view = stack
                 .cluster
                 .node(&new)
-                .get_inside(&stack.service("drover"), OPS_PORT, &format!("/jobs/{job}"))
+                .get_inside_as(
+                    &stack.service("drover"),
+                    OPS_PORT,
+                    &format!("/jobs/{job}"),
+                    Some(&token),
+                )
                 .ok()
                 .and_then(|b| serde_json::from_str(&b).ok())
                 .unwrap_or_default();
@@ -381,10 +387,11 @@ fn when_the_leaders_engine_stops_the_new_leaders_drover_takes_over_and_finishes_
         tasks == 4,
         "2 tasks and one rolling update make 4 tasks; {roll} has {tasks}"
     );
-    let jobs: Value = serde_json::from_str(&stack.cluster.node(&new).get_inside(
+    let jobs: Value = serde_json::from_str(&stack.cluster.node(&new).get_inside_as(
         &stack.service("drover"),
         OPS_PORT,
         "/jobs",
+        Some(&token),
     )?)?;
     let ci: Vec<&Value> = jobs["jobs"]
         .as_array()

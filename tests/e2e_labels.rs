@@ -76,11 +76,16 @@ fn home_lab_labels_route_through_nginx_with_their_home_lab_meaning() -> Result<(
 
     let api = format!("{}.test", unique("labels-api"));
     let logs = format!("{}.test", unique("labels-logs"));
+    // Two services on one host: one stack's, as a host belongs to one stack (the home lab
+    // shared this host between stacks through the target's `owners` setting).
+    let lab = unique("labels-lab");
     let receiver = path_backend(&unique("labels-receiver"), net.name())
+        .label("com.docker.stack.namespace", &lab)
         .label("routing-host", &api)
         .label("routing-context", "/webhook")
         .create()?;
     let backend = path_backend(&unique("labels-backend"), net.name())
+        .label("com.docker.stack.namespace", &lab)
         .label("routing-host", &api)
         .label("routing-context", "/backend")
         .label("routing-internal-context", "/api")

@@ -119,6 +119,8 @@ impl Drop for Stack {
 #[test]
 #[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
 fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -> Result<()> {
+    // Also on this deployment (one stack up is a minute of a 2-core machine): the operator
+    // port wants the ops token, and another stack cannot take the app's host.
     require_e2e!();
     // require_e2e! has passed: the test command promised a full environment, so a missing
     // `docker stack` is a failure with a reason, never a silent pass.
@@ -211,6 +213,16 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
     );
     eprintln!("stack up and serving after {:?}", started.elapsed());
 
+    operator_port_wants_the_token(&name, &network, &secrets, &drover_addr)?;
+    another_stacks_claim_on_the_app_host_is_refused(
+        &name,
+        &network,
+        &nginx_addr,
+        &app_host,
+        &seen,
+        &secrets,
+    )?;
+
     stack.remove()?;
     ensure!(
         docker(&["network", "inspect", &network]).is_err(),
@@ -220,5 +232,184 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
         "stack deployed, checked and removed in {:?}",
         started.elapsed()
     );
+    Ok(())
+}
+
+/// A service's log, stdout and stderr (drover logs to stderr, which `docker service logs`
+/// passes on as its own stderr).
+fn all_logs(service: &str) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["service", "logs", "--raw", service])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run the docker CLI")?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// The address of the stack's drover task on `web`, once Swarm says it runs (the image's
+/// health check holds a new task in `starting` for up to 10 s).
+fn drover_ip(stack: &str, network: &str) -> Result<String> {
+    let mut ip = None;
+    wait_for("a running drover task", STACK, || {
+        ip = running_task_ips(&format!("{stack}_drover"), network)
+            .ok()
+            .and_then(|ips| ips.into_iter().next());
+        ip.is_some()
+    })?;
+    ip.context("no drover task on the web network")
+}
+
+/// `GET path` on drover's operator port (9091, unpublished) from a fresh container on the
+/// stack's `web` network, as any tenant's container there could: (status, body).
+fn ops_get_from_web(
+    network: &str,
+    ip: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
+    let auth = token.map_or(String::new(), |t| {
+        format!("Authorization: Bearer {t}\\r\\n")
+    });
+    // stdin stays open until the answer is in: a half-closed request may be dropped.
+    let script = format!(
+        "(printf 'GET {path} HTTP/1.0\\r\\nHost: d\\r\\n{auth}\\r\\n'; sleep 2) | nc -w 5 {ip} 9091"
+    );
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--network",
+        network,
+        &busybox_image(),
+        "sh",
+        "-c",
+        &script,
+    ])?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP answer from {ip}:9091{path}: {out:?}"))?;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((status, body))
+}
+
+/// The shipped operator listener (0.0.0.0:9091 on the attachable `web` network) answers
+/// `/jobs`, `/metrics` and the status page only with the `ops-token` secret that
+/// deploy/gen-secrets.sh made; `/healthz` without it says the status and role, no node.
+fn operator_port_wants_the_token(
+    stack: &str,
+    network: &str,
+    secrets: &Path,
+    drover_addr: &str,
+) -> Result<()> {
+    let token = std::fs::read_to_string(secrets.join("ops-token"))
+        .context("deploy/gen-secrets.sh makes ops-token")?;
+    let token = token.trim();
+    ensure!(token.len() == 64, "a 32-byte hex token: {token:?}");
+    let ip = &drover_ip(stack, network)?;
+    for path in ["/jobs", "/metrics", "/"] {
+        let (status, body) = ops_get_from_web(network, ip, path, None)?;
+        ensure!(status == 401, "{path} without the token: {status} {body}");
+        let (status, body) = ops_get_from_web(network, ip, path, Some("wrong"))?;
+        ensure!(status == 401, "{path} with a wrong token: {status} {body}");
+        let (status, body) = ops_get_from_web(network, ip, path, Some(token))?;
+        ensure!(status == 200, "{path} with the token: {status} {body}");
+        if path == "/metrics" {
+            ensure!(body.contains("drover_renders_total"), "metrics: {body}");
+        }
+    }
+    let (status, open) = ops_get_from_web(network, ip, "/healthz", None)?;
+    ensure!(status == 200, "/healthz: {status} {open}");
+    let open: serde_json::Value = serde_json::from_str(&open)?;
+    ensure!(
+        open.get("controller").is_none() && open.get("peers").is_none(),
+        "/healthz without the token names no node: {open}"
+    );
+    let (_, full) = ops_get_from_web(network, ip, "/healthz", Some(token))?;
+    let full: serde_json::Value = serde_json::from_str(&full)?;
+    ensure!(
+        full.get("controller").is_some(),
+        "with the token, the cluster view: {full}"
+    );
+    // With a token the operator paths are on the published port too, behind it.
+    let r = http_get_host(drover_addr, "d", "/jobs")?;
+    ensure!(
+        r.status == 401,
+        "/jobs on the public port without the token: {}",
+        r.status
+    );
+    Ok(())
+}
+
+/// A service `aaa` of another stack, created after the app, names the app's host with other
+/// settings (a name that sorts first used to take the location): it is refused, the
+/// status page and the log say whose host it is, and nginx keeps serving the app alone.
+fn another_stacks_claim_on_the_app_host_is_refused(
+    stack: &str,
+    network: &str,
+    nginx_addr: &str,
+    app_host: &str,
+    app_replicas: &std::collections::BTreeSet<String>,
+    secrets: &Path,
+) -> Result<()> {
+    let thief = unique("aaa");
+    let other = unique("tenant");
+    let service = ServiceBuilder::backend(&thief)
+        .network(network)
+        .label("com.docker.stack.namespace", &other)
+        .label("routing-host", app_host)
+        .label("routing-port", "80")
+        .label("routing-max-body", "1k")
+        .create()?;
+    wait_running(&thief, 1, STACK)?;
+
+    let reason = format!("host {app_host} belongs to stack {stack}, which claimed it first");
+    let token = std::fs::read_to_string(secrets.join("ops-token"))?;
+    let ip = &drover_ip(stack, network)?;
+    let mut page = String::new();
+    wait_for("the status page to show the refused claim", STACK, || {
+        page = ops_get_from_web(network, ip, "/", Some(token.trim()))
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        page.contains(&thief) && page.contains(&reason)
+    })
+    .with_context(|| format!("status page:\n{page}"))?;
+    let log = all_logs(&format!("{stack}_drover"))?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("service skipped") && l.contains(&thief) && l.contains(&reason)),
+        "the log names the refused claim: {log}"
+    );
+    // nginx serves the app's replicas only, as before the claim.
+    for _ in 0..20 {
+        let r = http_get_host(nginx_addr, app_host, "/")?;
+        ensure!(
+            r.status == 200,
+            "the app through nginx: {} {}",
+            r.status,
+            r.body
+        );
+        let body = r.body.trim();
+        ensure!(
+            app_replicas.contains(body),
+            "answered by {body:?}, not the app {app_replicas:?}"
+        );
+    }
+
+    // Gone before the stack's network is removed, which its task would hold.
+    drop(service);
+    wait_for("the claiming service's container to go", STACK, || {
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={thief}"),
+        ])
+        .is_ok_and(|out| out.trim().is_empty())
+    })?;
     Ok(())
 }

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use drover::config::{Action, ExecSpec, Target};
+use drover::config::{Action, ExecSpec, HostPattern, Owner, OwnerList, Owners, Target};
 use drover::render::{BUILTIN, Error, Template};
-use drover::state::{Network, Node, Service, Snapshot, Task};
+use drover::state::{Network, Node, STACK_LABEL, Service, Snapshot, Task};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -67,11 +67,16 @@ fn service_on(
             })
             .collect()
     };
+    // `docker stack deploy` names a service STACK_NAME and labels it with its stack.
+    let mut labels = labels(label_pairs);
+    if let Some((stack, _)) = name.split_once('_') {
+        labels.insert(STACK_LABEL.to_owned(), stack.to_owned());
+    }
     Service {
         id: format!("{name}-id"),
         name: name.into(),
         image: format!("127.0.0.1:5000/{name}:latest"),
-        labels: labels(label_pairs),
+        labels,
         mode: drover::state::ServiceMode::Replicated,
         replicas: Some(ips.len() as u64),
         networks: std::iter::once("ingress")
@@ -361,8 +366,10 @@ fn home_lab() -> Snapshot {
 }
 
 /// A target checked in the `nginx` service, as the shipped config has it: its networks are
-/// the routing networks.
+/// the routing networks. The home lab routes `api.viktoradam.net` from three stacks, which
+/// only its `owners` setting allows (the first claim would give it to one).
 fn target(template: &str) -> Target {
+    let shared = ["web", "webhooks", "lab"].map(|s| Owner::Stack(s.to_owned()));
     Target {
         check: Some(Action::Exec(ExecSpec {
             service: Some("nginx".into()),
@@ -370,6 +377,13 @@ fn target(template: &str) -> Target {
             label: None,
             command: vec!["nginx".into(), "-t".into()],
         })),
+        owners: Owners(
+            [(
+                HostPattern::Exact("api.viktoradam.net".into()),
+                OwnerList(shared.to_vec()),
+            )]
+            .into(),
+        ),
         ..Target::new("test", template, "/tmp/unused")
     }
 }
@@ -456,6 +470,38 @@ fn prometheus_vars_give_global_and_external_labels_that_promtool_accepts() {
         yaml["global"]["external_labels"]["site"].as_str(),
         Some("a \"quoted\": value")
     );
+    promtool_check(&out.text);
+}
+
+#[test]
+fn prometheus_authorization_gives_a_job_its_bearer_file_and_leaves_the_others_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("ops-token");
+    std::fs::write(&token, "secret").expect("write token");
+    let mut t = target("builtin:prometheus");
+    t.vars = [(
+        "authorization".to_owned(),
+        serde_json::json!({ "demo-site": token.display().to_string() }),
+    )]
+    .into();
+    let out = Template::load(&t)
+        .expect("built-in compiles")
+        .render(&home_lab())
+        .expect("renders");
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out.text).expect("valid YAML");
+    let jobs = yaml["scrape_configs"].as_sequence().expect("jobs");
+    for job in jobs {
+        let auth = &job["authorization"];
+        if job["job_name"].as_str() == Some("demo-site") {
+            assert_eq!(auth["type"].as_str(), Some("Bearer"));
+            assert_eq!(
+                auth["credentials_file"].as_str(),
+                Some(token.to_str().expect("utf-8"))
+            );
+        } else {
+            assert!(auth.is_null(), "{:?}: {auth:?}", job["job_name"]);
+        }
+    }
     promtool_check(&out.text);
 }
 
@@ -674,6 +720,52 @@ fn services_with_injecting_labels_are_skipped_and_reported() {
     for needle in ["/etc/passwd", "return 200", "server{", "evil", "/etc/x"] {
         assert!(!text.contains(needle), "{needle:?} leaked into the config");
     }
+}
+
+#[test]
+fn a_later_stack_claiming_a_host_with_other_settings_is_refused_and_the_owner_keeps_serving() {
+    let mut snapshot = home_lab();
+    let mut blog = snapshot
+        .services
+        .iter()
+        .find(|s| s.name == "web_ghost")
+        .cloned()
+        .expect("web_ghost");
+    blog.created_at = "2026-01-01T00:00:00Z".into();
+    // Created later, in another stack, with a name that sorts first and other settings.
+    let thief = service(
+        "aaa_thief",
+        &[
+            ("routing-host", "blog.viktoradam.net"),
+            ("routing-port", "80"),
+            ("routing-max-body", "1k"),
+        ],
+        &["10.0.1.99"],
+    );
+    let mut thief = thief;
+    thief.created_at = "2026-06-01T00:00:00Z".into();
+    snapshot.services.retain(|s| s.name != "web_ghost");
+    snapshot.services.extend([blog, thief]);
+    snapshot.sort();
+
+    let out = render_builtin("nginx", &snapshot);
+    let refused = out
+        .skipped
+        .iter()
+        .find(|s| s.service == "aaa_thief")
+        .expect("the claim is refused");
+    assert_eq!(refused.label, "routing-host");
+    assert_eq!(
+        refused.reason,
+        "host blog.viktoradam.net belongs to stack web, which claimed it first"
+    );
+    assert!(!out.text.contains("10.0.1.99"), "{}", out.text);
+    assert!(out.text.contains("10.0.1.2:2368"), "{}", out.text);
+    assert_eq!(
+        out.text,
+        render_builtin("nginx", &home_lab()).text,
+        "the render is the one without the claim"
+    );
 }
 
 #[test]

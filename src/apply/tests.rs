@@ -269,6 +269,7 @@ mod stage_and_steps {
             delivery: Default::default(),
             private_networks: Default::default(),
             vars: Default::default(),
+            owners: Default::default(),
         }
     }
 

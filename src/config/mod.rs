@@ -25,6 +25,7 @@ mod hooks;
 mod http;
 mod jobs;
 mod notifications;
+mod owners;
 mod poll;
 mod stacks;
 mod targets;
@@ -42,6 +43,7 @@ pub use hooks::{
 pub use http::{Http, Ops};
 pub use jobs::{Jobs, Registry, check_journal};
 pub use notifications::{EventKind, Notifications, Sink, SinkKind};
+pub use owners::{HostPattern, Owner, OwnerList, Owners};
 pub use poll::{Budget, POLL_EVERY, Poll, PollLabel};
 pub use stacks::{DEFAULT_DEPLOY_IMAGE, Stack, Transport, full_name as repository_full_name};
 pub use targets::{

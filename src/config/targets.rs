@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::check::{Problem, bounds, valid_name};
+use super::owners::Owners;
 use super::values::Cidr;
 
 /// Names of the built-in templates (`builtin:NAME`). `render` holds their sources; its
@@ -46,6 +47,10 @@ pub struct Target {
     /// `scrape_interval`, `evaluation_interval`).
     #[serde(default)]
     pub vars: BTreeMap<String, serde_json::Value>,
+    /// Which stacks may route which hosts; hosts not listed belong to the first stack that
+    /// claims them (see `config::owners`).
+    #[serde(default)]
+    pub owners: Owners,
 }
 
 impl Target {
@@ -62,6 +67,7 @@ impl Target {
             delivery: Delivery::default(),
             private_networks: PrivateNetworks::default(),
             vars: BTreeMap::new(),
+            owners: Owners::default(),
         }
     }
 

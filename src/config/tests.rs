@@ -648,3 +648,45 @@ fn a_wrong_poll_section_is_refused_at_its_line() {
         );
     }
 }
+
+#[test]
+fn owners_load_and_a_bad_entry_is_refused_with_file_line_and_column() {
+    let target = |extra: &str| {
+        format!("targets:\n  - name: a\n    template: builtin:nginx\n    output: /x\n{extra}")
+    };
+    let c = parse(&target(
+        "    owners:\n      \"*.example.com\": [web]\n      shop.example.com: [shop, \"service:old\"]\n",
+    ))
+    .expect("owners");
+    let owners = &c.targets[0].owners;
+    assert_eq!(
+        owners.of("a.example.com"),
+        Some(&[Owner::Stack("web".into())][..])
+    );
+    assert_eq!(
+        owners.of("shop.example.com"),
+        Some(&[Owner::Stack("shop".into()), Owner::Service("old".into())][..])
+    );
+    assert!(
+        parse(&target("")).expect("none").targets[0]
+            .owners
+            .is_empty()
+    );
+
+    let err = parse(&target(
+        "    owners:\n      \"*.example.com\": [web]\n      \"*example.com\": [web]\n",
+    ))
+    .expect_err("bad pattern")
+    .to_string();
+    // A key's error points at the map that holds it.
+    assert!(
+        err.starts_with("drover.yml:6:7: targets[0].owners"),
+        "{err}"
+    );
+    assert!(err.contains("is not a host name"), "{err}");
+    let err = parse(&target("    owners:\n      a.com: []\n"))
+        .expect_err("empty list")
+        .to_string();
+    assert!(err.starts_with("drover.yml:6:"), "{err}");
+    assert!(err.contains("at least one stack"), "{err}");
+}

@@ -247,7 +247,7 @@ pub(super) async fn reconcile(
     if rendered.skipped != t.last_skipped {
         for s in &rendered.skipped {
             warn!(service = %s.service, label = %s.label, value = %s.value, reason = %s.reason,
-                "service skipped: invalid label value");
+                "service skipped");
         }
         t.last_skipped = rendered.skipped.clone();
     }

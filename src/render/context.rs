@@ -19,6 +19,7 @@ use super::labels::validate_service;
 use super::nginx::{HostView, UpstreamView, bucket_size, routes, unrouted_extra_hosts};
 use super::prometheus::{JobView, jobs};
 use super::views::{Networks, ServiceView, service_view};
+use crate::config::Owners;
 use crate::state::{Container, Network, Node, Own, Service, Snapshot};
 use crate::status::SkippedService;
 
@@ -125,6 +126,7 @@ pub fn build<'a>(
     proxy: Option<&str>,
     uses: Uses,
     certificates: Option<&BTreeSet<String>>,
+    owners: &Owners,
 ) -> (Root<'a>, Vec<SkippedService>) {
     let mut skipped = Vec::new();
     let ingress: BTreeSet<&str> = snapshot
@@ -158,7 +160,7 @@ pub fn build<'a>(
         }
     }
 
-    let (mut hosts, upstreams) = routes(&services, &mut skipped);
+    let (mut hosts, upstreams) = routes(&services, owners, &mut skipped);
     if let Some(present) = certificates {
         for h in hosts.iter_mut().filter(|h| h.tls) {
             h.cert = present.contains(&h.name);

@@ -6,7 +6,8 @@
 //! never a panic; nothing here logs or touches files after [`Template::load`].
 //!
 //! The parts, bottom to top: `labels` (the label vocabulary and its validation), `views`
-//! (services and tasks as templates see them), `nginx` (hosts, locations, upstreams) and
+//! (services and tasks as templates see them), `owners` (who may route a host), `nginx`
+//! (hosts, locations, upstreams) and
 //! `prometheus` (scrape jobs) computed from those views, `context` (the Tera context built
 //! from all of them), `filters` (the Tera filters below), and this file (templates).
 //!
@@ -18,7 +19,7 @@
 //! | `private_networks` | the target's `private_networks` setting as `ADDR/PREFIX` strings (a single address without `/32`); the built-in nginx template allows these and loopback into private locations |
 //! | `vars` | the target's `vars` setting (a map; empty when not set) |
 //! | `swarm`, `node_id` | whether the engine is a Swarm manager; the local node id |
-//! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
+//! | `services` | services that passed label validation, sorted by name: `id, name, image, labels, mode, replicas, networks, ports, update_state, created_at, tasks`, plus `network` (the routing network chosen for the service) and `ips` (addresses of live tasks on that network, task order) |
 //! | `services[].tasks[]` | `id, service_id, slot, node_id, state, desired_state, container_id, ips` (map network → address)`, message, error`, plus `live` (state and desired state are `running`) and `ip` (address on the service's `network`, or null) |
 //! | `containers`, `nodes`, `networks`, `own` | as in the snapshot (`own` may be null) |
 //! | `hosts` | routing built from the `routing-*` labels: `[{name, tls, cert, aliases, hsts, locations: [{path, upstream, uri, private, https, auth, auth_realm, max_body, services}]}]`, sorted by host then path; `proxy_pass` is `upstream` + `uri`; `aliases` are the host's extra names (`routing-extra-hosts`), `hsts` a max-age or null |
@@ -74,7 +75,9 @@
 //! Services sharing a host and context share one location and upstream when their location
 //! settings (`routing-on-https`, `routing-auth`, realm, max body, internal context) agree;
 //! otherwise the later one (by name) is skipped, as is a service whose private context
-//! collides with another location. A host gets TLS unless every service on it sets
+//! collides with another location. Before that, a host belongs to the stack (or stack-less
+//! service) that claimed it first by `CreatedAt`, then name, unless the target's `owners`
+//! gives it to others; any other stack's service naming it is skipped (`owners`). A host gets TLS unless every service on it sets
 //! `routing-tls=false`. `server_names_hash_bucket_size` is set, sized from the longest
 //! host name, only when nginx's default is too small.
 
@@ -82,6 +85,7 @@ mod context;
 mod filters;
 mod labels;
 mod nginx;
+mod owners;
 mod prometheus;
 mod views;
 
@@ -157,6 +161,8 @@ pub struct Template {
     private_networks: Vec<String>,
     /// The target's `vars`, as the context's `vars`.
     vars: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The target's `owners`: which stacks may route which hosts.
+    owners: crate::config::Owners,
 }
 
 impl std::fmt::Debug for Template {
@@ -231,6 +237,7 @@ impl Template {
         template.proxy = proxy_service(target);
         template.private_networks = private_networks(&target.private_networks);
         template.vars = target.vars.clone();
+        template.owners = target.owners.clone();
         Ok(template)
     }
 
@@ -255,6 +262,7 @@ impl Template {
             uses: context::Uses::scan(source),
             private_networks: private_networks(&Default::default()),
             vars: Default::default(),
+            owners: Default::default(),
         })
     }
 
@@ -273,6 +281,7 @@ impl Template {
             self.proxy.as_deref(),
             self.uses,
             options.certificates.as_ref(),
+            &self.owners,
         );
         let tls_hosts = root
             .hosts

@@ -19,7 +19,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::labels;
+use super::owners::refusals;
 use super::views::{ServiceView, address};
+use crate::config::Owners;
 use crate::status::SkippedService;
 
 /// The realm when the service's name cannot be one (never for a name Docker accepts).
@@ -194,7 +196,8 @@ impl Wanted {
 /// meaning: a service needs `routing-host` and `routing-port`; `location CONTEXT/` proxies
 /// to `UPSTREAM` + `routing-internal-context` + `/`, so the context is stripped.
 ///
-/// Services are taken in the order given (name order, from the snapshot). Services sharing a (host, context) share the location
+/// First, claims on hosts another stack owns are refused (`owners`), and those services
+/// skipped. Then services are taken in the order given (name order, from the snapshot). Services sharing a (host, context) share the location
 /// and its upstream when their location settings agree; a service whose location would clash
 /// (different settings, a context that is another service's private location, or a private
 /// context colliding with any location) is skipped as a whole and pushed onto `skipped`, so
@@ -202,10 +205,12 @@ impl Wanted {
 /// knows which certificates exist.
 pub fn routes(
     services: &[ServiceView<'_>],
+    owners: &Owners,
     skipped: &mut Vec<SkippedService>,
 ) -> (Vec<HostView>, Vec<UpstreamView>) {
     let mut hosts: BTreeMap<String, HostAcc> = BTreeMap::new();
     let mut servers: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let refused = refusals(services, owners);
 
     for service in services {
         let (Some(host_label), Some(port)) =
@@ -213,6 +218,10 @@ pub fn routes(
         else {
             continue;
         };
+        if let Some(refusal) = refused.get(service.name) {
+            skipped.push(refusal.clone());
+            continue;
+        }
         let wanted = Wanted::of(service);
         let tls = service.label(labels::TLS).is_none_or(labels::truthy);
         let names: BTreeSet<String> = labels::hosts(host_label).collect();
@@ -463,7 +472,8 @@ mod tests {
     const CONTEXT: &str = labels::CONTEXT;
     const PRIVATE: &str = labels::PRIVATE_CONTEXT;
 
-    /// A service on the `web` network with these labels and one running task per address.
+    /// A service of stack `s` on the `web` network with these labels and one running task
+    /// per address (one stack: these tests are about locations, `owners` about stacks).
     fn service(name: &str, labels: &[(&str, &str)], ips: &[&str]) -> Service {
         let id = format!("{name}-id");
         Service {
@@ -472,6 +482,7 @@ mod tests {
             labels: labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .chain([(crate::state::STACK_LABEL.to_owned(), "s".to_owned())])
                 .collect(),
             networks: vec!["web".to_owned()],
             tasks: ips
@@ -537,7 +548,7 @@ mod tests {
             .map(|s| service_view(s, &networks))
             .collect();
         let mut skipped = Vec::new();
-        let (hosts, upstreams) = routes(&views, &mut skipped);
+        let (hosts, upstreams) = routes(&views, &Owners::default(), &mut skipped);
         Routed {
             hosts,
             upstreams,
@@ -1037,7 +1048,7 @@ mod tests {
             .iter()
             .map(|s| service_view(s, &networks))
             .collect();
-        let (hosts, _) = routes(&views, &mut Vec::new());
+        let (hosts, _) = routes(&views, &Owners::default(), &mut Vec::new());
         assert_eq!(unrouted_extra_hosts(&views, &hosts), ["lab.com"]);
     }
 

@@ -26,6 +26,8 @@ pub struct ServiceView<'a> {
     pub networks: &'a [String],
     pub ports: &'a [Port],
     pub update_state: Option<&'a str>,
+    /// Swarm's `CreatedAt` (RFC 3339), empty when unknown.
+    pub created_at: &'a str,
     /// The network this service is routed on (see the module docs of `render`).
     pub network: Option<&'a str>,
     /// Addresses of live tasks on `network`, in task order.
@@ -113,6 +115,7 @@ pub fn service_view<'a>(service: &'a Service, networks: &Networks<'_, 'a>) -> Se
         networks: &service.networks,
         ports: &service.ports,
         update_state: service.update_state.as_deref(),
+        created_at: &service.created_at,
         network,
         ips,
         tasks,

@@ -137,6 +137,7 @@ fn service(
         replicas,
         networks,
         ports,
+        created_at: text(s.created_at),
         update_state: s
             .update_status
             .and_then(|u| u.state)
@@ -192,6 +193,7 @@ fn container(c: bollard::models::ContainerSummary) -> Container {
             })
             .collect(),
         service: labels.get("com.docker.swarm.service.name").cloned(),
+        created: c.created.unwrap_or(0),
         labels,
     }
 }

@@ -28,6 +28,10 @@ pub(super) fn services_from_containers(containers: &[Container]) -> Vec<Service>
             mode: ServiceMode::Container,
             ..Service::default()
         });
+        let created = created_at(c.created);
+        if service.created_at.is_empty() || created < service.created_at {
+            service.created_at = created;
+        }
         for net in c.ips.keys() {
             if !service.networks.contains(net) {
                 service.networks.push(net.clone());
@@ -39,6 +43,18 @@ pub(super) fn services_from_containers(containers: &[Container]) -> Vec<Service>
         });
     }
     by_name.into_values().collect()
+}
+
+/// A container's creation time as Swarm would write it (RFC 3339, UTC): empty when unknown.
+fn created_at(seconds: i64) -> String {
+    u64::try_from(seconds)
+        .ok()
+        .filter(|s| *s > 0)
+        .map(|s| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+            humantime::format_rfc3339_seconds(at).to_string()
+        })
+        .unwrap_or_default()
 }
 
 /// drover's own container: Docker sets the hostname to the short container id unless the

@@ -188,6 +188,9 @@ pub struct Service {
     pub ports: Vec<Port>,
     /// `UpdateStatus.State` when an update has run (`updating`, `completed`, ...).
     pub update_state: Option<String>,
+    /// When Swarm created the service (`CreatedAt`, RFC 3339 as the engine writes it; outside
+    /// Swarm, the oldest of its containers), empty when unknown: who claimed a host first.
+    pub created_at: String,
     /// Tasks that Swarm wants running or that still run, sorted by slot then node.
     pub tasks: Vec<Task>,
 }
@@ -282,6 +285,8 @@ pub struct Container {
     pub ips: BTreeMap<String, String>,
     /// The Swarm service the container is a task of, from its labels.
     pub service: Option<String>,
+    /// When the container was created, in seconds since the epoch (0 when unknown).
+    pub created: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -404,6 +404,11 @@ impl ShippedStack {
             .trim()
             .to_owned())
     }
+
+    /// The operator listener's bearer token (`ops-token`, `http.ops.token_file`).
+    pub fn ops_token(&self) -> Result<String> {
+        self.secret("ops-token")
+    }
 }
 
 impl Drop for ShippedStack {
@@ -699,22 +704,32 @@ impl Node {
     /// namespace): for listeners that are not published, like drover's operator port.
     /// Returns the body of a 2xx answer.
     pub fn get_inside(&self, service: &str, port: u16, path: &str) -> Result<String> {
+        self.get_inside_as(service, port, path, None)
+    }
+
+    /// [`Node::get_inside`] with `Authorization: Bearer TOKEN` (the shipped stack's
+    /// operator listener wants the `ops-token` secret: [`ShippedStack::ops_token`]).
+    pub fn get_inside_as(
+        &self,
+        service: &str,
+        port: u16,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<String> {
         let id = self
             .containers(service)?
             .pop()
             .with_context(|| format!("no {service} container on {}", self.short))?;
         let pid = self.docker(&["inspect", "--format", "{{.State.Pid}}", &id])?;
-        run(
-            "nsenter",
-            &[
-                &format!("--net=/proc/{pid}/ns/net"),
-                "curl",
-                "-sSf",
-                "-m",
-                "5",
-                &format!("http://127.0.0.1:{port}{path}"),
-            ],
-        )
+        let net = format!("--net=/proc/{pid}/ns/net");
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let header = token.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec![net.as_str(), "curl", "-sSf", "-m", "5"];
+        if let Some(h) = &header {
+            args.extend(["-H", h.as_str()]);
+        }
+        args.push(&url);
+        run("nsenter", &args)
     }
 
     /// This node's Swarm node id.
