@@ -51,35 +51,30 @@ pub fn consumer_services(target: &Target) -> BTreeSet<&str> {
 /// Node ids running a live task of a consumer service. A step's `service: nginx` names
 /// `nginx` or `STACK_nginx` of drover's own stack, as it does for local steps.
 pub fn consumer_nodes(target: &Target, snapshot: &Snapshot) -> BTreeSet<String> {
-    let services = consumer_services(target);
-    let stack = crate::state::own_stack(snapshot);
-    snapshot
-        .services
-        .iter()
-        .filter(|s| {
-            services
-                .iter()
-                .any(|r| crate::state::names_service(r, &s.name, stack))
-        })
+    consumers(target, snapshot)
         .flat_map(|s| s.tasks.iter().filter(|t| t.is_live()))
         .map(|t| t.node_id.clone())
         .collect()
 }
 
+/// The Swarm services a step of `target` names.
+fn consumers<'s>(
+    target: &Target,
+    snapshot: &'s Snapshot,
+) -> impl Iterator<Item = &'s crate::state::Service> {
+    let services = consumer_services(target);
+    let stack = crate::state::own_stack(snapshot);
+    snapshot.services.iter().filter(move |s| {
+        services
+            .iter()
+            .any(|r| crate::state::names_service(r, &s.name, stack))
+    })
+}
+
 /// Whether a task of a consumer service is on its way to running: its node gets the file
 /// once it runs, and does not serve it before.
 pub fn consumers_starting(target: &Target, snapshot: &Snapshot) -> bool {
-    let services = consumer_services(target);
-    let stack = crate::state::own_stack(snapshot);
-    snapshot
-        .services
-        .iter()
-        .filter(|s| {
-            services
-                .iter()
-                .any(|r| crate::state::names_service(r, &s.name, stack))
-        })
-        .any(|s| s.tasks.iter().any(|t| t.is_transitional()))
+    consumers(target, snapshot).any(|s| s.tasks.iter().any(|t| t.is_transitional()))
 }
 
 /// Whether `target` goes through agents on this snapshot (`agents_on`: this instance has
@@ -461,6 +456,16 @@ mod tests {
             consumer_nodes(&t, &snapshot()),
             BTreeSet::from(["w1".to_owned()])
         );
+    }
+
+    #[test]
+    fn a_proxy_task_on_its_way_is_seen_and_another_services_is_not() {
+        let t = target("auto");
+        let mut s = snapshot();
+        assert!(consumers_starting(&t, &s), "w2's proxy is starting");
+        s.services[0].tasks[1].state = "running".into();
+        s.services[1].tasks[0].state = "starting".into();
+        assert!(!consumers_starting(&t, &s), "only the proxy's tasks count");
     }
 
     #[test]
