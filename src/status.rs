@@ -319,6 +319,13 @@ impl Board {
         }
     }
 
+    /// Tells the sinks (none set: nothing happens).
+    pub fn notify(&self, event: crate::notifications::Event) {
+        if let Some(notifier) = self.notifier.get() {
+            notifier.notify(event);
+        }
+    }
+
     /// A target that a config reload removed.
     pub fn remove_target(&self, name: &str) {
         if let Ok(mut t) = self.targets.write() {

@@ -222,6 +222,12 @@ impl Manager {
                 });
                 let renew = self.renew_at(&kept);
                 info!(host = %w.host, renew_at = renew, "certificates: obtained");
+                self.board.notify(crate::notifications::Event {
+                    kind: crate::config::EventKind::CertificateRenewed,
+                    subject: w.host.clone(),
+                    summary: format!("certificate for {} obtained, renewed from unix time {renew}", w.names.join(", ")),
+                    details: serde_json::json!({"host": w.host, "names": w.names, "renew_at": renew}),
+                });
                 self.show(&kept, None, None);
                 held.certificates.insert(w.host.clone(), kept);
             }
@@ -273,6 +279,13 @@ impl Manager {
     }
 
     fn failed(&self, w: &Wanted, error: &str, retry_at: Option<i64>) {
+        // Repeats within the sinks' `repeat_after` are suppressed there.
+        self.board.notify(crate::notifications::Event {
+            kind: crate::config::EventKind::CertificateFailing,
+            subject: w.host.clone(),
+            summary: format!("no certificate for {}: {error}", w.names.join(", ")),
+            details: serde_json::json!({"host": w.host, "names": w.names, "error": error, "retry_at": retry_at}),
+        });
         self.board
             .update_certificate(&w.host, |s: &mut CertificateStatus| {
                 s.names = w.names.clone();

@@ -64,6 +64,12 @@ pub enum EventKind {
     NodeUnreachable,
     /// This drover started.
     DroverStarted,
+    /// A stack from git was deployed at a new commit.
+    StackDeployed,
+    /// drover's ACME client obtained or renewed a certificate.
+    CertificateRenewed,
+    /// An order for a certificate failed, or the ledger refused one.
+    CertificateFailing,
 }
 
 impl EventKind {
@@ -73,6 +79,9 @@ impl EventKind {
             EventKind::HostLeftOut,
             EventKind::NodeUnreachable,
             EventKind::DroverStarted,
+            EventKind::StackDeployed,
+            EventKind::CertificateRenewed,
+            EventKind::CertificateFailing,
         ]
     }
 
@@ -82,6 +91,9 @@ impl EventKind {
             EventKind::HostLeftOut => "host_left_out",
             EventKind::NodeUnreachable => "node_unreachable",
             EventKind::DroverStarted => "drover_started",
+            EventKind::StackDeployed => "stack_deployed",
+            EventKind::CertificateRenewed => "certificate_renewed",
+            EventKind::CertificateFailing => "certificate_failing",
         }
     }
 }

@@ -168,6 +168,15 @@ impl StackRunner {
             row.message.clone_from(&out.message);
             row.last_at = u64::try_from(crate::clock::unix_secs()).ok();
         });
+        if out.state == crate::jobs::JobState::Completed {
+            let commit = self.deployed(&stack.name).unwrap_or_default();
+            self.board.notify(crate::notifications::Event {
+                kind: crate::config::EventKind::StackDeployed,
+                subject: format!("{}@{commit}", stack.name),
+                summary: format!("stack {} deployed at {}", stack.name, commit.get(..12).unwrap_or(&commit)),
+                details: serde_json::json!({"stack": stack.name, "commit": commit, "trigger": job.hook}),
+            });
+        }
         // Stack names come from the config: a bounded label.
         crate::metrics::get()
             .stack_deploys
