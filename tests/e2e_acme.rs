@@ -116,7 +116,23 @@ impl Relay {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        Ok(Relay(child))
+        let relay = Relay(child);
+        // Ours, and through to Pebble: a relay left bound to the address by another run
+        // shows another certificate, and a failed bind leaves nothing listening.
+        let ca = dir.join("ca.pem");
+        let through = wait_until(Duration::from_secs(15), Duration::from_millis(250), || {
+            Command::new("curl")
+                .args(["-fsS", "-o", "/dev/null", "--max-time", "3", "--cacert"])
+                .arg(&ca)
+                .arg(format!("https://{ip}:{RELAY_PORT}/dir"))
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        ensure!(
+            through,
+            "the TLS relay to Pebble on {ip}:{RELAY_PORT} does not answer with its certificate (is another relay bound there?)"
+        );
+        Ok(relay)
     }
 }
 

@@ -847,7 +847,9 @@ fn a_webhook_sent_to_a_worker_is_verified_there_and_rolls_the_service_through_th
     // `drover_peer_last_contact_timestamp_seconds` for the other moves on). An ordering
     // of events, not an age: how fresh a contact is depends on the machine's load.
     let contact = |node: &Node, peer: &str| -> Option<f64> {
-        let text = node.get_inside(&drover_service, 9091, "/metrics").ok()?;
+        let text = node
+            .get_inside_as(&drover_service, 9091, "/metrics", Some(&token))
+            .ok()?;
         metric_value(
             &text,
             "drover_peer_last_contact_timestamp_seconds",
