@@ -145,6 +145,11 @@ impl Drop for Relay {
 
 /// Points `names` at `addr` in Pebble's DNS (pebble-challtestsrv's management API).
 fn dns(names: &[&str], addr: &str, add: bool) -> Result<()> {
+    if add {
+        // A run that failed before its cleanup leaves its records, and add-a appends:
+        // the CA would dial a dead cluster's address.
+        dns(names, "", false)?;
+    }
     for name in names {
         let (path, body) = if add {
             (
