@@ -279,26 +279,16 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
     let host = "shop.acme.test";
     let alias = "www.shop.acme.test";
     dns(&[host, alias], &w2.addr, true)?;
-    s.cluster.docker(&[
-        "service",
-        "create",
-        "--detach",
-        "--name",
+    s.cluster.create_routed(
         "acme-shop",
-        "--network",
         NET,
-        "--stop-grace-period",
-        "1s",
-        "--label",
-        &format!("routing-host={host}"),
-        "--label",
-        "routing-port=80",
-        "--label",
-        &format!("routing-extra-hosts={alias}"),
-        "--label",
-        "routing-acme=true",
-        &busybox_image(),
-    ])?;
+        &[
+            ("routing-host", host),
+            ("routing-port", "80"),
+            ("routing-extra-hosts", alias),
+            ("routing-acme", "true"),
+        ],
+    )?;
 
     let root = pebble_root(&pebble_ca, dir.path())?;
 
@@ -418,22 +408,8 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
     // Nothing listens on the host's side of the veth on nginx's port.
     dns(&[bad], &m1_host, true)?;
     for (name, host) in [("acme-renew", good), ("acme-bad", bad)] {
-        s.cluster.docker(&[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            name,
-            "--network",
-            NET,
-            "--stop-grace-period",
-            "1s",
-            "--label",
-            &format!("routing-host={host}"),
-            "--label",
-            "routing-port=80",
-            &busybox_image(),
-        ])?;
+        s.cluster
+            .create_routed(name, NET, &[("routing-host", host), ("routing-port", "80")])?;
     }
     let root = pebble_root(&pebble_ca, dir.path())?;
 

@@ -1016,22 +1016,8 @@ fn each_nodes_nginx_leaves_out_the_host_it_rejects_and_serves_tls_only_where_its
     w1.docker(&["cp", &root.display().to_string(), &format!("{id}:/etc/")])?;
 
     for (name, host) in [("tls-good", good), ("tls-bad", bad), ("tls-none", none)] {
-        s.cluster.docker(&[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            name,
-            "--network",
-            NET,
-            "--stop-grace-period",
-            "1s",
-            "--label",
-            &format!("routing-host={host}"),
-            "--label",
-            "routing-port=80",
-            &busybox_image(),
-        ])?;
+        s.cluster
+            .create_routed(name, NET, &[("routing-host", host), ("routing-port", "80")])?;
     }
     s.cluster.docker(&[
         "service",

@@ -219,6 +219,29 @@ impl Cluster {
     }
 
     /// `docker ARGS` against a manager that answers.
+    /// Creates a busybox backend service `name` on `network` with these service labels
+    /// (`routing-host`, ...), detached.
+    pub fn create_routed(&self, name: &str, network: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args = vec![
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--stop-grace-period",
+            "1s",
+        ];
+        for l in &labels {
+            args.extend(["--label", l.as_str()]);
+        }
+        let image = super::busybox_image();
+        args.push(&image);
+        self.docker(&args).map(drop)
+    }
+
     pub fn docker(&self, args: &[&str]) -> Result<String> {
         self.manager()?.docker(args)
     }
