@@ -10,6 +10,12 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
 
 /// One source holds at most this fraction of the budget (or one `max_body`, if larger).
 pub const SOURCE_SHARE: usize = 4;
@@ -103,6 +109,77 @@ impl Drop for Held {
             }
         }
     }
+}
+
+/// How long a body may take to start before the minimum rate of [`read`] applies.
+pub const BODY_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a body was not read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Short {
+    /// Declared or sent beyond the limit.
+    TooLarge,
+    /// Fell behind the minimum rate.
+    TooSlow,
+    /// The connection failed mid-body.
+    Read,
+    /// The budget could not take the bytes.
+    Full(Full),
+}
+
+/// The body in one buffer of at most `limit` bytes, with the share of the budget it holds:
+/// the one body reader of every listener (webhooks, agent API). A declared length over the
+/// limit is refused before reading; chunked bodies are copied as they come, so a million
+/// one-byte chunks cost what one million-byte chunk does. Every byte is taken from the
+/// budget as it arrives (a declared length reserves nothing). A body that falls behind
+/// `min_rate` bytes per second after [`BODY_GRACE`] is cut off, so a held-open body holds
+/// its place for seconds, not for the listener's whole request time.
+pub async fn read(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    mut held: Held,
+    min_rate: usize,
+) -> Result<(Vec<u8>, Held), Short> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Short::TooLarge);
+    }
+    let start = Instant::now();
+    let per_byte = 1.0 / min_rate.max(1) as f64;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let due = start + BODY_GRACE + Duration::from_secs_f64(buf.len() as f64 * per_byte);
+        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+            Err(_) => return Err(Short::TooSlow),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(|_| Short::Read)?,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(Short::TooLarge);
+            }
+            let grow = (buf.len() + data.len()).saturating_sub(buf.capacity());
+            if grow > 0 {
+                // Reserve exactly what the budget granted, so capacity never outruns it.
+                let want = grow.max(buf.capacity()).min(limit - buf.capacity());
+                let want = match held.grow(want) {
+                    Ok(()) => want,
+                    // Doubling asked for more than is left: what this frame needs may fit.
+                    Err(_) => {
+                        held.grow(grow).map_err(Short::Full)?;
+                        grow
+                    }
+                };
+                buf.reserve_exact(want);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok((buf, held))
 }
 
 #[cfg(test)]

@@ -53,6 +53,9 @@ pub const SIGNATURE_HEADER: &str = "x-drover-agent-signature";
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
 /// A heartbeat or a jobs query is a few hundred bytes.
 pub const SMALL_BODY: usize = 4096;
+/// Bytes per second an agent request's body must keep up after the grace: far below what
+/// any peer on the overlay sends, far above a body held open to keep its budget.
+pub const MIN_RATE: usize = 16 * 1024;
 /// Bytes of agent request bodies held at once, over all requests (one source: half).
 pub const BODY_BUDGET: usize = 2 * MAX_BODY;
 /// A check and each notify step may take 30 s (`apply`); leave room for both.
@@ -207,6 +210,8 @@ pub enum Refusal {
     NotController,
     #[error("body too large")]
     TooLarge,
+    #[error("body too slow")]
+    TooSlow,
 }
 
 impl Refusal {
@@ -217,6 +222,7 @@ impl Refusal {
             Refusal::BadRequest | Refusal::HashMismatch => StatusCode::BAD_REQUEST,
             Refusal::UnknownTarget => StatusCode::NOT_FOUND,
             Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::TooSlow => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }
@@ -454,6 +460,7 @@ fn refusal_label(r: Refusal) -> &'static str {
         Refusal::UnknownTarget => "unknown_target",
         Refusal::NotController => "not_controller",
         Refusal::TooLarge => "too_large",
+        Refusal::TooSlow => "too_slow",
     }
 }
 
@@ -564,41 +571,33 @@ async fn exchange(
         .map_err(|_| Error::Timeout { addr, timeout })?
 }
 
-/// A request's body, read only once [`Guard::precheck`] passed, at most `limit` bytes (a
-/// declared `Content-Length` over it is refused before reading), every byte taken from the
-/// agent's byte budget as it arrives (`held`; beyond it: 503). Refusals are counted.
+/// A request's body, read only once [`Guard::precheck`] passed, by the one body reader
+/// ([`crate::budget::read`]): at most `limit` bytes (a declared `Content-Length` over it is
+/// refused before reading), every byte taken from the agent's byte budget as it arrives
+/// (beyond it: 503), at least [`MIN_RATE`] after the grace (a peer on the overlay sends
+/// far faster; a held-open body is cut off). Refusals are counted.
 pub async fn read_body(
     guard: &Guard,
     headers: &HeaderMap,
-    mut body: axum::body::Body,
+    body: axum::body::Body,
     limit: usize,
-    mut held: crate::budget::Held,
+    held: crate::budget::Held,
 ) -> Result<(Vec<u8>, crate::budget::Held), Refusal> {
+    use crate::budget::Short;
     let result = async {
         guard.precheck(headers, unix_now())?;
-        let declared = headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(Refusal::TooLarge);
-        }
-        let mut buf = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|_| Refusal::BadRequest)?;
-            if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > limit {
-                    return Err(Refusal::TooLarge);
-                }
-                held.grow(data.len()).map_err(|_| Refusal::Busy)?;
-                buf.extend_from_slice(&data);
-            }
-        }
-        Ok(buf)
+        crate::budget::read(headers, body, limit, held, MIN_RATE)
+            .await
+            .map_err(|short| match short {
+                Short::TooLarge => Refusal::TooLarge,
+                Short::TooSlow => Refusal::TooSlow,
+                Short::Read => Refusal::BadRequest,
+                Short::Full(_) => Refusal::Busy,
+            })
     }
     .await;
     match result {
-        Ok(buf) => Ok((buf, held)),
+        Ok(read) => Ok(read),
         Err(r) => {
             count_refusal(r);
             Err(r)
@@ -737,6 +736,27 @@ mod tests {
         .await;
         assert_eq!(r.map(|b| b.0), Ok(b"{}".to_vec()));
         assert_eq!(budget.held(source), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_signed_body_held_open_is_cut_off_and_gives_its_bytes_back() {
+        let g = guard();
+        let key = Key::from_bytes(b"cluster key");
+        let budget = crate::budget::Budget::new(1 << 20, 1 << 20);
+        let source: std::net::IpAddr = [10, 0, 9, 8].into();
+        let h = signed(&key, unix_now(), "n3", TO, b"");
+        // One chunk, then nothing: the sender keeps the connection and its budget.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        tx.send(Ok(Bytes::from(vec![b'x'; 100])))
+            .await
+            .expect("send");
+        let held_open = axum::body::Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+        }));
+        let r = read_body(&g, &h, held_open, MAX_BODY, budget.hold(source)).await;
+        assert_eq!(r.map(|b| b.0), Err(Refusal::TooSlow));
+        assert_eq!(budget.held(source), (0, 0));
+        drop(tx);
     }
 
     fn guard() -> Guard {

@@ -23,15 +23,13 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use http_body_util::BodyExt;
 use serde_json::json;
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Error;
-use crate::budget::{Budget, Full, Held};
+use crate::budget::{self, Budget, Full, Held, Short};
 use crate::cluster::forward::{Envelope, Forwarder, Relay};
 use crate::hooks::{self, Accepted, Reject};
 use crate::metrics;
@@ -379,64 +377,24 @@ async fn verified(
     service.accept(hook, headers, body).await
 }
 
-/// How long a body may take to start before [`Intake::min_body_rate`] applies.
-const BODY_GRACE: Duration = Duration::from_secs(2);
-
-/// The body in one buffer of at most `limit` bytes, with the share of the budget it holds.
-/// A declared length over the limit is refused before reading; chunked bodies are copied
-/// as they come, so a million one-byte chunks cost what one million-byte chunk does.
-/// Every byte is taken from the budget as it arrives (a declared length reserves nothing):
-/// beyond the source's share 429, beyond the whole budget 503. A body that falls behind
-/// `min_rate` bytes per second after [`BODY_GRACE`] is cut off (408).
+/// [`budget::read`] in the intake's words: beyond the source's share 429, beyond the
+/// whole budget 503, too slow 408.
 async fn read_body(
     headers: &HeaderMap,
-    mut body: Body,
+    body: Body,
     limit: usize,
-    mut held: Held,
+    held: Held,
     min_rate: usize,
 ) -> Result<(Vec<u8>, Held), Reject> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(Reject::TooLarge);
-    }
-    let start = Instant::now();
-    let per_byte = 1.0 / min_rate.max(1) as f64;
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let due = start + BODY_GRACE + Duration::from_secs_f64(buf.len() as f64 * per_byte);
-        let frame = match tokio::time::timeout_at(due, body.frame()).await {
-            Err(_) => return Err(Reject::TooSlow),
-            Ok(None) => break,
-            Ok(Some(frame)) => frame.map_err(|_| Reject::BodyRead)?,
-        };
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(Reject::TooLarge);
-            }
-            let grow = (buf.len() + data.len()).saturating_sub(buf.capacity());
-            if grow > 0 {
-                // Reserve exactly what the budget granted, so capacity never outruns it.
-                let want = grow.max(buf.capacity()).min(limit - buf.capacity());
-                let want = match held.grow(want) {
-                    Ok(()) => want,
-                    // Doubling asked for more than is left: what this frame needs may fit.
-                    Err(_) => {
-                        held.grow(grow).map_err(|full| match full {
-                            Full::Source => Reject::RateLimited,
-                            Full::All => Reject::Busy,
-                        })?;
-                        grow
-                    }
-                };
-                buf.reserve_exact(want);
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok((buf, held))
+    budget::read(headers, body, limit, held, min_rate)
+        .await
+        .map_err(|short| match short {
+            Short::TooLarge => Reject::TooLarge,
+            Short::TooSlow => Reject::TooSlow,
+            Short::Read => Reject::BodyRead,
+            Short::Full(Full::Source) => Reject::RateLimited,
+            Short::Full(Full::All) => Reject::Busy,
+        })
 }
 
 struct RequestHeaders<'a> {

@@ -8,6 +8,8 @@ struct Entry {
     first: Instant,
     deadline: Instant,
     key: Option<String>,
+    /// [`Inner::term`] when the job was queued here.
+    term: u64,
 }
 
 #[derive(Default)]
@@ -17,6 +19,10 @@ struct Inner {
     /// Coalescing key → the job still in its quiet window.
     waiting: HashMap<String, JobId>,
     active: usize,
+    /// How many times this instance stopped being the controller. A job of a shared
+    /// journal queued in an earlier term is not started here: the new controller resumes
+    /// it from the journal, so it runs once, there.
+    term: u64,
 }
 
 /// The job table, queue and scheduler.
@@ -122,7 +128,7 @@ impl Jobs {
             if let Some(k) = &key {
                 inner.waiting.insert(k.clone(), id.clone());
             }
-            let entry = self.entry(view, now, key);
+            let entry = self.entry(view, now, key, inner.term);
             inner.jobs.insert(id.clone(), entry);
             inner.active += 1;
             metrics::get().queue_depth.set(inner.active as i64);
@@ -151,11 +157,18 @@ impl Jobs {
             return;
         }
         let mut resumed = false;
+        let mut led = false;
         let mut backoff = Backoff::new();
         loop {
             let now = *role.borrow_and_update();
             let mut retry = None;
+            let lost = led && !now.is_controller();
+            led = now.is_controller();
             if !now.is_controller() {
+                if lost {
+                    self.lock().term += 1;
+                    info!(role = %now, "no longer the controller: queued jobs are left to the next one");
+                }
                 resumed = false;
             } else if !resumed {
                 match self.resume().await {
@@ -250,7 +263,7 @@ impl Jobs {
             }
             // Only coalescable work waits for company.
             let deadline = if key.is_some() { now + quiet } else { now };
-            let entry = self.entry(view, deadline, key);
+            let entry = self.entry(view, deadline, key, inner.term);
             inner.jobs.insert(id.clone(), entry);
         }
         self.spawn(id.clone());
@@ -261,13 +274,14 @@ impl Jobs {
     }
 
     /// A table entry due at `deadline`, numbered after every earlier one.
-    fn entry(&self, view: JobView, deadline: Instant, key: Option<String>) -> Entry {
+    fn entry(&self, view: JobView, deadline: Instant, key: Option<String>, term: u64) -> Entry {
         Entry {
             view,
             seq: self.seq.fetch_add(1, Ordering::SeqCst),
             first: Instant::now(),
             deadline,
             key,
+            term,
         }
     }
 
@@ -320,7 +334,21 @@ impl Jobs {
         let Ok(_permit) = self.workers.acquire().await else {
             return;
         };
-        if let Some(e) = self.lock().jobs.get_mut(&id) {
+        {
+            let mut inner = self.lock();
+            let term = inner.term;
+            let Some(e) = inner.jobs.get_mut(&id) else {
+                return;
+            };
+            if e.term != term {
+                // Fenced: leadership was lost since the job was queued here. It stays in
+                // the shared journal for the controller that resumes it.
+                inner.jobs.remove(&id);
+                inner.active = inner.active.saturating_sub(1);
+                metrics::get().queue_depth.set(inner.active as i64);
+                info!("job left to the new controller");
+                return;
+            }
             e.view.state = JobState::Running;
             e.view.started_at = Some(unix_ms());
         }

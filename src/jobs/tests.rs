@@ -541,3 +541,44 @@ fn overall_state_follows_the_services() {
     );
     assert_eq!(Outcome::combine(vec![]).state, Skipped);
 }
+
+/// A leader demoted while its job waits out the quiet window does not start it: the job
+/// stays journalled, and the instance that leads next runs it, once.
+#[tokio::test(start_paused = true)]
+async fn a_demoted_leader_leaves_its_queued_job_to_the_next_one() {
+    let shared = Arc::new(Mutex::new(BTreeMap::new()));
+    let a_runner = FakeRunner::new(JobState::Completed);
+    let a = start(
+        config::Jobs::default(),
+        a_runner.clone(),
+        Journal::Shared(shared.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    let (a_role, rx) = watch::channel(Role::Leader);
+    tokio::spawn(a.clone().follow_role(rx));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let job = a
+        .submit(update("docker.io/o/fenced:latest"))
+        .await
+        .expect("submit");
+    a_role.send_replace(Role::Manager);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(a_runner.count(), 0, "the demoted leader did not run it");
+    assert!(a.get(&job.id.0).is_none(), "nor keeps it queued");
+    assert!(shared.lock().expect("lock").contains_key(&job.id));
+
+    let b_runner = FakeRunner::new(JobState::Completed);
+    let b = start(
+        config::Jobs::default(),
+        b_runner.clone(),
+        Journal::Shared(shared.clone()),
+        CancellationToken::new(),
+    )
+    .await;
+    let (_b_role, rx) = watch::channel(Role::Leader);
+    tokio::spawn(b.clone().follow_role(rx));
+    assert_eq!(settle(&b, &job.id).await.state, JobState::Completed);
+    assert_eq!((a_runner.count(), b_runner.count()), (0, 1));
+    assert!(shared.lock().expect("lock").is_empty());
+}
