@@ -350,7 +350,9 @@ async fn start_agent(
     );
     let app = crate::http::agent_routes(a.state, agent.clone(), a.role.clone())?;
     let (http, stop) = (a.config.http.clone(), shutdown.clone());
-    tasks.spawn(async move { crate::http::serve_agent(listener, app, &http, stop).await });
+    let contacts = a.contacts.clone();
+    tasks
+        .spawn(async move { crate::http::serve_agent(listener, app, &http, contacts, stop).await });
     tasks.spawn(follow_retargets(agent, a.retargets, shutdown.clone()));
     tasks.spawn(contacts::run(a.contacts.clone(), a.key, a.role, shutdown));
     Ok(())

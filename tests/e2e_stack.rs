@@ -214,6 +214,7 @@ fn stack_yml_deploys_and_serves_the_example_app_through_nginx_then_goes_away() -
     eprintln!("stack up and serving after {:?}", started.elapsed());
 
     operator_port_wants_the_token(&name, &network, &secrets, &drover_addr)?;
+    agent_port_is_closed_to_web(&network, &drover_ip(&name, &network)?)?;
     another_stacks_claim_on_the_app_host_is_refused(
         &name,
         &network,
@@ -271,14 +272,32 @@ fn ops_get_from_web(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, String)> {
+    let out = raw_get_from_web(network, ip, 9091, path, token)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP answer from {ip}:9091{path}: {out:?}"))?;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((status, body))
+}
+
+/// Whatever `GET path` on `ip:port` answers a fresh container on `network`.
+fn raw_get_from_web(
+    network: &str,
+    ip: &str,
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+) -> Result<String> {
     let auth = token.map_or(String::new(), |t| {
         format!("Authorization: Bearer {t}\\r\\n")
     });
     // stdin stays open until the answer is in: a half-closed request may be dropped.
     let script = format!(
-        "(printf 'GET {path} HTTP/1.0\\r\\nHost: d\\r\\n{auth}\\r\\n'; sleep 2) | nc -w 5 {ip} 9091"
+        "(printf 'GET {path} HTTP/1.0\\r\\nHost: d\\r\\n{auth}\\r\\n'; sleep 2) | nc -w 5 {ip} {port}; true"
     );
-    let out = docker(&[
+    docker(&[
         "run",
         "--rm",
         "--network",
@@ -287,14 +306,19 @@ fn ops_get_from_web(
         "sh",
         "-c",
         &script,
-    ])?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no HTTP answer from {ip}:9091{path}: {out:?}"))?;
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    Ok((status, body))
+    ])
+}
+
+/// The agent API (9092) is on drover's own `agents` network: a tenant's container on `web`
+/// gets no answer from drover's `web` address, not even a refusal (before the agents
+/// network, it answered 401 there and read what it was sent).
+fn agent_port_is_closed_to_web(network: &str, ip: &str) -> Result<()> {
+    let out = raw_get_from_web(network, ip, 9092, "/heartbeat", None)?;
+    ensure!(
+        !out.contains("HTTP/1."),
+        "the agent API answered a container on web: {out:?}"
+    );
+    Ok(())
 }
 
 /// The shipped operator listener (0.0.0.0:9091 on the attachable `web` network) answers

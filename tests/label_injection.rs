@@ -159,6 +159,7 @@ fn snapshot(service: Service) -> Snapshot {
             driver: "overlay".into(),
             scope: "swarm".into(),
             ingress: false,
+            agents: false,
         }],
         ..Snapshot::default()
     };

@@ -116,6 +116,7 @@ fn network(name: &str, ingress: bool) -> Network {
         driver: "overlay".into(),
         scope: "swarm".into(),
         ingress,
+        agents: false,
     }
 }
 

@@ -53,6 +53,7 @@ pub fn run(data: &[u8]) {
             driver: "overlay".into(),
             scope: "swarm".into(),
             ingress: false,
+            agents: false,
         }],
         ..Snapshot::default()
     };

@@ -166,6 +166,18 @@ impl Contacts {
         self.lock().own_node.clone()
     }
 
+    /// Whether a connection that arrived at local address `ip` may reach the agent API:
+    /// once this instance's agent is known to sit on the agents network, only connections
+    /// that arrived there (a tenant on `web` reaches drover's address on `web`, never
+    /// the one on the agents network); any, before that or without such a network.
+    pub fn admits_local(&self, ip: std::net::IpAddr) -> bool {
+        let i = self.lock();
+        match i.peers.get(&i.own_node) {
+            Some(me) if me.private => me.addr.ip() == ip,
+            _ => true,
+        }
+    }
+
     /// This instance's heartbeat (when it knows its own agent address) and the other
     /// peers to send it to.
     fn beat_plan(&self) -> Option<(Heartbeat, Vec<Peer>)> {
@@ -291,7 +303,25 @@ mod tests {
             node_id: node.into(),
             hostname: format!("host-{node}"),
             addr: format!("{ip}:9092").parse().unwrap(),
+            private: false,
         }
+    }
+
+    #[test]
+    fn the_agent_admits_only_its_agents_network_address_once_it_knows_it() {
+        let c = Contacts::default();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(c.admits_local(ip("10.9.0.1")), "nothing known yet");
+        c.set_peers("n1", peers());
+        assert!(c.admits_local(ip("10.9.0.1")), "no agents network");
+        let mut private = peers();
+        private.values_mut().for_each(|p| p.private = true);
+        c.set_peers("n1", private);
+        assert!(c.admits_local(ip("10.0.0.1")));
+        assert!(
+            !c.admits_local(ip("10.9.0.1")),
+            "arrived on another network"
+        );
     }
 
     fn peers() -> BTreeMap<String, Peer> {

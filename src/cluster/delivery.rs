@@ -576,6 +576,7 @@ mod tests {
                 node_id: "w1".into(),
                 hostname: "w1".into(),
                 addr,
+                private: false,
             },
         )]);
         let nodes = BTreeSet::from(["w1".to_owned(), "w2".to_owned()]);

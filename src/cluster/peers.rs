@@ -18,6 +18,9 @@ pub struct Peer {
     pub node_id: String,
     pub hostname: String,
     pub addr: SocketAddr,
+    /// `addr` is on the agents network (labelled `drover.agents`), which only drover
+    /// joins: the agent answers there and nowhere else.
+    pub private: bool,
 }
 
 /// The agents of drover's own service, keyed by node id (empty when drover does not run as
@@ -35,13 +38,21 @@ pub fn peers(snapshot: &Snapshot, port: u16) -> BTreeMap<String, Peer> {
         .filter(|n| n.ingress)
         .map(|n| n.name.as_str())
         .collect();
-    // The service's own networks in spec order; the first one every task has an IP on.
-    let shared: Vec<&str> = service
+    let agents: Vec<&str> = snapshot
+        .networks
+        .iter()
+        .filter(|n| n.agents)
+        .map(|n| n.name.as_str())
+        .collect();
+    // The service's own networks, the agents network first, then in spec order; the first
+    // one every task has an IP on.
+    let mut shared: Vec<&str> = service
         .networks
         .iter()
         .map(String::as_str)
         .filter(|n| !ingress.contains(n) && *n != "ingress")
         .collect();
+    shared.sort_by_key(|n| !agents.contains(n));
     let mut out = BTreeMap::new();
     // A task Swarm holds in `starting` while the image's health check has not passed yet
     // runs drover all the same, and its agent answers long before the check does (every
@@ -56,17 +67,19 @@ pub fn peers(snapshot: &Snapshot, port: u16) -> BTreeMap<String, Peer> {
         if out.contains_key(&task.node_id) {
             continue;
         }
-        let ip = shared
+        let found = shared
             .iter()
-            .find_map(|n| task.ips.get(*n))
+            .find_map(|n| task.ips.get_key_value(*n))
             .or_else(|| {
                 task.ips
                     .iter()
                     .find(|(n, _)| !ingress.contains(&n.as_str()) && *n != "ingress")
-                    .map(|(_, ip)| ip)
-            })
-            .and_then(|ip| ip.parse::<IpAddr>().ok());
-        let Some(ip) = ip else { continue };
+            });
+        let Some((network, ip)) = found else { continue };
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            continue;
+        };
+        let private = agents.contains(&network.as_str());
         let hostname = snapshot
             .nodes
             .iter()
@@ -79,6 +92,7 @@ pub fn peers(snapshot: &Snapshot, port: u16) -> BTreeMap<String, Peer> {
                 node_id: task.node_id.clone(),
                 hostname,
                 addr: SocketAddr::new(ip, port),
+                private,
             },
         );
     }
@@ -181,5 +195,36 @@ mod tests {
             service: None,
         });
         assert!(peers(&s, 9091).is_empty());
+    }
+
+    #[test]
+    fn the_agents_network_is_taken_first_whatever_the_spec_order() {
+        let mut s = snapshot();
+        s.networks.push(Network {
+            name: "home_agents".into(),
+            agents: true,
+            ..Network::default()
+        });
+        let svc = &mut s.services[0];
+        svc.networks.push("home_agents".into());
+        for (t, ip) in svc
+            .tasks
+            .iter_mut()
+            .zip(["10.2.0.2", "10.2.0.3", "10.2.0.4"])
+        {
+            t.ips.insert("home_agents".into(), ip.into());
+        }
+        // n3's task has no address there yet: it is reached on the shared network.
+        svc.tasks[2].ips.remove("home_agents");
+        let p = peers(&s, 9092);
+        assert_eq!(p["n1"].addr, "10.2.0.2:9092".parse().unwrap());
+        assert!(p["n1"].private);
+        assert_eq!(p["n2"].addr, "10.2.0.3:9092".parse().unwrap());
+        assert_eq!(p["n3"].addr, "10.1.0.4:9092".parse().unwrap());
+        assert!(!p["n3"].private);
+        assert!(
+            !peers(&snapshot(), 9092)["n1"].private,
+            "no agents network, nothing private"
+        );
     }
 }

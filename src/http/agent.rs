@@ -135,6 +135,7 @@ pub async fn serve_agent(
     listener: TcpListener,
     app: Router,
     http: &config::Http,
+    contacts: Arc<crate::cluster::contacts::Contacts>,
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -147,5 +148,6 @@ pub async fn serve_agent(
     limits.requests = None;
     limits.idle_timeout = limits.idle_timeout.max(agent_time);
     limits.drain = limits.drain.max(agent_time);
+    limits.local = Some(Arc::new(move |ip| contacts.admits_local(ip)));
     conn::serve(listener, conn::fixed(app), limits, shutdown).await;
 }

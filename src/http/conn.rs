@@ -115,7 +115,13 @@ pub struct Limits {
     pub requests: Option<Requests>,
     /// How long shutdown waits for requests in flight.
     pub drain: Duration,
+    /// Which local addresses connections may arrive at (the agent API: its own network's);
+    /// `None`: any.
+    pub local: Option<LocalFilter>,
 }
+
+/// Whether a connection that arrived at this local address is served.
+pub type LocalFilter = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
 
 impl Limits {
     /// The timers and caps of `http`; `what` names the connection cap in
@@ -131,6 +137,7 @@ impl Limits {
                 timeout: http.request_timeout,
             }),
             drain: drain_limit(http),
+            local: None,
         }
     }
 }
@@ -195,6 +202,12 @@ pub async fn serve(
                 }
             },
         };
+        if let Some(local) = &limits.local {
+            if !tcp.local_addr().is_ok_and(|a| local(a.ip())) {
+                debug!(%peer, "connection refused: arrived on another network");
+                continue;
+            }
+        }
         let Some(pass) = limits.connections.enter(peer.ip()) else {
             debug!(%peer, "connection refused: too many open");
             continue;

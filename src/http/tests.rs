@@ -1004,6 +1004,7 @@ async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, Cancel
     // signed for it.
     let own = Arc::new(contacts::Contacts::default());
     own.set_peers("m1", Default::default());
+    let admits = own.clone();
     let agent = Arc::new(agent::Agent::new(
         crate::cluster::wire::Guard::new(key.clone(), Duration::from_secs(30)),
         None,
@@ -1016,7 +1017,7 @@ async fn controller_and_worker(known: bool) -> (Fixture, Fixture, Router, Cancel
     let stop = CancellationToken::new();
     let http = controller.state.http.clone();
     let serving = stop.clone();
-    tokio::spawn(async move { serve_agent(listener, app, &http, serving).await });
+    tokio::spawn(async move { serve_agent(listener, app, &http, admits, serving).await });
 
     let worker = fixture("").await;
     worker.role.send_replace(Role::Worker);

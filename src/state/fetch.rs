@@ -77,6 +77,11 @@ fn network(n: bollard::models::Network) -> Network {
         driver: text(n.driver),
         scope: text(n.scope),
         ingress: n.ingress.unwrap_or(false),
+        agents: n
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(super::AGENTS_NETWORK_LABEL))
+            .is_some_and(|v| v == "true"),
     }
 }
 

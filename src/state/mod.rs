@@ -271,7 +271,14 @@ pub struct Network {
     pub driver: String,
     pub scope: String,
     pub ingress: bool,
+    /// Labelled [`AGENTS_NETWORK_LABEL`]: the network drover's agents talk on.
+    #[serde(default)]
+    pub agents: bool,
 }
+
+/// The label (value `true`) of the network drover's own service keeps its agent API on
+/// (the shipped stack's `agents` network, which nothing else joins).
+pub const AGENTS_NETWORK_LABEL: &str = "drover.agents";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Container {
