@@ -430,11 +430,16 @@ impl Loaded {
                 }
             }
         }
-        // drover's own secrets: the cluster key (which signs agent requests) and the
-        // operator token, should a command or container print them.
+        // drover's own secrets: the cluster key (which signs agent requests), the
+        // operator token and the ACME binding key, should a command or container print them.
         let own = [
             Some(&config.cluster.key_file),
             config.http.ops.token_file.as_ref(),
+            config
+                .certificates
+                .as_ref()
+                .and_then(|c| c.eab.as_ref())
+                .map(|e| &e.hmac_key_file),
         ];
         for path in own.into_iter().flatten() {
             if let Ok(value) = config::read_secret(path) {
