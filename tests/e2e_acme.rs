@@ -467,6 +467,7 @@ fn after_a_leader_loss_the_new_controller_serves_the_kept_certificate_and_orders
     })
     .with_context(|| took_over.clone())?;
     let line = took_over.lines().next().unwrap_or_default();
+    eprintln!("leader {old} lost; {new}'s drover: {line}");
     ensure!(
         (line.contains("certificates=1") || line.contains(r#""certificates":1"#))
             && (line.contains("ordered=0") || line.contains(r#""ordered":0"#)),
