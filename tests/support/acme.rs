@@ -301,9 +301,8 @@ pub fn ca_compose_file(
     let ca_copy = dir.join("acme-ca.pem");
     std::fs::copy(dir.join("ca.pem"), &ca_copy)?;
     let extra = dir.join("stack.acme-ca.yml");
-    let mut text = format!(
-        "version: \"3.7\"\nservices:\n  drover:\n    configs:\n      - source: drover-config\n        target: /etc/drover/drover.yml\n        mode: 0444\n      - source: acme-ca\n        target: /etc/drover/ca.pem\n        mode: 0444\n"
-    );
+    let mut text = "version: \"3.7\"\nservices:\n  drover:\n    configs:\n      - source: drover-config\n        target: /etc/drover/drover.yml\n        mode: 0444\n      - source: acme-ca\n        target: /etc/drover/ca.pem\n        mode: 0444\n"
+        .to_owned();
     if !secrets.is_empty() {
         text.push_str("    secrets:\n");
         for (name, _) in secrets {
