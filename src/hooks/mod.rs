@@ -934,6 +934,23 @@ hooks:
         );
     }
 
+    #[test]
+    fn the_acme_binding_key_is_redacted_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let eab = dir.path().join("eab");
+        std::fs::write(&eab, "the-acme-hmac-key\n").expect("write");
+        let yaml = format!(
+            "targets:\n  - name: nginx\n    template: builtin:nginx\n    output: /tmp/x.conf\ncertificates:\n  eab: {{ kid: k1, hmac_key_file: {} }}\n",
+            eab.display()
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        let loaded = Loaded::from_config(&config).expect("loaded");
+        assert_eq!(
+            loaded.redactor.clean("key=the-acme-hmac-key", 100),
+            "key=[redacted]"
+        );
+    }
+
     #[tokio::test]
     async fn finished_jobs_show_a_bounded_tail_without_loaded_secrets() {
         use crate::jobs::tests::FakeRunner;
