@@ -3,6 +3,7 @@
 //! nginx serves over TLS, the shipped stack with `certificates:` naming Pebble, and a
 //! second Pebble that wants external account binding.
 
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -91,6 +92,7 @@ impl Relay {
     pub fn start(dir: &std::path::Path, ip: &str, pebble_ca: &str, ca: &Ca) -> Result<Relay> {
         let p = |f: &str| dir.join(f).display().to_string();
         let child = Command::new("socat")
+            .process_group(0)
             .arg(format!(
                 "OPENSSL-LISTEN:{RELAY_PORT},bind={ip},reuseaddr,fork,cert={},key={},verify=0",
                 p("relay.pem"),
@@ -124,7 +126,12 @@ impl Relay {
 }
 
 impl Drop for Relay {
+    /// The whole process group: socat forks a child per connection, and a child whose peer
+    /// (a drover container of a cluster now gone) never closed would outlive the relay.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
