@@ -281,6 +281,15 @@ fn start_certificates(
     let Some(target) = c.target(&config.targets) else {
         anyhow::bail!("certificates: no builtin:nginx target serves the challenges");
     };
+    // Read once, here: a key file that is missing or is no HMAC key stops the start, with
+    // its path, rather than an account creation the CA refuses later.
+    let binding = match &c.eab {
+        Some(eab) => Some(
+            crate::certs::acme::BindingKey::load(&eab.kid, &eab.hmac_key_file)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let exchange = crate::certs::Exchange::new(&target.name);
     let manager = crate::certs::manager::Manager {
         config: c.clone(),
@@ -290,6 +299,7 @@ fn start_certificates(
         exchange: exchange.clone(),
         board: board.clone(),
         role,
+        binding,
     };
     info!(directory = %c.directory, target = %target.name, "certificates: drover's ACME client is on");
     tasks.spawn(manager.run(shutdown.clone()));

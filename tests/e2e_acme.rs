@@ -5,20 +5,23 @@
 //! The CA validates through a worker's nginx (the test's DNS points the names there), so
 //! the token must have reached a node that is not the controller; the certificate must
 //! then be served by every node's nginx, chained to Pebble's root, over h2. A restart of
-//! every drover orders nothing: the same certificate is served after it.
+//! every drover orders nothing: the same certificate is served after it, and so does the
+//! loss of the Raft leader's node (three managers). A second Pebble that wants external
+//! account binding issues only to drover configured with `certificates.eab`.
 //!
 //! Pebble listens on the host's loopback; the controller's container reaches it through a
 //! TLS relay on the host's side of the manager's veth (socat, with a certificate for that
 //! address), which the test's config names as the directory and trusts through
 //! `certificates.ca_file`, mounted the way docs/certificates.md says: a Swarm config added
-//! by a second compose file.
+//! by a second compose file. The helpers are in tests/support/acme.rs (benches/acme.rs
+//! uses them too).
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::cluster::{Cluster, Node, ShippedStack};
+use support::acme::*;
+use support::cluster::{Cluster, Node};
 use support::*;
 
 const SWARM: Duration = Duration::from_secs(120);
@@ -26,238 +29,6 @@ const SWARM: Duration = Duration::from_secs(120);
 const ISSUED: Duration = Duration::from_secs(120);
 const NET: &str = "acme-web";
 const APP_HOST: &str = "app.acme.test";
-/// Pebble dials this port for HTTP-01: nginx's published port 80 (scripts/test sets it).
-const RELAY_PORT: u16 = 14400;
-
-fn var(k: &str) -> Result<String> {
-    std::env::var(k).with_context(|| {
-        format!("{k} unset: run `scripts/test pebble` and `eval \"$(scripts/test env)\"`")
-    })
-}
-
-fn openssl(args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A CA and a leaf for `ip` (rustls refuses a self-signed CA certificate as a server's).
-fn relay_certificate(dir: &std::path::Path, ip: &str) -> Result<()> {
-    let p = |f: &str| dir.join(f).display().to_string();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=drover-test-relay-ca",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-    ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=relay",
-        "-keyout",
-        &p("relay.key"),
-        "-out",
-        &p("relay.csr"),
-    ])?;
-    std::fs::write(
-        dir.join("relay.ext"),
-        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
-    )?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("relay.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &p("relay.ext"),
-        "-out",
-        &p("relay.pem"),
-    ])
-}
-
-/// socat terminating TLS on `ip:RELAY_PORT` and speaking TLS to Pebble on loopback.
-struct Relay(Child);
-
-impl Relay {
-    fn start(dir: &std::path::Path, ip: &str, pebble_ca: &str) -> Result<Relay> {
-        let p = |f: &str| dir.join(f).display().to_string();
-        let child = Command::new("socat")
-            .arg(format!(
-                "OPENSSL-LISTEN:{RELAY_PORT},bind={ip},reuseaddr,fork,cert={},key={},verify=0",
-                p("relay.pem"),
-                p("relay.key")
-            ))
-            .arg(format!(
-                "OPENSSL:127.0.0.1:14000,cafile={pebble_ca},commonname=localhost"
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let relay = Relay(child);
-        // Ours, and through to Pebble: a relay left bound to the address by another run
-        // shows another certificate, and a failed bind leaves nothing listening.
-        let ca = dir.join("ca.pem");
-        let through = wait_until(Duration::from_secs(15), Duration::from_millis(250), || {
-            Command::new("curl")
-                .args(["-fsS", "-o", "/dev/null", "--max-time", "3", "--cacert"])
-                .arg(&ca)
-                .arg(format!("https://{ip}:{RELAY_PORT}/dir"))
-                .status()
-                .is_ok_and(|s| s.success())
-        });
-        ensure!(
-            through,
-            "the TLS relay to Pebble on {ip}:{RELAY_PORT} does not answer with its certificate (is another relay bound there?)"
-        );
-        Ok(relay)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Points `names` at `addr` in Pebble's DNS (pebble-challtestsrv's management API).
-fn dns(names: &[&str], addr: &str, add: bool) -> Result<()> {
-    if add {
-        // A run that failed before its cleanup leaves its records, and add-a appends:
-        // the CA would dial a dead cluster's address.
-        dns(names, "", false)?;
-    }
-    for name in names {
-        let (path, body) = if add {
-            (
-                "add-a",
-                format!(r#"{{"host":"{name}","addresses":["{addr}"]}}"#),
-            )
-        } else {
-            ("clear-a", format!(r#"{{"host":"{name}"}}"#))
-        };
-        let out = Command::new("curl")
-            .args(["-fsS", "-X", "POST", "-d", &body])
-            .arg(format!("http://127.0.0.1:8055/{path}"))
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "challtestsrv {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// What `node`'s nginx serves for `name` over TLS: (HTTP version, SHA-256 of the leaf).
-fn served(
-    node: &Node,
-    tls_port: u16,
-    name: &str,
-    root: &std::path::Path,
-) -> Result<(String, String)> {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--http2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version}",
-            "--max-time",
-            "5",
-        ])
-        .arg("--cacert")
-        .arg(root)
-        .args(["--resolve", &format!("{name}:{tls_port}:{}", node.addr)])
-        .arg(format!("https://{name}:{tls_port}/"))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}: {}",
-        node.short,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let leaf = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo | openssl s_client -connect {}:{tls_port} -servername {name} 2>/dev/null | openssl x509 -noout -fingerprint -sha256",
-            node.addr
-        ))
-        .output()?;
-    Ok((
-        version,
-        String::from_utf8_lossy(&leaf.stdout).trim().to_owned(),
-    ))
-}
-
-/// The shipped stack on one manager and `workers` workers, with `certificates:` naming
-/// Pebble through the relay (and `settings` below it).
-struct World {
-    stack: ShippedStack,
-    dir: tempfile::TempDir,
-    http_port: u16,
-    m1_host: String,
-    _relay: Relay,
-}
-
-impl World {
-    fn deploy(workers: usize, settings: &str) -> Result<World> {
-        let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
-        let http_port: u16 = var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?;
-        let cluster = Cluster::new(1, workers)?;
-        let m1_host = cluster.node("m1").host_addr.clone();
-        let dir = temp_dir("acme-e2e")?;
-        relay_certificate(dir.path(), &m1_host)?;
-        let relay = Relay::start(dir.path(), &m1_host, &pebble_ca)?;
-        let extra = ca_compose_file(dir.path())?;
-        let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");
-        let stack = ShippedStack::deploy_files(
-            &["stack.yml", &extra],
-            cluster,
-            NET,
-            APP_HOST,
-            http_port,
-            &[],
-            |c| {
-                format!(
-                    "{c}\ncertificates:\n  directory: {directory}\n  ca_file: /etc/drover/ca.pem\n{settings}"
-                )
-            },
-        )?;
-        Ok(World {
-            stack,
-            dir,
-            http_port,
-            m1_host,
-            _relay: relay,
-        })
-    }
-}
 
 #[test]
 #[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
@@ -265,7 +36,7 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
 -> Result<()> {
     require_e2e!();
     let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
-    let w = World::deploy(2, "  hosts: label\n")?;
+    let w = World::deploy(NET, APP_HOST, 2, "  hosts: label\n")?;
     let (s, dir, http_port) = (&w.stack, &w.dir, w.http_port);
     // The shipped operator listener wants the ops token.
     let token = s.ops_token()?;
@@ -290,7 +61,7 @@ fn a_new_tls_host_gets_a_certificate_from_pebble_through_a_workers_nginx_served_
         ],
     )?;
 
-    let root = pebble_root(&pebble_ca, dir.path())?;
+    let root = pebble_root(&pebble_ca, dir.path(), &PEBBLE)?;
 
     let mut last = String::new();
     let mut leaves = Vec::new();
@@ -397,7 +168,12 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
 -> Result<()> {
     require_e2e!();
     let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
-    let w = World::deploy(1, "  hosts: all\n  renew_when_left: 0.9999999\n")?;
+    let w = World::deploy(
+        NET,
+        APP_HOST,
+        1,
+        "  hosts: all\n  renew_when_left: 0.9999999\n",
+    )?;
     let (s, dir, http_port, m1_host) = (&w.stack, &w.dir, w.http_port, w.m1_host.clone());
     // The shipped operator listener wants the ops token.
     let token = s.ops_token()?;
@@ -411,7 +187,7 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
         s.cluster
             .create_routed(name, NET, &[("routing-host", host), ("routing-port", "80")])?;
     }
-    let root = pebble_root(&pebble_ca, dir.path())?;
+    let root = pebble_root(&pebble_ca, dir.path(), &PEBBLE)?;
 
     // Certificates as served: each new one on both nodes, until the ledger stops them.
     let mut seen: Vec<String> = Vec::new();
@@ -470,33 +246,257 @@ fn renewals_reach_every_node_until_the_ledger_refuses_a_sixth_and_a_name_that_ca
     Ok(())
 }
 
-/// Pebble's issuing root (new at every Pebble start), as a PEM file in `dir`.
-fn pebble_root(pebble_ca: &str, dir: &std::path::Path) -> Result<std::path::PathBuf> {
-    let root = dir.join("pebble-root.pem");
-    let got = wait_until(SWARM, Duration::from_secs(1), || {
-        Command::new("curl")
-            .args(["-fsS", "--cacert", pebble_ca, "-o"])
-            .arg(&root)
-            .arg("https://127.0.0.1:15000/roots/0")
-            .status()
-            .is_ok_and(|s| s.success())
+/// A CA that wants external account binding: drover's client without a binding, or with
+/// another key, gets no account there; drover with `certificates.eab` (its key mounted as a
+/// Swarm secret, the way docs/certificates.md shows) gets a certificate that the node's
+/// nginx serves, chained to that CA's root, and its key is in no log.
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_ca_that_wants_external_account_binding_refuses_an_account_without_it_and_issues_with_it()
+-> Result<()> {
+    require_e2e!();
+    let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
+    let kid = unique("drover-kid");
+    let key = random_key()?;
+    let pebble = EabPebble::start(&kid, &key)?;
+
+    // The client, straight at the CA: refused without a binding and with a wrong key.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let ca_path = std::path::PathBuf::from(&pebble_ca);
+    let connect = |binding: Option<drover::certs::acme::BindingKey>| {
+        runtime.block_on(drover::certs::acme::Client::connect(
+            &pebble.directory(),
+            Some(&ca_path),
+            None,
+            binding.as_ref(),
+        ))
+    };
+    let keys = temp_dir("acme-eab-keys")?;
+    let key_file = |name: &str, value: &str| -> Result<std::path::PathBuf> {
+        let path = keys.path().join(name);
+        std::fs::write(&path, format!("{value}\n"))?;
+        Ok(path)
+    };
+    let binding = |kid: &str, file: &std::path::Path| {
+        drover::certs::acme::BindingKey::load(kid, file).map_err(anyhow::Error::msg)
+    };
+    let without = connect(None).err().context("an account without binding")?;
+    ensure!(
+        without.to_string().contains("externalAccountRequired"),
+        "without a binding: {without}"
+    );
+    let wrong = connect(Some(binding(&kid, &key_file("wrong", &random_key()?)?)?))
+        .err()
+        .context("an account bound with another key")?;
+    ensure!(
+        !wrong.to_string().contains(&key),
+        "the CA's answer shows no key: {wrong}"
+    );
+
+    // drover, as shipped, with the binding: a certificate, served.
+    let right = key_file("acme-eab", &key)?;
+    let w = World::deploy_to(
+        Cluster::new(1, 0)?,
+        NET,
+        APP_HOST,
+        &pebble.ca,
+        &format!(
+            "  hosts: label\n  eab:\n    kid: {kid}\n    hmac_key_file: /run/secrets/acme-eab\n"
+        ),
+        &[("acme-eab", right.as_path())],
+    )?;
+    let s = &w.stack;
+    let m1 = s.cluster.node("m1");
+    let tls_port = w.http_port + 1;
+    let host = "eab.acme.test";
+    dns(&[host], &m1.addr, true)?;
+    s.cluster.create_routed(
+        "acme-eab",
+        NET,
+        &[
+            ("routing-host", host),
+            ("routing-port", "80"),
+            ("routing-acme", "true"),
+        ],
+    )?;
+    let root = pebble_root(&pebble_ca, w.dir.path(), &pebble.ca)?;
+    let mut last = String::new();
+    let served_ok = wait_until(SWARM + ISSUED, Duration::from_secs(1), || {
+        match served(m1, tls_port, host, &root) {
+            Ok((v, leaf)) if v == "2" && !leaf.is_empty() => true,
+            Ok((v, _)) => {
+                last = format!("HTTP/{v}");
+                false
+            }
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        }
     });
-    ensure!(got, "Pebble's root");
-    Ok(root)
+    let drover = s.service("drover");
+    let logs = m1.container_logs(&drover).unwrap_or_default();
+    ensure!(
+        served_ok,
+        "a certificate from the CA that wants a binding, chained to its root: {last}\n{}",
+        logs.lines()
+            .filter(|l| l.contains("certificates"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    ensure!(
+        logs.contains("certificates: ACME account created"),
+        "the account was created by this drover:\n{logs}"
+    );
+    ensure!(!logs.contains(&key), "the HMAC key is in drover's log");
+    dns(&[host], "", false)?;
+    Ok(())
 }
 
-/// The second compose file docs/certificates.md shows for a private CA's root (the
-/// relay's CA in `dir`); its path.
-fn ca_compose_file(dir: &std::path::Path) -> Result<String> {
-    let ca_copy = dir.join("acme-ca.pem");
-    std::fs::copy(dir.join("ca.pem"), &ca_copy)?;
-    let extra = dir.join("stack.acme-ca.yml");
-    std::fs::write(
-        &extra,
-        format!(
-            "version: \"3.7\"\nservices:\n  drover:\n    configs:\n      - source: drover-config\n        target: /etc/drover/drover.yml\n        mode: 0444\n      - source: acme-ca\n        target: /etc/drover/ca.pem\n        mode: 0444\nconfigs:\n  acme-ca:\n    file: {}\n",
-            ca_copy.display()
-        ),
+/// The controller's node goes away (its engine stops, as in e2e_failover): the drover on
+/// the new Raft leader reads the account and the certificate back from the sealed Swarm
+/// configs, the surviving nodes serve the same certificate, and nothing is ordered again.
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn after_a_leader_loss_the_new_controller_serves_the_kept_certificate_and_orders_nothing()
+-> Result<()> {
+    require_e2e!();
+    let pebble_ca = var("DROVER_TEST_PEBBLE_CA")?;
+    let mut w = World::deploy_to(
+        Cluster::new(3, 0)?,
+        NET,
+        APP_HOST,
+        &PEBBLE,
+        "  hosts: label\n",
+        &[],
     )?;
-    Ok(extra.display().to_string())
+    let token = w.stack.ops_token()?;
+    let tls_port = w.http_port + 1;
+    let drover = w.stack.service("drover");
+    let host = "kept.acme.test";
+    // The CA validates through m2, which stays.
+    dns(&[host], &w.stack.cluster.node("m2").addr, true)?;
+    w.stack.cluster.create_routed(
+        "acme-kept",
+        NET,
+        &[
+            ("routing-host", host),
+            ("routing-port", "80"),
+            ("routing-acme", "true"),
+        ],
+    )?;
+    let root = pebble_root(&pebble_ca, w.dir.path(), &PEBBLE)?;
+    let old = w.stack.cluster.leader()?.short.clone();
+    let same_leaf_on = |nodes: &[&Node], last: &mut String| -> Option<String> {
+        let mut leaves = Vec::new();
+        for node in nodes {
+            match served(node, tls_port, host, &root) {
+                Ok((v, leaf)) if v == "2" && !leaf.is_empty() => leaves.push(leaf),
+                Ok((v, _)) => {
+                    *last = format!("{} HTTP/{v}", node.short);
+                    return None;
+                }
+                Err(e) => {
+                    *last = e.to_string();
+                    return None;
+                }
+            }
+        }
+        leaves.dedup();
+        (leaves.len() == 1).then(|| leaves.remove(0))
+    };
+    let mut last = String::new();
+    let mut first = None;
+    {
+        let all: Vec<&Node> = w.stack.cluster.nodes.iter().collect();
+        wait_until(SWARM + ISSUED, Duration::from_secs(1), || {
+            first = same_leaf_on(&all, &mut last);
+            first.is_some()
+        });
+    }
+    let first = first.with_context(|| format!("one certificate on every node: {last}"))?;
+    let metrics =
+        w.stack
+            .cluster
+            .node(&old)
+            .get_inside_as(&drover, 9091, "/metrics", Some(&token))?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l == "drover_acme_orders_total{outcome=\"issued\"} 1"),
+        "one order on the first controller ({old}):\n{metrics}"
+    );
+
+    // The controller's node goes away.
+    let index = w
+        .stack
+        .cluster
+        .nodes
+        .iter()
+        .position(|n| n.short == old)
+        .context("the leader's node")?;
+    w.stack.cluster.nodes[index].stop_engine();
+    let mut new = String::new();
+    wait_for("a new Raft leader", Duration::from_secs(90), || {
+        match w.stack.cluster.leader() {
+            Ok(n) if n.short != old => {
+                new = n.short.clone();
+                true
+            }
+            _ => false,
+        }
+    })?;
+    let s = &w.stack;
+    let leader = s.cluster.node(&new);
+    // The new controller's one line after its first look says what it held and ordered.
+    let mut took_over = String::new();
+    wait_for("the new controller's first look", SWARM, || {
+        match leader.container_logs(&drover) {
+            Ok(logs) => match logs.lines().find(|l| l.contains("certificates: took over")) {
+                Some(l) => {
+                    took_over = format!("{l}\n{logs}");
+                    true
+                }
+                None => {
+                    took_over = logs;
+                    false
+                }
+            },
+            Err(_) => false,
+        }
+    })
+    .with_context(|| took_over.clone())?;
+    let line = took_over.lines().next().unwrap_or_default();
+    eprintln!("leader {old} lost; {new}'s drover: {line}");
+    ensure!(
+        (line.contains("certificates=1") || line.contains(r#""certificates":1"#))
+            && (line.contains("ordered=0") || line.contains(r#""ordered":0"#)),
+        "the new controller ({new}) holds the certificate and ordered nothing: {took_over}"
+    );
+    ensure!(
+        !took_over.contains("certificates: ordering"),
+        "the new controller ordered: {took_over}"
+    );
+    let metrics = leader.get_inside_as(&drover, 9091, "/metrics", Some(&token))?;
+    ensure!(
+        !metrics.contains("drover_acme_orders_total{"),
+        "no order, failed or refused, on the new controller:\n{metrics}"
+    );
+    ensure!(
+        metrics.contains(&format!(
+            "drover_certificate_expiry_timestamp_seconds{{host=\"{host}\"}}"
+        )),
+        "the new controller shows the kept certificate:\n{metrics}"
+    );
+    let left: Vec<&Node> = s.cluster.nodes.iter().filter(|n| n.short != old).collect();
+    let mut last = String::new();
+    let kept = wait_until(SWARM, Duration::from_secs(1), || {
+        same_leaf_on(&left, &mut last).is_some_and(|l| l == first)
+    });
+    ensure!(
+        kept,
+        "the surviving nodes serve the first certificate: {last}"
+    );
+    dns(&[host], "", false)?;
+    Ok(())
 }

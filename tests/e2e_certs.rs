@@ -313,7 +313,7 @@ fn a_certificate_from_pebble_for_a_host_and_its_extra_name_chains_to_its_root_an
     let names = vec![host.clone(), alias.clone()];
     let issued = runtime.block_on(async {
         let (client, created) =
-            drover::certs::acme::Client::connect(&directory, Some(&ca), None).await?;
+            drover::certs::acme::Client::connect(&directory, Some(&ca), None, None).await?;
         ensure!(created.is_some(), "a new account's credentials come back");
         let dir = tokens.clone();
         let issued = client

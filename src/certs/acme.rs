@@ -14,9 +14,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use base64::Engine as _;
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, ExternalAccountKey,
+    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 
 /// How long the CA may take to validate every name of an order, and to issue.
@@ -72,6 +73,61 @@ impl std::fmt::Debug for Issued {
     }
 }
 
+/// An external account binding key (RFC 8555 §7.3.4): the key identifier and HMAC key a CA
+/// such as ZeroSSL or Google Trust Services hands out, needed once, to create the account.
+/// Never printed by `Debug`.
+pub struct BindingKey {
+    kid: String,
+    hmac: Vec<u8>,
+}
+
+impl BindingKey {
+    /// The shortest HMAC key taken: CAs hand out 32 bytes or more; a shorter one is a kid
+    /// or a truncated paste.
+    const MIN_KEY: usize = 16;
+
+    /// The key from `path` (base64url as the CA shows it, padded or not, surrounding
+    /// white space ignored). The error names the file, never its content.
+    pub fn load(kid: &str, path: &Path) -> Result<BindingKey, String> {
+        let text = crate::config::read_secret(path)
+            .map_err(|e| format!("certificates: eab.hmac_key_file {}: {e}", path.display()))?;
+        Self::decode(kid, &text)
+            .map_err(|why| format!("certificates: eab.hmac_key_file {}: {why}", path.display()))
+    }
+
+    fn decode(kid: &str, text: &[u8]) -> Result<BindingKey, String> {
+        let text = text.trim_ascii();
+        let unpadded = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"="));
+        let hmac = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(unpadded.unwrap_or(text))
+            .map_err(|_| "the key is not base64url (the CA's HMAC key, as it shows it)")?;
+        if hmac.len() < Self::MIN_KEY {
+            return Err(format!(
+                "the key is {} bytes long; an HMAC key from a CA is at least {}",
+                hmac.len(),
+                Self::MIN_KEY
+            ));
+        }
+        Ok(BindingKey {
+            kid: kid.trim().to_owned(),
+            hmac,
+        })
+    }
+
+    fn external_account_key(&self) -> ExternalAccountKey {
+        ExternalAccountKey::new(self.kid.clone(), &self.hmac)
+    }
+}
+
+impl std::fmt::Debug for BindingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindingKey")
+            .field("kid", &self.kid)
+            .field("hmac", &"<redacted>")
+            .finish()
+    }
+}
+
 /// An ACME account at one CA.
 pub struct Client {
     account: Account,
@@ -81,11 +137,13 @@ impl Client {
     /// The account at `directory`: restored from `credentials` when given, else created
     /// (terms of service agreed), in which case its new credentials come back to be kept
     /// (they hold the account's private key). `ca` is a PEM root to trust instead of the
-    /// system's (a test CA such as Pebble).
+    /// system's (a test CA such as Pebble). `binding` signs the creation for a CA that
+    /// wants external account binding; a restored account needs it no more.
     pub async fn connect(
         directory: &str,
         ca: Option<&Path>,
         credentials: Option<AccountCredentials>,
+        binding: Option<&BindingKey>,
     ) -> Result<(Client, Option<AccountCredentials>), Error> {
         let builder = match ca {
             Some(root) => Account::builder_with_root(root)?,
@@ -95,6 +153,7 @@ impl Client {
             let account = builder.from_credentials(c).await?;
             return Ok((Client { account }, None));
         }
+        let external = binding.map(BindingKey::external_account_key);
         let (account, created) = builder
             .create(
                 &NewAccount {
@@ -103,7 +162,7 @@ impl Client {
                     only_return_existing: false,
                 },
                 directory.to_owned(),
-                None,
+                external.as_ref(),
             )
             .await?;
         Ok((Client { account }, Some(created)))
@@ -212,5 +271,42 @@ mod tests {
             "{shown}"
         );
         assert_eq!(issued.key_pem(), "-----BEGIN PRIVATE KEY-----secret");
+    }
+
+    #[test]
+    fn a_binding_key_is_base64url_as_the_ca_shows_it_and_never_printed() {
+        // Pebble's example key (test/config/pebble-config-external-account-bindings.json).
+        let shown = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+        let k = BindingKey::decode("kid-1", format!("{shown}\n").as_bytes()).expect("decodes");
+        assert_eq!(k.hmac.len(), 48);
+        assert_eq!(k.kid, "kid-1");
+        let printed = format!("{k:?}");
+        assert!(
+            printed.contains("<redacted>") && !printed.contains("zWNDZM"),
+            "{printed}"
+        );
+        // Padded, and with URL-safe characters.
+        let padded = BindingKey::decode(
+            "k",
+            b"--__--__--__--__--__--__--__--__--__--__--__--__--__--__--__--8=",
+        )
+        .expect("padded");
+        assert_eq!(padded.hmac.len(), 47);
+    }
+
+    #[test]
+    fn a_binding_key_that_is_not_one_is_refused_without_showing_it() {
+        let standard = BindingKey::decode("k", b"ab+/ab+/ab+/ab+/ab+/ab+/").unwrap_err();
+        assert!(
+            standard.contains("not base64url") && !standard.contains("ab+/"),
+            "{standard}"
+        );
+        let short = BindingKey::decode("k", b"c2hvcnQ").unwrap_err();
+        assert!(short.contains("5 bytes"), "{short}");
+        assert!(BindingKey::decode("k", b"").is_err());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("none");
+        let e = BindingKey::load("k", &missing).unwrap_err();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
     }
 }

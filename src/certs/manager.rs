@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::acme::{Client, Token};
+use super::acme::{BindingKey, Client, Token};
 use super::exchange::{Exchange, Pair, Wanted};
 use super::ledger::{Ledger, Limits};
 use super::schedule::{Failures, renew_at_left};
@@ -48,6 +48,8 @@ pub struct Manager {
     pub exchange: Arc<Exchange>,
     pub board: Arc<Board>,
     pub role: watch::Receiver<Role>,
+    /// External account binding, read from `certificates.eab` at start.
+    pub binding: Option<BindingKey>,
 }
 
 /// What the controller holds while it is the controller.
@@ -57,6 +59,8 @@ struct Held {
     certificates: BTreeMap<String, Kept>,
     ledger: Ledger,
     failures: BTreeMap<String, Failures>,
+    /// Orders placed since this take-over.
+    ordered: u64,
 }
 
 impl Manager {
@@ -81,11 +85,23 @@ impl Manager {
                 continue;
             };
             let mut wanted = self.exchange.wanted.subscribe();
+            let mut first = true;
             while self.role.borrow_and_update().is_controller() {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     next = self.pass(&mut held) => next,
                 };
+                if std::mem::take(&mut first) {
+                    // One line per take-over, after its first look: what it holds, and
+                    // whether that look had to order anything (a restart or a new leader
+                    // should not).
+                    info!(
+                        certificates = held.certificates.len(),
+                        ordered = held.ordered,
+                        next_look_in = next,
+                        "certificates: took over"
+                    );
+                }
                 let sleep =
                     Duration::from_secs(u64::try_from(next).unwrap_or(0).max(1)).min(LOOK_EVERY);
                 tokio::select! {
@@ -128,8 +144,13 @@ impl Manager {
             self.show(kept, None, None);
         }
         let ca = self.config.ca_file.as_deref();
-        let (client, created) = match Client::connect(&self.config.directory, ca, loaded.account)
-            .await
+        let (client, created) = match Client::connect(
+            &self.config.directory,
+            ca,
+            loaded.account,
+            self.binding.as_ref(),
+        )
+        .await
         {
             Ok(c) => c,
             Err(e) => {
@@ -150,6 +171,7 @@ impl Manager {
             certificates: loaded.certificates,
             ledger: loaded.ledger,
             failures: BTreeMap::new(),
+            ordered: 0,
         })
     }
 
@@ -193,6 +215,7 @@ impl Manager {
     async fn order(&self, held: &mut Held, w: &Wanted) {
         let now = crate::clock::unix_secs();
         held.ledger.ordered(now);
+        held.ordered += 1;
         info!(host = %w.host, names = ?w.names, "certificates: ordering");
         let exchange = self.exchange.clone();
         let publish = async move |tokens: Vec<Token>| serve(&exchange, tokens).await;

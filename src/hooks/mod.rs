@@ -430,11 +430,16 @@ impl Loaded {
                 }
             }
         }
-        // drover's own secrets: the cluster key (which signs agent requests) and the
-        // operator token, should a command or container print them.
+        // drover's own secrets: the cluster key (which signs agent requests), the
+        // operator token and the ACME binding key, should a command or container print them.
         let own = [
             Some(&config.cluster.key_file),
             config.http.ops.token_file.as_ref(),
+            config
+                .certificates
+                .as_ref()
+                .and_then(|c| c.eab.as_ref())
+                .map(|e| &e.hmac_key_file),
         ];
         for path in own.into_iter().flatten() {
             if let Ok(value) = config::read_secret(path) {
@@ -926,6 +931,23 @@ hooks:
                 .redactor
                 .clean("k=the-cluster-key t=the-ops-token", 100),
             "k=[redacted] t=[redacted]"
+        );
+    }
+
+    #[test]
+    fn the_acme_binding_key_is_redacted_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let eab = dir.path().join("eab");
+        std::fs::write(&eab, "the-acme-hmac-key\n").expect("write");
+        let yaml = format!(
+            "targets:\n  - name: nginx\n    template: builtin:nginx\n    output: /tmp/x.conf\ncertificates:\n  eab: {{ kid: k1, hmac_key_file: {} }}\n",
+            eab.display()
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        let loaded = Loaded::from_config(&config).expect("loaded");
+        assert_eq!(
+            loaded.redactor.clean("key=the-acme-hmac-key", 100),
+            "key=[redacted]"
         );
     }
 

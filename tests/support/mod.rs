@@ -33,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
+pub mod acme;
 pub mod cluster;
 
 // ---------------------------------------------------------------------------------------
