@@ -47,8 +47,22 @@ struct Repo {
     push_url: String,
 }
 
+/// Whose push deliveries the repository's `post-receive` hook sends.
+#[derive(Clone, Copy)]
+enum Forge {
+    /// GitHub's: `X-Hub-Signature-256: sha256=HEX`.
+    Github,
+    /// Gitea's (and Forgejo's): `X-Gitea-Signature: HEX`, `X-Gitea-Event`,
+    /// `X-Gitea-Delivery`, the body in GitHub's shape with `clone_url` and `pusher`.
+    Gitea,
+}
+
 impl Repo {
     fn create(name: &str, hook_url: &str) -> Result<Repo> {
+        Self::create_for(Forge::Github, name, hook_url)
+    }
+
+    fn create_for(forge: Forge, name: &str, hook_url: &str) -> Result<Repo> {
         let root = PathBuf::from(env("DROVER_TEST_GIT_ROOT")?);
         let token = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
         let bare = root.join("lab").join(format!("{name}.git"));
@@ -56,8 +70,11 @@ impl Repo {
         git(&bare, &["init", "-q", "--bare", "-b", "main"])?;
         git(&bare, &["config", "http.receivepack", "true"])?;
         let full_name = format!("lab/{name}");
-        let hook = format!(
-            r#"#!/bin/sh
+        let base = env("DROVER_TEST_GIT_URL")?;
+        let url = format!("{base}/lab/{name}.git");
+        let hook = match forge {
+            Forge::Github => format!(
+                r#"#!/bin/sh
 # GitHub's push payload for each updated branch, signed like GitHub signs it.
 while read old new ref; do
   body='{{"ref":"'"$ref"'","before":"'"$old"'","after":"'"$new"'","repository":{{"full_name":"{full_name}","name":"{name}"}},"sender":{{"login":"e2e"}},"commits":[{{"id":"'"$new"'","message":"push"}}],"head_commit":{{"id":"'"$new"'","message":"push"}}}}'
@@ -67,12 +84,23 @@ while read old new ref; do
     --data-binary "$body" '{hook_url}' || echo "hook delivery failed" >&2
 done
 "#
-        );
+            ),
+            Forge::Gitea => format!(
+                r#"#!/bin/sh
+# Gitea's push payload for each updated branch, signed like Gitea signs it (bare hex).
+while read old new ref; do
+  body='{{"ref":"'"$ref"'","before":"'"$old"'","after":"'"$new"'","compare_url":"","commits":[{{"id":"'"$new"'","message":"push"}}],"head_commit":{{"id":"'"$new"'","message":"push"}},"repository":{{"id":1,"name":"{name}","full_name":"{full_name}","clone_url":"{url}"}},"pusher":{{"login":"e2e"}},"sender":{{"login":"e2e"}}}}'
+  sig=$(printf '%s' "$body" | openssl dgst -sha256 -hmac '{SECRET}' | sed 's/^.*= //')
+  curl -fsS -o /dev/null -H 'Content-Type: application/json' -H 'X-Gitea-Event: push' \
+    -H "X-Gitea-Delivery: $(cat /proc/sys/kernel/random/uuid)" -H "X-Gitea-Signature: $sig" \
+    --data-binary "$body" '{hook_url}' || echo "hook delivery failed" >&2
+done
+"#
+            ),
+        };
         let hook_path = bare.join("hooks/post-receive");
         std::fs::write(&hook_path, hook)?;
         Command::new("chmod").arg("+x").arg(&hook_path).status()?;
-        let base = env("DROVER_TEST_GIT_URL")?;
-        let url = format!("{base}/lab/{name}.git");
         let push_url = url.replacen("http://", &format!("http://drover:{}@", token.trim()), 1);
         let work = temp_dir("drover-e2e-stack-work")?;
         git(work.path(), &["init", "-q", "-b", "main"])?;
@@ -145,6 +173,18 @@ impl Drop for StackGuard {
             "-q",
             "--filter",
             &format!("label=drover.stack={}", self.0),
+        ]) {
+            for id in names.split_whitespace() {
+                let _ = docker(&["config", "rm", id]);
+            }
+        }
+        // The deployed-commit records (`stacks::record`).
+        if let Ok(names) = docker(&[
+            "config",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=drover.stack.deployed={}", self.0),
         ]) {
             for id in names.split_whitespace() {
                 let _ = docker(&["config", "rm", id]);
@@ -668,5 +708,121 @@ stacks:
         "a decrypted byte reached /jobs, the status page or the log"
     );
     assert!(!everything.contains(raw.trim()), "the git token leaked");
+    Ok(())
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_signed_gitea_push_deploys_its_commit_and_after_a_restart_an_unchanged_branch_starts_nothing()
+-> Result<()> {
+    require_e2e!();
+    let stack = unique("stktea");
+    let network = unique("stkteanet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let repo = Repo::create_for(Forge::Gitea, &stack, &format!("http://{http}/hooks/tea"))?;
+    let dir = temp_dir("drover-e2e-stack-tea")?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET)?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let config = format!(
+        r#"http: {{ listen: {http} }}
+jobs: {{ update_timeout: 120s }}
+hooks:
+  - name: tea
+    kind: gitea
+    secret_file: {secret}
+    quiet: 0s
+    allow: {{ repository: "lab/stktea.*" }}
+    action: sync-stacks
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    hook: tea
+    poll: 10s
+    image: {image}
+"#,
+        secret = secret.display(),
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+
+    // A push: Gitea's signed delivery deploys that commit, and the job names the push.
+    let c1 = repo.push(
+        &[
+            ("stack.yml", &compose(&busybox_image(), &network)),
+            ("conf/app.txt", "t1\n"),
+        ],
+        "t1",
+    )?;
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["hook"], "tea", "{job}");
+    assert_eq!(job["facts"]["after"], c1.as_str(), "{job}");
+    assert_eq!(job["facts"]["repository"], repo.full_name.as_str(), "{job}");
+    wait_for("t1 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "t1")
+    })?;
+
+    // A delivery with a wrong signature: 401, and no job.
+    let before = jobs(&drover).len();
+    let body = format!(
+        r#"{{"ref":"refs/heads/main","after":"{}","repository":{{"full_name":"{}"}}}}"#,
+        "f".repeat(40),
+        repo.full_name
+    );
+    let zeros = "0".repeat(64);
+    let forged = http_post(
+        &http,
+        "/hooks/tea",
+        &[("X-Gitea-Event", "push"), ("X-Gitea-Signature", &zeros)],
+        body.as_bytes(),
+    )?;
+    assert_eq!(forged.status, 401, "{}", forged.body);
+    assert_eq!(jobs(&drover).len(), before);
+
+    // drover restarts: the deployed commit is read back from Swarm, so the polls of the
+    // unchanged branch queue no job (and so start no deploy container).
+    drover.signal("TERM")?;
+    drover.wait_exit(Duration::from_secs(30))?;
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let unchanged = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("branch head unchanged") && l.contains(stack.as_str()))
+            .count()
+    };
+    wait_for(
+        "two polls of the unchanged branch after the restart",
+        Duration::from_secs(60),
+        || unchanged(&drover.logs()) >= 2,
+    )?;
+    assert!(jobs(&drover).is_empty(), "{:?}", jobs(&drover));
+    let page = drover.get("/")?.body;
+    assert!(
+        page.contains(&format!(r#"data-name="{stack}" data-ahead="false""#)),
+        "{page}"
+    );
+    assert!(
+        page.contains(&c1[..12]),
+        "the status page shows the deployed commit: {page}"
+    );
+
+    // A push after the restart is deployed.
+    let c2 = repo.push(&[("conf/app.txt", "t2\n")], "t2")?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    wait_for("t2 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "t2")
+    })?;
     Ok(())
 }
