@@ -4,7 +4,7 @@
 //!
 //! Invariants: one deploy per stack at a time, and a newer job for a stack supersedes an
 //! older one still waiting (`Slots`); a deploy resolves the branch head when it starts
-//! (plain-HTTP repositories: one `info/refs` lookup here; otherwise the deploy container
+//! (http and https repositories: one `info/refs` lookup here; otherwise the deploy container
 //! fetches the head), and a head already deployed starts no container. Credentials go to
 //! the container as files in an uploaded archive, never in argv or its environment.
 
