@@ -51,7 +51,8 @@ pub struct Hook {
     pub events: Vec<String>,
     /// Full-match rules on payload facts; the names a kind knows are listed in
     /// `hooks::facts` (Docker Hub: repository, tag, image, owner, namespace, pusher;
-    /// GitHub: event, repository, ref, sender, clone_url, commits, commit_ids,
+    /// GitHub, Gitea, GitLab: event, repository, ref, after, sender, clone_url, commits,
+    /// commit_ids, head_commit_message; Bitbucket: event, repository, ref, after, sender,
     /// head_commit_message; generic: repository, tag, image). Others are refused at load.
     #[serde(default)]
     pub allow: BTreeMap<String, FullMatch>,
