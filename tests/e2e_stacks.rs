@@ -47,8 +47,22 @@ struct Repo {
     push_url: String,
 }
 
+/// Whose push deliveries the repository's `post-receive` hook sends.
+#[derive(Clone, Copy)]
+enum Forge {
+    /// GitHub's: `X-Hub-Signature-256: sha256=HEX`.
+    Github,
+    /// Gitea's (and Forgejo's): `X-Gitea-Signature: HEX`, `X-Gitea-Event`,
+    /// `X-Gitea-Delivery`, the body in GitHub's shape with `clone_url` and `pusher`.
+    Gitea,
+}
+
 impl Repo {
     fn create(name: &str, hook_url: &str) -> Result<Repo> {
+        Self::create_for(Forge::Github, name, hook_url)
+    }
+
+    fn create_for(forge: Forge, name: &str, hook_url: &str) -> Result<Repo> {
         let root = PathBuf::from(env("DROVER_TEST_GIT_ROOT")?);
         let token = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
         let bare = root.join("lab").join(format!("{name}.git"));
@@ -56,8 +70,11 @@ impl Repo {
         git(&bare, &["init", "-q", "--bare", "-b", "main"])?;
         git(&bare, &["config", "http.receivepack", "true"])?;
         let full_name = format!("lab/{name}");
-        let hook = format!(
-            r#"#!/bin/sh
+        let base = env("DROVER_TEST_GIT_URL")?;
+        let url = format!("{base}/lab/{name}.git");
+        let hook = match forge {
+            Forge::Github => format!(
+                r#"#!/bin/sh
 # GitHub's push payload for each updated branch, signed like GitHub signs it.
 while read old new ref; do
   body='{{"ref":"'"$ref"'","before":"'"$old"'","after":"'"$new"'","repository":{{"full_name":"{full_name}","name":"{name}"}},"sender":{{"login":"e2e"}},"commits":[{{"id":"'"$new"'","message":"push"}}],"head_commit":{{"id":"'"$new"'","message":"push"}}}}'
@@ -67,12 +84,23 @@ while read old new ref; do
     --data-binary "$body" '{hook_url}' || echo "hook delivery failed" >&2
 done
 "#
-        );
+            ),
+            Forge::Gitea => format!(
+                r#"#!/bin/sh
+# Gitea's push payload for each updated branch, signed like Gitea signs it (bare hex).
+while read old new ref; do
+  body='{{"ref":"'"$ref"'","before":"'"$old"'","after":"'"$new"'","compare_url":"","commits":[{{"id":"'"$new"'","message":"push"}}],"head_commit":{{"id":"'"$new"'","message":"push"}},"repository":{{"id":1,"name":"{name}","full_name":"{full_name}","clone_url":"{url}"}},"pusher":{{"login":"e2e"}},"sender":{{"login":"e2e"}}}}'
+  sig=$(printf '%s' "$body" | openssl dgst -sha256 -hmac '{SECRET}' | sed 's/^.*= //')
+  curl -fsS -o /dev/null -H 'Content-Type: application/json' -H 'X-Gitea-Event: push' \
+    -H "X-Gitea-Delivery: $(cat /proc/sys/kernel/random/uuid)" -H "X-Gitea-Signature: $sig" \
+    --data-binary "$body" '{hook_url}' || echo "hook delivery failed" >&2
+done
+"#
+            ),
+        };
         let hook_path = bare.join("hooks/post-receive");
         std::fs::write(&hook_path, hook)?;
         Command::new("chmod").arg("+x").arg(&hook_path).status()?;
-        let base = env("DROVER_TEST_GIT_URL")?;
-        let url = format!("{base}/lab/{name}.git");
         let push_url = url.replacen("http://", &format!("http://drover:{}@", token.trim()), 1);
         let work = temp_dir("drover-e2e-stack-work")?;
         git(work.path(), &["init", "-q", "-b", "main"])?;
@@ -145,6 +173,18 @@ impl Drop for StackGuard {
             "-q",
             "--filter",
             &format!("label=drover.stack={}", self.0),
+        ]) {
+            for id in names.split_whitespace() {
+                let _ = docker(&["config", "rm", id]);
+            }
+        }
+        // The deployed-commit records (`stacks::record`).
+        if let Ok(names) = docker(&[
+            "config",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=drover.stack.deployed={}", self.0),
         ]) {
             for id in names.split_whitespace() {
                 let _ = docker(&["config", "rm", id]);
@@ -668,5 +708,406 @@ stacks:
         "a decrypted byte reached /jobs, the status page or the log"
     );
     assert!(!everything.contains(raw.trim()), "the git token leaked");
+    Ok(())
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_signed_gitea_push_deploys_its_commit_and_after_a_restart_an_unchanged_branch_starts_nothing()
+-> Result<()> {
+    require_e2e!();
+    let stack = unique("stktea");
+    let network = unique("stkteanet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let repo = Repo::create_for(Forge::Gitea, &stack, &format!("http://{http}/hooks/tea"))?;
+    let dir = temp_dir("drover-e2e-stack-tea")?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET)?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let config = format!(
+        r#"http: {{ listen: {http} }}
+jobs: {{ update_timeout: 120s }}
+hooks:
+  - name: tea
+    kind: gitea
+    secret_file: {secret}
+    quiet: 0s
+    allow: {{ repository: "lab/stktea.*" }}
+    action: sync-stacks
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+    hook: tea
+    poll: 10s
+    image: {image}
+"#,
+        secret = secret.display(),
+        url = repo.url,
+        token = token.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+
+    // A push: Gitea's signed delivery deploys that commit, and the job names the push.
+    let c1 = repo.push(
+        &[
+            ("stack.yml", &compose(&busybox_image(), &network)),
+            ("conf/app.txt", "t1\n"),
+        ],
+        "t1",
+    )?;
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["hook"], "tea", "{job}");
+    assert_eq!(job["facts"]["after"], c1.as_str(), "{job}");
+    assert_eq!(job["facts"]["repository"], repo.full_name.as_str(), "{job}");
+    wait_for("t1 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "t1")
+    })?;
+
+    // A delivery with a wrong signature: 401, and no job.
+    let before = jobs(&drover).len();
+    let body = format!(
+        r#"{{"ref":"refs/heads/main","after":"{}","repository":{{"full_name":"{}"}}}}"#,
+        "f".repeat(40),
+        repo.full_name
+    );
+    let zeros = "0".repeat(64);
+    let forged = http_post(
+        &http,
+        "/hooks/tea",
+        &[("X-Gitea-Event", "push"), ("X-Gitea-Signature", &zeros)],
+        body.as_bytes(),
+    )?;
+    assert_eq!(forged.status, 401, "{}", forged.body);
+    assert_eq!(jobs(&drover).len(), before);
+
+    // drover restarts: the deployed commit is read back from Swarm, so the polls of the
+    // unchanged branch queue no job (and so start no deploy container).
+    drover.signal("TERM")?;
+    drover.wait_exit(Duration::from_secs(30))?;
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let unchanged = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("branch head unchanged") && l.contains(stack.as_str()))
+            .count()
+    };
+    wait_for(
+        "two polls of the unchanged branch after the restart",
+        Duration::from_secs(60),
+        || unchanged(&drover.logs()) >= 2,
+    )?;
+    assert!(jobs(&drover).is_empty(), "{:?}", jobs(&drover));
+    let page = drover.get("/")?.body;
+    assert!(
+        page.contains(&format!(r#"data-name="{stack}" data-ahead="false""#)),
+        "{page}"
+    );
+    assert!(
+        page.contains(&c1[..12]),
+        "the status page shows the deployed commit: {page}"
+    );
+
+    // A push after the restart is deployed.
+    let c2 = repo.push(&[("conf/app.txt", "t2\n")], "t2")?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    wait_for("t2 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "t2")
+    })?;
+    Ok(())
+}
+
+/// socat terminating TLS (the test CA's certificate for 127.0.0.1) in front of the test
+/// git server; killed on drop.
+struct TlsGit(std::process::Child);
+
+impl TlsGit {
+    fn start(dir: &Path, port: u16) -> Result<TlsGit> {
+        tls_ca_and_leaf(dir, "127.0.0.1")?;
+        let git = env("DROVER_TEST_GIT_URL")?;
+        let upstream = git.trim_start_matches("http://").trim_end_matches('/');
+        let child = Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                dir.join("relay.pem").display(),
+                dir.join("relay.key").display()
+            ))
+            .arg(format!("TCP:{upstream}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("socat")?;
+        let relay = TlsGit(child);
+        let ca = dir.join("ca.pem");
+        wait_for("the TLS git relay", Duration::from_secs(15), || {
+            Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "--max-time", "3", "--cacert"])
+                .arg(&ca)
+                .arg(format!("https://127.0.0.1:{port}/healthz"))
+                .status()
+                .is_ok_and(|s| s.success())
+        })?;
+        Ok(relay)
+    }
+}
+
+impl Drop for TlsGit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn an_https_poll_of_an_unchanged_branch_starts_nothing_and_sees_a_push() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stktls");
+    let network = unique("stktlsnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let repo = Repo::create(&stack, "http://127.0.0.1:9/none")?;
+    let dir = temp_dir("drover-e2e-stack-tls")?;
+    let token = dir.path().join("token");
+    let raw = std::fs::read_to_string(env("DROVER_TEST_GIT_TOKEN_FILE")?)?;
+    std::fs::write(&token, format!("drover:{}", raw.trim()))?;
+    let c1 = repo.push(
+        &[
+            ("stack.yml", &compose(&busybox_image(), &network)),
+            ("conf/app.txt", "s1\n"),
+        ],
+        "s1",
+    )?;
+    let stack_config = |url: &str, poll: &str| {
+        format!(
+            r#"http: {{ listen: 127.0.0.1:{port} }}
+jobs: {{ update_timeout: 120s }}
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    token_file: {token}
+{poll}    image: {image}
+"#,
+            port = free_port(),
+            token = token.display(),
+            image = env("DROVER_TEST_DEPLOY_IMAGE").unwrap_or_default(),
+        )
+    };
+    // Deployed once over plain http (the deploy container trusts only public CAs).
+    let mut drover = DroverProcess::start(&stack_config(&repo.url, ""), None)?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let answer = http_post(&drover.ops, &format!("/stacks/{stack}/sync"), &[], b"")?;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(120))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    drover.signal("TERM")?;
+    drover.wait_exit(Duration::from_secs(30))?;
+
+    // The same stack polled over https (drover trusting the test CA through
+    // SSL_CERT_FILE): one info/refs lookup per poll finds the deployed commit, so no job.
+    let port = free_port();
+    let _tls = TlsGit::start(dir.path(), port)?;
+    let https = repo.url.replacen(
+        &env("DROVER_TEST_GIT_URL")?,
+        &format!("https://127.0.0.1:{port}"),
+        1,
+    );
+    assert!(https.starts_with("https://"), "{https}");
+    let ca = dir.path().join("ca.pem").display().to_string();
+    let mut drover = DroverProcess::start_with_env(
+        &stack_config(&https, "    poll: 10s\n"),
+        None,
+        &[],
+        &[("SSL_CERT_FILE", &ca)],
+    )?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let unchanged = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("branch head unchanged") && l.contains(stack.as_str()))
+            .count()
+    };
+    wait_for(
+        "two https polls of the unchanged branch",
+        Duration::from_secs(60),
+        || unchanged(&drover.logs()) >= 2,
+    )?;
+    assert!(jobs(&drover).is_empty(), "{:?}", jobs(&drover));
+
+    // A push: the next https lookup sees the new head and queues a sync.
+    let c2 = repo.push(&[("conf/app.txt", "s2\n")], "s2")?;
+    wait_for(
+        "a sync queued by the https poll",
+        Duration::from_secs(60),
+        || jobs(&drover).iter().any(|j| j["hook"] == "stack-poll"),
+    )?;
+    let page = drover.get("/")?.body;
+    assert!(
+        page.contains(&c2[..12]),
+        "the status page shows the branch head the https lookup read: {page}"
+    );
+    let all = serde_json::to_string(&jobs(&drover))?;
+    assert!(!all.contains(raw.trim()), "the git token leaked into /jobs");
+    Ok(())
+}
+
+/// Debian's sshd on `127.0.0.1:port` (its own host key, config and pid file in `dir`),
+/// letting in the holder of `deploy_key` as the test's user; killed on drop.
+struct Sshd(std::process::Child);
+
+impl Sshd {
+    /// Starts sshd and returns it with the `known_hosts` line of its host key.
+    fn start(dir: &Path, port: u16, deploy_key: &Path) -> Result<(Sshd, String)> {
+        let keygen = |file: &Path| -> Result<()> {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(file)
+                .status()
+                .context("ssh-keygen")?
+                .success();
+            ensure!(ok, "ssh-keygen {}", file.display());
+            Ok(())
+        };
+        let host_key = dir.join("host_key");
+        keygen(&host_key)?;
+        keygen(deploy_key)?;
+        std::fs::copy(
+            deploy_key.with_extension("pub"),
+            dir.join("authorized_keys"),
+        )?;
+        std::fs::create_dir_all("/run/sshd")?;
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {pid}\n\
+                 AuthorizedKeysFile {keys}\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                 StrictModes no\nUsePAM no\n",
+                host = host_key.display(),
+                pid = dir.join("sshd.pid").display(),
+                keys = dir.join("authorized_keys").display(),
+            ),
+        )?;
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sshd.log"))?)
+            .spawn()
+            .context("sshd (scripts/test installs openssh-server)")?;
+        let sshd = Sshd(child);
+        wait_for("sshd", Duration::from_secs(15), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        let public = std::fs::read_to_string(host_key.with_extension("pub"))?;
+        let mut fields = public.split_whitespace();
+        let (kind, key) = (
+            fields.next().context("host key type")?,
+            fields.next().context("host key")?,
+        );
+        Ok((sshd, format!("[127.0.0.1]:{port} {kind} {key}\n")))
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "end-to-end: scripts/test runs it (DROVER_E2E=1, --include-ignored)"]
+fn a_signed_push_deploys_a_stack_from_an_ssh_repository_with_a_deploy_key() -> Result<()> {
+    require_e2e!();
+    let stack = unique("stkssh");
+    let network = unique("stksshnet");
+    let _net = Resource::adopt(Kind::Network, network.clone());
+    let _guard = StackGuard(stack.clone());
+    let http = format!("127.0.0.1:{}", free_port());
+    let repo = Repo::create(&stack, &format!("http://{http}/hooks/gh"))?;
+    let dir = temp_dir("drover-e2e-stack-ssh")?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET)?;
+    let key = dir.path().join("deploy_key");
+    let port = free_port();
+    let (_sshd, known) = Sshd::start(dir.path(), port, &key)?;
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, known)?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let url = format!("ssh://{user}@127.0.0.1:{port}{}", repo.bare.display());
+    let config = format!(
+        r#"http: {{ listen: {http} }}
+jobs: {{ update_timeout: 120s }}
+hooks:
+  - name: gh
+    kind: github
+    secret_file: {secret}
+    quiet: 0s
+    action: sync-stacks
+stacks:
+  - name: {stack}
+    repository: {url}
+    compose: stack.yml
+    ssh_key_file: {key}
+    known_hosts_file: {known_hosts}
+    hook: gh
+    image: {image}
+"#,
+        secret = secret.display(),
+        key = key.display(),
+        known_hosts = known_hosts.display(),
+        image = env("DROVER_TEST_DEPLOY_IMAGE")?,
+    );
+    let mut drover = DroverProcess::start(&config, Some(&http))?;
+    drover.wait_http_ok("/healthz", Duration::from_secs(20))?;
+    let service = format!("{stack}_app");
+    let c1 = repo.push(
+        &[
+            ("stack.yml", &compose(&busybox_image(), &network)),
+            ("conf/app.txt", "h1\n"),
+        ],
+        "h1",
+    )?;
+    let job = wait_deployed(&drover, &c1, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    assert!(
+        job["log_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("fetched {url} at {c1}")),
+        "{job}"
+    );
+    wait_for("h1 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "h1")
+    })?;
+    let c2 = repo.push(&[("conf/app.txt", "h2\n")], "h2")?;
+    let job = wait_deployed(&drover, &c2, Duration::from_secs(180))?;
+    assert_eq!(job["state"], "completed", "{job}");
+    wait_for("h2 served", Duration::from_secs(60), || {
+        served(&service).is_ok_and(|s| s == "h2")
+    })?;
+    let private = std::fs::read_to_string(&key)?;
+    let body = private
+        .lines()
+        .find(|l| !l.starts_with("-----"))
+        .unwrap_or_default();
+    let everything = format!(
+        "{}\n{}",
+        serde_json::to_string(&jobs(&drover))?,
+        drover.logs()
+    );
+    assert!(!everything.contains(body), "the deploy key leaked");
     Ok(())
 }

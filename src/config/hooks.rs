@@ -26,13 +26,14 @@ pub struct Hook {
     pub name: String,
     /// Whose payloads and signatures the hook takes.
     pub kind: HookKind,
-    /// Docker Hub and generic hooks: the shared token (`?token=` or `X-Drover-Token`).
+    /// Docker Hub and generic hooks: the shared token (`?token=` or `X-Drover-Token`);
+    /// GitLab hooks: the secret token (`X-Gitlab-Token`).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// GitHub and generic hooks: the HMAC-SHA256 key.
+    /// GitHub, Gitea, Bitbucket and generic hooks: the HMAC-SHA256 key.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
-    /// GitHub hooks: one secret per repository, a map from `owner/name` (or a full-match
+    /// GitHub, Gitea and Bitbucket hooks: one secret per repository, a map from `owner/name` (or a full-match
     /// pattern) to a secret file. A delivery is checked against the secret of the
     /// repository its payload names (an exact key first, then the first matching pattern
     /// in file order, then `secret_file`), never against the others.
@@ -42,14 +43,16 @@ pub struct Hook {
     /// no `X-Hub-Signature-256` (default true).
     #[serde(default = "Hook::default_accept_sha1")]
     pub accept_sha1: bool,
-    /// GitHub event names to act on (default `[push]`; ping is always answered, never acted
+    /// Event names to act on (default `[push]`; a push of every forge is `push`, other
+    /// events as the forge names them; GitHub's ping is always answered, never acted
     /// on). GitHub does not sign the event header, so the list must name what to act on:
     /// an empty list is refused.
     #[serde(default = "Hook::default_events")]
     pub events: Vec<String>,
     /// Full-match rules on payload facts; the names a kind knows are listed in
     /// `hooks::facts` (Docker Hub: repository, tag, image, owner, namespace, pusher;
-    /// GitHub: event, repository, ref, sender, clone_url, commits, commit_ids,
+    /// GitHub, Gitea, GitLab: event, repository, ref, after, sender, clone_url, commits,
+    /// commit_ids, head_commit_message; Bitbucket: event, repository, ref, after, sender,
     /// head_commit_message; generic: repository, tag, image). Others are refused at load.
     #[serde(default)]
     pub allow: BTreeMap<String, FullMatch>,
@@ -144,6 +147,14 @@ pub enum HookKind {
     Dockerhub,
     /// GitHub deliveries, checked by their HMAC signature.
     Github,
+    /// Gitea and Forgejo deliveries (`X-Gitea-Signature`/`X-Forgejo-Signature`: the hex
+    /// HMAC-SHA256 of the body); their push payload is GitHub's shape.
+    #[serde(alias = "forgejo")]
+    Gitea,
+    /// GitLab deliveries, checked by the shared `X-Gitlab-Token`.
+    Gitlab,
+    /// Bitbucket Cloud deliveries (`X-Hub-Signature: sha256=HEX` of the body).
+    Bitbucket,
     /// Any sender, with a token or an HMAC signature over timestamp and body.
     Generic,
 }
@@ -158,10 +169,41 @@ impl HookKind {
                 "event",
                 "repository",
                 "ref",
+                "after",
                 "sender",
                 "clone_url",
                 "commits",
                 "commit_ids",
+                "head_commit_message",
+            ],
+            HookKind::Gitea => &[
+                "event",
+                "repository",
+                "ref",
+                "after",
+                "sender",
+                "clone_url",
+                "commits",
+                "commit_ids",
+                "head_commit_message",
+            ],
+            HookKind::Gitlab => &[
+                "event",
+                "repository",
+                "ref",
+                "after",
+                "sender",
+                "clone_url",
+                "commits",
+                "commit_ids",
+                "head_commit_message",
+            ],
+            HookKind::Bitbucket => &[
+                "event",
+                "repository",
+                "ref",
+                "after",
+                "sender",
                 "head_commit_message",
             ],
             HookKind::Generic => &["repository", "tag", "image"],
@@ -172,8 +214,29 @@ impl HookKind {
         match self {
             HookKind::Dockerhub => "dockerhub",
             HookKind::Github => "github",
+            HookKind::Gitea => "gitea",
+            HookKind::Gitlab => "gitlab",
+            HookKind::Bitbucket => "bitbucket",
             HookKind::Generic => "generic",
         }
+    }
+
+    /// Hooks of git forges: their pushes name a repository and a branch (so they can sync
+    /// stacks), each delivery is unique and remembered for 24 hours.
+    pub fn is_forge(self) -> bool {
+        matches!(
+            self,
+            HookKind::Github | HookKind::Gitea | HookKind::Gitlab | HookKind::Bitbucket
+        )
+    }
+
+    /// Forges whose payload names `repository.full_name`, so a delivery can be checked
+    /// against a per-repository secret (`secrets:`).
+    pub fn has_repository_secrets(self) -> bool {
+        matches!(
+            self,
+            HookKind::Github | HookKind::Gitea | HookKind::Bitbucket
+        )
     }
 }
 
@@ -188,7 +251,7 @@ pub enum HookAction {
     Command(Vec<String>),
     /// Run a one-off container with payload facts as `DROVER_*` environment variables.
     Container(ContainerSpec),
-    /// GitHub hooks: hint every stack that names this hook, and whose repository and
+    /// Forge hooks (GitHub, Gitea, GitLab, Bitbucket): hint every stack that names this hook, and whose repository and
     /// branch the push names, that its branch moved (`stacks:`).
     SyncStacks,
 }
@@ -372,10 +435,12 @@ pub(super) fn check_bounds(hooks: &[Hook]) -> Result<(), Problem> {
         let at = |r: String| problem(hook, r);
         duration("quiet", hook.quiet, Duration::ZERO, QUIET).map_err(at)?;
         if let Some(window) = hook.replay_window {
-            if hook.kind == HookKind::Github {
-                return Err(at("replay_window does not apply to GitHub hooks (their \
-                               deliveries are remembered by X-GitHub-Delivery for 24h)"
-                    .into()));
+            if hook.kind.is_forge() {
+                return Err(at(format!(
+                    "replay_window does not apply to {} hooks (their deliveries are \
+                     remembered by delivery id and body for 24h)",
+                    hook.kind.as_str()
+                )));
             }
             duration("replay_window", window, Duration::ZERO, REPLAY_WINDOW).map_err(at)?;
         }
@@ -426,9 +491,12 @@ pub(super) fn validate(hooks: &[Hook]) -> Result<(), Problem> {
         }
         let need = match h.kind {
             HookKind::Dockerhub if h.token_file.is_none() => Some("token_file"),
-            HookKind::Github if h.secret_file.is_none() && h.secrets.0.is_empty() => {
+            HookKind::Github | HookKind::Gitea | HookKind::Bitbucket
+                if h.secret_file.is_none() && h.secrets.0.is_empty() =>
+            {
                 Some("secret_file or secrets")
             }
+            HookKind::Gitlab if h.token_file.is_none() => Some("token_file"),
             HookKind::Generic if h.secret_file.is_none() && h.token_file.is_none() => {
                 Some("secret_file or token_file")
             }
@@ -443,8 +511,26 @@ pub(super) fn validate(hooks: &[Hook]) -> Result<(), Problem> {
         if h.rate == 0 {
             return Err(problem(h, "rate must be at least 1"));
         }
-        if h.kind != HookKind::Github && !h.secrets.0.is_empty() {
-            return Err(problem(h, "per-repository secrets are for github hooks"));
+        if !h.kind.has_repository_secrets() && !h.secrets.0.is_empty() {
+            return Err(problem(
+                h,
+                "per-repository secrets are for github, gitea and bitbucket hooks",
+            ));
+        }
+        let unused = match h.kind {
+            HookKind::Gitea | HookKind::Bitbucket if h.token_file.is_some() => {
+                Some("token_file (this kind is checked by its signature: secret_file)")
+            }
+            HookKind::Gitlab if h.secret_file.is_some() || !h.secrets.0.is_empty() => {
+                Some("secret_file (GitLab sends its secret token as X-Gitlab-Token: token_file)")
+            }
+            _ => None,
+        };
+        if let Some(what) = unused {
+            return Err(problem(
+                h,
+                format!("{} hooks take no {what}", h.kind.as_str()),
+            ));
         }
         if let HookAction::Command(argv) = &h.action {
             if argv.is_empty() {
@@ -455,8 +541,11 @@ pub(super) fn validate(hooks: &[Hook]) -> Result<(), Problem> {
             c.validate()
                 .map_err(|r| problem(h, format!("container: {r}")))?;
         }
-        if h.action == HookAction::SyncStacks && h.kind != HookKind::Github {
-            return Err(problem(h, "sync-stacks is an action of github hooks"));
+        if h.action == HookAction::SyncStacks && !h.kind.is_forge() {
+            return Err(problem(
+                h,
+                "sync-stacks is an action of github, gitea, gitlab and bitbucket hooks",
+            ));
         }
     }
     Ok(())

@@ -192,7 +192,7 @@ impl Config {
         let sync_hooks: Vec<&str> = self
             .hooks
             .iter()
-            .filter(|h| h.kind == HookKind::Github && h.action == HookAction::SyncStacks)
+            .filter(|h| h.kind.is_forge() && h.action == HookAction::SyncStacks)
             .map(|h| h.name.as_str())
             .collect();
         stacks::validate(&self.stacks, &sync_hooks)?;

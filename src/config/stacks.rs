@@ -68,7 +68,8 @@ pub struct Stack {
     /// did not move). Not set: only pushes and manual syncs deploy.
     #[serde(default, with = "humantime_serde")]
     pub poll: Option<Duration>,
-    /// The GitHub hook whose verified pushes of this repository and branch deploy it.
+    /// The forge hook (github, gitea, gitlab or bitbucket, with `action: sync-stacks`)
+    /// whose verified pushes of this repository and branch deploy it.
     #[serde(default)]
     pub hook: Option<String>,
     /// Old versions of each rotated config kept after a rollout (default 2; 0 keeps none,
@@ -120,6 +121,29 @@ impl Stack {
     pub fn full_name(&self) -> Option<String> {
         full_name(&self.repository)
     }
+
+    /// Whether a push payload's repository (`owner/name`; GitLab's `group/sub/name`)
+    /// is this stack's: the URL's path without `.git` is that name, or ends in `/` and
+    /// that name (a forge served under a path prefix), compared case-insensitively.
+    pub fn is_repository(&self, name: &str) -> bool {
+        let Some(path) = repository_path(&self.repository) else {
+            return false;
+        };
+        let (path, name) = (path.to_ascii_lowercase(), name.to_ascii_lowercase());
+        !name.is_empty()
+            && name.contains('/')
+            && (path == name || path.ends_with(&format!("/{name}")))
+    }
+}
+
+/// The path of a repository URL without its leading `/`, a trailing `/` or `.git`.
+fn repository_path(url: &str) -> Option<&str> {
+    let path = match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('/')?.1,
+        None => url.split_once(':')?.1,
+    };
+    let path = path.trim_start_matches('/').trim_end_matches('/');
+    Some(path.strip_suffix(".git").unwrap_or(path))
 }
 
 fn transport(url: &str) -> Option<Transport> {
@@ -136,12 +160,7 @@ fn transport(url: &str) -> Option<Transport> {
 
 /// `owner/name` of a repository URL.
 pub fn full_name(url: &str) -> Option<String> {
-    let path = match url.split_once("://") {
-        Some((_, rest)) => rest.split_once('/')?.1,
-        None => url.split_once(':')?.1,
-    };
-    let path = path.trim_end_matches('/');
-    let path = path.strip_suffix(".git").unwrap_or(path);
+    let path = repository_path(url)?;
     let mut parts = path.rsplit('/');
     let name = parts.next().filter(|s| !s.is_empty())?;
     let owner = parts.next().filter(|s| !s.is_empty())?;
@@ -224,9 +243,9 @@ pub(super) fn check_bounds(stacks: &[Stack]) -> Result<(), Problem> {
 }
 
 /// Names valid and unique, a URL drover can fetch with the credentials that fit it, and
-/// values safe as arguments. `github_hooks` are the names of the GitHub hooks whose action
-/// is `sync-stacks`, the only hooks a stack may name.
-pub(super) fn validate(stacks: &[Stack], github_hooks: &[&str]) -> Result<(), Problem> {
+/// values safe as arguments. `push_hooks` are the names of the forge hooks (GitHub, Gitea,
+/// GitLab, Bitbucket) whose action is `sync-stacks`, the only hooks a stack may name.
+pub(super) fn validate(stacks: &[Stack], push_hooks: &[&str]) -> Result<(), Problem> {
     let mut names = std::collections::HashSet::new();
     for s in stacks {
         if !valid_stack_name(&s.name) {
@@ -308,10 +327,12 @@ pub(super) fn validate(stacks: &[Stack], github_hooks: &[&str]) -> Result<(), Pr
             return Err(problem(s, "image is empty"));
         }
         if let Some(hook) = &s.hook {
-            if !github_hooks.contains(&hook.as_str()) {
+            if !push_hooks.contains(&hook.as_str()) {
                 return Err(problem(
                     s,
-                    format!("hook {hook:?} is not a github hook with action sync-stacks"),
+                    format!(
+                        "hook {hook:?} is not a github, gitea, gitlab or bitbucket hook with action sync-stacks"
+                    ),
                 ));
             }
             if s.full_name().is_none() {

@@ -176,7 +176,7 @@ fn per_repository_secrets_are_only_for_github_hooks() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("per-repository secrets are for github hooks"),
+        err.contains("per-repository secrets are for github, gitea and bitbucket hooks"),
         "{err}"
     );
 }
@@ -203,9 +203,61 @@ fn replay_window_defaults_to_an_hour_is_bounded_and_refused_on_github() {
         .expect_err("github")
         .to_string();
     assert!(
-        err.contains("replay_window does not apply to GitHub"),
+        err.contains("replay_window does not apply to github hooks"),
         "{err}"
     );
+}
+
+#[test]
+fn forge_hooks_need_their_own_proof_and_can_sync_stacks() {
+    let ok = parse(
+        "hooks:\n  - name: tea\n    kind: forgejo\n    secret_file: /s\n    action: sync-stacks\n\
+         \x20 - name: lab\n    kind: gitlab\n    token_file: /t\n    allow: { after: '[0-9a-f]{40}' }\n    action: sync-stacks\n\
+         \x20 - name: bb\n    kind: bitbucket\n    secrets: { lab/web: /s }\n    action: sync-stacks\n\
+         stacks:\n  - name: web\n    repository: https://git.example.com/lab/web.git\n    hook: tea\n\
+         \x20 - name: mon\n    repository: https://gitlab.example.com/lab/mon.git\n    hook: lab\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        ok.hooks[0].kind,
+        HookKind::Gitea,
+        "forgejo is gitea's payload"
+    );
+    let cases = [
+        (
+            "hooks:\n  - name: tea\n    kind: gitea\n    token_file: /t\n    action: sync-stacks\n",
+            "secret_file or secrets is required",
+        ),
+        (
+            "hooks:\n  - name: lab\n    kind: gitlab\n    secret_file: /s\n    action: sync-stacks\n",
+            "token_file is required",
+        ),
+        (
+            "hooks:\n  - name: lab\n    kind: gitlab\n    token_file: /t\n    secrets: { a/b: /s }\n    action: sync-stacks\n",
+            "per-repository secrets are for github, gitea and bitbucket hooks",
+        ),
+        (
+            "hooks:\n  - name: bb\n    kind: bitbucket\n    token_file: /t\n    action: sync-stacks\n",
+            "secret_file or secrets is required",
+        ),
+        (
+            "hooks:\n  - name: bb\n    kind: bitbucket\n    secret_file: /s\n    token_file: /t\n    action: sync-stacks\n",
+            "bitbucket hooks take no token_file",
+        ),
+        (
+            "hooks:\n  - name: lab\n    kind: gitlab\n    token_file: /t\n    replay_window: 1h\n    action: sync-stacks\n",
+            "replay_window does not apply to gitlab hooks",
+        ),
+        (
+            "hooks:\n  - name: bb\n    kind: bitbucket\n    secret_file: /s\n    allow: { commits: '1' }\n    action: sync-stacks\n",
+            "\"commits\" is not a fact of a bitbucket hook",
+        ),
+    ];
+    for (text, reason) in cases {
+        let err = parse(text).expect_err(text).to_string();
+        assert!(err.contains(reason), "{text}: {err}");
+        assert!(err.starts_with("drover.yml:"), "{err}");
+    }
 }
 
 #[test]
@@ -562,7 +614,7 @@ fn a_wrong_stack_is_refused_at_its_line() {
         ),
         (
             "stacks:\n  - name: web\n    repository: https://h/a/b.git\n    hook: github\n",
-            "not a github hook with action sync-stacks",
+            "not a github, gitea, gitlab or bitbucket hook with action sync-stacks",
             2,
         ),
         (
@@ -572,7 +624,7 @@ fn a_wrong_stack_is_refused_at_its_line() {
         ),
         (
             "hooks:\n  - name: ci\n    kind: generic\n    token_file: /t\n    action: sync-stacks\n",
-            "sync-stacks is an action of github hooks",
+            "sync-stacks is an action of github, gitea, gitlab and bitbucket hooks",
             2,
         ),
     ];

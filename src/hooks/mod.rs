@@ -85,6 +85,20 @@ pub const GITHUB_SIGNATURE_HEADER: &str = "x-hub-signature-256";
 pub const GITHUB_SHA1_HEADER: &str = "x-hub-signature";
 pub const GITHUB_EVENT_HEADER: &str = "x-github-event";
 pub const GITHUB_DELIVERY_HEADER: &str = "x-github-delivery";
+/// Gitea's and Forgejo's hex HMAC-SHA256 of the body, event and delivery id (Forgejo
+/// sends both its own names and Gitea's).
+pub const GITEA_SIGNATURE_HEADERS: [&str; 2] = ["x-gitea-signature", "x-forgejo-signature"];
+pub const GITEA_EVENT_HEADERS: [&str; 2] = ["x-gitea-event", "x-forgejo-event"];
+pub const GITEA_DELIVERY_HEADERS: [&str; 2] = ["x-gitea-delivery", "x-forgejo-delivery"];
+/// GitLab's secret token, event name and (since GitLab 16) per-event id.
+pub const GITLAB_TOKEN_HEADER: &str = "x-gitlab-token";
+pub const GITLAB_EVENT_HEADER: &str = "x-gitlab-event";
+pub const GITLAB_DELIVERY_HEADER: &str = "x-gitlab-event-uuid";
+/// Bitbucket Cloud's `sha256=<hex>` signature (set when the webhook has a secret), event
+/// key and per-request id.
+pub const BITBUCKET_SIGNATURE_HEADER: &str = "x-hub-signature";
+pub const BITBUCKET_EVENT_HEADER: &str = "x-event-key";
+pub const BITBUCKET_DELIVERY_HEADER: &str = "x-request-uuid";
 
 /// Why a request was refused. Messages are fixed strings: nothing from the request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -288,9 +302,10 @@ impl Hook {
     }
 
     fn load(cfg: &config::Hook) -> Result<Hook> {
-        let accepted = match cfg.kind {
-            HookKind::Github => REPLAY_TTL,
-            HookKind::Dockerhub | HookKind::Generic => cfg.replay_window(),
+        let accepted = if cfg.kind.is_forge() {
+            REPLAY_TTL
+        } else {
+            cfg.replay_window()
         };
         Ok(Hook {
             keys: verify::Keys::load(cfg)?,
@@ -321,6 +336,18 @@ impl Hook {
                     ..Presented::default()
                 }
             }
+            HookKind::Gitea => Presented {
+                hex256: GITEA_SIGNATURE_HEADERS.iter().find_map(|h| header(h)),
+                ..Presented::default()
+            },
+            HookKind::Gitlab => Presented {
+                token: header(GITLAB_TOKEN_HEADER).map(str::to_owned),
+                ..Presented::default()
+            },
+            HookKind::Bitbucket => Presented {
+                sha256: header(BITBUCKET_SIGNATURE_HEADER),
+                ..Presented::default()
+            },
             HookKind::Dockerhub => Presented {
                 token: header(TOKEN_HEADER).map(str::to_owned).or_else(query_token),
                 ..Presented::default()
@@ -591,11 +618,27 @@ impl Service {
             }
             delivery = Some(id);
             event = Some(ev);
+        } else if let Some(names) = forge_headers(cfg.kind) {
+            let ev = names
+                .event
+                .iter()
+                .find_map(|h| headers.header(h))
+                .ok_or(Reject::BadRequest(names.missing_event))?;
+            event = Some(forge_event(cfg.kind, ev));
+            // Optional: the body digest is the replay key without it.
+            delivery = names
+                .delivery
+                .iter()
+                .find_map(|h| headers.header(h))
+                .filter(|id| !id.is_empty() && id.len() <= 100);
         }
         let (memory, key) = hook.replay_key(headers, delivery, body);
-        // GitHub signs the body but not the delivery id: the same body under a new id is
-        // the same push sent again.
-        let by_body = delivery.map(|_| digest(&[b"github-body:", body]));
+        // The forges sign (or authenticate) the body but not the delivery id: the same
+        // body under a new id is the same push sent again.
+        let by_body = cfg
+            .kind
+            .is_forge()
+            .then(|| digest(&[b"github-body:", body]));
         {
             let m = hook.memory(memory);
             let now = Instant::now();
@@ -613,7 +656,46 @@ impl Service {
         }
         result
     }
+}
 
+/// Where a forge other than GitHub names its event and delivery.
+struct ForgeHeaders {
+    event: &'static [&'static str],
+    delivery: &'static [&'static str],
+    missing_event: &'static str,
+}
+
+fn forge_headers(kind: HookKind) -> Option<ForgeHeaders> {
+    Some(match kind {
+        HookKind::Gitea => ForgeHeaders {
+            event: &GITEA_EVENT_HEADERS,
+            delivery: &GITEA_DELIVERY_HEADERS,
+            missing_event: "missing X-Gitea-Event",
+        },
+        HookKind::Gitlab => ForgeHeaders {
+            event: &[GITLAB_EVENT_HEADER],
+            delivery: &[GITLAB_DELIVERY_HEADER],
+            missing_event: "missing X-Gitlab-Event",
+        },
+        HookKind::Bitbucket => ForgeHeaders {
+            event: &[BITBUCKET_EVENT_HEADER],
+            delivery: &[BITBUCKET_DELIVERY_HEADER],
+            missing_event: "missing X-Event-Key",
+        },
+        HookKind::Github | HookKind::Dockerhub | HookKind::Generic => return None,
+    })
+}
+
+/// A forge's event name as `events` lists it: a branch push is `push` on every forge
+/// (GitLab's `Push Hook`, Bitbucket's `repo:push`), others as the forge names them.
+fn forge_event(kind: HookKind, event: &str) -> &str {
+    match (kind, event) {
+        (HookKind::Gitlab, "Push Hook") | (HookKind::Bitbucket, "repo:push") => "push",
+        _ => event,
+    }
+}
+
+impl Service {
     async fn decide(
         &self,
         hook: &Hook,
@@ -910,6 +992,173 @@ hooks:
             hook.replay_key(&token, Some("d1"), body).1,
             hook.replay_key(&token, Some("d2"), body).1
         );
+    }
+
+    #[tokio::test]
+    async fn gitea_gitlab_and_bitbucket_pushes_are_verified_before_they_become_a_sync() {
+        use crate::jobs::tests::FakeRunner;
+        use crate::jobs::{JobState, Work};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("{text}\n")).expect("write");
+            p.display().to_string()
+        };
+        let yaml = format!(
+            "hooks:\n\
+             \x20 - {{ name: tea, kind: forgejo, secret_file: {}, quiet: 0s, action: sync-stacks }}\n\
+             \x20 - {{ name: lab, kind: gitlab, token_file: {}, quiet: 0s, action: sync-stacks }}\n\
+             \x20 - {{ name: bb, kind: bitbucket, secret_file: {}, quiet: 0s, action: sync-stacks }}\n",
+            write("tea", "tea-secret"),
+            write("lab", "lab-token"),
+            write("bb", "bb-secret"),
+        );
+        let config = config::Config::parse(std::path::Path::new("t.yml"), &yaml).expect("config");
+        let (_, role) = watch::channel(Role::Standalone);
+        let service = super::intake(
+            &config,
+            FakeRunner::new(JobState::Completed),
+            Journal::Memory,
+            role,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("service");
+        let commit = "a".repeat(40);
+        let send = |hook: &'static str, headers: Vec<(&'static str, String)>, body: String| {
+            let service = service.clone();
+            async move {
+                let hook = service.admit(hook, None).expect("hook");
+                let headers = Map(headers);
+                service.verify(&hook, &headers, body.as_bytes())?;
+                service.accept(&hook, &headers, body.as_bytes()).await
+            }
+        };
+        let work_of = |accepted: &Accepted| match accepted {
+            Accepted::Job(s) => service
+                .jobs()
+                .get(&s.id.to_string())
+                .map(|v| (v.work, v.facts)),
+            _ => None,
+        };
+        let sync = |repository: &str, branch: &str| Work::SyncStacks {
+            repository: repository.into(),
+            branch: branch.into(),
+        };
+
+        // Forgejo: its own header names, the bare hex HMAC of the body.
+        let body = format!(
+            r#"{{"ref":"refs/heads/main","after":"{commit}","repository":{{"full_name":"lab/web"}}}}"#
+        );
+        let hex = sign(b"tea-secret", body.as_bytes()).replace("sha256=", "");
+        let tea = |sig: &str, delivery: &str| {
+            vec![
+                ("x-forgejo-event", "push".to_owned()),
+                ("x-forgejo-delivery", delivery.to_owned()),
+                ("x-forgejo-signature", sig.to_owned()),
+            ]
+        };
+        let got = send("tea", tea(&hex, "d1"), body.clone())
+            .await
+            .expect("accepted");
+        let (work, facts) = work_of(&got).expect("job");
+        assert_eq!(work, sync("lab/web", "main"));
+        assert_eq!(facts.after.as_deref(), Some(commit.as_str()));
+        assert_eq!(
+            send("tea", tea(&hex, "d2"), body.clone()).await,
+            Ok(Accepted::Duplicate),
+            "the same push under a new delivery id"
+        );
+        let wrong = sign(b"other", body.as_bytes()).replace("sha256=", "");
+        assert_eq!(
+            send("tea", tea(&wrong, "d3"), body.clone()).await,
+            Err(Reject::Unauthorized)
+        );
+        assert_eq!(
+            send("tea", tea(&format!("sha256={hex}"), "d4"), body.clone()).await,
+            Err(Reject::Unauthorized),
+            "Gitea's signature is bare hex"
+        );
+        let other = body.replace("main", "next");
+        let other_hex = sign(b"tea-secret", other.as_bytes()).replace("sha256=", "");
+        let mut no_event_other = tea(&other_hex, "d5");
+        no_event_other.remove(0);
+        assert_eq!(
+            send("tea", no_event_other, other).await,
+            Err(Reject::BadRequest("missing X-Gitea-Event"))
+        );
+
+        // GitLab: the shared token; `Push Hook` is a push, a tag push is not acted on.
+        let body = format!(
+            r#"{{"ref":"refs/heads/main","after":"{commit}","checkout_sha":"{commit}","project":{{"path_with_namespace":"group/sub/web"}}}}"#
+        );
+        let lab = |token: &str, event: &str| {
+            vec![
+                ("x-gitlab-token", token.to_owned()),
+                ("x-gitlab-event", event.to_owned()),
+            ]
+        };
+        assert_eq!(
+            send("lab", lab("wrong", "Push Hook"), body.clone()).await,
+            Err(Reject::Unauthorized)
+        );
+        assert_eq!(
+            send(
+                "lab",
+                vec![("x-gitlab-event", "Push Hook".into())],
+                body.clone()
+            )
+            .await,
+            Err(Reject::Unauthorized)
+        );
+        assert_eq!(
+            send("lab", lab("lab-token", "Tag Push Hook"), body.clone()).await,
+            Ok(Accepted::Ignored)
+        );
+        let got = send("lab", lab("lab-token", "Push Hook"), body.clone())
+            .await
+            .expect("accepted");
+        assert_eq!(work_of(&got).expect("job").0, sync("group/sub/web", "main"));
+        assert_eq!(
+            send("lab", lab("lab-token", "Push Hook"), body).await,
+            Ok(Accepted::Duplicate)
+        );
+
+        // Bitbucket Cloud: `X-Hub-Signature: sha256=HEX`, required here.
+        let body = format!(
+            r#"{{"repository":{{"full_name":"team/web"}},"push":{{"changes":[{{"new":{{"type":"branch","name":"prod","target":{{"hash":"{commit}"}}}}}}]}}}}"#
+        );
+        let bb = |sig: Option<String>| {
+            let mut h = vec![
+                ("x-event-key", "repo:push".to_owned()),
+                ("x-request-uuid", "r1".to_owned()),
+            ];
+            if let Some(sig) = sig {
+                h.push(("x-hub-signature", sig));
+            }
+            h
+        };
+        assert_eq!(
+            send("bb", bb(None), body.clone()).await,
+            Err(Reject::Unauthorized)
+        );
+        assert_eq!(
+            send(
+                "bb",
+                bb(Some(sign(b"tea-secret", body.as_bytes()))),
+                body.clone()
+            )
+            .await,
+            Err(Reject::Unauthorized)
+        );
+        let got = send(
+            "bb",
+            bb(Some(sign(b"bb-secret", body.as_bytes()))),
+            body.clone(),
+        )
+        .await
+        .expect("accepted");
+        assert_eq!(work_of(&got).expect("job").0, sync("team/web", "prod"));
     }
 
     #[test]

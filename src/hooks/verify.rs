@@ -23,8 +23,12 @@ use crate::config::{self, FullMatch, HookKind};
 pub struct Presented<'a> {
     /// A shared token (`Authorization: Bearer`, `X-Drover-Token` or `?token=`).
     pub token: Option<String>,
-    /// `sha256=<hex>` (`X-Hub-Signature-256`, `X-Drover-Signature`).
+    /// `sha256=<hex>` (`X-Hub-Signature-256`, `X-Drover-Signature`; Bitbucket's
+    /// `X-Hub-Signature`).
     pub sha256: Option<&'a str>,
+    /// Bare `<hex>` of HMAC-SHA256 (Gitea's `X-Gitea-Signature`, Forgejo's
+    /// `X-Forgejo-Signature`).
+    pub hex256: Option<&'a str>,
     /// `sha1=<hex>` (GitHub's legacy `X-Hub-Signature`).
     pub sha1: Option<&'a str>,
     /// Generic hooks: `X-Drover-Timestamp`, signed with the body.
@@ -127,10 +131,10 @@ impl Keys {
         }
     }
 
-    /// The one secret a GitHub delivery must be signed with: the entry naming its
-    /// repository exactly, else the first pattern (in file order) matching it, else the
-    /// hook's `secret_file`.
-    fn github_secret(&self, body: &[u8]) -> Option<&Secret> {
+    /// The one secret a GitHub (Gitea, Bitbucket) delivery must be signed with: the entry
+    /// naming its repository exactly, else the first pattern (in file order) matching it,
+    /// else the hook's `secret_file`.
+    fn repository_secret(&self, body: &[u8]) -> Option<&Secret> {
         if self.repos.is_empty() {
             return self.secret.as_ref();
         }
@@ -159,7 +163,7 @@ impl Keys {
     pub fn verify(&self, p: &Presented<'_>, body: &[u8]) -> bool {
         match self.kind {
             HookKind::Github => {
-                let Some(secret) = self.github_secret(body) else {
+                let Some(secret) = self.repository_secret(body) else {
                     return false;
                 };
                 match (p.sha256, p.sha1) {
@@ -168,7 +172,21 @@ impl Keys {
                     _ => false,
                 }
             }
-            HookKind::Dockerhub => p.token.as_deref().is_some_and(|t| self.token_matches(t)),
+            HookKind::Gitea => {
+                let (Some(secret), Some(sig)) = (self.repository_secret(body), p.hex256) else {
+                    return false;
+                };
+                verify_hex(&secret.sha256, sig, body)
+            }
+            HookKind::Bitbucket => {
+                let (Some(secret), Some(sig)) = (self.repository_secret(body), p.sha256) else {
+                    return false;
+                };
+                verify_parts(&secret.sha256, sig, &[body])
+            }
+            HookKind::Dockerhub | HookKind::Gitlab => {
+                p.token.as_deref().is_some_and(|t| self.token_matches(t))
+            }
             HookKind::Generic => match (p.sha256, &self.secret) {
                 (Some(sig), Some(secret)) => p.timestamp.is_some_and(|ts| {
                     verify_parts(&secret.sha256, sig, &[ts.as_bytes(), b".", body])
@@ -190,6 +208,15 @@ fn verify_parts(keyed: &Hmac<Sha256>, header: &str, parts: &[&[u8]]) -> bool {
     let Some(hex_sig) = header.trim().strip_prefix("sha256=") else {
         return false;
     };
+    verify_hex_parts(keyed, hex_sig, parts)
+}
+
+/// Bare `<hex>` of HMAC-SHA256 over the body (Gitea, Forgejo), compared in constant time.
+fn verify_hex(keyed: &Hmac<Sha256>, header: &str, body: &[u8]) -> bool {
+    verify_hex_parts(keyed, header.trim(), &[body])
+}
+
+fn verify_hex_parts(keyed: &Hmac<Sha256>, hex_sig: &str, parts: &[&[u8]]) -> bool {
     let mut sig = [0u8; 32];
     if hex::decode_to_slice(hex_sig, &mut sig).is_err() {
         return false;

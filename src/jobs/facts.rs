@@ -17,6 +17,10 @@ pub struct Facts {
     pub tag: Option<String>,
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub r#ref: Option<String>,
+    /// Git forges: the commit the push moved `ref` to (`after`; Bitbucket: the change's
+    /// `new.target.hash`). A job that coalesced several pushes shows the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Docker Hub: `repository.owner`.
@@ -28,7 +32,7 @@ pub struct Facts {
     /// Docker Hub: `push_data.pusher`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pusher: Option<String>,
-    /// GitHub: `sender.login`.
+    /// GitHub, Gitea: `sender.login`; GitLab: `user_username`; Bitbucket: `actor.nickname`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
     /// GitHub: `repository.clone_url`.
@@ -57,6 +61,7 @@ impl Facts {
             "repository" => s(&self.repository),
             "tag" => s(&self.tag),
             "ref" => s(&self.r#ref),
+            "after" => s(&self.after),
             "image" => s(&self.image),
             "owner" => s(&self.owner),
             "namespace" => s(&self.namespace),
@@ -80,6 +85,7 @@ impl Facts {
             ("DROVER_REPOSITORY", v("repository")),
             ("DROVER_TAG", v("tag")),
             ("DROVER_REF", v("ref")),
+            ("DROVER_AFTER", v("after")),
             ("DROVER_IMAGE", v("image")),
             ("DROVER_OWNER", v("owner")),
             ("DROVER_NAMESPACE", v("namespace")),

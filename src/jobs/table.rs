@@ -213,6 +213,11 @@ impl Jobs {
                 if let Some(e) = inner.jobs.get_mut(&id) {
                     let now = Instant::now();
                     e.view.requests = e.view.requests.saturating_add(1);
+                    // A later push of the same branch: the job shows the commit it asked
+                    // for (a sync deploys the branch head, at least this commit).
+                    if req.facts.after.is_some() {
+                        e.view.facts.after.clone_from(&req.facts.after);
+                    }
                     e.deadline = (now + req.quiet).min(e.first + req.quiet * 3);
                     return Ok(Submitted {
                         id,

@@ -90,6 +90,22 @@ pub enum Error {
     },
 }
 
+/// The `Authorization` value of a `token_file`: `USER:TOKEN`, or a bare token under the
+/// user GitHub documents for tokens, as HTTP basic auth (the deploy container's git and the
+/// controller's head lookup, `refs`, send the same).
+pub fn basic_auth(token: &[u8]) -> String {
+    let text = String::from_utf8_lossy(token);
+    let userpass = if text.contains(':') {
+        text.into_owned()
+    } else {
+        format!("x-access-token:{text}")
+    };
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(userpass)
+    )
+}
+
 /// A commit id as git prints it: 40 (SHA-1) or 64 (SHA-256) lowercase hex digits.
 pub fn is_commit(s: &str) -> bool {
     matches!(s.len(), 40 | 64) && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -211,21 +227,15 @@ fn git_environment(dir: &Path) -> Result<Vec<(String, String)>, Error> {
     if token.exists() {
         let bytes =
             crate::config::read_secret(&token).map_err(|e| Error::Request(e.to_string()))?;
-        let text = String::from_utf8_lossy(&bytes);
         // `USER:TOKEN`, or a bare token under the user GitHub documents for tokens (other
         // forges take any user name with a token).
-        let userpass = if text.contains(':') {
-            text.into_owned()
-        } else {
-            format!("x-access-token:{text}")
-        };
-        let basic = base64::engine::general_purpose::STANDARD.encode(userpass);
+        let basic = basic_auth(&bytes);
         env.extend([
             ("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()),
             ("GIT_CONFIG_KEY_0".to_owned(), "http.extraHeader".to_owned()),
             (
                 "GIT_CONFIG_VALUE_0".to_owned(),
-                format!("Authorization: Basic {basic}"),
+                format!("Authorization: {basic}"),
             ),
         ]);
     }

@@ -14,6 +14,7 @@ mod archive;
 pub mod compose;
 pub mod deployer;
 pub mod poll;
+pub mod record;
 pub mod refs;
 pub mod runner;
 

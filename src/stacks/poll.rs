@@ -1,5 +1,5 @@
 //! Polling: for every stack with `poll`, look at its branch head every period and queue a
-//! sync job when it moved. A plain-HTTP repository is looked up here (one request, no
+//! sync job when it moved. An http(s) repository is looked up here (one request, no
 //! container when nothing changed); others get a sync job each period, whose deploy
 //! container fetches the head. Only the instance that runs jobs (the Swarm leader's, or a
 //! standalone one) polls.

@@ -1,14 +1,11 @@
 //! The branch head of a repository served over git's smart HTTP, in one request:
 //! `GET {repository}/info/refs?service=git-upload-pack`, the ref advertisement of protocol
 //! v0, read for `refs/heads/BRANCH`. A poll that finds the head already deployed starts
-//! no container. Plain `http://` only for now (a server on a private network); https and
-//! ssh repositories are looked up by the deploy container's fetch instead.
+//! no container. `https://` (through the one outbound client, `crate::outbound`, with the
+//! system's roots) and plain `http://` (a server on a private network); ssh repositories
+//! are looked up by the deploy container's fetch instead.
 
 use std::time::Duration;
-
-use base64::Engine as _;
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 
 use crate::config::Stack;
 
@@ -27,6 +24,11 @@ pub enum Error {
     NoBranch(String),
 }
 
+/// Whether the head of `repository` can be looked up here (rather than by a fetch).
+pub fn can_look_up(repository: &str) -> bool {
+    repository.starts_with("https://") || repository.starts_with("http://")
+}
+
 /// The commit `refs/heads/{branch}` points at.
 pub async fn head(stack: &Stack, branch: &str) -> Result<String, Error> {
     let token = match &stack.token_file {
@@ -42,55 +44,43 @@ pub async fn head(stack: &Stack, branch: &str) -> Result<String, Error> {
     find(&body, branch).ok_or_else(|| Error::NoBranch(branch.to_owned()))
 }
 
+/// The advertisement's URL: the repository's, with `/info/refs?service=git-upload-pack`.
+fn refs_url(repository: &str) -> Result<hyper::Uri, Error> {
+    if !can_look_up(repository) {
+        return Err(Error::Lookup("not an http(s) repository".into()));
+    }
+    format!(
+        "{}/info/refs?service=git-upload-pack",
+        repository.trim_end_matches('/')
+    )
+    .parse()
+    .map_err(|_| Error::Lookup("the repository is not a valid URL".into()))
+}
+
 async fn fetch(repository: &str, token: Option<Vec<u8>>) -> Result<Vec<u8>, Error> {
-    let rest = repository
-        .strip_prefix("http://")
-        .ok_or_else(|| Error::Lookup("not an http:// repository".into()))?;
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .map_err(|e| Error::Lookup(e.to_string()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| Error::Lookup(e.to_string()))?;
-    tokio::spawn(conn);
-    let uri = format!(
-        "/{}/info/refs?service=git-upload-pack",
-        path.trim_end_matches('/')
-    );
-    let mut req = hyper::Request::get(uri)
-        .header("host", authority)
-        .header("user-agent", "git/2.0 (drover)");
+    let url = refs_url(repository)?;
+    let mut headers = vec![("user-agent", "git/2.0 (drover)".to_owned())];
     if let Some(token) = token {
-        let text = String::from_utf8_lossy(&token);
-        let userpass = if text.contains(':') {
-            text.into_owned()
-        } else {
-            format!("x-access-token:{text}")
-        };
-        let basic = base64::engine::general_purpose::STANDARD.encode(userpass);
-        req = req.header("authorization", format!("Basic {basic}"));
+        headers.push(("authorization", super::deployer::basic_auth(&token)));
     }
-    let req = req
-        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-        .map_err(|e| Error::Lookup(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| Error::Lookup(e.to_string()))?;
-    if !resp.status().is_success() {
-        return Err(Error::Status(resp.status().as_u16()));
+    let resp = crate::outbound::send(
+        hyper::Method::GET,
+        &url,
+        &headers,
+        hyper::body::Bytes::new(),
+        MAX_BODY,
+    )
+    .await
+    .map_err(|e| Error::Lookup(e.to_string()))?;
+    if !(200..300).contains(&resp.status) {
+        return Err(Error::Status(resp.status));
     }
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| Error::Lookup(e.to_string()))?;
-    Ok(body.to_bytes().to_vec())
+    if !resp.complete {
+        return Err(Error::Lookup(
+            "the ref advertisement is larger than 4 MiB".into(),
+        ));
+    }
+    Ok(resp.body.to_vec())
 }
 
 /// The commit of `refs/heads/{branch}` in a protocol-v0 ref advertisement (pkt-lines:
@@ -144,5 +134,32 @@ mod tests {
         assert_eq!(find(body.as_bytes(), "mainline"), Some(a));
         assert_eq!(find(body.as_bytes(), "next"), None);
         assert_eq!(find(b"zzzz", "main"), None);
+    }
+
+    #[test]
+    fn the_advertisement_url_and_credentials_are_the_ones_git_uses() {
+        assert_eq!(
+            refs_url("https://git.example.com/lab/web.git/")
+                .expect("url")
+                .to_string(),
+            "https://git.example.com/lab/web.git/info/refs?service=git-upload-pack"
+        );
+        assert_eq!(
+            refs_url("http://10.0.0.2:3000/lab/web")
+                .expect("url")
+                .to_string(),
+            "http://10.0.0.2:3000/lab/web/info/refs?service=git-upload-pack"
+        );
+        assert!(refs_url("ssh://git@h/lab/web.git").is_err());
+        assert!(refs_url("git@h:lab/web.git").is_err());
+        // base64("x-access-token:tok"), base64("drover:tok")
+        assert_eq!(
+            super::super::deployer::basic_auth(b"tok"),
+            "Basic eC1hY2Nlc3MtdG9rZW46dG9r"
+        );
+        assert_eq!(
+            super::super::deployer::basic_auth(b"drover:tok"),
+            "Basic ZHJvdmVyOnRvaw=="
+        );
     }
 }

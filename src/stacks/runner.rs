@@ -4,7 +4,7 @@
 //!
 //! Invariants: one deploy per stack at a time, and a newer job for a stack supersedes an
 //! older one still waiting (`Slots`); a deploy resolves the branch head when it starts
-//! (plain-HTTP repositories: one `info/refs` lookup here; otherwise the deploy container
+//! (http and https repositories: one `info/refs` lookup here; otherwise the deploy container
 //! fetches the head), and a head already deployed starts no container. Credentials go to
 //! the container as files in an uploaded archive, never in argv or its environment.
 
@@ -102,12 +102,12 @@ impl StackRunner {
     }
 
     /// Whether the stack's branch may have moved past what was deployed: false only when
-    /// a lookup (plain HTTP) found the deployed commit.
+    /// a lookup (http or https) found the deployed commit.
     pub async fn moved(&self, stack: &Stack) -> bool {
-        if !stack.repository.starts_with("http://") {
+        if !super::refs::can_look_up(&stack.repository) {
             return true;
         }
-        let deployed = self.deployed(&stack.name);
+        let deployed = self.known(&stack.name).await;
         match super::refs::head(stack, &stack.branch).await {
             Ok(head) => {
                 let moved = deployed.as_deref() != Some(head.as_str());
@@ -118,6 +118,24 @@ impl StackRunner {
             Err(e) => {
                 warn!(stack = %stack.name, error = %e, "cannot look up the branch head");
                 false
+            }
+        }
+    }
+
+    /// The commit `stack` was last deployed at: as Swarm keeps it ([`super::record`], so
+    /// it survives a restart and a leader change), else as this instance remembers it.
+    async fn known(&self, stack: &str) -> Option<String> {
+        match super::record::read(&self.engine, stack).await {
+            Ok(Some(commit)) => {
+                self.record(stack, |s| s.deployed = Some(commit.clone()));
+                self.board
+                    .update_stack(stack, |row| row.deployed = Some(commit.clone()));
+                Some(commit)
+            }
+            Ok(None) => self.deployed(stack),
+            Err(e) => {
+                warn!(stack, error = %e, "cannot read the deployed commit from Swarm");
+                self.deployed(stack)
             }
         }
     }
@@ -192,9 +210,9 @@ impl StackRunner {
                 stack.name
             ));
         };
-        let deployed = self.deployed(&stack.name);
+        let deployed = self.known(&stack.name).await;
         let head = match stack.transport() {
-            Some(Transport::Http) if stack.repository.starts_with("http://") => {
+            Some(Transport::Http) if super::refs::can_look_up(&stack.repository) => {
                 match super::refs::head(stack, &stack.branch).await {
                     Ok(h) => {
                         self.board
@@ -251,6 +269,10 @@ impl StackRunner {
             }
         };
         self.record(name, |s| s.deployed = Some(result.commit.clone()));
+        if let Err(e) = super::record::write(&self.engine, name, &result.commit).await {
+            // Only costs a redeploy of an unchanged commit after a restart.
+            warn!(stack = %name, error = %e, "cannot record the deployed commit in Swarm");
+        }
         self.board
             .update_stack(name, |row| row.head = Some(result.commit.clone()));
         let after = match self.services(name).await {
@@ -273,7 +295,7 @@ impl StackRunner {
         if out.state == JobState::Skipped {
             out.state = JobState::Completed;
         }
-        out.message = Some(summary(name, &result, &pruned));
+        out.message = Some(summary(name, &result, job.facts.after.as_deref(), &pruned));
         out.exit_code = Some(0);
         out.log_tail = log_tail;
         out
@@ -588,7 +610,8 @@ fn changed_services(before: &BTreeMap<String, Svc>, after: &BTreeMap<String, Svc
         .collect()
 }
 
-/// The stacks a push of `repository` (`owner/name`) at `branch` through `hook` syncs.
+/// The stacks a push of `repository` (`owner/name`, GitLab's `group/sub/name`) at
+/// `branch` through `hook` syncs.
 pub fn matching<'a>(
     stacks: &'a [Stack],
     hook: &str,
@@ -598,10 +621,7 @@ pub fn matching<'a>(
     stacks
         .iter()
         .filter(|s| {
-            s.hook.as_deref() == Some(hook)
-                && s.branch == branch
-                && s.full_name()
-                    .is_some_and(|n| n.eq_ignore_ascii_case(repository))
+            s.hook.as_deref() == Some(hook) && s.branch == branch && s.is_repository(repository)
         })
         .collect()
 }
@@ -650,8 +670,15 @@ fn skipped(message: String) -> Outcome {
     }
 }
 
-fn summary(stack: &str, result: &Deployed, pruned: &[String]) -> String {
+fn summary(stack: &str, result: &Deployed, pushed: Option<&str>, pruned: &[String]) -> String {
     let mut m = format!("stack {stack} deployed at {}", result.commit);
+    if let Some(pushed) = pushed.filter(|p| *p != result.commit) {
+        // Every deploy takes the branch head as it starts: a push newer than this job's
+        // had moved it on (or the push was forced back).
+        m.push_str(&format!(
+            " (the branch head when the deploy started; the push was {pushed})"
+        ));
+    }
     if !result.rotated.is_empty() {
         let names: Vec<&str> = result.rotated.iter().map(|r| r.name.as_str()).collect();
         m.push_str(&format!("; objects {}", names.join(", ")));
@@ -779,6 +806,33 @@ mod tests {
             vec!["mon"]
         );
         assert!(matching(&stacks, "other", "lab/web", "main").is_empty());
+        assert!(matching(&stacks, "gh", "web", "main").is_empty());
+        assert!(matching(&stacks, "gh", "b/lab/web", "main").is_empty());
+        // GitLab subgroups, and a forge served under a path prefix.
+        let deep = vec![
+            stack(
+                "deep",
+                "ssh://git@gitlab.example.com:2222/group/sub/web.git",
+                "main",
+                Some("gl"),
+            ),
+            stack(
+                "prefixed",
+                "https://example.com/gitea/lab/mon.git",
+                "main",
+                Some("gl"),
+            ),
+        ];
+        assert_eq!(
+            names(matching(&deep, "gl", "group/sub/web", "main")),
+            vec!["deep"]
+        );
+        assert!(matching(&deep, "gl", "sub/web2", "main").is_empty());
+        assert!(matching(&deep, "gl", "roup/sub/web", "main").is_empty());
+        assert_eq!(
+            names(matching(&deep, "gl", "lab/mon", "main")),
+            vec!["prefixed"]
+        );
     }
 
     fn v(key: &str, name: &str, created: &str) -> Version {

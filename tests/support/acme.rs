@@ -22,69 +22,6 @@ pub fn var(k: &str) -> Result<String> {
     })
 }
 
-pub fn openssl(args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A CA and a leaf for `ip` (rustls refuses a self-signed CA certificate as a server's).
-pub fn relay_certificate(dir: &std::path::Path, ip: &str) -> Result<()> {
-    let p = |f: &str| dir.join(f).display().to_string();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=drover-test-relay-ca",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-    ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=relay",
-        "-keyout",
-        &p("relay.key"),
-        "-out",
-        &p("relay.csr"),
-    ])?;
-    std::fs::write(
-        dir.join("relay.ext"),
-        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
-    )?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("relay.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &p("relay.ext"),
-        "-out",
-        &p("relay.pem"),
-    ])
-}
-
 /// socat terminating TLS on `ip:RELAY_PORT` and speaking TLS to Pebble on loopback.
 pub struct Relay(Child);
 
@@ -256,7 +193,7 @@ impl World {
         let http_port: u16 = var("DROVER_TEST_PEBBLE_HTTP_PORT")?.parse()?;
         let m1_host = cluster.node("m1").host_addr.clone();
         let dir = temp_dir("acme-e2e")?;
-        relay_certificate(dir.path(), &m1_host)?;
+        super::tls_ca_and_leaf(dir.path(), &m1_host)?;
         let relay = Relay::start(dir.path(), &m1_host, &pebble_ca, ca)?;
         let extra = ca_compose_file(dir.path(), secrets)?;
         let directory = format!("https://{m1_host}:{RELAY_PORT}/dir");

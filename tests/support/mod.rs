@@ -1841,3 +1841,68 @@ pub fn host_block<'c>(conf: &'c str, host: &str) -> Option<&'c str> {
         .unwrap_or(rest.len());
     Some(&rest[..end])
 }
+
+fn openssl_run(args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A test CA (`ca.pem`, `ca.key`) and a server certificate signed by it for `ip`
+/// (`relay.pem`, `relay.key`) in `dir`: rustls refuses a self-signed CA certificate as a
+/// server's, so TLS relays (socat) present the leaf and clients trust `ca.pem`.
+pub fn tls_ca_and_leaf(dir: &std::path::Path, ip: &str) -> Result<()> {
+    let p = |f: &str| dir.join(f).display().to_string();
+    openssl_run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=drover-test-relay-ca",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+    ])?;
+    openssl_run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=relay",
+        "-keyout",
+        &p("relay.key"),
+        "-out",
+        &p("relay.csr"),
+    ])?;
+    std::fs::write(
+        dir.join("relay.ext"),
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )?;
+    openssl_run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("relay.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p("relay.ext"),
+        "-out",
+        &p("relay.pem"),
+    ])
+}
