@@ -33,6 +33,10 @@ const NAMESPACE_LABEL: &str = "com.docker.stack.namespace";
 const LOG_LINES: usize = 40;
 /// Label on every deploy container.
 pub const STACK_CONTAINER_LABEL: &str = "drover.stack.deploy";
+/// Label on a deploy container: the stack's services before the deploy (id → spec
+/// version and rollout start), so that an instance that comes back after the deploy
+/// restarted it (a deploy of drover's own stack) knows which rollouts are the deploy's.
+pub const BEFORE_LABEL: &str = "drover.stack.before";
 
 /// What drover knows of one stack (shown on the status page later).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -192,6 +196,22 @@ impl StackRunner {
                 stack.name
             ));
         };
+        // A deploy container of this very job means an instance before this one started
+        // the deploy and went away meanwhile (the deploy restarted drover itself): its
+        // result is this job's, whatever the branch head or the deployed commit say now.
+        match self.left_behind(job, stack).await {
+            Ok(Some(found)) => {
+                info!(stack = %stack.name, container = %found.id, "resuming the deploy a previous instance started");
+                let out = self.conclude(job, stack, found).await;
+                self.record(&stack.name, |s| s.outcome = Some(out.state));
+                info!(stack = %stack.name, outcome = out.state.as_str(), "stack deploy finished");
+                return out;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(stack = %stack.name, error = %e, "cannot look for a deploy container left behind")
+            }
+        }
         let deployed = self.deployed(&stack.name);
         let head = match stack.transport() {
             Some(Transport::Http) if stack.repository.starts_with("http://") => {
@@ -227,7 +247,51 @@ impl StackRunner {
             Ok(s) => s,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
-        let (code, log) = match self.run_container(job, stack, commit).await {
+        let id = match self.start_container(job, stack, commit, &before).await {
+            Ok(id) => id,
+            Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
+        };
+        self.conclude(job, stack, Started { id, before }).await
+    }
+
+    /// The deploy container of this job on this node, left by an instance that went away
+    /// before it finished the job.
+    async fn left_behind(
+        &self,
+        job: &RunContext,
+        stack: &Stack,
+    ) -> Result<Option<Started>, crate::docker::Error> {
+        let labels = [
+            format!("{STACK_CONTAINER_LABEL}={}", stack.name),
+            format!("{}={}", crate::jobs::container::JOB_LABEL, job.id),
+        ];
+        let found = self.engine.list_containers_labelled(&labels).await?;
+        Ok(found.into_iter().find_map(|c| {
+            let before = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(BEFORE_LABEL))
+                .map(|v| decode_before(v))
+                .unwrap_or_default();
+            Some(Started { id: c.id?, before })
+        }))
+    }
+
+    /// Waits for the deploy container's result, follows the rollouts it started, prunes,
+    /// and removes the container: only now, so that an instance the deploy restarted
+    /// leaves it to its successor, which concludes the job from it.
+    async fn conclude(&self, job: &RunContext, stack: &Stack, started: Started) -> Outcome {
+        let out = self.conclude_inner(job, stack, &started).await;
+        if let Err(e) = self.engine.remove_container(&started.id).await {
+            warn!(container = %started.id, error = %e, "cannot remove the deploy container");
+        }
+        out
+    }
+
+    async fn conclude_inner(&self, _job: &RunContext, stack: &Stack, started: &Started) -> Outcome {
+        let name = &stack.name;
+        let before = &started.before;
+        let (code, log) = match self.wait_container(stack, &started.id).await {
             Ok(r) => r,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
@@ -257,8 +321,8 @@ impl StackRunner {
             Ok(s) => s,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
-        let changed = changed_services(&before, &after);
-        let follows = changed.iter().map(|svc| self.follow(svc, &before));
+        let changed = changed_services(before, &after);
+        let follows = changed.iter().map(|svc| self.follow(svc, before));
         let services: Vec<ServiceResult> = futures_util::future::join_all(follows).await;
         let pruned = if services.iter().all(|s| s.outcome == JobState::Completed) {
             self.prune(name, &result, stack.keep_configs).await
@@ -439,14 +503,15 @@ impl StackRunner {
         removed
     }
 
-    /// Creates the deploy container, uploads the request and credentials, runs it to its
-    /// end within the stack's timeout and returns its exit code and output.
-    async fn run_container(
+    /// Creates the deploy container (labelled with the stack, the job and the services
+    /// before the deploy), uploads the request and credentials and starts it; returns its id.
+    async fn start_container(
         &self,
         job: &RunContext,
         stack: &Stack,
         commit: Option<String>,
-    ) -> Result<(i64, String), String> {
+        before: &BTreeMap<String, Svc>,
+    ) -> Result<String, String> {
         let request = deployer::Request {
             stack: stack.name.clone(),
             repository: stack.repository.clone(),
@@ -467,6 +532,7 @@ impl StackRunner {
                     crate::jobs::container::JOB_LABEL.to_owned(),
                     job.id.to_string(),
                 ),
+                (BEFORE_LABEL.to_owned(), encode_before(before)),
             ])),
             host_config: Some(HostConfig {
                 binds: Some(vec!["/var/run/docker.sock:/var/run/docker.sock".into()]),
@@ -491,7 +557,7 @@ impl StackRunner {
             }
             Err(e) => return Err(e.to_string()),
         };
-        let result = async {
+        let started = async {
             self.engine
                 .upload_archive(&id, files)
                 .await
@@ -499,31 +565,38 @@ impl StackRunner {
             self.engine
                 .start_container(&id)
                 .await
-                .map_err(|e| e.to_string())?;
-            let code =
-                match tokio::time::timeout(stack.timeout, self.engine.wait_container(&id)).await {
-                    Ok(Ok(code)) => code,
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => {
-                        let _ = self.engine.kill_container(&id, "KILL").await;
-                        return Err(format!(
-                            "the deploy did not finish within {}",
-                            humantime::format_duration(stack.timeout)
-                        ));
-                    }
-                };
-            let log = self
-                .engine
-                .container_logs(&id, 400)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok((code, log))
+                .map_err(|e| e.to_string())
         }
         .await;
-        if let Err(e) = self.engine.remove_container(&id).await {
-            warn!(container = %name, error = %e, "cannot remove the deploy container");
+        if let Err(e) = started {
+            if let Err(r) = self.engine.remove_container(&id).await {
+                warn!(container = %name, error = %r, "cannot remove the deploy container");
+            }
+            return Err(e);
         }
-        result
+        Ok(id)
+    }
+
+    /// Waits for the deploy container to end, within the stack's timeout, and returns
+    /// its exit code and output.
+    async fn wait_container(&self, stack: &Stack, id: &str) -> Result<(i64, String), String> {
+        let code = match tokio::time::timeout(stack.timeout, self.engine.wait_container(id)).await {
+            Ok(Ok(code)) => code,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                let _ = self.engine.kill_container(id, "KILL").await;
+                return Err(format!(
+                    "the deploy did not finish within {}",
+                    humantime::format_duration(stack.timeout)
+                ));
+            }
+        };
+        let log = self
+            .engine
+            .container_logs(id, 400)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((code, log))
     }
 
     /// The archive the container gets: the request, the stack's credential files and the
@@ -562,6 +635,40 @@ impl StackRunner {
         let docker_dir = at(deployer::DOCKER_CONFIG_DIR);
         Ok(archive::tar(&[dir, &docker_dir], &files))
     }
+}
+
+/// A started deploy container and the stack's services before it ran.
+struct Started {
+    id: String,
+    before: BTreeMap<String, Svc>,
+}
+
+/// The services before a deploy as a label value: `{"ID": [VERSION, "STARTED"]}`.
+fn encode_before(before: &BTreeMap<String, Svc>) -> String {
+    let map: BTreeMap<&str, (u64, Option<&str>)> = before
+        .values()
+        .map(|s| (s.id.as_str(), (s.version, s.started.as_deref())))
+        .collect();
+    serde_json::to_string(&map).unwrap_or_default()
+}
+
+/// [`encode_before`]'s label read back; an unreadable one reads as no services (each
+/// service of the stack then counts as created, and no rollout is followed).
+fn decode_before(text: &str) -> BTreeMap<String, Svc> {
+    let map: BTreeMap<String, (u64, Option<String>)> =
+        serde_json::from_str(text).unwrap_or_default();
+    map.into_iter()
+        .map(|(id, (version, started))| {
+            let svc = Svc {
+                id: id.clone(),
+                name: String::new(),
+                version,
+                started,
+                configs: Vec::new(),
+            };
+            (id, svc)
+        })
+        .collect()
 }
 
 /// One service of a stack, as listed before and after a deploy.
@@ -832,6 +939,23 @@ mod tests {
             .map(|s| s.id)
             .collect();
         assert_eq!(ids, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn the_services_before_a_deploy_survive_the_container_label() {
+        let mut before: BTreeMap<_, _> = [svc("a", 10), svc("b", 11)].into();
+        if let Some(b) = before.get_mut("b") {
+            b.started = Some("2026-01-01T00:00:01Z".into());
+        }
+        let back = decode_before(&encode_before(&before));
+        let after: BTreeMap<_, _> = [svc("a", 10), svc("b", 12), svc("c", 1)].into();
+        let ids: Vec<String> = changed_services(&back, &after)
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, vec!["b", "c"]);
+        assert_eq!(back["b"].started.as_deref(), Some("2026-01-01T00:00:01Z"));
+        assert!(decode_before("not json").is_empty());
     }
 
     #[tokio::test]
