@@ -322,6 +322,8 @@ impl StackRunner {
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
         let changed = changed_services(before, &after);
+        let names: Vec<&str> = changed.iter().map(|s| s.name.as_str()).collect();
+        info!(stack = %name, services = ?names, "following the rollouts of the deploy");
         let follows = changed.iter().map(|svc| self.follow(svc, before));
         let services: Vec<ServiceResult> = futures_util::future::join_all(follows).await;
         let pruned = if services.iter().all(|s| s.outcome == JobState::Completed) {
@@ -364,6 +366,7 @@ impl StackRunner {
                     id,
                     name: spec.name.clone().unwrap_or_default(),
                     version: s.version.as_ref().and_then(|v| v.index).unwrap_or(0),
+                    template: template_hash(spec.task_template.as_ref()),
                     started: s.update_status.as_ref().and_then(|u| u.started_at.clone()),
                     configs: spec
                         .task_template
@@ -643,11 +646,15 @@ struct Started {
     before: BTreeMap<String, Svc>,
 }
 
-/// The services before a deploy as a label value: `{"ID": [VERSION, "STARTED"]}`.
+/// The services before a deploy as a label value:
+/// `{"ID": [VERSION, "STARTED", "TEMPLATE HASH"]}`.
 fn encode_before(before: &BTreeMap<String, Svc>) -> String {
-    let map: BTreeMap<&str, (u64, Option<&str>)> = before
+    let map: BTreeMap<&str, (u64, Option<&str>, &str)> = before
         .values()
-        .map(|s| (s.id.as_str(), (s.version, s.started.as_deref())))
+        .map(|s| {
+            let started = s.started.as_deref();
+            (s.id.as_str(), (s.version, started, s.template.as_str()))
+        })
         .collect();
     serde_json::to_string(&map).unwrap_or_default()
 }
@@ -655,14 +662,15 @@ fn encode_before(before: &BTreeMap<String, Svc>) -> String {
 /// [`encode_before`]'s label read back; an unreadable one reads as no services (each
 /// service of the stack then counts as created, and no rollout is followed).
 fn decode_before(text: &str) -> BTreeMap<String, Svc> {
-    let map: BTreeMap<String, (u64, Option<String>)> =
+    let map: BTreeMap<String, (u64, Option<String>, String)> =
         serde_json::from_str(text).unwrap_or_default();
     map.into_iter()
-        .map(|(id, (version, started))| {
+        .map(|(id, (version, started, template))| {
             let svc = Svc {
                 id: id.clone(),
                 name: String::new(),
                 version,
+                template,
                 started,
                 configs: Vec::new(),
             };
@@ -677,6 +685,8 @@ struct Svc {
     id: String,
     name: String,
     version: u64,
+    /// Hash of the task template: what a rollout replaces tasks for.
+    template: String,
     started: Option<String>,
     configs: Vec<String>,
 }
@@ -686,13 +696,26 @@ fn slot(stack: &str) -> String {
     format!("stack {stack}")
 }
 
-/// Services created or whose spec the deploy changed.
+/// Services created or whose task template the deploy changed. `docker stack deploy`
+/// updates every service of the file, so an unchanged one gets a new spec version too;
+/// Swarm starts no rollout for it, and there is none to follow.
 fn changed_services(before: &BTreeMap<String, Svc>, after: &BTreeMap<String, Svc>) -> Vec<Svc> {
     after
         .values()
-        .filter(|a| before.get(&a.id).is_none_or(|b| b.version != a.version))
+        .filter(|a| {
+            before
+                .get(&a.id)
+                .is_none_or(|b| b.version != a.version && b.template != a.template)
+        })
         .cloned()
         .collect()
+}
+
+/// A task template's hash, the same in every process (the JSON of a `Value` has sorted
+/// keys, whatever order the engine's maps came in).
+fn template_hash(template: Option<&bollard::models::TaskSpec>) -> String {
+    let value = serde_json::to_value(template).unwrap_or(Value::Null);
+    crate::hash::sha256_hex(value.to_string().as_bytes())
 }
 
 /// The stacks a push of `repository` (`owner/name`) at `branch` through `hook` syncs.
@@ -924,6 +947,7 @@ mod tests {
                 id: id.into(),
                 name: format!("web_{id}"),
                 version,
+                template: format!("template of {id} at {version}"),
                 started: None,
                 configs: Vec::new(),
             },
@@ -931,9 +955,12 @@ mod tests {
     }
 
     #[test]
-    fn changed_services_are_the_new_ones_and_those_with_a_new_spec_version() {
-        let before: BTreeMap<_, _> = [svc("a", 10), svc("b", 11)].into();
-        let after: BTreeMap<_, _> = [svc("a", 10), svc("b", 15), svc("c", 16)].into();
+    fn changed_services_are_the_new_ones_and_those_with_a_new_task_template() {
+        let before: BTreeMap<_, _> = [svc("a", 10), svc("b", 11), svc("d", 12)].into();
+        // d: updated by the deploy with the same template (a new version, no rollout).
+        let mut d = svc("d", 17);
+        d.1.template = before["d"].template.clone();
+        let after: BTreeMap<_, _> = [svc("a", 10), svc("b", 15), svc("c", 16), d].into();
         let ids: Vec<String> = changed_services(&before, &after)
             .into_iter()
             .map(|s| s.id)
