@@ -956,6 +956,56 @@ fn the_shipped_stack_deploys_a_pushed_stack_repository_and_a_push_of_its_own_con
     });
     ensure!(served, "nginx answers {body:?} for {hello_host}");
 
+    // An edited page, pushed while a client sends 25 requests a second through nginx:
+    // the service runs the page's new content-named config, nginx serves v2, and no
+    // request fails during the rollout.
+    let web_config = || -> Result<String> {
+        s.cluster
+            .docker(&[
+                "service",
+                "inspect",
+                "--format",
+                "{{range .Spec.TaskTemplate.ContainerSpec.Configs}}{{.ConfigName}}{{end}}",
+                "web_hello",
+            ])
+            .map(|c| c.trim().to_owned())
+    };
+    let v1_config = web_config()?;
+    let load = LoadClient::start(&nginx, &hello_host, "/", 25);
+    load.wait_requests(50, Duration::from_secs(30))?;
+    let files = example("hello, v2\n")?;
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let c2 = web.push(&refs, "page v2")?;
+    let jobs = wait_push_finished(&s, &hooks, &token, &c2, Duration::from_secs(180))?;
+    ensure!(
+        jobs.len() == 1 && jobs[0]["state"] == "completed",
+        "the page's push: {jobs:?}"
+    );
+    let v2 = wait_until(Duration::from_secs(30), Duration::from_millis(300), || {
+        (0..6).all(|_| {
+            http_get_host(&nginx, &hello_host, "/")
+                .is_ok_and(|r| r.status == 200 && r.body.trim() == "hello, v2")
+        })
+    });
+    let (requests, failed, took) = load.finish();
+    ensure!(v2, "nginx serves v2 only after the rollout");
+    ensure!(
+        failed.is_empty(),
+        "{} of {requests} requests failed during the rollout: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let rate = requests as f64 / took.as_secs_f64();
+    ensure!(rate >= 20.0, "the client sent {rate:.1} requests a second");
+    let v2_config = web_config()?;
+    ensure!(
+        v2_config != v1_config && v2_config.starts_with("web_index-"),
+        "the service runs the new version: {v1_config} -> {v2_config}"
+    );
+
     // drover's own stack in its repository: stack.yml, deploy/drover.yml, the secrets.
     let mut own: Vec<(String, String)> = vec![
         (
