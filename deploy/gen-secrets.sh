@@ -11,11 +11,13 @@
 # inside the cluster: drover's instances sign and check their agent requests with it.
 # ops-token guards the operator endpoints (status page, /jobs, /metrics): send it as
 # `Authorization: Bearer TOKEN`; the shipped Prometheus scrapes drover with it.
+# git-token is a placeholder: with stacks from git (deploy/drover.yml), put your git
+# server's access token there (TOKEN, or USER:TOKEN).
 set -eu
 dir="${1:-${DROVER_SECRETS_DIR:-$(dirname "$0")/secrets}}"
 mkdir -p "$dir"
 umask 077
-for name in dockerhub-token github-secret ci-secret drover-cluster-key ops-token; do
+for name in dockerhub-token github-secret ci-secret drover-cluster-key ops-token git-token; do
     if [ ! -s "$dir/$name" ]; then
         od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dir/$name"
         echo "created $dir/$name"

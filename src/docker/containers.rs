@@ -36,6 +36,24 @@ impl Engine {
         .await
     }
 
+    /// `GET /containers/json?all=1&filters={"label":[...]}`: the containers of this node,
+    /// running or not, that carry every one of `labels` (`KEY=VALUE`).
+    pub async fn list_containers_labelled(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<ContainerSummary>, Error> {
+        let filters = std::collections::HashMap::from([("label".to_owned(), labels.to_vec())]);
+        self.call(
+            || format!("list containers labelled {}", labels.join(",")),
+            self.api.list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..ListContainersOptions::default()
+            })),
+        )
+        .await
+    }
+
     /// `POST /containers/{id}/kill?signal=...`.
     pub async fn kill_container(&self, id: &str, signal: &str) -> Result<(), Error> {
         self.call(

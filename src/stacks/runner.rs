@@ -33,6 +33,10 @@ const NAMESPACE_LABEL: &str = "com.docker.stack.namespace";
 const LOG_LINES: usize = 40;
 /// Label on every deploy container.
 pub const STACK_CONTAINER_LABEL: &str = "drover.stack.deploy";
+/// Label on a deploy container: the stack's services before the deploy (id → spec
+/// version and rollout start), so that an instance that comes back after the deploy
+/// restarted it (a deploy of drover's own stack) knows which rollouts are the deploy's.
+pub const BEFORE_LABEL: &str = "drover.stack.before";
 
 /// What drover knows of one stack (shown on the status page later).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -210,6 +214,22 @@ impl StackRunner {
                 stack.name
             ));
         };
+        // A deploy container of this very job means an instance before this one started
+        // the deploy and went away meanwhile (the deploy restarted drover itself): its
+        // result is this job's, whatever the branch head or the deployed commit say now.
+        match self.left_behind(job, stack).await {
+            Ok(Some(found)) => {
+                info!(stack = %stack.name, container = %found.id, "resuming the deploy a previous instance started");
+                let out = self.conclude(job, stack, found).await;
+                self.record(&stack.name, |s| s.outcome = Some(out.state));
+                info!(stack = %stack.name, outcome = out.state.as_str(), "stack deploy finished");
+                return out;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(stack = %stack.name, error = %e, "cannot look for a deploy container left behind")
+            }
+        }
         let deployed = self.known(&stack.name).await;
         let head = match stack.transport() {
             Some(Transport::Http) if super::refs::can_look_up(&stack.repository) => {
@@ -245,7 +265,51 @@ impl StackRunner {
             Ok(s) => s,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
-        let (code, log) = match self.run_container(job, stack, commit).await {
+        let id = match self.start_container(job, stack, commit, &before).await {
+            Ok(id) => id,
+            Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
+        };
+        self.conclude(job, stack, Started { id, before }).await
+    }
+
+    /// The deploy container of this job on this node, left by an instance that went away
+    /// before it finished the job.
+    async fn left_behind(
+        &self,
+        job: &RunContext,
+        stack: &Stack,
+    ) -> Result<Option<Started>, crate::docker::Error> {
+        let labels = [
+            format!("{STACK_CONTAINER_LABEL}={}", stack.name),
+            format!("{}={}", crate::jobs::container::JOB_LABEL, job.id),
+        ];
+        let found = self.engine.list_containers_labelled(&labels).await?;
+        Ok(found.into_iter().find_map(|c| {
+            let before = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(BEFORE_LABEL))
+                .map(|v| decode_before(v))
+                .unwrap_or_default();
+            Some(Started { id: c.id?, before })
+        }))
+    }
+
+    /// Waits for the deploy container's result, follows the rollouts it started, prunes,
+    /// and removes the container: only now, so that an instance the deploy restarted
+    /// leaves it to its successor, which concludes the job from it.
+    async fn conclude(&self, job: &RunContext, stack: &Stack, started: Started) -> Outcome {
+        let out = self.conclude_inner(job, stack, &started).await;
+        if let Err(e) = self.engine.remove_container(&started.id).await {
+            warn!(container = %started.id, error = %e, "cannot remove the deploy container");
+        }
+        out
+    }
+
+    async fn conclude_inner(&self, job: &RunContext, stack: &Stack, started: &Started) -> Outcome {
+        let name = &stack.name;
+        let before = &started.before;
+        let (code, log) = match self.wait_container(stack, &started.id).await {
             Ok(r) => r,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
@@ -279,8 +343,10 @@ impl StackRunner {
             Ok(s) => s,
             Err(e) => return Outcome::failed(format!("stack {name}: {e}")),
         };
-        let changed = changed_services(&before, &after);
-        let follows = changed.iter().map(|svc| self.follow(svc, &before));
+        let changed = changed_services(before, &after);
+        let names: Vec<&str> = changed.iter().map(|s| s.name.as_str()).collect();
+        info!(stack = %name, services = ?names, "following the rollouts of the deploy");
+        let follows = changed.iter().map(|svc| self.follow(svc, before));
         let services: Vec<ServiceResult> = futures_util::future::join_all(follows).await;
         let pruned = if services.iter().all(|s| s.outcome == JobState::Completed) {
             self.prune(name, &result, stack.keep_configs).await
@@ -322,6 +388,7 @@ impl StackRunner {
                     id,
                     name: spec.name.clone().unwrap_or_default(),
                     version: s.version.as_ref().and_then(|v| v.index).unwrap_or(0),
+                    template: template_hash(spec.task_template.as_ref()),
                     started: s.update_status.as_ref().and_then(|u| u.started_at.clone()),
                     configs: spec
                         .task_template
@@ -461,14 +528,15 @@ impl StackRunner {
         removed
     }
 
-    /// Creates the deploy container, uploads the request and credentials, runs it to its
-    /// end within the stack's timeout and returns its exit code and output.
-    async fn run_container(
+    /// Creates the deploy container (labelled with the stack, the job and the services
+    /// before the deploy), uploads the request and credentials and starts it; returns its id.
+    async fn start_container(
         &self,
         job: &RunContext,
         stack: &Stack,
         commit: Option<String>,
-    ) -> Result<(i64, String), String> {
+        before: &BTreeMap<String, Svc>,
+    ) -> Result<String, String> {
         let request = deployer::Request {
             stack: stack.name.clone(),
             repository: stack.repository.clone(),
@@ -489,6 +557,7 @@ impl StackRunner {
                     crate::jobs::container::JOB_LABEL.to_owned(),
                     job.id.to_string(),
                 ),
+                (BEFORE_LABEL.to_owned(), encode_before(before)),
             ])),
             host_config: Some(HostConfig {
                 binds: Some(vec!["/var/run/docker.sock:/var/run/docker.sock".into()]),
@@ -513,7 +582,7 @@ impl StackRunner {
             }
             Err(e) => return Err(e.to_string()),
         };
-        let result = async {
+        let started = async {
             self.engine
                 .upload_archive(&id, files)
                 .await
@@ -521,31 +590,38 @@ impl StackRunner {
             self.engine
                 .start_container(&id)
                 .await
-                .map_err(|e| e.to_string())?;
-            let code =
-                match tokio::time::timeout(stack.timeout, self.engine.wait_container(&id)).await {
-                    Ok(Ok(code)) => code,
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => {
-                        let _ = self.engine.kill_container(&id, "KILL").await;
-                        return Err(format!(
-                            "the deploy did not finish within {}",
-                            humantime::format_duration(stack.timeout)
-                        ));
-                    }
-                };
-            let log = self
-                .engine
-                .container_logs(&id, 400)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok((code, log))
+                .map_err(|e| e.to_string())
         }
         .await;
-        if let Err(e) = self.engine.remove_container(&id).await {
-            warn!(container = %name, error = %e, "cannot remove the deploy container");
+        if let Err(e) = started {
+            if let Err(r) = self.engine.remove_container(&id).await {
+                warn!(container = %name, error = %r, "cannot remove the deploy container");
+            }
+            return Err(e);
         }
-        result
+        Ok(id)
+    }
+
+    /// Waits for the deploy container to end, within the stack's timeout, and returns
+    /// its exit code and output.
+    async fn wait_container(&self, stack: &Stack, id: &str) -> Result<(i64, String), String> {
+        let code = match tokio::time::timeout(stack.timeout, self.engine.wait_container(id)).await {
+            Ok(Ok(code)) => code,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                let _ = self.engine.kill_container(id, "KILL").await;
+                return Err(format!(
+                    "the deploy did not finish within {}",
+                    humantime::format_duration(stack.timeout)
+                ));
+            }
+        };
+        let log = self
+            .engine
+            .container_logs(id, 400)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((code, log))
     }
 
     /// The archive the container gets: the request, the stack's credential files and the
@@ -586,12 +662,53 @@ impl StackRunner {
     }
 }
 
+/// A started deploy container and the stack's services before it ran.
+struct Started {
+    id: String,
+    before: BTreeMap<String, Svc>,
+}
+
+/// The services before a deploy as a label value:
+/// `{"ID": [VERSION, "STARTED", "TEMPLATE HASH"]}`.
+fn encode_before(before: &BTreeMap<String, Svc>) -> String {
+    let map: BTreeMap<&str, (u64, Option<&str>, &str)> = before
+        .values()
+        .map(|s| {
+            let started = s.started.as_deref();
+            (s.id.as_str(), (s.version, started, s.template.as_str()))
+        })
+        .collect();
+    serde_json::to_string(&map).unwrap_or_default()
+}
+
+/// [`encode_before`]'s label read back; an unreadable one reads as no services (each
+/// service of the stack then counts as created, and no rollout is followed).
+fn decode_before(text: &str) -> BTreeMap<String, Svc> {
+    let map: BTreeMap<String, (u64, Option<String>, String)> =
+        serde_json::from_str(text).unwrap_or_default();
+    map.into_iter()
+        .map(|(id, (version, started, template))| {
+            let svc = Svc {
+                id: id.clone(),
+                name: String::new(),
+                version,
+                template,
+                started,
+                configs: Vec::new(),
+            };
+            (id, svc)
+        })
+        .collect()
+}
+
 /// One service of a stack, as listed before and after a deploy.
 #[derive(Debug, Clone)]
 struct Svc {
     id: String,
     name: String,
     version: u64,
+    /// Hash of the task template: what a rollout replaces tasks for.
+    template: String,
     started: Option<String>,
     configs: Vec<String>,
 }
@@ -601,13 +718,26 @@ fn slot(stack: &str) -> String {
     format!("stack {stack}")
 }
 
-/// Services created or whose spec the deploy changed.
+/// Services created or whose task template the deploy changed. `docker stack deploy`
+/// updates every service of the file, so an unchanged one gets a new spec version too;
+/// Swarm starts no rollout for it, and there is none to follow.
 fn changed_services(before: &BTreeMap<String, Svc>, after: &BTreeMap<String, Svc>) -> Vec<Svc> {
     after
         .values()
-        .filter(|a| before.get(&a.id).is_none_or(|b| b.version != a.version))
+        .filter(|a| {
+            before
+                .get(&a.id)
+                .is_none_or(|b| b.version != a.version && b.template != a.template)
+        })
         .cloned()
         .collect()
+}
+
+/// A task template's hash, the same in every process (the JSON of a `Value` has sorted
+/// keys, whatever order the engine's maps came in).
+fn template_hash(template: Option<&bollard::models::TaskSpec>) -> String {
+    let value = serde_json::to_value(template).unwrap_or(Value::Null);
+    crate::hash::sha256_hex(value.to_string().as_bytes())
 }
 
 /// The stacks a push of `repository` (`owner/name`, GitLab's `group/sub/name`) at
@@ -871,6 +1001,7 @@ mod tests {
                 id: id.into(),
                 name: format!("web_{id}"),
                 version,
+                template: format!("template of {id} at {version}"),
                 started: None,
                 configs: Vec::new(),
             },
@@ -878,14 +1009,34 @@ mod tests {
     }
 
     #[test]
-    fn changed_services_are_the_new_ones_and_those_with_a_new_spec_version() {
-        let before: BTreeMap<_, _> = [svc("a", 10), svc("b", 11)].into();
-        let after: BTreeMap<_, _> = [svc("a", 10), svc("b", 15), svc("c", 16)].into();
+    fn changed_services_are_the_new_ones_and_those_with_a_new_task_template() {
+        let before: BTreeMap<_, _> = [svc("a", 10), svc("b", 11), svc("d", 12)].into();
+        // d: updated by the deploy with the same template (a new version, no rollout).
+        let mut d = svc("d", 17);
+        d.1.template = before["d"].template.clone();
+        let after: BTreeMap<_, _> = [svc("a", 10), svc("b", 15), svc("c", 16), d].into();
         let ids: Vec<String> = changed_services(&before, &after)
             .into_iter()
             .map(|s| s.id)
             .collect();
         assert_eq!(ids, vec!["b", "c"]);
+    }
+
+    #[test]
+    fn the_services_before_a_deploy_survive_the_container_label() {
+        let mut before: BTreeMap<_, _> = [svc("a", 10), svc("b", 11)].into();
+        if let Some(b) = before.get_mut("b") {
+            b.started = Some("2026-01-01T00:00:01Z".into());
+        }
+        let back = decode_before(&encode_before(&before));
+        let after: BTreeMap<_, _> = [svc("a", 10), svc("b", 12), svc("c", 1)].into();
+        let ids: Vec<String> = changed_services(&back, &after)
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, vec!["b", "c"]);
+        assert_eq!(back["b"].started.as_deref(), Some("2026-01-01T00:00:01Z"));
+        assert!(decode_before("not json").is_empty());
     }
 
     #[tokio::test]

@@ -366,8 +366,31 @@ impl ShippedStack {
         vars: &[(&str, String)],
         edit: impl FnOnce(String) -> String,
     ) -> Result<ShippedStack> {
+        let secrets: &[(&str, String)] = &[];
+        Self::deploy_with_secrets(
+            files, cluster, network, app_host, http_port, vars, secrets, edit,
+        )
+    }
+
+    /// [`ShippedStack::deploy_files`] with some secrets given instead of made: written
+    /// where deploy/gen-secrets.sh keeps existing files (the git server's `git-token`, a
+    /// `github-secret` a test's git hook already signs with).
+    #[allow(clippy::too_many_arguments)]
+    pub fn deploy_with_secrets(
+        files: &[&str],
+        cluster: Cluster,
+        network: &str,
+        app_host: &str,
+        http_port: u16,
+        vars: &[(&str, String)],
+        given: &[(&str, String)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<ShippedStack> {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let secrets = super::temp_dir("cl-shipped")?;
+        for (name, value) in given {
+            std::fs::write(secrets.path().join(name), value)?;
+        }
         let shipped = std::fs::read_to_string(repo.join("deploy/drover.yml"))?;
         let config = secrets.path().join("drover.yml");
         std::fs::write(&config, edit(shipped))?;
@@ -426,6 +449,11 @@ impl ShippedStack {
         Ok(std::fs::read_to_string(self.dir.path().join(name))?
             .trim()
             .to_owned())
+    }
+
+    /// Where deploy/gen-secrets.sh wrote the secrets (DROVER_SECRETS_DIR).
+    pub fn secrets_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// The operator listener's bearer token (`ops-token`, `http.ops.token_file`).
