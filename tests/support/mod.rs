@@ -35,6 +35,7 @@ pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
 pub mod acme;
 pub mod cluster;
+pub mod stacks;
 
 // ---------------------------------------------------------------------------------------
 // Gate and names
