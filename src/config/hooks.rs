@@ -165,19 +165,8 @@ impl HookKind {
     pub fn facts(self) -> &'static [&'static str] {
         match self {
             HookKind::Dockerhub => &["repository", "tag", "image", "owner", "namespace", "pusher"],
-            // Gitea and Forgejo send GitHub's payload shape.
-            HookKind::Github | HookKind::Gitea => &[
-                "event",
-                "repository",
-                "ref",
-                "after",
-                "sender",
-                "clone_url",
-                "commits",
-                "commit_ids",
-                "head_commit_message",
-            ],
-            HookKind::Gitlab => &[
+            // Gitea and Forgejo send GitHub's payload shape; GitLab's parser gives the same.
+            HookKind::Github | HookKind::Gitea | HookKind::Gitlab => &[
                 "event",
                 "repository",
                 "ref",
