@@ -29,10 +29,9 @@ pub fn name(stack: &str, commit: &str) -> String {
     )
 }
 
-/// Of the records listed for `stack`: the commit of the newest, and the names of the
-/// others (to remove).
-pub fn newest(stack: &str, configs: &[Config]) -> (Option<String>, Vec<String>) {
-    let mut records: Vec<(u64, String, String)> = configs
+/// Of the records listed for `stack`: the commit of the newest.
+pub fn newest(stack: &str, configs: &[Config]) -> Option<String> {
+    configs
         .iter()
         .filter_map(|c| {
             let spec = c.spec.as_ref()?;
@@ -44,18 +43,11 @@ pub fn newest(stack: &str, configs: &[Config]) -> (Option<String>, Vec<String>) 
             if !super::deployer::is_commit(commit) {
                 return None;
             }
-            let at = labels.get(AT_LABEL)?.parse().ok()?;
-            Some((at, spec.name.clone()?, commit.clone()))
+            let at: u64 = labels.get(AT_LABEL)?.parse().ok()?;
+            Some((at, commit.clone()))
         })
-        .collect();
-    records.sort();
-    let Some((_, _, commit)) = records.pop() else {
-        return (None, Vec::new());
-    };
-    (
-        Some(commit),
-        records.into_iter().map(|(_, n, _)| n).collect(),
-    )
+        .max()
+        .map(|(_, commit)| commit)
 }
 
 /// The commit `stack` was last deployed at, as Swarm keeps it.
@@ -63,7 +55,7 @@ pub async fn read(engine: &Engine, stack: &str) -> Result<Option<String>, crate:
     let configs = engine
         .list_configs(&format!("{STACK_LABEL}={stack}"))
         .await?;
-    Ok(newest(stack, &configs).0)
+    Ok(newest(stack, &configs))
 }
 
 /// Records `commit` as what `stack` runs, then removes the stack's older records.
@@ -79,20 +71,19 @@ pub async fn write(engine: &Engine, stack: &str, commit: &str) -> Result<(), cra
     let listed = engine
         .list_configs(&format!("{STACK_LABEL}={stack}"))
         .await?;
+    let names: Vec<String> = listed
+        .iter()
+        .filter_map(|c| c.spec.as_ref()?.name.clone())
+        .collect();
     // The same commit deployed again (a manual sync after a restart): the old record of
     // that name goes first, or the create would conflict.
-    let same = listed
-        .iter()
-        .any(|c| c.spec.as_ref().and_then(|s| s.name.as_deref()) == Some(name.as_str()));
-    if same {
+    if names.contains(&name) {
         engine.delete_config(&name).await?;
     }
     engine.create_config(&name, labels, data.as_bytes()).await?;
-    let configs = engine
-        .list_configs(&format!("{STACK_LABEL}={stack}"))
-        .await?;
-    for old in newest(stack, &configs).1 {
-        if let Err(e) = engine.delete_config(&old).await {
+    // Every other record of the stack is older than the one just written.
+    for old in names.iter().filter(|n| **n != name) {
+        if let Err(e) = engine.delete_config(old).await {
             tracing::warn!(config = %old, error = %e, "cannot remove an old stack record");
         }
     }
@@ -120,7 +111,7 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_record_of_the_stack_wins_and_the_others_go() {
+    fn the_newest_record_of_the_stack_wins() {
         let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
         let configs = vec![
             config("r1", "web", &a, "1000"),
@@ -130,12 +121,8 @@ mod tests {
             config("bad-commit", "web", "HEAD", "9000"),
             config("bad-at", "web", &c, "soon"),
         ];
-        let (commit, old) = newest("web", &configs);
-        assert_eq!(commit, Some(b));
-        let mut old = old;
-        old.sort();
-        assert_eq!(old, vec!["r1", "r3"]);
-        assert_eq!(newest("none", &configs), (None, Vec::new()));
+        assert_eq!(newest("web", &configs), Some(b));
+        assert_eq!(newest("none", &configs), None);
     }
 
     #[test]
