@@ -108,22 +108,32 @@ impl StackRunner {
     /// Whether the stack's branch may have moved past what was deployed: false only when
     /// a lookup (http or https) found the deployed commit.
     pub async fn moved(&self, stack: &Stack) -> bool {
-        if !super::refs::can_look_up(&stack.repository) {
+        let Some(head) = self.head(stack).await else {
             return true;
-        }
-        let deployed = self.known(&stack.name).await;
-        match super::refs::head(stack, &stack.branch).await {
-            Ok(head) => {
-                let moved = deployed.as_deref() != Some(head.as_str());
-                self.board
-                    .update_stack(&stack.name, |row| row.head = Some(head));
-                moved
-            }
+        };
+        match head {
+            Ok(head) => self.known(&stack.name).await.as_deref() != Some(head.as_str()),
             Err(e) => {
                 warn!(stack = %stack.name, error = %e, "cannot look up the branch head");
                 false
             }
         }
+    }
+
+    /// The branch head, looked up here (shown on the status page), or `None` for a
+    /// repository only the deploy container's fetch can look at (ssh).
+    async fn head(&self, stack: &Stack) -> Option<Result<String, super::refs::Error>> {
+        if !matches!(stack.transport(), Some(Transport::Http))
+            || !super::refs::can_look_up(&stack.repository)
+        {
+            return None;
+        }
+        let head = super::refs::head(stack, &stack.branch).await;
+        if let Ok(h) = &head {
+            self.board
+                .update_stack(&stack.name, |row| row.head = Some(h.clone()));
+        }
+        Some(head)
     }
 
     /// The commit `stack` was last deployed at: as Swarm keeps it ([`super::record`], so
@@ -214,49 +224,38 @@ impl StackRunner {
                 stack.name
             ));
         };
+        let out = self.sync_held(job, stack).await;
+        self.record(&stack.name, |s| s.outcome = Some(out.state));
+        info!(stack = %stack.name, outcome = out.state.as_str(), "stack deploy finished");
+        out
+    }
+
+    /// [`Self::sync_locked`] once the stack's slot is held.
+    async fn sync_held(&self, job: &RunContext, stack: &Stack) -> Outcome {
         // A deploy container of this very job means an instance before this one started
         // the deploy and went away meanwhile (the deploy restarted drover itself): its
         // result is this job's, whatever the branch head or the deployed commit say now.
         match self.left_behind(job, stack).await {
             Ok(Some(found)) => {
                 info!(stack = %stack.name, container = %found.id, "resuming the deploy a previous instance started");
-                let out = self.conclude(job, stack, found).await;
-                self.record(&stack.name, |s| s.outcome = Some(out.state));
-                info!(stack = %stack.name, outcome = out.state.as_str(), "stack deploy finished");
-                return out;
+                return self.conclude(job, stack, found).await;
             }
             Ok(None) => {}
             Err(e) => {
                 warn!(stack = %stack.name, error = %e, "cannot look for a deploy container left behind")
             }
         }
-        let deployed = self.known(&stack.name).await;
-        let head = match stack.transport() {
-            Some(Transport::Http) if super::refs::can_look_up(&stack.repository) => {
-                match super::refs::head(stack, &stack.branch).await {
-                    Ok(h) => {
-                        self.board
-                            .update_stack(&stack.name, |row| row.head = Some(h.clone()));
-                        Some(h)
-                    }
-                    Err(e) => {
-                        let out = Outcome::failed(format!("stack {}: {e}", stack.name));
-                        self.record(&stack.name, |s| s.outcome = Some(out.state));
-                        return out;
-                    }
-                }
-            }
-            _ => None,
+        let head = match self.head(stack).await {
+            Some(Ok(h)) => Some(h),
+            Some(Err(e)) => return Outcome::failed(format!("stack {}: {e}", stack.name)),
+            None => None,
         };
-        if let (Some(head), Some(deployed)) = (&head, &deployed) {
-            if head == deployed {
+        if let Some(head) = &head {
+            if self.known(&stack.name).await.as_ref() == Some(head) {
                 return skipped(format!("stack {}: already at {head}", stack.name));
             }
         }
-        let out = self.deploy(job, stack, head).await;
-        self.record(&stack.name, |s| s.outcome = Some(out.state));
-        info!(stack = %stack.name, outcome = out.state.as_str(), "stack deploy finished");
-        out
+        self.deploy(job, stack, head).await
     }
 
     async fn deploy(&self, job: &RunContext, stack: &Stack, commit: Option<String>) -> Outcome {
